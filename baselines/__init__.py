@@ -1,0 +1,1 @@
+"""Reimplemented PTQ baselines for diffusion models, on gaq's shared machinery."""

@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors, image metrics and paired metrics."""

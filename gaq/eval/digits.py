@@ -1,0 +1,19 @@
+"""Digit-likeness of images, judged by the bundled classifier."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def digit_likeness(images: torch.Tensor, confidence: float = 0.8,
+                   classifier: torch.nn.Module | None = None) -> dict[str, float]:
+    """Share of images the bundled classifier assigns to one digit with probability
+    >= ``confidence`` (it is trained to be unsure on non-digits), and the mean top probability."""
+    from gaq.models.bundled import load_classifier
+
+    clf = classifier if classifier is not None else load_classifier()
+    prob = torch.softmax(clf(images.float().cpu()), dim=1)
+    top = prob.max(dim=1).values
+    return {"confident_share": (top >= confidence).float().mean().item(),
+            "mean_top_prob": top.mean().item()}

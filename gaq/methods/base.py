@@ -1,0 +1,134 @@
+"""The contract every quantization method implements (after ModelOpt's ``forward_loop``).
+
+A method receives the full-precision denoiser, the model adapter (which owns the skip
+policy and the block structure), calibration data and a :class:`~gaq.config.QuantConfig`,
+and returns a :class:`QuantResult`. Methods never load data and never compute metrics: the
+runner owns both, so every method is compared on identical inputs and outputs.
+
+torch is imported only for type checking, so the registry can validate a method class
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from gaq.config import MethodConfig, QuantConfig
+from gaq.errors import GaqError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ForwardLoop", "Method", "QuantResult", "UnknownPresetError"]
+
+M = TypeVar("M", bound="Method")
+
+#: Runs calibration batches through the model it is given; the method decides what to
+#: observe (hooks, observers) while it runs.
+ForwardLoop = Callable[["torch.nn.Module"], None]
+
+
+class UnknownPresetError(GaqError, KeyError):
+    """A preset name the method does not define; the message lists the ones it does."""
+
+    def __init__(self, method: str, name: str, known: list[str]) -> None:
+        self.message = (
+            f"method {method!r} has no preset {name!r}; "
+            f"presets: {', '.join(known) if known else '(none)'}"
+        )
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclasses.dataclass
+class QuantResult:
+    """What a method hands back to the runner.
+
+    ``state`` is kept separate from ``model`` so a calibration can be saved and reloaded
+    without pickling modules. ``sampler_hook`` exists because some methods (PTQD) correct
+    errors inside the sampler rather than in the model; it is ``None`` for the rest.
+    """
+
+    model: torch.nn.Module
+    state: Any = None
+    sampler_hook: Any | None = None
+    report: Any = None
+    stats: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class Method(abc.ABC):
+    """Base class of quantization methods.
+
+    Subclasses set ``name``, ``Config`` (their :class:`~gaq.config.MethodConfig` subclass)
+    and optionally ``presets``. Presets are frozen config instances behind a read-only
+    mapping, so a run can never alter a preset another run relies on; derive variants with
+    ``dataclasses.replace``.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+    presets: ClassVar[Mapping[str, MethodConfig]] = MappingProxyType({})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        config_cls = cls.__dict__.get("Config")
+        if config_cls is not None and not (
+            isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)
+        ):
+            raise TypeError(f"{cls.__qualname__}.Config must be a MethodConfig subclass")
+        if "presets" in cls.__dict__:
+            presets = dict(cls.__dict__["presets"])
+            expected = getattr(cls, "Config", None)
+            for key, cfg in presets.items():
+                if expected is not None and not isinstance(cfg, expected):
+                    raise TypeError(
+                        f"{cls.__qualname__}.presets[{key!r}] must be a "
+                        f"{expected.__qualname__}, got {type(cfg).__qualname__}"
+                    )
+            cls.presets = MappingProxyType(presets)
+
+    def __init__(self, config: MethodConfig) -> None:
+        expected = getattr(type(self), "Config", None)
+        if expected is None:
+            raise TypeError(f"{type(self).__qualname__} does not define a Config class")
+        if not isinstance(config, expected):
+            raise TypeError(
+                f"{type(self).__qualname__} needs a {expected.__qualname__}, "
+                f"got {type(config).__qualname__}"
+            )
+        self.config = config
+
+    @classmethod
+    def from_preset(cls: type[M], name: str) -> M:
+        """An instance configured with the named preset (e.g. "paper", "cpu")."""
+        try:
+            config = cls.presets[name]
+        except KeyError:
+            method = getattr(cls, "name", cls.__qualname__)
+            raise UnknownPresetError(method, name, sorted(cls.presets)) from None
+        return cls(config)
+
+    @abc.abstractmethod
+    def quantize(
+        self,
+        model: torch.nn.Module,
+        adapter: Any,
+        calib: Any | ForwardLoop,
+        quant: QuantConfig,
+    ) -> QuantResult:
+        """Quantize ``model`` (the denoiser) and return it with its state.
+
+        ``calib`` is a calibration-set object or a :data:`ForwardLoop`; a method that only
+        needs activation statistics should accept the loop so the runner can stream data.
+        ``quant`` is passed here rather than stored in ``config`` so one method config can
+        be swept over bit-widths without creating new configs.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__qualname__}({self.config!r})"

@@ -1,0 +1,220 @@
+"""Name -> quantization method class, resolved lazily.
+
+Targets are stored as "module.path:ClassName" strings and imported only when a method is
+asked for, so ``gaq --help``, ``list_methods()`` and config parsing never pay for torch or
+for a method's dependencies. Third-party packages add methods through the ``gaq.methods``
+entry-point group; entry points are read (not imported) on the first lookup.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+import warnings
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from gaq.errors import GaqError
+
+if TYPE_CHECKING:
+    from gaq.methods.base import Method
+
+__all__ = [
+    "BUILTIN_METHODS",
+    "ENTRY_POINT_GROUP",
+    "MethodRegistry",
+    "UnknownMethodError",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
+
+ENTRY_POINT_GROUP = "gaq.methods"
+
+#: Methods shipped with gaq, as lazy targets (nothing is imported until asked for).
+BUILTIN_METHODS: dict[str, str] = {
+    "rtn": "gaq.methods.rtn:RTN",
+}
+
+T = TypeVar("T", bound=type)
+Target = type | str | metadata.EntryPoint
+
+_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class UnknownMethodError(GaqError, KeyError):
+    """A method name that nothing registered; the message suggests close names."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        msg = f"unknown method {name!r}"
+        if close:
+            msg += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+        msg += (" " if close else "; ") + "known: " + (", ".join(known) if known else "(none)")
+        self.message = msg
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # KeyError would show the repr of the message
+        return self.message
+
+
+def _import_target(spec: str) -> Any:
+    module_name, _, attr_path = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for attr in attr_path.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def _target_key(target: Target) -> str:
+    """The "module:Class" spelling of any target form.
+
+    A class and its lazy spelling must compare equal: re-registering a builtin after it was
+    loaded has to stay a no-op.
+    """
+    if isinstance(target, metadata.EntryPoint):
+        return target.value
+    if isinstance(target, str):
+        return target
+    return f"{target.__module__}:{target.__qualname__}"
+
+
+def _describe(target: Target) -> str:
+    if isinstance(target, metadata.EntryPoint):
+        return f"entry point {target.value!r} (group {ENTRY_POINT_GROUP!r})"
+    if isinstance(target, str):
+        return repr(target)
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+class MethodRegistry:
+    """A registry instance; the module functions use one shared default instance.
+
+    Separate instances exist so tests (and embedders) can work on an isolated registry.
+    """
+
+    def __init__(
+        self,
+        builtins: dict[str, str] | None = None,
+        entry_point_group: str | None = ENTRY_POINT_GROUP,
+    ) -> None:
+        self._targets: dict[str, Target] = {}
+        self._group = entry_point_group
+        self._entry_points_loaded = entry_point_group is None
+        for name, target in (builtins or {}).items():
+            self.register(name, target)
+
+    def register(self, name: str, target: Target, *, overwrite: bool = False) -> None:
+        """Register ``target`` (a class or a lazy "module:Class" string) under ``name``.
+
+        Re-registering the same target is a no-op, so module reloads are harmless; a
+        different target needs ``overwrite=True`` to avoid silent shadowing.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"method name must be a non-empty string, got {name!r}")
+        if isinstance(target, str):
+            if not _TARGET_RE.match(target):
+                raise ValueError(
+                    f"lazy target for method {name!r} must look like 'package.module:Class', "
+                    f"got {target!r}"
+                )
+        elif not isinstance(target, (type, metadata.EntryPoint)):
+            raise TypeError(
+                f"target for method {name!r} must be a class or a 'module:Class' string, "
+                f"got {target!r}"
+            )
+        current = self._targets.get(name)
+        if current is not None and _target_key(current) != _target_key(target):
+            if not overwrite:
+                raise ValueError(
+                    f"method {name!r} is already registered as {_describe(current)}; "
+                    "pass overwrite=True to replace it"
+                )
+        elif isinstance(current, type) and not isinstance(target, type):
+            return  # already loaded: keep the class rather than going back to a string
+        self._targets[name] = target
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        # Looked up at call time (not imported by name) so tests can substitute it.
+        for ep in metadata.entry_points(group=self._group):
+            current = self._targets.get(ep.name)
+            if current is None:
+                self._targets[ep.name] = ep
+            elif _target_key(current) != _target_key(ep):
+                warnings.warn(
+                    f"ignoring entry point {ep.name!r} = {ep.value!r}: the name is already "
+                    f"registered as {_describe(current)}",
+                    stacklevel=3,
+                )
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._targets)
+
+    def get(self, name: str) -> type[Method]:
+        """The method class for ``name``, importing it now if it was registered lazily."""
+        self._load_entry_points()
+        try:
+            target = self._targets[name]
+        except (KeyError, TypeError):
+            raise UnknownMethodError(str(name), sorted(self._targets)) from None
+        if isinstance(target, type):
+            return target
+        try:
+            if isinstance(target, metadata.EntryPoint):
+                obj = target.load()
+            else:
+                obj = _import_target(target)
+        except (ImportError, AttributeError) as e:
+            raise ImportError(
+                f"method {name!r} is registered as {_describe(target)} but could not be loaded: {e}"
+            ) from e
+        from gaq.methods.base import Method  # torch-free; deferred to keep imports lazy
+
+        if not (isinstance(obj, type) and issubclass(obj, Method)):
+            raise TypeError(
+                f"method {name!r} ({_describe(target)}) must be a subclass of "
+                f"gaq.methods.base.Method, got {obj!r}"
+            )
+        self._targets[name] = obj  # cache: import once
+        return obj
+
+    def __contains__(self, name: object) -> bool:
+        self._load_entry_points()
+        return name in self._targets
+
+
+_DEFAULT = MethodRegistry(BUILTIN_METHODS)
+
+
+def register_method(name: str, target: Target | None = None, *, overwrite: bool = False) -> Any:
+    """Register a method class or lazy "module:Class" string; without ``target``, a decorator.
+
+    ``@register_method("mine")`` on a class registers it eagerly (the class is already
+    imported); packages that want laziness should use entry points or a string instead.
+    """
+    if target is None:
+
+        def decorator(cls: T) -> T:
+            _DEFAULT.register(name, cls, overwrite=overwrite)
+            return cls
+
+        return decorator
+    _DEFAULT.register(name, target, overwrite=overwrite)
+    return target
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``; raises :class:`UnknownMethodError`."""
+    return _DEFAULT.get(name)
+
+
+def list_methods() -> list[str]:
+    """All registered method names (built-in, registered and entry points), sorted."""
+    return _DEFAULT.names()

@@ -1,0 +1,94 @@
+"""nox sessions for gaq.
+
+All sessions share ONE environment (the ML stack is ~6 GB), built on first use at
+``.nox/gaq-env`` (override with ``GAQ_ENV``) and reused afterwards. It is refreshed
+(``pip install -e .[test]``) only when ``pyproject.toml`` changes, and rebuilt from
+scratch by ``nox -s rebuild-env``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+ENV = Path(os.environ.get("GAQ_ENV", ROOT / ".nox" / "gaq-env"))
+STAMP = ENV / ".gaq-installed"
+
+nox.options.default_venv_backend = "none"
+nox.options.sessions = ["tests"]
+
+
+def _bin(name: str) -> str:
+    return str(ENV / ("Scripts" if os.name == "nt" else "bin") / name)
+
+
+def _fingerprint() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def _env(session: nox.Session) -> None:
+    """Create the shared environment if needed, install gaq into it, and activate it."""
+    if sys.version_info < (3, 10):
+        session.error("gaq needs Python >= 3.10 to run nox and the suite")
+    if not Path(_bin("python")).exists():
+        session.log(f"creating the shared environment at {ENV}")
+        session.run(sys.executable, "-m", "venv", str(ENV), external=True)
+        session.run(_bin("python"), "-m", "pip", "install", "-q", "--upgrade", "pip",
+                    external=True)
+    if not STAMP.exists() or STAMP.read_text() != _fingerprint():
+        session.log("installing gaq and its dependencies into the shared environment")
+        session.run(_bin("python"), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]",
+                    external=True)
+        STAMP.write_text(_fingerprint())
+    session.env["VIRTUAL_ENV"] = str(ENV)
+    session.env["PATH"] = os.pathsep.join([str(Path(_bin("python")).parent),
+                                           os.environ.get("PATH", "")])
+    # Loading never downloads; this also stops the hub client's offline retry loop.
+    session.env.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@nox.session(name="rebuild-env", default=False)
+def rebuild_env(session: nox.Session) -> None:
+    """Delete and rebuild the shared environment from scratch."""
+    if ENV.exists():
+        session.log(f"removing {ENV}")
+        shutil.rmtree(ENV)
+    _env(session)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (pytest); extra arguments go to pytest."""
+    _env(session)
+    # pytest exits 5 when it collects no test: that must fail, never pass silently.
+    session.run(_bin("python"), "-m", "pytest", *(session.posargs or ["-q"]), external=True)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Lint with ruff."""
+    _env(session)
+    session.run(_bin("ruff"), "check", "gaq", "baselines", "tests", "noxfile.py",
+                external=True)
+
+
+@nox.session(name="train-default", default=False)
+def train_default(session: nox.Session) -> None:
+    """Retrain the bundled digits diffusion model and classifier (about 25 min on 2 cores)."""
+    _env(session)
+    session.run(_bin("gaq"), "train-default", *session.posargs, external=True)
+
+
+@nox.session(name="bench-w4a8", default=False)
+def bench_w4a8(session: nox.Session) -> None:
+    """The main job: sample the bundled default model and check it (the full W4A8 benchmark
+    grows here as the benchmark runner lands)."""
+    _env(session)
+    session.run(_bin("gaq"), "sample", "--model", "digits", "--num", "64",
+                "--out", "results/bundled/bench_samples.png", *session.posargs, external=True)

@@ -1,0 +1,47 @@
+import time
+
+import pytest
+import torch
+
+from gaq.cli import main
+from gaq.errors import GaqError
+from gaq.models.loading import load_model
+
+
+def test_saved_tiny_pipeline_loads_with_identical_outputs(tiny_pipeline_dir, tiny_unet):
+    model = load_model(str(tiny_pipeline_dir))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(model.denoiser(x, t).sample, tiny_unet(x, t).sample,
+                                   atol=0, rtol=0)
+    assert type(model.scheduler).__name__ == "DDPMScheduler"
+    assert model.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_uncached_hub_id_fails_fast_with_fetch_hint(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    start = time.perf_counter()
+    with pytest.raises(GaqError) as err:
+        load_model("google/ddpm-cifar10-32")
+    assert time.perf_counter() - start < 2.0
+    msg = str(err.value)
+    assert "google/ddpm-cifar10-32" in msg and "not in the local" in msg
+    assert "gaq fetch google/ddpm-cifar10-32" in msg and "\n" not in msg
+
+
+def test_cli_reports_bad_model_in_one_line(capsys, tmp_path):
+    not_a_pipeline = tmp_path / "empty"
+    not_a_pipeline.mkdir()
+    assert main(["sample", "--model", str(not_a_pipeline), "--num", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gaq: error:") and "model_index.json" in err and "\n" not in err
+    assert main(["sample", "--model", "no such model", "--num", "1"]) == 2
+    assert "neither a bundled model" in capsys.readouterr().err
+
+
+def test_cli_sample_writes_grid(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(tiny_pipeline_dir), "--num", "4", "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
