@@ -1,0 +1,207 @@
+"""Model adapters: what to reconstruct, in which order, and what the model keeps at
+higher precision.
+
+The skip policy lives here, with the architecture, not in the methods: a method can
+add rules (``Method.extra_skip``) but never remove the model's. Block order is traced
+from one real forward pass, so it is the order in which the network computes, whatever
+the nesting of its modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gaq.errors import GaqError
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+# Layer types that a quantizer would have to handle but this suite does not: finding one
+# outside the skip policy means the quantization would be partial, so it is refused.
+UNSUPPORTED_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of block reconstruction: a module whose output is matched to the FP one."""
+
+    name: str
+    kind: str  # "temporal" | "resnet" | "attention" | "transformer" | "layer"
+
+
+@dataclass(frozen=True)
+class SkipRule:
+    """A layer kept out of low-bit quantization: ``precision`` is "fp" or "w8a8"."""
+
+    precision: str
+    reason: str
+
+
+# A skip filter, after torchao: (module, fully qualified name) -> rule or None.
+SkipFilter = Callable[[nn.Module, str], "SkipRule | None"]
+
+
+class ModelAdapter:
+    """Base adapter: subclasses declare block types, temporal modules and the skip policy."""
+
+    arch: str = ""
+    block_types: dict[str, str] = {}  # class name -> block kind
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # -- skip policy -----------------------------------------------------------------
+    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
+        return None
+
+    # -- structure -------------------------------------------------------------------
+    def temporal_layers(self) -> list[str]:
+        """Layers that only see the timestep (TFMQ-DM's temporal information block)."""
+        return []
+
+    def shortcut_splits(self) -> dict[str, int]:
+        """1x1 shortcut convs fed by ``cat([h, skip])`` -> channel count of ``h``."""
+        return {}
+
+    def example_inputs(self, batch: int = 2) -> tuple[tuple, dict]:
+        cfg = self.model.config
+        x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        return (x, torch.full((batch,), 10, dtype=torch.long)), {}
+
+    def blocks(self, split_temporal: bool = False) -> list[Block]:
+        """Reconstruction units in forward order: blocks of ``block_types`` and every
+        quantizable layer outside them, one by one. With ``split_temporal`` (TFMQ-DM),
+        the temporal layers form one first unit of their own and leave their blocks."""
+        kinds: dict[str, str] = {}
+        for name, mod in self.model.named_modules():
+            kind = self.block_types.get(type(mod).__name__)
+            if kind and not any(name.startswith(p + ".") for p in kinds):
+                kinds[name] = kind
+        temporal = set(self.temporal_layers()) if split_temporal else set()
+        for name, mod in self.model.named_modules():
+            inside = any(name.startswith(p + ".") for p in kinds)
+            if isinstance(mod, QUANTIZABLE) and not inside and name not in temporal:
+                kinds[name] = "layer"
+        # temporal layers depend on the timestep alone, so they can always go first
+        head = [Block("temporal", "temporal")] if temporal else []
+        return head + [Block(n, kinds[n]) for n in self._trace_order(set(kinds))]
+
+    def _trace_order(self, names: set[str]) -> list[str]:
+        seen: list[str] = []
+        handles = []
+        for name, mod in self.model.named_modules():
+            if name in names:
+                handles.append(mod.register_forward_pre_hook(
+                    lambda m, a, n=name: seen.append(n) if n not in seen else None))
+        try:
+            args, kwargs = self.example_inputs()
+            p = next(self.model.parameters())
+            args = tuple(a.to(p.device) if torch.is_tensor(a) else a for a in args)
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    # -- checks ----------------------------------------------------------------------
+    def check_supported(self, extra: SkipFilter | None = None) -> None:
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, UNSUPPORTED_LAYERS):
+                rule = self.skip(mod, name) or (extra(mod, name) if extra else None)
+                if rule is None or rule.precision != "fp":
+                    raise GaqError(
+                        f"{self.arch}: layer {name!r} is a {type(mod).__name__}, which gaq cannot "
+                        "quantize; refusing a partial quantization (add a skip rule for it)"
+                    )
+
+
+def _first_last(module: nn.Module, name: str) -> SkipRule | None:
+    if name == "conv_in":
+        return SkipRule("w8a8", "model policy: first layer at 8 bits")
+    if name == "conv_out":
+        return SkipRule("w8a8", "model policy: last layer at 8 bits")
+    return None
+
+
+class UNet2DAdapter(ModelAdapter):
+    """diffusers ``UNet2DModel`` (pixel-space DDPM/DDIM UNets, e.g. the bundled model, CIFAR-10)."""
+
+    arch = "UNet2DModel"
+    block_types = {"ResnetBlock2D": "resnet", "Attention": "attention"}
+
+    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
+        return _first_last(module, name)
+
+    def temporal_layers(self) -> list[str]:
+        return [n for n, m in self.model.named_modules()
+                if isinstance(m, nn.Linear) and (n.startswith("time_embedding.")
+                                                 or n.endswith(".time_emb_proj"))]
+
+    def shortcut_splits(self) -> dict[str, int]:
+        from gaq.quant.modules import unet_shortcut_splits
+
+        return unet_shortcut_splits(self.model)
+
+
+class UNet2DConditionAdapter(UNet2DAdapter):
+    """diffusers ``UNet2DConditionModel`` (latent diffusion, Stable Diffusion)."""
+
+    arch = "UNet2DConditionModel"
+    block_types = {"ResnetBlock2D": "resnet", "BasicTransformerBlock": "transformer"}
+
+    def example_inputs(self, batch: int = 2) -> tuple[tuple, dict]:
+        (x, t), _ = super().example_inputs(batch)
+        cfg = self.model.config
+        dim = cfg.cross_attention_dim
+        dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+        return (x, t), {"encoder_hidden_states": torch.randn(batch, 4, dim)}
+
+
+class DiTAdapter(ModelAdapter):
+    """diffusers ``DiTTransformer2DModel`` / class-conditional ``Transformer2DModel``."""
+
+    arch = "DiT"
+    block_types = {"BasicTransformerBlock": "transformer"}
+
+    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
+        if name == "pos_embed.proj":
+            return SkipRule("w8a8", "model policy: patch embedding at 8 bits")
+        if name == "proj_out_2":
+            return SkipRule("w8a8", "model policy: last layer at 8 bits")
+        return None
+
+    def temporal_layers(self) -> list[str]:
+        # adaLN: the per-block timestep/class embedding and its modulation projection
+        return [n for n, m in self.model.named_modules()
+                if isinstance(m, nn.Linear) and (".norm1.emb." in n or n.endswith(".norm1.linear")
+                                                 or n == "proj_out_1")]
+
+    def example_inputs(self, batch: int = 2) -> tuple[tuple, dict]:
+        (x, t), _ = super().example_inputs(batch)
+        return (x,), {"timestep": t, "class_labels": torch.zeros(batch, dtype=torch.long)}
+
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "UNet2DModel": UNet2DAdapter,
+    "UNet2DConditionModel": UNet2DConditionAdapter,
+    "DiTTransformer2DModel": DiTAdapter,
+    "Transformer2DModel": DiTAdapter,
+}
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s architecture; an unknown one is refused, never half-done."""
+    name = type(model).__name__
+    cls = ADAPTERS.get(name)
+    if cls is None:
+        raise GaqError(f"unsupported architecture {name}: gaq has adapters for "
+                       f"{', '.join(sorted(ADAPTERS))}")
+    if name == "Transformer2DModel" and not getattr(model.config, "num_embeds_ada_norm", None):
+        raise GaqError("unsupported architecture Transformer2DModel without adaLN class "
+                       "conditioning: only the DiT variant is supported")
+    adapter = cls(model)
+    adapter.check_supported()
+    return adapter

@@ -1,0 +1,148 @@
+"""AdaRound (Nagel et al., 2020): learn whether each weight rounds up or down.
+
+``Ŵ = Δ·(clamp(⌊W/Δ⌋ + h(V) + z, qmin, qmax) − z)`` with the rectified sigmoid
+``h(V) = clamp(σ(V)(ζ−γ)+γ, 0, 1)``. Only ``V`` is learned; ``Δ``, ``z`` and
+``⌊W/Δ⌋`` are frozen at construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from gaq.quant.fake import apply_keeping_float32, channel_view, qrange
+from gaq.quant.quantizer import FakeQuantizer
+
+ZETA = 1.1
+GAMMA = -0.1
+
+
+class AdaRoundQuantizer(nn.Module):
+    """Weight quantizer with learnable rounding; ``soft`` while training, ``hard`` after.
+
+    ``V`` starts where ``h(V)`` equals the fractional part of ``W/Δ``, so the
+    initial soft weight is ``W`` itself (up to clamping) and the initial hard
+    rounding is round-to-nearest (ties round up).
+
+    Args:
+        weight: the full-precision weight it quantizes (stored as its grid floor).
+        scale, zero_point: ``()`` or ``(C,)`` along ``axis``, e.g. from a
+            calibrated :class:`FakeQuantizer` (see :meth:`from_quantizer`).
+        bits, symmetric: the integer grid.
+        axis: channel axis of ``scale`` (weights: 0), ``None`` for per-tensor.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        scale: Tensor,
+        zero_point: Tensor,
+        bits: int,
+        symmetric: bool,
+        axis: int | None = 0,
+    ) -> None:
+        super().__init__()
+        self.qmin, self.qmax = qrange(bits, symmetric)
+        self.bits = bits
+        self.symmetric = symmetric
+        self.axis = axis
+        w = weight.detach().float()
+        scale = channel_view(torch.as_tensor(scale).detach().float(), w.ndim, axis)
+        zero_point = channel_view(torch.as_tensor(zero_point).detach().float(), w.ndim, axis)
+        self.register_buffer("scale", scale.to(w.device).clone())
+        self.register_buffer("zero_point", zero_point.to(w.device).clone())
+        # Same x·(1/Δ) as fake_quantize, so "nearest" here is FakeQuantizer's nearest.
+        grid = w * torch.reciprocal(self.scale)
+        w_floor = torch.floor(grid)
+        self.register_buffer("w_floor", w_floor)
+        self.alpha = nn.Parameter(self._init_alpha(grid - w_floor))
+        self.soft = True
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        # The grid stays float32 under model.half(); only the result takes the model's dtype.
+        return apply_keeping_float32(
+            self, super()._apply, fn, recurse, ("scale", "zero_point", "w_floor")
+        )
+
+    @staticmethod
+    def _init_alpha(rest: Tensor) -> Tensor:
+        """``V`` with ``h(V) = rest``, its sign forced to agree with ``rest ≥ 0.5``.
+
+        The inverse sigmoid is evaluated in floating point; without the sign fix a
+        ``rest`` a few ulps from 0.5 could start on the wrong side, so hard rounding
+        of the initial ``V`` would not be round-to-nearest.
+        """
+        alpha = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+        tiny = torch.finfo(alpha.dtype).tiny
+        up = rest >= 0.5
+        return torch.where(up, alpha.clamp(min=0.0), alpha.clamp(max=-tiny))
+
+    @classmethod
+    def from_quantizer(cls, quantizer: FakeQuantizer, weight: Tensor) -> AdaRoundQuantizer:
+        """Start from a calibrated static quantizer's grid and step sizes."""
+        if quantizer.mode != "static":
+            raise ValueError(f"AdaRound needs a static weight quantizer; it is {quantizer.mode}")
+        return cls(
+            weight,
+            quantizer.scale,
+            quantizer.zero_point,
+            quantizer.bits,
+            quantizer.symmetric,
+            quantizer.axis,
+        )
+
+    def h(self) -> Tensor:
+        """Rectified sigmoid ``h(V)`` in ``[0, 1]``."""
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+    def rounding(self) -> Tensor:
+        """The rounding offset added to ``⌊W/Δ⌋``: ``h(V)`` when soft, ``[V ≥ 0]`` when hard."""
+        if self.soft:
+            return self.h()
+        # h(V) >= 0.5 exactly when V >= 0.
+        return (self.alpha >= 0).to(self.w_floor.dtype)
+
+    def set_soft(self, soft: bool = True) -> AdaRoundQuantizer:
+        self.soft = soft
+        return self
+
+    def forward(self, x: Tensor | None = None) -> Tensor:
+        """The quantized weight (float32). ``x``, if given, must be the weight this was built
+        from; it is accepted so the module can stand in for a :class:`FakeQuantizer`."""
+        if x is not None and x.shape != self.w_floor.shape:
+            raise ValueError(
+                f"AdaRoundQuantizer was built for a weight of shape {tuple(self.w_floor.shape)}, "
+                f"got {tuple(x.shape)}"
+            )
+        q = torch.clamp(self.w_floor + self.rounding() + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+    def rounding_regularizer(self, beta: float) -> Tensor:
+        """``Σ (1 − |2h(V) − 1|^β)``: zero once every ``h`` is 0 or 1; large ``β`` is lenient
+        with values near 0.5, small ``β`` pushes everything to the ends."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def fold(self) -> Tensor:
+        """The final hard-rounded, dequantized weight (detached)."""
+        soft, self.soft = self.soft, False
+        try:
+            return self.forward().detach().clone()
+        finally:
+            self.soft = soft
+
+
+def annealed_beta(
+    step: int, total: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0
+) -> float | None:
+    """AdaRound's β schedule: ``None`` (no rounding term) during the first ``warmup`` fraction
+    of ``total`` steps, then linear decay from ``start`` to ``end``."""
+    if total < 1:
+        raise ValueError(f"total must be positive, got {total}")
+    begin = warmup * total
+    if step < begin:
+        return None
+    progress = (step - begin) / max(total - begin, 1)
+    return end + (start - end) * max(0.0, 1.0 - progress)

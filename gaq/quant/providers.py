@@ -1,0 +1,81 @@
+"""Step-size providers for timestep-conditioned quantizers (TDQ: ``Δ_t = f_φ(enc(t))``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """``[cos(t·ω_i), sin(t·ω_i)]`` with ``ω_i = max_period^(−i/(dim/2))``: shape ``(B, dim)``."""
+    if dim < 2 or dim % 2:
+        raise ValueError(f"embedding dim must be even and >= 2, got {dim}")
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / half)
+    args = t.reshape(-1, 1).float() * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def inverse_softplus(y: Tensor) -> Tensor:
+    """``x`` with ``softplus(x) = y`` (for ``y > 0``), stable for small ``y``."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+class TimestepScaleMLP(nn.Module):
+    """TDQ's step-size generator: sinusoidal encoding → 4-layer ReLU MLP → softplus.
+
+    Layer sizes follow the code attributed to the TDQ authors:
+    ``Linear(d,64)–ReLU–Linear(64,64)–ReLU–Linear(64,64)–ReLU–Linear(64,C)–Softplus``.
+    The last bias is ``softplus⁻¹(s₀)`` and, unlike the reference, the last
+    weight starts at zero, so the initial output is exactly the calibrated
+    ``s₀`` at every timestep (the conditioned quantizer starts where static
+    calibration left off); the zero weight still receives gradient, so the
+    network leaves that point after the first step.
+
+    Args:
+        init_scale: ``s₀``: a scalar (per-tensor quantizer, output ``(B,)``) or
+            ``(C,)`` (per-channel, output ``(B, C)``).
+        embed_dim: size of the sinusoidal encoding.
+        hidden: hidden width.
+        max_period: encoding period, as in diffusers' timestep embeddings.
+    """
+
+    def __init__(
+        self,
+        init_scale: float | Tensor,
+        embed_dim: int = 64,
+        hidden: int = 64,
+        max_period: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        s0 = torch.as_tensor(init_scale, dtype=torch.float32).detach()
+        if bool((s0 <= 0).any()):
+            raise ValueError("initial step sizes must be positive")
+        self.per_channel = s0.ndim > 0
+        out = s0.numel()
+        self.embed_dim = embed_dim
+        self.max_period = max_period
+        self.net = nn.Sequential(
+            nn.Linear(embed_dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, out),
+        )
+        last = self.net[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(inverse_softplus(s0.reshape(-1)))
+
+    def forward(self, t: Tensor) -> Tensor:
+        """Step sizes ``(B,)`` or ``(B, C)`` for timesteps ``t`` of shape ``(B,)``."""
+        emb = sinusoidal_embedding(t, self.embed_dim, self.max_period)
+        emb = emb.to(self.net[0].weight.dtype)
+        scale = F.softplus(self.net(emb))
+        return scale if self.per_channel else scale[:, 0]

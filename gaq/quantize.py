@@ -1,0 +1,241 @@
+"""Turning an FP denoiser into a fake-quantized one, the layer report, and the
+quantization state that saves to safetensors and loads back bit-identically.
+
+``plan`` decides (from the adapter's skip policy, any method rules, and the
+:class:`~gaq.config.QuantConfig`) what happens to each layer; ``build`` applies a plan
+to a copy of the model. A saved state stores the plan, so loading rebuilds exactly the
+same structure before loading the tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gaq.config import QuantConfig, TensorQuantSpec
+from gaq.errors import GaqError
+from gaq.models.adapters import QUANTIZABLE, ModelAdapter, SkipFilter
+from gaq.quant import FakeQuantizer, QuantLayer, attach_timestep_context, quantize_layer
+from gaq.quant.adaround import AdaRoundQuantizer
+
+STATE_FORMAT = 1
+W8A8 = 8
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    name: str
+    kind: str  # "Conv2d" | "Linear" | "attention"
+    status: str  # "quantized" | "w8a8" | "fp"
+    weight_bits: int | None
+    act_bits: int | None
+    split: int | None = None
+    reason: str = ""
+
+
+class LayerReport(list):
+    """One :class:`LayerDecision` per conv/linear layer and attention module."""
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self:
+            out[d.status] = out.get(d.status, 0) + 1
+        return out
+
+    def to_rows(self) -> list[dict]:
+        return [asdict(d) for d in self]
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> LayerReport:
+        return cls(LayerDecision(**r) for r in rows)
+
+    def to_markdown(self) -> str:
+        lines = ["| layer | type | status | W | A | reason |", "|---|---|---|---|---|---|"]
+        for d in self:
+            w = "-" if d.weight_bits is None else d.weight_bits
+            a = "-" if d.act_bits is None else d.act_bits
+            lines.append(f"| {d.name} | {d.kind} | {d.status} | {w} | {a} | {d.reason} |")
+        return "\n".join(lines) + "\n"
+
+
+def plan(model: nn.Module, adapter: ModelAdapter, quant: QuantConfig,
+         extra_skip: SkipFilter | None = None) -> LayerReport:
+    """Decide each layer's fate: the model's skip policy first, then the method's rules
+    (which may only add restrictions), else the configured bits."""
+    adapter.check_supported(extra_skip)
+    splits = adapter.shortcut_splits() if quant.split_shortcut else {}
+    wb, ab = quant.weight.bits, quant.act.bits
+    report = LayerReport()
+    for name, mod in model.named_modules():
+        attention = quant.attention and type(mod).__name__ == "Attention"
+        if not isinstance(mod, QUANTIZABLE) and not attention:
+            continue
+        rule = adapter.skip(mod, name)
+        if rule is None and extra_skip is not None:
+            rule = extra_skip(mod, name)
+        kind = "attention" if attention else type(mod).__name__
+        if rule is not None and rule.precision == "fp":
+            report.append(LayerDecision(name, kind, "fp", None, None, reason=rule.reason))
+        elif rule is not None and rule.precision == "w8a8":
+            a8 = None if ab is None else W8A8
+            report.append(LayerDecision(name, kind, "w8a8", None if attention else W8A8, a8,
+                                        reason=rule.reason))
+        elif wb is None and ab is None:
+            report.append(LayerDecision(name, kind, "fp", None, None, reason="config: W/A off"))
+        else:
+            report.append(LayerDecision(name, kind, "quantized", None if attention else wb, ab,
+                                        split=splits.get(name)))
+    return report
+
+
+def _act_kwargs(spec: TensorQuantSpec) -> dict:
+    return {"act_symmetric": spec.symmetric, "act_observer": spec.range_init,
+            "act_per_timestep": spec.per_timestep}
+
+
+def build(model: nn.Module, report: LayerReport, quant: QuantConfig) -> nn.Module:
+    """A fake-quantized copy of ``model`` following ``report``; the original is untouched."""
+    from gaq.quant import QuantAttnProcessor
+
+    qmodel = copy.deepcopy(model).eval()
+    for d in report:
+        if d.status == "fp":
+            continue
+        module = qmodel.get_submodule(d.name)
+        if d.kind == "attention":
+            processor = QuantAttnProcessor.build(
+                d.act_bits, quant.softmax_bits if d.status == "quantized" else W8A8,
+                symmetric=quant.act.symmetric, observer=quant.act.range_init,
+                per_timestep=quant.act.per_timestep)
+            module.set_processor(processor)
+            continue
+        layer = quantize_layer(
+            module, d.weight_bits, d.act_bits, weight_symmetric=quant.weight.symmetric,
+            weight_observer=quant.weight.range_init, split=d.split, **_act_kwargs(quant.act))
+        parent_name, _, child = d.name.rpartition(".")
+        # setattr also works for ModuleList/Sequential children ("0", "1", ...)
+        setattr(qmodel.get_submodule(parent_name) if parent_name else qmodel, child, layer)
+    attach_timestep_context(qmodel)
+    return qmodel
+
+
+def quantize_model(model: nn.Module, adapter: ModelAdapter, quant: QuantConfig,
+                   extra_skip: SkipFilter | None = None) -> tuple[nn.Module, LayerReport]:
+    """Plan and build in one call: the usual entry point for methods."""
+    report = plan(model, adapter, quant, extra_skip)
+    return build(model, report, quant), report
+
+
+# -- walking a quantized model ---------------------------------------------------------
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLayer):
+            yield name, mod
+
+
+def act_quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
+    """Every activation quantizer: layer inputs and attention operands (not weights)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, FakeQuantizer) and ".weight_quantizers." not in f".{name}.":
+            yield name, mod
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """"fp", "weight" (weights only) or "full" for every quantized layer; attention operand
+    quantizers follow: on only in "full"."""
+    for _, layer in quant_layers(model):
+        layer.set_mode(mode)
+    for name, q in act_quantizers(model):
+        if ".processor." in f".{name}." and q.calibrated:
+            q.enable() if mode == "full" else q.disable()
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> int:
+    """Range-initialise every activation quantizer from one pass of calibration data
+    (weights already quantized, as they will be at inference); returns how many."""
+    quantizers = [q for _, q in act_quantizers(model)]
+    set_mode(model, "weight")
+    for q in quantizers:
+        q.reset_observer()
+        q.observe(True)
+    forward_loop(model)
+    for q in quantizers:
+        q.finalize()
+    set_mode(model, "full")
+    return len(quantizers)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Quantize weights once and keep them dequantized: sampling pays only for activations."""
+    for _, layer in quant_layers(model):
+        layer.freeze_weights()
+    return model
+
+
+# -- state -------------------------------------------------------------------------------
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything a method calibrated: activation quantizers, attention operand quantizers
+    and the frozen (quantized) weights. FP weights come from the FP model."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if ".weight_quantizers." in f".{key}":
+            continue  # weights are saved quantized, as frozen_weight
+        if "quantizer" in key or key.endswith("frozen_weight"):
+            out[key] = value.detach().contiguous().clone()
+    return out
+
+
+def save_state(model: nn.Module, report: LayerReport, quant: QuantConfig, folder: str | Path,
+               meta: dict | None = None) -> Path:
+    """Write ``state.safetensors`` and ``state.json`` (plan, config, metadata) to ``folder``."""
+    from safetensors.torch import save_file
+
+    for name, layer in quant_layers(model):
+        if layer.frozen_weight is None:
+            raise GaqError(f"layer {name!r} has no frozen weight: call gaq.quantize.freeze() "
+                           "before saving a quantization state")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_state_tensors(model), str(folder / "state.safetensors"))
+    doc = {"format": STATE_FORMAT, "quant": quant.to_dict(), "layers": report.to_rows(),
+           "meta": meta or {}}
+    (folder / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return folder
+
+
+def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerReport, dict]:
+    """Rebuild the quantized model on a fresh FP ``model`` and load a saved state into it."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    doc = json.loads((folder / "state.json").read_text())
+    if doc.get("format") != STATE_FORMAT:
+        raise GaqError(f"{folder}: quantization state format {doc.get('format')} is not "
+                       f"{STATE_FORMAT}; re-run the quantization with this version of gaq")
+    quant = QuantConfig.from_dict(doc["quant"])
+    report = LayerReport.from_rows(doc["layers"])
+    qmodel = build(model, report, quant)
+    for _, layer in quant_layers(qmodel):
+        # allocate the buffer so load_state_dict can fill it
+        layer.frozen_weight = torch.empty_like(layer.fp.weight)
+    tensors = load_file(str(folder / "state.safetensors"))
+    missing = set(_state_tensors(qmodel)) - set(tensors)
+    unexpected = set(tensors) - set(qmodel.state_dict())
+    if missing or unexpected:
+        raise GaqError(f"{folder}: state does not match the model "
+                       f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    qmodel.load_state_dict(tensors, strict=False)
+    return qmodel, report, doc["meta"]
+
+
+def is_adaround(layer: QuantLayer) -> bool:
+    return any(isinstance(q, AdaRoundQuantizer) for q in layer.weight_quantizers)
