@@ -153,8 +153,8 @@ def set_mode(model: nn.Module, mode: str) -> None:
     for _, layer in quant_layers(model):
         layer.set_mode(mode)
     for name, q in act_quantizers(model):
-        if ".processor." in f".{name}." and q.calibrated:
-            q.enable() if mode == "full" else q.disable()
+        if ".processor." in f".{name}.":
+            q.enable() if mode == "full" and q.calibrated else q.disable()
 
 
 @torch.no_grad()

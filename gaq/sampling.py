@@ -10,8 +10,9 @@ a subset of batches reproduces exactly the images of a single-process run.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler
@@ -83,17 +84,23 @@ def ddim_sample_batch(
     sampler: SamplerConfig = SamplerConfig(),
     device: torch.device | str = "cpu",
     callback: StepCallback | None = None,
+    denoiser_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Sample the images with global ``indices`` of run ``seed``; returns them in [-1, 1] on CPU."""
+    """Sample the images with global ``indices`` of run ``seed``; returns them in [-1, 1] on CPU.
+
+    ``denoiser_kwargs`` (e.g. ``class_labels`` or ``encoder_hidden_states`` for these
+    images, already on ``device``) are passed to every denoiser call.
+    """
     cfg = denoiser.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     ddim = ddim_scheduler(scheduler, sampler.steps)
     gens = image_generators(seed, indices)
     dtype = next(denoiser.parameters()).dtype
     x = draw(gens, shape).to(device=device, dtype=dtype)
+    kwargs = dict(denoiser_kwargs or {})
     for step, t in enumerate(ddim.timesteps):
         t_int = int(t)
-        eps = _noise_prediction(denoiser(x, t.to(device)))
+        eps = _noise_prediction(denoiser(x, t.to(device), **kwargs))
         if callback is not None:
             replaced = callback(step, t_int, x, eps)
             if replaced is not None:

@@ -37,3 +37,12 @@ def tiny_pipeline_dir(tmp_path, tiny_unet):
     path = tmp_path / "tiny-ddpm"
     DDPMPipeline(unet=tiny_unet, scheduler=sched).save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture
+def tiny_class_unet():
+    """The tiny UNet with a 3-class label embedding (a class-conditional denoiser)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(**TINY_UNET, num_class_embeds=3).eval()

@@ -1,0 +1,637 @@
+"""Calibration data: denoiser inputs recorded along full-precision DDIM trajectories.
+
+A calibration set holds rows ``(x_t, t, cond)`` together with the FP noise prediction
+``eps_fp`` at that input, recorded while the FP sampler runs from pure noise. Every
+kept step of a trajectory is recorded in the same pass through the sampler (re-sampling
+from ``T`` for every kept ``t`` is what made TFMQ-DM's data generation take days).
+
+Two protocols (see :class:`CalibrationSpec`):
+
+* ``"interval"`` (Q-Diffusion): every ``interval``-th sampler step of
+  ``samples_per_step`` trajectories.
+* ``"gaussian"`` (PTQ4DM): one step per trajectory, its position drawn from a normal
+  distribution over the trajectory.
+
+Sets are cached on disk under a content hash of everything that determines them (model
+id, weights, scheduler config, spec, conditioning), so every method of a benchmark
+calibrates on the identical, inspectable data (design principle 6). Image ``i``'s noise
+depends only on ``(seed, i)`` (:mod:`gaq.sampling`), so neither the recording batch size
+nor the device layout changes what is recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from gaq.config import Config, ConfigError, non_negative_int, positive_float, positive_int
+from gaq.sampling import SamplerConfig, batch_ranges, ddim_sample_batch, sampling_timesteps
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CalibrationCacheWarning",
+    "CalibrationSet",
+    "CalibrationSpec",
+    "CondFn",
+    "calibration_key",
+    "default_cache_dir",
+    "forward_loop",
+    "record_calibration",
+    "state_dict_digest",
+]
+
+#: Bump when the file layout or the recording semantics change: old entries become misses.
+CACHE_FORMAT = 1
+
+#: ``cond_fn(indices) -> {name: (B, ...) tensor}``: conditioning for the trajectories with
+#: these global indices (an int64 tensor), passed to the denoiser as keyword arguments.
+CondFn = Callable[[Tensor], Mapping[str, Tensor]]
+
+Protocol = Literal["interval", "gaussian"]
+
+
+class CalibrationCacheWarning(UserWarning):
+    """A cache entry could not be read (and is recomputed) or written (and is not kept)."""
+
+
+# --------------------------------------------------------------------------------------
+# The spec.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSpec(Config):
+    """How a calibration set is recorded.
+
+    Step conventions. The DDIM sampler runs ``steps`` iterations; iteration ``k``
+    (0-based, in sampling order) denoises timestep ``timesteps[k]``, and the timesteps
+    *decrease*: iteration 0 is the noisiest (``t`` near ``T``), iteration ``steps-1`` the
+    cleanest (``t`` near 0). So iteration ``k`` is not timestep ``k``.
+
+    ``"interval"`` keeps iterations ``0, interval, 2*interval, ...`` of
+    ``samples_per_step`` trajectories: ``ceil(steps/interval)`` timesteps ×
+    ``samples_per_step`` rows (Q-Diffusion CIFAR: 100 steps, interval 5 → 20 × 256).
+    Iteration 0 is always kept, so its ``x_t`` is the initial noise.
+
+    ``"gaussian"`` records one row per trajectory, for ``num_samples`` trajectories. Its
+    position ``u ~ N(gauss_mean, gauss_std)`` is measured in *timestep* terms: 0 is the
+    clean end (``t = 0``), 1 the noisy end (``t = T``, the scheduler's
+    ``num_train_timesteps``). ``u`` is clipped to [0, 1] and the row is recorded at the
+    sampling step whose timestep is nearest to ``u·T``. PTQ4DM's code defaults are
+    μ = σ = 0.4; its released code compares the drawn position with the sampling-loop
+    counter, which counts from the noisy end — to mimic that inverted reading, use
+    ``gauss_mean = 1 - μ``.
+
+    ``holdout_per_step`` adds validation trajectories (GAQ's ``X^V``: equal count per
+    timestep), recorded at every kept step (interval) or at every sampler step
+    (gaussian, whose training rows are deliberately not balanced). Held-out rows come
+    from their own trajectories, so no validation row shares a trajectory with a
+    training row.
+
+    ``batch_size`` only sets how many trajectories are sampled at once; it does not
+    change the recorded data and is left out of :meth:`data_fingerprint`.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    protocol: Protocol = "interval"
+    steps: int = 100
+    eta: float = 0.0
+    interval: int = 5
+    samples_per_step: int = 256
+    num_samples: int = 1024
+    gauss_mean: float = 0.4
+    gauss_std: float = 0.4
+    seed: int = 0
+    batch_size: int = 64
+    holdout_per_step: int = 0
+
+    def validate(self) -> None:
+        positive_int("steps", self.steps)
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError("eta", f"must lie in [0, 1], got {self.eta!r}")
+        positive_int("interval", self.interval)
+        positive_int("samples_per_step", self.samples_per_step)
+        positive_int("num_samples", self.num_samples)
+        if not (math.isfinite(self.gauss_mean) and 0.0 <= self.gauss_mean <= 1.0):
+            raise ConfigError(
+                "gauss_mean",
+                f"must lie in [0, 1] (0 = clean end, 1 = noisy end), got {self.gauss_mean!r}",
+            )
+        positive_float("gauss_std", self.gauss_std)
+        positive_int("batch_size", self.batch_size)
+        non_negative_int("holdout_per_step", self.holdout_per_step)
+        if self.protocol == "interval" and self.interval > self.steps:
+            raise ConfigError(
+                "interval", f"must be at most steps ({self.steps}), got {self.interval}"
+            )
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(steps=self.steps, eta=self.eta)
+
+    @property
+    def num_train_trajectories(self) -> int:
+        return self.samples_per_step if self.protocol == "interval" else self.num_samples
+
+    @property
+    def num_trajectories(self) -> int:
+        """Trajectories sampled: training ones first (indices ``0..``), then held-out ones."""
+        return self.num_train_trajectories + self.holdout_per_step
+
+    def kept_steps(self) -> list[int]:
+        """Sampler iterations recorded by every trajectory of the interval protocol (and
+        by the held-out trajectories of either protocol)."""
+        if self.protocol == "interval":
+            return list(range(0, self.steps, self.interval))
+        return list(range(self.steps))
+
+    def data_fingerprint(self) -> str:
+        """Fingerprint of the fields that determine the data.
+
+        ``batch_size`` and the fields of the protocol not in use are reset to their
+        defaults, so e.g. an interval spec with another ``num_samples`` hits the same cache.
+        """
+        unused = (
+            ("num_samples", "gauss_mean", "gauss_std")
+            if self.protocol == "interval"
+            else ("interval", "samples_per_step")
+        )
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        canonical = dataclasses.replace(
+            self, batch_size=defaults["batch_size"], **{k: defaults[k] for k in unused}
+        )
+        return canonical.fingerprint()
+
+
+# --------------------------------------------------------------------------------------
+# The set.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CalibrationSet:
+    """Recorded denoiser inputs: one row per (trajectory, kept step).
+
+    ``x`` (N, C, H, W) float32 denoiser inputs; ``t`` (N,) int64 timesteps; ``eps_fp``
+    (N, ...) the FP denoiser output at that input; ``cond`` extra denoiser keyword inputs,
+    (N, ...) each (empty for unconditional models); ``split`` (N,) bool, True for
+    held-out (validation) rows; ``image`` (N,) int64 index of the trajectory a row comes
+    from (None when unknown); ``meta`` provenance (cache key, spec, model id).
+
+    Rows of a recorded set are ordered by sampler iteration (noisiest first), then by
+    trajectory.
+    """
+
+    x: Tensor
+    t: Tensor
+    eps_fp: Tensor
+    cond: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    split: Tensor | None = None
+    image: Tensor | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.x.shape[0]
+        if self.split is None:
+            self.split = torch.zeros(n, dtype=torch.bool, device=self.x.device)
+        if self.t.ndim != 1 or self.t.dtype != torch.int64:
+            got = f"{self.t.dtype} of shape {tuple(self.t.shape)}"
+            raise ValueError(f"t must be a 1-D int64 tensor, got {got}")
+        if self.split.ndim != 1 or self.split.dtype != torch.bool:
+            raise ValueError(f"split must be a 1-D bool tensor, got {self.split.dtype}")
+        rows = {"t": self.t, "eps_fp": self.eps_fp, "split": self.split}
+        rows.update({f"cond[{k!r}]": v for k, v in self.cond.items()})
+        if self.image is not None:
+            rows["image"] = self.image
+        for name, value in rows.items():
+            if value.shape[0] != n:
+                raise ValueError(f"{name} has {value.shape[0]} rows but x has {n}")
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def _take(self, idx: Tensor) -> CalibrationSet:
+        assert self.split is not None
+        idx = idx.to(self.x.device)
+        return CalibrationSet(
+            x=self.x[idx],
+            t=self.t[idx],
+            eps_fp=self.eps_fp[idx],
+            cond={k: v[idx] for k, v in self.cond.items()},
+            split=self.split[idx],
+            image=None if self.image is None else self.image[idx],
+            meta=dict(self.meta),
+        )
+
+    def subset(self, mask: Tensor) -> CalibrationSet:
+        """The rows selected by a (N,) bool mask or by a tensor of row indices."""
+        if mask.dtype == torch.bool:
+            if mask.shape != (len(self),):
+                raise ValueError(f"mask must have shape ({len(self)},), got {tuple(mask.shape)}")
+            mask = mask.nonzero().flatten()
+        return self._take(mask.long())
+
+    def train(self) -> CalibrationSet:
+        assert self.split is not None
+        return self.subset(~self.split)
+
+    def holdout(self) -> CalibrationSet:
+        assert self.split is not None
+        return self.subset(self.split)
+
+    def timesteps(self) -> list[int]:
+        """The distinct timesteps, ascending."""
+        return [int(v) for v in torch.unique(self.t).tolist()]
+
+    def by_timestep(self) -> dict[int, CalibrationSet]:
+        """One subset per timestep, ascending in ``t``."""
+        return {ts: self.subset(self.t == ts) for ts in self.timesteps()}
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield dicts ``{"x", "t", "cond": {...}, "eps_fp", "split", "index"}``.
+
+        ``index`` holds the row numbers in this set; every row appears exactly once per
+        pass. ``shuffle`` permutes rows with ``generator`` (a CPU generator).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        assert self.split is not None
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size].to(self.x.device)
+            yield {
+                "x": self.x[idx],
+                "t": self.t[idx],
+                "cond": {k: v[idx] for k, v in self.cond.items()},
+                "eps_fp": self.eps_fp[idx],
+                "split": self.split[idx],
+                "index": idx,
+            }
+
+    def to(self, device: torch.device | str) -> CalibrationSet:
+        assert self.split is not None
+        return CalibrationSet(
+            x=self.x.to(device),
+            t=self.t.to(device),
+            eps_fp=self.eps_fp.to(device),
+            cond={k: v.to(device) for k, v in self.cond.items()},
+            split=self.split.to(device),
+            image=None if self.image is None else self.image.to(device),
+            meta=dict(self.meta),
+        )
+
+
+def forward_loop(calib: CalibrationSet, batch_size: int) -> Callable[[nn.Module], None]:
+    """A ModelOpt-style ``forward_loop(model)`` that runs every row through ``model`` once.
+
+    Calls ``model(x, t, **cond)`` with ``t`` a per-sample (B,) tensor, on the device and
+    floating dtype of the model's first parameter, under ``torch.no_grad`` (observers
+    need activations, not gradients).
+    """
+
+    def loop(model: nn.Module) -> None:
+        ref = next(iter(model.parameters()), None)
+        device = ref.device if ref is not None else calib.x.device
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else calib.x.dtype
+
+        def move(v: Tensor) -> Tensor:
+            return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+
+        with torch.no_grad():
+            for batch in calib.batches(batch_size):
+                cond = {k: move(v) for k, v in batch["cond"].items()}
+                model(move(batch["x"]), batch["t"].to(device), **cond)
+
+    return loop
+
+
+# --------------------------------------------------------------------------------------
+# Recording.
+# --------------------------------------------------------------------------------------
+
+
+def _position_seed(seed: int, index: int) -> int:
+    # Own stream per trajectory, distinct from its noise stream (gaq.sampling.image_seed),
+    # so positions do not depend on batching and are not correlated with the noise.
+    digest = hashlib.blake2b(f"gaq:calib-position:{seed}:{index}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
+def _gaussian_step(spec: CalibrationSpec, index: int, timesteps: Tensor, horizon: int) -> int:
+    """Sampler iteration recorded by trajectory ``index`` (gaussian protocol)."""
+    g = torch.Generator().manual_seed(_position_seed(spec.seed, index))
+    u = float(torch.randn((), generator=g, dtype=torch.float64))
+    u = min(max(spec.gauss_mean + spec.gauss_std * u, 0.0), 1.0)
+    # Nearest in timestep terms, then converted to the iteration that denoises it;
+    # argmin takes the first (noisier) step on exact ties.
+    return int(torch.argmin((timesteps.double() - u * horizon).abs()))
+
+
+def _recording_plan(spec: CalibrationSpec, timesteps: list[int], horizon: int) -> Tensor:
+    """(num_trajectories, steps) bool: which iterations each trajectory records."""
+    plan = torch.zeros(spec.num_trajectories, spec.steps, dtype=torch.bool)
+    n_train = spec.num_train_trajectories
+    plan[:, spec.kept_steps()] = True
+    if spec.protocol == "gaussian":  # training trajectories: one drawn step each
+        plan[:n_train] = False
+        ts = torch.tensor(timesteps)
+        for i in range(n_train):
+            plan[i, _gaussian_step(spec, i, ts, horizon)] = True
+    return plan
+
+
+def _collect_cond(cond_fn: CondFn | None, n: int, batch_size: int) -> dict[str, Tensor]:
+    """Conditioning of all ``n`` trajectories, on CPU (asked for once, batch by batch)."""
+    if cond_fn is None:
+        return {}
+    parts: dict[str, list[Tensor]] = {}
+    for r in batch_ranges(n, batch_size):
+        idx = torch.arange(r.start, r.stop)
+        out = dict(cond_fn(idx))
+        if parts and set(out) != set(parts):
+            raise ValueError(f"cond_fn returned keys {sorted(out)}, earlier {sorted(parts)}")
+        for k, v in out.items():
+            if not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] != len(idx):
+                raise ValueError(
+                    f"cond_fn must return tensors with one row per index; {k!r} is "
+                    f"{getattr(v, 'shape', type(v).__name__)} for {len(idx)} indices"
+                )
+            parts.setdefault(k, []).append(v.detach().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _record(
+    denoiser: nn.Module,
+    scheduler: Any,
+    spec: CalibrationSpec,
+    plan: Tensor,
+    cond_all: dict[str, Tensor],
+    device: torch.device | str,
+    progress: bool,
+) -> dict[str, Tensor]:
+    """Run every trajectory once, keeping the planned steps; rows in canonical order."""
+    xs: list[Tensor] = []
+    eps: list[Tensor] = []
+    ts: list[Tensor] = []
+    images: list[Tensor] = []
+    steps: list[Tensor] = []
+    ranges = batch_ranges(plan.shape[0], spec.batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        ranges = tqdm(ranges, desc="calibration", unit="batch")
+    for r in ranges:
+        idx = torch.arange(r.start, r.stop)
+        keep = plan[idx]
+
+        def on_step(step: int, t: int, x: Tensor, e: Tensor, keep: Tensor = keep,
+                    idx: Tensor = idx) -> None:
+            rows = keep[:, step].nonzero().flatten()
+            if rows.numel() == 0:
+                return
+            xs.append(x[rows.to(x.device)].float().cpu())
+            eps.append(e[rows.to(e.device)].float().cpu())
+            ts.append(torch.full((rows.numel(),), t, dtype=torch.int64))
+            images.append(idx[rows])
+            steps.append(torch.full((rows.numel(),), step, dtype=torch.int64))
+
+        kwargs = {k: v[idx].to(device) for k, v in cond_all.items()}
+        ddim_sample_batch(
+            denoiser, scheduler, list(r), seed=spec.seed, sampler=spec.sampler,
+            device=device, callback=on_step, denoiser_kwargs=kwargs,
+        )
+    image = torch.cat(images)
+    # Canonical order (iteration, then trajectory) whatever the batching was.
+    order = torch.argsort(torch.cat(steps) * plan.shape[0] + image)
+    image = image[order]
+    return {
+        "x": torch.cat(xs)[order],
+        "t": torch.cat(ts)[order],
+        "eps_fp": torch.cat(eps)[order],
+        "image": image,
+        "split": image >= spec.num_train_trajectories,
+    }
+
+
+def record_calibration(
+    denoiser: nn.Module,
+    scheduler: Any,
+    spec: CalibrationSpec,
+    *,
+    model_id: str,
+    cond_fn: CondFn | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache: bool = True,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> CalibrationSet:
+    """Record (or load from the disk cache) the calibration set ``spec`` describes.
+
+    ``denoiser`` must already be on ``device`` (and in eval mode). ``cond_fn(indices)``
+    gives the conditioning of trajectories ``indices`` (e.g. ``class_labels``); it is
+    called once for all trajectories, before the cache lookup, because the conditioning
+    is part of the cache key. ``cache_dir`` defaults to :func:`default_cache_dir`;
+    ``cache=False`` neither reads nor writes it.
+    """
+    if not isinstance(spec, CalibrationSpec):
+        raise TypeError(f"spec must be a CalibrationSpec, got {type(spec).__name__}")
+    cond_all = _collect_cond(cond_fn, spec.num_trajectories, spec.batch_size)
+    key = calibration_key(denoiser, scheduler, spec, model_id=model_id, cond=cond_all)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    meta: dict[str, Any] = {"key": key, "model_id": model_id, "spec": spec.to_dict()}
+    if cache:
+        hit = _load(folder, key)
+        if hit is not None:
+            return hit
+
+    timesteps = sampling_timesteps(scheduler, spec.steps)
+    horizon = int(scheduler.config.num_train_timesteps)
+    plan = _recording_plan(spec, timesteps, horizon)
+    rows = _record(denoiser, scheduler, spec, plan, cond_all, device, progress)
+    calib = CalibrationSet(
+        x=rows["x"],
+        t=rows["t"],
+        eps_fp=rows["eps_fp"],
+        cond={k: v[rows["image"]] for k, v in cond_all.items()},
+        split=rows["split"],
+        image=rows["image"],
+        meta=meta,
+    )
+    if cache:
+        _save(folder, key, calib, _scheduler_json(scheduler), str(device))
+    return calib
+
+
+# --------------------------------------------------------------------------------------
+# Identity and disk cache.
+# --------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$GAQ_CACHE/calibration``, or ``~/.cache/gaq/calibration``."""
+    root = os.environ.get("GAQ_CACHE") or "~/.cache/gaq"
+    return Path(root).expanduser() / "calibration"
+
+
+def _update_with_tensors(h: Any, tensors: Mapping[str, Any]) -> None:
+    for name in sorted(tensors):
+        value = tensors[name]
+        h.update(name.encode() + b"\0")
+        if isinstance(value, Tensor):
+            v = value.detach().cpu().contiguous()
+            h.update(f"{v.dtype}:{tuple(v.shape)}\0".encode())
+            # Viewing as bytes works for every dtype, bfloat16 included (numpy lacks it).
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:  # e.g. a module's _extra_state
+            h.update(repr(value).encode() + b"\0")
+
+
+def state_dict_digest(module: nn.Module) -> str:
+    """sha256 over a module's state_dict: names, dtypes, shapes and bytes, in key order."""
+    h = hashlib.sha256()
+    _update_with_tensors(h, module.state_dict())
+    return h.hexdigest()
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and tensors (e.g. trained_betas)
+        return value.tolist()
+    return str(value)
+
+
+def _scheduler_json(scheduler: Any) -> str:
+    # Private keys ("_class_name", "_diffusers_version", "_use_default_values") say how the
+    # config was written, not what schedule it describes.
+    cfg = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return json.dumps(cfg, sort_keys=True, default=_json_default)
+
+
+def calibration_key(
+    denoiser: nn.Module,
+    scheduler: Any,
+    spec: CalibrationSpec,
+    *,
+    model_id: str,
+    cond: Mapping[str, Tensor] | None = None,
+) -> str:
+    """Content hash naming a calibration set: model id, weights, schedule, spec, conditioning."""
+    cond_hash = hashlib.sha256()
+    _update_with_tensors(cond_hash, dict(cond or {}))
+    identity = {
+        "format": CACHE_FORMAT,
+        "model_id": model_id,
+        "weights": state_dict_digest(denoiser),
+        "scheduler": _scheduler_json(scheduler),
+        "spec": spec.data_fingerprint(),
+        "cond": cond_hash.hexdigest(),
+    }
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save(folder: Path, key: str, calib: CalibrationSet, sched: str, device: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {
+        "x": calib.x, "t": calib.t, "eps_fp": calib.eps_fp, "split": calib.split,
+        **({} if calib.image is None else {"image": calib.image}),
+        **{f"cond.{k}": v for k, v in calib.cond.items()},
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {
+        **calib.meta,
+        "format": CACHE_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "rows": len(calib),
+        "holdout_rows": int(calib.split.sum()) if calib.split is not None else 0,
+        "timesteps": calib.timesteps(),
+        "scheduler": json.loads(sched),
+        "recorded_on": device,
+        "torch": torch.__version__,
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Tensors first, metadata last: the .json is the commit marker of an entry.
+        _atomic_write(
+            folder / f"{key}.safetensors",
+            lambda p: save_file(tensors, p, metadata={"key": key, "format": str(CACHE_FORMAT)}),
+        )
+        _atomic_write(
+            folder / f"{key}.json",
+            lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)),
+        )
+        calib.meta["cache_path"] = str(folder / f"{key}.safetensors")
+    except OSError as e:
+        warnings.warn(
+            f"could not write calibration cache entry {key} to {folder}: {e}",
+            CalibrationCacheWarning,
+            stacklevel=3,
+        )
+
+
+def _load(folder: Path, key: str) -> CalibrationSet | None:
+    """The cached set, or None on a miss; an unreadable entry warns and counts as a miss."""
+    data_path, meta_path = folder / f"{key}.safetensors", folder / f"{key}.json"
+    if not data_path.exists() and not meta_path.exists():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
+            raise ValueError("metadata does not match this cache key and format")
+        tensors = load_file(data_path)
+        cond = {k[len("cond."):]: v for k, v in tensors.items() if k.startswith("cond.")}
+        calib = CalibrationSet(
+            x=tensors["x"],
+            t=tensors["t"],
+            eps_fp=tensors["eps_fp"],
+            cond=cond,
+            split=tensors["split"],
+            image=tensors.get("image"),
+            meta={k: meta[k] for k in ("key", "model_id", "spec") if k in meta},
+        )
+        if len(calib) != meta.get("rows"):
+            raise ValueError(f"{len(calib)} rows on disk, metadata says {meta.get('rows')}")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        warnings.warn(
+            f"ignoring unreadable calibration cache entry {data_path} ({e}); recomputing",
+            CalibrationCacheWarning,
+            stacklevel=3,
+        )
+        return None
+    calib.meta["cache_path"] = str(data_path)
+    return calib

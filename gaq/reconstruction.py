@@ -1,0 +1,362 @@
+"""The block-reconstruction engine shared by every BRECQ-lineage method.
+
+Weights: AdaRound per block (soft rounding, annealed rounding regulariser after a
+warm-up, hard rounding at the end). Activations: LSQ-style learning of the step sizes
+per block. The input of block k is taken from the model whose earlier blocks are
+already quantized; its target is the FP block output. Block inputs and targets are
+captured batch by batch and streamed from a disk cache, never all held in RAM.
+
+Every sample of the reconstruction loss carries a weight (uniform unless a method
+gives ``sample_weights``): that is the hook the gradient-aligned method uses.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from gaq.config import MethodConfig, non_negative_int, positive_float, positive_int
+from gaq.models.adapters import Block, ModelAdapter
+from gaq.quant import QuantLayer, annealed_beta, timestep_context
+from gaq.quant.quantizer import FakeQuantizer
+
+
+@dataclass(frozen=True)
+class ReconConfig(MethodConfig):
+    """AdaRound + activation-step hyper-parameters (paper defaults; presets shrink them)."""
+
+    VERSION: ClassVar[int] = 1
+
+    weight_iters: int = 20000
+    act_iters: int = 5000
+    batch_size: int = 32
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-4
+    reg_weight: float = 0.01
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    act_p: float = 2.4
+    capture_batch: int = 64
+    eval_samples: int = 256
+    cache: Literal["disk", "memory"] = "disk"
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("weight_iters", "act_iters", "seed"):
+            non_negative_int(name, getattr(self, name))
+        for name in ("batch_size", "capture_batch", "eval_samples"):
+            positive_int(name, getattr(self, name))
+        for name in ("weight_lr", "act_lr", "reg_weight", "beta_start", "beta_end", "act_p"):
+            positive_float(name, getattr(self, name))
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must lie in [0, 1), got {self.warmup}")
+
+
+# A calibration batch as the engine sees it: (x, t, cond kwargs, row indices).
+Batch = tuple[Tensor, Tensor, dict, Tensor]
+BatchIter = Callable[[], Iterator[Batch]]
+# Per-block sample weights: (block, its captured data) -> (N,) weights over calibration rows.
+WeightFn = Callable[[Block, "BlockData"], Tensor]
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the block is needed."""
+
+
+def _detach(obj):
+    if torch.is_tensor(obj):
+        return obj.detach()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detach(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+def _rows(obj, idx: Tensor, n: int):
+    """Select rows ``idx`` of every tensor whose leading dimension is the batch."""
+    if torch.is_tensor(obj):
+        return obj[idx] if obj.dim() > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows(o, idx, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _rows(v, idx, n) for k, v in obj.items()}
+    return obj
+
+
+def _output(out) -> Tensor:
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0]
+
+
+class BlockData:
+    """Captured (inputs, FP target, timesteps, row index) of one block, batch by batch,
+    on disk (``torch.save``; read back memory-mapped with ``weights_only=True``) or in RAM."""
+
+    def __init__(self, where: Literal["disk", "memory"] = "disk") -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="gaq-block-")) if where == "disk" else None
+        self._mem: list[dict] = []
+        self._sizes: list[int] = []
+
+    def add(self, record: dict) -> None:
+        self._sizes.append(len(record["index"]))
+        if self._dir is None:
+            self._mem.append(record)
+        else:
+            torch.save(record, self._dir / f"{len(self._sizes) - 1:06d}.pt")
+
+    def __len__(self) -> int:
+        return sum(self._sizes)
+
+    def record(self, i: int) -> dict:
+        if self._dir is None:
+            return self._mem[i]
+        return torch.load(self._dir / f"{i:06d}.pt", weights_only=True, mmap=True)
+
+    def records(self) -> Iterator[dict]:
+        for i in range(len(self._sizes)):
+            yield self.record(i)
+
+    def index(self) -> Tensor:
+        return torch.cat([r["index"] for r in self.records()])
+
+    def sample(self, size: int, gen: torch.Generator) -> dict:
+        """A random minibatch from one random captured batch (rows drawn without replacement)."""
+        i = int(torch.randint(len(self._sizes), (1,), generator=gen))
+        rec = self.record(i)
+        n = self._sizes[i]
+        idx = torch.randperm(n, generator=gen)[: min(size, n)]
+        return _rows(rec, idx, n) | {"n": len(idx)}
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@torch.no_grad()
+def capture(qmodel: nn.Module, fpmodel: nn.Module, name: str, batches: BatchIter,
+            where: Literal["disk", "memory"] = "disk") -> BlockData:
+    """Inputs of block ``name`` in ``qmodel`` (earlier blocks quantized) and its output in
+    ``fpmodel``, for every calibration batch."""
+    data = BlockData(where)
+    qblock, fblock = qmodel.get_submodule(name), fpmodel.get_submodule(name)
+    got: dict = {}
+
+    def grab_in(module, args, kwargs):
+        got["args"], got["kwargs"] = _detach(args), _detach(kwargs)
+        raise _Stop
+
+    def grab_out(module, args, kwargs, out):
+        got["target"] = _output(out).detach()
+        raise _Stop
+
+    hq = qblock.register_forward_pre_hook(grab_in, with_kwargs=True)
+    hf = fblock.register_forward_hook(grab_out, with_kwargs=True)
+    try:
+        for x, t, cond, idx in batches():
+            for model in (qmodel, fpmodel):
+                try:
+                    model(x, t, **cond)
+                except _Stop:
+                    pass
+            data.add({"args": got["args"], "kwargs": got["kwargs"], "target": got["target"],
+                      "t": t, "index": idx})
+    finally:
+        hq.remove()
+        hf.remove()
+    return data
+
+
+def weighted_error(out: Tensor, target: Tensor, weights: Tensor | None, p: float = 2.0) -> Tensor:
+    """Per-sample mean |out - target|^p, averaged with the sample weights (uniform: plain mean)."""
+    err = (out - target).abs().pow(p).flatten(1).mean(1)
+    if weights is None:
+        return err.mean()
+    return (err * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def _forward(block: nn.Module, rec: dict) -> Tensor:
+    with timestep_context(rec["t"]):
+        return _output(block(*rec["args"], **rec["kwargs"]))
+
+
+@torch.no_grad()
+def block_error(block: nn.Module, data: BlockData, limit: int) -> float:
+    """Mean squared error of the block against its FP target over up to ``limit`` samples."""
+    total, n = 0.0, 0
+    for rec in data.records():
+        err = (_forward(block, rec) - rec["target"]).pow(2).flatten(1).mean(1)
+        total += err.sum().item()
+        n += len(err)
+        if n >= limit:
+            break
+    return total / max(n, 1)
+
+
+def block_layers(block: nn.Module) -> list[QuantLayer]:
+    return [m for m in block.modules() if isinstance(m, QuantLayer)]
+
+
+def block_act_quantizers(block: nn.Module) -> list[FakeQuantizer]:
+    return [m for n, m in block.named_modules()
+            if isinstance(m, FakeQuantizer) and ".weight_quantizers." not in f".{n}."
+            and m.calibrated]
+
+
+def _lookup(weights: Tensor | None, index: Tensor) -> Tensor | None:
+    return None if weights is None else weights[index]
+
+
+def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,
+                   weights: Tensor | None = None, progress: bool = False) -> dict[str, float]:
+    """AdaRound the not-yet-frozen layers of ``block`` (activations off); returns the block
+    output error with round-to-nearest and after AdaRound, both with hard rounding."""
+    layers = [lay for lay in block_layers(block) if lay.frozen_weight is None]
+    if not layers:
+        return {}
+    for lay in layers:
+        lay.set_mode("weight")
+    rtn = block_error(block, data, cfg.eval_samples)
+    quantizers = [q for lay in layers for q in lay.use_adaround()]
+    params = [q.alpha for q in quantizers]
+    opt = torch.optim.Adam(params, lr=cfg.weight_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = range(cfg.weight_iters)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="  adaround", leave=False, mininterval=2)
+    for q in quantizers:
+        q.set_soft(True)
+    for step in steps:
+        rec = data.sample(cfg.batch_size, gen)
+        with torch.enable_grad():
+            loss = weighted_error(_forward(block, rec), rec["target"],
+                                  _lookup(weights, rec["index"]))
+            beta = annealed_beta(step, cfg.weight_iters, cfg.warmup, cfg.beta_start,
+                                 cfg.beta_end)
+            if beta is not None:
+                loss = loss + cfg.reg_weight * sum(q.rounding_regularizer(beta)
+                                                   for q in quantizers)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+    for q in quantizers:
+        q.set_soft(False)
+    after = block_error(block, data, cfg.eval_samples)
+    for lay in layers:
+        lay.freeze_weights()
+    return {"rtn_error": rtn, "adaround_error": after}
+
+
+def learn_act_steps(block: nn.Module, data: BlockData, cfg: ReconConfig,
+                    weights: Tensor | None = None, progress: bool = False) -> dict[str, float]:
+    """LSQ-style: make the block's activation step sizes parameters and fit them with the
+    Lp block loss (Adam, cosine decay); returns the block error before and after."""
+    quantizers = block_act_quantizers(block)
+    if not quantizers or cfg.act_iters == 0:
+        return {}
+    before = block_error(block, data, cfg.eval_samples)
+    for q in quantizers:
+        q.learn_scale(True)
+    params = [q.scale for q in quantizers]
+    opt = torch.optim.Adam(params, lr=cfg.act_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.act_iters, eta_min=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    steps = range(cfg.act_iters)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="  act steps", leave=False, mininterval=2)
+    for _ in steps:
+        rec = data.sample(cfg.batch_size, gen)
+        with torch.enable_grad():
+            loss = weighted_error(_forward(block, rec), rec["target"],
+                                  _lookup(weights, rec["index"]), p=cfg.act_p)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for p in params:
+                p.clamp_(min=1e-8)  # a step size must stay positive
+    for q in quantizers:
+        q.learn_scale(False)
+    return {"act_before": before, "act_after": block_error(block, data, cfg.eval_samples)}
+
+
+@dataclass
+class BlockResult:
+    block: str
+    kind: str
+    samples: int
+    metrics: dict[str, float]
+
+
+def reconstruct(
+    qmodel: nn.Module,
+    fpmodel: nn.Module,
+    adapter: ModelAdapter,
+    batches: BatchIter,
+    cfg: ReconConfig,
+    *,
+    phase: Literal["weights", "activations"] = "weights",
+    blocks: list[Block] | None = None,
+    weight_fn: WeightFn | None = None,
+    progress: bool = True,
+) -> list[BlockResult]:
+    """Walk the blocks in forward order and reconstruct each one (``phase``: AdaRound of
+    weights with activations off, or activation steps with everything quantized)."""
+    from gaq.quantize import set_mode
+
+    blocks = adapter.blocks() if blocks is None else blocks
+    set_mode(qmodel, "weight" if phase == "weights" else "full")
+    results = []
+    it = blocks
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(blocks, desc=f"reconstruct {phase}", unit="block")
+    for block in it:
+        if block.kind == "temporal":
+            continue  # reconstructed by gaq.temporal, not by block replay
+        module = qmodel.get_submodule(block.name)
+        if not block_layers(module) and not block_act_quantizers(module):
+            continue
+        data = capture(qmodel, fpmodel, block.name, batches, cfg.cache)
+        try:
+            weights = weight_fn(block, data) if weight_fn is not None else None
+            if phase == "weights":
+                metrics = adaround_block(module, data, cfg, weights, progress)
+                for lay in block_layers(module):
+                    lay.set_mode("weight")
+            else:
+                metrics = learn_act_steps(module, data, cfg, weights, progress)
+            results.append(BlockResult(block.name, block.kind, len(data), metrics))
+        finally:
+            data.close()
+    return results
+
+
+def calib_batches(calib, batch_size: int, device: str | torch.device = "cpu") -> BatchIter:
+    """Adapt a :class:`~gaq.calibration.CalibrationSet` to the engine's batch iterator
+    (training rows only; held-out rows are for validation)."""
+
+    def it() -> Iterator[Batch]:
+        for b in calib.train().batches(batch_size):
+            cond = {k: v.to(device) for k, v in b.get("cond", {}).items()}
+            yield b["x"].to(device), b["t"].to(device), cond, b["index"]
+
+    return it
+
