@@ -35,6 +35,7 @@ ENTRY_POINT_GROUP = "gaq.methods"
 #: Methods shipped with gaq, as lazy targets (nothing is imported until asked for).
 BUILTIN_METHODS: dict[str, str] = {
     "rtn": "gaq.methods.rtn:RTN",
+    "brecq": "gaq.methods.brecq:BRECQ",
 }
 
 T = TypeVar("T", bound=type)

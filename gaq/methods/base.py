@@ -130,5 +130,10 @@ class Method(abc.ABC):
         be swept over bit-widths without creating new configs.
         """
 
+    def skip(self, module: torch.nn.Module, name: str) -> Any:
+        """Extra skip rule (a :class:`~gaq.models.adapters.SkipRule` or None) on top of the
+        model's policy; methods can only add restrictions, never lift the model's."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__qualname__}({self.config!r})"

@@ -54,6 +54,11 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     zero_point = zero_point.detach().to(x.dtype)
     # x * (1/Δ), not x / Δ: this is what the torch reference kernels compute,
     # and the two differ in the last bit often enough to flip a rounding.
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        # Inference path: same arithmetic, in place after the first product, about twice
+        # as fast (sampling pays for every activation quantizer at every step).
+        q = torch.round(x * torch.reciprocal(scale)).add_(zero_point).clamp_(qmin, qmax)
+        return q.sub_(zero_point).mul_(scale).to(out_dtype)
     q = torch.clamp(round_ste(x * torch.reciprocal(scale)) + zero_point, qmin, qmax)
     return ((q - zero_point) * scale).to(out_dtype)
 

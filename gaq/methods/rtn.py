@@ -1,0 +1,37 @@
+"""Round-to-nearest: the floor of every table. Weights per output channel with max or MSE
+range initialisation (``QuantConfig.weight.range_init``), activation ranges from one pass
+of calibration data; no reconstruction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from gaq.config import MethodConfig, QuantConfig, positive_int
+from gaq.methods.base import Method, QuantResult
+from gaq.methods.common import Timer, as_forward_loop, finish
+from gaq.quantize import calibrate_activations, quantize_model
+
+
+@dataclass(frozen=True)
+class RTNConfig(MethodConfig):
+    VERSION: ClassVar[int] = 1
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        positive_int("batch_size", self.batch_size)
+
+
+class RTN(Method):
+    name = "rtn"
+    Config = RTNConfig
+    presets = {"paper": RTNConfig(), "cpu": RTNConfig()}
+
+    def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
+        with Timer() as timer:
+            qmodel, report = quantize_model(model, adapter, quant, self.skip)
+            if quant.act.bits is not None:
+                calibrate_activations(qmodel, as_forward_loop(calib, self.config.batch_size))
+        return finish(self, qmodel, report, quant, timer.seconds)

@@ -1,0 +1,114 @@
+"""Speed and memory figures (``gaq perf`` / ``nox -s perf``), written under ``results/perf``.
+
+Quantization here is *fake* quantization in PyTorch on the CPU: the speed figures say
+what fake quant costs over FP in this harness, not what an integer kernel would gain.
+Peak memory is the peak resident set size of a child process that runs only the
+calibration, so the parent's own allocations do not count.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gaq.config import QuantConfig
+
+
+def _sampling_seconds(model, scheduler, num: int, steps: int, repeats: int) -> float:
+    from gaq.sampling import SamplerConfig, ddim_sample
+
+    cfg = SamplerConfig(steps=steps)
+    ddim_sample(model, scheduler, min(num, 8), seed=123, sampler=SamplerConfig(steps=2))  # warm
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ddim_sample(model, scheduler, num, seed=0, sampler=cfg, batch_size=num)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def sampling_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 64,
+                      steps: int = 50, repeats: int = 3) -> dict:
+    """FP vs fake-quantized (RTN, weights frozen) DDIM sampling time, same CPU, same images."""
+    from gaq.calibration import CalibrationSpec, record_calibration
+    from gaq.methods.rtn import RTN
+    from gaq.models.adapters import adapter_for
+    from gaq.models.loading import load_model
+
+    loaded = load_model(model_id)
+    spec = CalibrationSpec(steps=20, interval=2, samples_per_step=16)
+    calib = record_calibration(loaded.denoiser, loaded.scheduler, spec, model_id=model_id)
+    quant = QuantConfig.from_bits(bits)
+    result = RTN(RTN.Config()).quantize(loaded.denoiser, adapter_for(loaded.denoiser), calib,
+                                        quant)
+    with torch.no_grad():
+        fp = _sampling_seconds(loaded.denoiser, loaded.scheduler, num, steps, repeats)
+        q = _sampling_seconds(result.model, loaded.scheduler, num, steps, repeats)
+    return {"model": model_id, "bits": bits, "images": num, "steps": steps,
+            "fp_seconds": fp, "quant_seconds": q, "ratio": q / fp,
+            "backend": "fake-quant, PyTorch CPU", "threads": torch.get_num_threads()}
+
+
+def calibration_peak_memory(method: str = "brecq", preset: str = "cpu", bits: str = "W4A8",
+                            model_id: str = "digits") -> dict:
+    """Peak RSS of a fresh process that records calibration data and runs ``method``."""
+    code = (
+        "import json, resource, time\n"
+        "from gaq.perf import _calibrate_only\n"
+        f"s = _calibrate_only({method!r}, {preset!r}, {bits!r}, {model_id!r})\n"
+        "s['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps(s))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _calibrate_only(method: str, preset: str, bits: str, model_id: str) -> dict:
+    from gaq.calibration import CalibrationSpec, record_calibration
+    from gaq.models.adapters import adapter_for
+    from gaq.models.loading import load_model
+    from gaq.registry import get_method
+
+    loaded = load_model(model_id)
+    spec = CalibrationSpec(steps=50, interval=5, samples_per_step=64)
+    calib = record_calibration(loaded.denoiser, loaded.scheduler, spec, model_id=model_id)
+    cls = get_method(method)
+    start = time.perf_counter()
+    cls.from_preset(preset).quantize(loaded.denoiser, adapter_for(loaded.denoiser), calib,
+                                     QuantConfig.from_bits(bits))
+    return {"method": method, "preset": preset, "bits": bits, "model": model_id,
+            "calibration_rows": len(calib), "seconds": time.perf_counter() - start}
+
+
+def run(out_dir: str | Path = "results/perf") -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "cores": len(__import__("os").sched_getaffinity(0))},
+        "sampling": sampling_overhead(),
+        "calibration_memory": calibration_peak_memory(),
+        "parent_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    (out / "perf.json").write_text(json.dumps(report, indent=2) + "\n")
+    s, m = report["sampling"], report["calibration_memory"]
+    md = [
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| {s['bits']} sampling time / FP ({s['images']} images, {s['steps']} DDIM steps, "
+        f"{s['backend']}) | {s['ratio']:.2f}x ({s['quant_seconds']:.2f} s vs "
+        f"{s['fp_seconds']:.2f} s) | <= 1.3x |",
+        f"| calibration peak RSS ({m['method']} {m['preset']}, {m['bits']}, "
+        f"{m['calibration_rows']} rows) | {m['peak_rss_mb']:.0f} MB | <= 2048 MB |",
+    ]
+    (out / "perf.md").write_text("\n".join(md) + "\n")
+    return report
