@@ -90,3 +90,10 @@ def bench_w4a8(session: nox.Session) -> None:
     _env(session)
     session.run(_bin("gaq"), "sample", "--model", "digits", "--num", "64",
                 "--out", "results/bundled/bench_samples.png", *session.posargs, external=True)
+
+
+@nox.session(default=False)
+def perf(session: nox.Session) -> None:
+    """Speed and memory figures on the bundled model, written to results/perf."""
+    _env(session)
+    session.run(_bin("gaq"), "perf", *session.posargs, external=True)

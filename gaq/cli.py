@@ -60,6 +60,44 @@ def _sample(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
+def _methods(args: argparse.Namespace) -> None:
+    from gaq.registry import get_method, list_methods
+
+    for name in list_methods():
+        cls = get_method(name)
+        doc = " ".join((sys.modules[cls.__module__].__doc__ or "").split()).split(": ")[0]
+        print(f"{name:14s} presets: {', '.join(sorted(cls.presets)) or '-':14s} {doc}")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from gaq.calibration import CalibrationSpec, record_calibration
+    from gaq.config import QuantConfig
+    from gaq.models.adapters import adapter_for
+    from gaq.models.loading import load_model
+    from gaq.quantize import save_state
+    from gaq.registry import get_method
+
+    method = get_method(args.method).from_preset(args.preset)
+    quant = QuantConfig.from_bits(args.bits)
+    model = load_model(args.model)
+    spec = CalibrationSpec(steps=args.steps, interval=args.interval,
+                           samples_per_step=args.samples_per_step, seed=args.seed)
+    calib = record_calibration(model.denoiser, model.scheduler, spec, model_id=args.model,
+                               progress=True)
+    result = method.quantize(model.denoiser, adapter_for(model.denoiser), calib, quant)
+    out = save_state(result.model, result.report, quant, args.out,
+                     meta={**result.state, "model": args.model, "calibration": spec.to_dict(),
+                           "stats": result.stats})
+    (out / "layers.md").write_text(result.report.to_markdown())
+    print(json.dumps({"out": str(out), "layers": result.report.counts(), **result.stats}))
+
+
+def _perf(args: argparse.Namespace) -> None:
+    from gaq.perf import run
+
+    print(json.dumps(run(args.out), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gaq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -89,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=_sample)
+
+    m = sub.add_parser("methods", help="list registered quantization methods",
+                       description="List the registered methods (built-in and entry points "
+                       "in the 'gaq.methods' group) with their presets.")
+    m.set_defaults(func=_methods)
+
+    q = sub.add_parser("quantize", help="quantize a model with one method and save its state",
+                       description="Record a calibration set from the FP sampler, run one "
+                       "method, and save the quantization state (safetensors + JSON) and its "
+                       "layer report.")
+    q.add_argument("--model", default="digits", help="bundled name, pipeline folder or hub id")
+    q.add_argument("--method", default="rtn")
+    q.add_argument("--preset", default="cpu")
+    q.add_argument("--bits", default="W4A8", help="e.g. W4A8, W8A8, W4A32 (weight-only)")
+    q.add_argument("--steps", type=int, default=50, help="sampler steps of the calibration run")
+    q.add_argument("--interval", type=int, default=5, help="keep every n-th step")
+    q.add_argument("--samples-per-step", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="folder for the quantization state")
+    q.set_defaults(func=_quantize)
+
+    f = sub.add_parser("perf", help="measure sampling overhead and calibration memory",
+                       description="Speed and memory figures on the bundled model, written "
+                       "to results/perf (fake quantization on this CPU).")
+    f.add_argument("--out", default=str(RESULTS / "perf"))
+    f.set_defaults(func=_perf)
     return p
 
 

@@ -100,7 +100,7 @@ def ddim_sample_batch(
     kwargs = dict(denoiser_kwargs or {})
     for step, t in enumerate(ddim.timesteps):
         t_int = int(t)
-        eps = _noise_prediction(denoiser(x, t.to(device), **kwargs))
+        eps = _noise_prediction(denoiser(x, t.to(device), **kwargs), x.shape[1])
         if callback is not None:
             replaced = callback(step, t_int, x, eps)
             if replaced is not None:
@@ -143,9 +143,11 @@ def ddim_sample(
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _noise_prediction(output: object) -> torch.Tensor:
+def _noise_prediction(output: object, channels: int) -> torch.Tensor:
     # diffusers models return a dataclass with `.sample`; plain modules may return a tensor.
-    return output.sample if hasattr(output, "sample") else output  # type: ignore[union-attr]
+    out = output.sample if hasattr(output, "sample") else output  # type: ignore[union-attr]
+    # learned-variance models (DiT) predict [eps, variance]: DDIM uses eps only
+    return out[:, :channels] if out.shape[1] == 2 * channels else out
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
