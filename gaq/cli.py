@@ -98,6 +98,67 @@ def _perf(args: argparse.Namespace) -> None:
     print(json.dumps(run(args.out), indent=2))
 
 
+def _benchmark_path(name: str) -> Path:
+    """A file path, or the name of a shipped benchmark (``w4a8`` -> benchmarks/w4a8.toml)."""
+    path = Path(name)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    return Path("benchmarks") / f"{name}.toml"
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from gaq.bench.runner import Runner
+    from gaq.bench.spec import load_benchmark, with_overrides
+
+    bench = load_benchmark(_benchmark_path(args.file))
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    methods = args.methods.split(",") if args.methods else None
+    bench = with_overrides(bench, num_images=args.num_images, seeds=seeds, methods=methods)
+    Runner(bench, args.results, force=args.force, device=args.device).run()
+    print(f"results: {Path(args.results) / bench.name}; tables: {Path(args.results) / 'tables'}")
+
+
+def _benchmarks_with_results(results: Path, name: str | None) -> list[str]:
+    names = [name] if name else sorted(p.parent.name for p in results.glob("*/metrics.parquet"))
+    if not names:
+        raise GaqError(f"no results under {results}; run `gaq bench FILE` first")
+    for n in names:
+        if not (results / n / "metrics.parquet").is_file():
+            raise GaqError(f"no results for benchmark {n!r} under {results}")
+    return names
+
+
+def _tables(args: argparse.Namespace) -> None:
+    from gaq.bench.tables import write_tables
+
+    results = Path(args.results)
+    for name in _benchmarks_with_results(results, args.benchmark):
+        for path in write_tables(results, name, results / "tables"):
+            print(path)
+
+
+def _plots(args: argparse.Namespace) -> None:
+    from gaq.bench.plots import write_plots
+
+    results = Path(args.results)
+    for name in _benchmarks_with_results(results, args.benchmark):
+        for path in write_plots(results, name, results / "plots"):
+            print(path)
+
+
+def _ls(args: argparse.Namespace) -> None:
+    from gaq.bench import results as res
+
+    print("benchmarks:")
+    for path in sorted(Path(args.benchmarks).glob("*.toml")):
+        print(f"  {path.stem:16s} {path}")
+    print("results:")
+    for path in sorted(Path(args.results).glob("*/metrics.parquet")):
+        df = res.read(path)
+        print(f"  {path.parent.name:16s} {df['cell_id'].nunique()} cells, "
+              f"methods: {', '.join(sorted(df['method'].unique()))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gaq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,6 +208,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="folder for the quantization state")
     q.set_defaults(func=_quantize)
+
+    b = sub.add_parser("bench", help="run a benchmark file",
+                       description="Run every cell of a benchmark (TOML under benchmarks/, or "
+                       "a shipped name such as w4a8): quantize, sample, measure, log to MLflow, "
+                       "append to Parquet, and regenerate tables and plots. Completed cells are "
+                       "skipped unless --force.")
+    b.add_argument("file", help="benchmark TOML file or shipped name (w4a8, w8a8, ...)")
+    b.add_argument("--num-images", type=int, help="override eval.num_images")
+    b.add_argument("--seeds", help="override eval.seeds, e.g. 0,1")
+    b.add_argument("--methods", help="run only these rows (FP always runs), e.g. rtn,brecq")
+    b.add_argument("--force", action="store_true", help="re-run completed cells")
+    b.add_argument("--device", help="cpu or cuda (default: the file's setup.device)")
+    b.add_argument("--results", default=str(RESULTS))
+    b.set_defaults(func=_bench)
+
+    for name, fn, what in (("tables", _tables, "Markdown and LaTeX tables"),
+                           ("plots", _plots, "plots (PNG and PDF)")):
+        c = sub.add_parser(name, help=f"regenerate {what} from the Parquet results",
+                           description=f"Regenerate {what} from results/<benchmark>/*.parquet "
+                           "alone; nothing is re-run.")
+        c.add_argument("--benchmark", help="one benchmark (default: every one with results)")
+        c.add_argument("--results", default=str(RESULTS))
+        c.set_defaults(func=fn)
+
+    ls = sub.add_parser("ls", help="list benchmarks and stored results",
+                        description="List benchmark files and the results stored for them.")
+    ls.add_argument("--benchmarks", default="benchmarks")
+    ls.add_argument("--results", default=str(RESULTS))
+    ls.set_defaults(func=_ls)
 
     f = sub.add_parser("perf", help="measure sampling overhead and calibration memory",
                        description="Speed and memory figures on the bundled model, written "

@@ -1,0 +1,321 @@
+"""The benchmark runner: every (model, bit-width, method, seed) cell of a benchmark, in a
+fixed order, measured in one harness; each cell logged to MLflow and appended to Parquet.
+
+A cell's identity is a content hash of everything that determines its result (model
+weights, method and config fingerprint, quantization config, calibration protocol,
+sampler, evaluation settings, seed, gaq version). A cell whose id is already in the
+Parquet results is skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import gaq
+from gaq.bench.spec import FP, IMAGE_METRICS, Benchmark, MethodEntry
+from gaq.config import QuantConfig, fingerprint
+
+RESULTS_FORMAT = 1
+HELDOUT_SEED_OFFSET = 10_000  # held-out trajectories never share noise with calibration
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: MethodEntry
+    bits: str  # "FP" for the unquantized row
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} / {self.method.row} / {self.bits} / seed {self.seed}"
+
+
+def cells(bench: Benchmark) -> list[Cell]:
+    """The grid in its fixed order: per model, FP first, then bit-width x method x seed."""
+    out = []
+    for model in bench.models:
+        out += [Cell(model, m, "FP", s) for m in bench.methods if m.name == FP
+                for s in bench.eval.seeds]
+        for bits in bench.bits:
+            for m in bench.methods:
+                if m.name != FP:
+                    out += [Cell(model, m, bits, s) for s in bench.eval.seeds]
+    return out
+
+
+def _bits(label: str) -> tuple[int | None, int | None]:
+    if label == "FP":
+        return None, None
+    q = QuantConfig.from_bits(label)
+    return q.weight.bits, q.act.bits
+
+
+class _ModelContext:
+    """What every cell of one model shares: weights, reference features, FP samples."""
+
+    def __init__(self, model_id: str, bench: Benchmark, device: str) -> None:
+        from gaq.eval.metrics import feature_space
+
+        from gaq.calibration import state_dict_digest
+        from gaq.models.adapters import adapter_for
+        from gaq.models.loading import load_model
+
+        self.id = model_id
+        self.loaded = load_model(model_id, device=device)
+        self.adapter = adapter_for(self.loaded.denoiser)
+        self.digest = state_dict_digest(self.loaded.denoiser)
+        self.space = feature_space(model_id, bench.eval.feature_space,
+                                   weights=bench.eval.inception_weights)
+        self._fp_images: dict[int, torch.Tensor] = {}
+        self._heldout: dict[int, object] = {}
+
+    def reference(self):
+        from gaq.eval.metrics import reference_features
+
+        return reference_features(self.id, self.space)
+
+
+class Runner:
+    def __init__(self, bench: Benchmark, results_dir: str | Path = "results", *,
+                 force: bool = False, device: str | None = None, log=print) -> None:
+        self.bench = bench
+        self.dir = Path(results_dir) / bench.name
+        self.force = force
+        self.device = device or bench.setup.get("device", "cpu")
+        self.log = log
+        self._models: dict[str, _ModelContext] = {}
+
+    # -- identity ---------------------------------------------------------------------
+    def cell_id(self, cell: Cell) -> str:
+        ctx = self.model(cell.model)
+        b = self.bench
+        method_cfg = cell.method.config()
+        doc = {
+            "format": RESULTS_FORMAT, "gaq": gaq.__version__,
+            "model": cell.model, "weights": ctx.digest,
+            "method": cell.method.name,
+            "method_config": None if method_cfg is None else fingerprint(method_cfg),
+            "quant": None if cell.bits == "FP" else fingerprint(QuantConfig.from_bits(cell.bits)),
+            "calibration": b.calibration.data_fingerprint(),
+            "sampler": b.sampler.to_dict(), "eval": b.eval.to_dict(), "seed": cell.seed,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+
+    def model(self, model_id: str) -> _ModelContext:
+        if model_id not in self._models:
+            self._models[model_id] = _ModelContext(model_id, self.bench, self.device)
+        return self._models[model_id]
+
+    # -- running ----------------------------------------------------------------------
+    def run(self) -> pd.DataFrame:
+        from gaq.bench import results
+
+        grid = cells(self.bench)
+        done = set(results.read(self.metrics_path)["cell_id"]) if not self.force else set()
+        spent, ran = 0.0, 0
+        for i, cell in enumerate(grid, 1):
+            cid = self.cell_id(cell)
+            if cid in done:
+                self.log(f"[{i}/{len(grid)}] {cell.label}: done earlier, skipped")
+                continue
+            left = sum(1 for c in grid[i:] if self.cell_id(c) not in done)
+            eta = f", ETA {(spent / ran) * (left + 1) / 60:.1f} min" if ran else ""
+            self.log(f"[{i}/{len(grid)}] {cell.label}{eta}")
+            start = time.perf_counter()
+            self.run_cell(cell, cid)
+            spent += time.perf_counter() - start
+            ran += 1
+        self.write_reports()
+        return results.read(self.metrics_path)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.parquet"
+
+    @property
+    def curves_path(self) -> Path:
+        return self.dir / "curves.parquet"
+
+    def write_reports(self) -> list[Path]:
+        from gaq.bench.plots import write_plots
+        from gaq.bench.tables import write_tables
+
+        return (write_tables(self.dir.parent, self.bench.name, self.dir.parent / "tables")
+                + write_plots(self.dir.parent, self.bench.name, self.dir.parent / "plots"))
+
+    def _sample(self, ctx: _ModelContext, model: torch.nn.Module, seed: int, hook) -> tuple:
+        from gaq.sampling import ddim_sample
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            images = ddim_sample(model, ctx.loaded.scheduler, self.bench.eval.num_images,
+                                 seed=seed, sampler=self.bench.sampler.config(),
+                                 batch_size=self.bench.eval.batch_size, device=self.device,
+                                 callback=hook)
+        return images, time.perf_counter() - start
+
+    def _heldout(self, ctx: _ModelContext, seed: int):
+        from gaq.calibration import CalibrationSpec, record_calibration
+
+        if seed not in ctx._heldout:
+            spec = CalibrationSpec(steps=self.bench.sampler.steps, eta=self.bench.sampler.eta,
+                                   interval=1,
+                                   samples_per_step=max(1, self.bench.eval.heldout_trajectories),
+                                   seed=seed + HELDOUT_SEED_OFFSET)
+            ctx._heldout[seed] = record_calibration(ctx.loaded.denoiser, ctx.loaded.scheduler,
+                                                    spec, model_id=ctx.id)
+        return ctx._heldout[seed]
+
+    @torch.no_grad()
+    def _eps_curve(self, ctx: _ModelContext, model: torch.nn.Module, seed: int) -> pd.Series:
+        """Per-timestep MSE of the noise prediction against FP, on held-out FP trajectories."""
+        from gaq.sampling import _noise_prediction
+
+        held = self._heldout(ctx, seed)
+        errs: dict[int, list[float]] = {}
+        for b in held.batches(self.bench.eval.batch_size):
+            cond = {k: v.to(self.device) for k, v in b["cond"].items()}
+            x = b["x"].to(self.device)
+            eps = _noise_prediction(model(x, b["t"].to(self.device), **cond), x.shape[1])
+            se = (eps.float().cpu() - b["eps_fp"]).pow(2).flatten(1).mean(1)
+            for t, e in zip(b["t"].tolist(), se.tolist(), strict=True):
+                errs.setdefault(t, []).append(e)
+        return pd.Series({t: sum(v) / len(v) for t, v in sorted(errs.items())})
+
+    def run_cell(self, cell: Cell, cid: str) -> None:
+        from gaq.bench.provenance import provenance
+        from gaq.bench.tracking import log_run
+        from gaq.eval.metrics import image_metrics, paired_metrics
+
+        from gaq.bench import results
+        from gaq.calibration import record_calibration
+        from gaq.registry import get_method
+
+        ctx = self.model(cell.model)
+        denoiser = ctx.loaded.denoiser
+        metrics: dict[str, float] = {}
+        report = None
+        state_dir = Path(tempfile.mkdtemp(prefix="gaq-state-"))
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        if cell.method.name == FP:
+            qmodel, hook = denoiser, None
+            metrics["calibration_seconds"] = 0.0
+        else:
+            from gaq.quantize import save_state
+
+            quant = QuantConfig.from_bits(cell.bits)
+            calib_spec = dataclasses.replace(self.bench.calibration, seed=cell.seed)
+            calib = record_calibration(denoiser, ctx.loaded.scheduler, calib_spec,
+                                       model_id=cell.model)
+            method = get_method(cell.method.name)(cell.method.config())
+            result = method.quantize(denoiser, ctx.adapter, calib, quant)
+            qmodel, hook, report = result.model, result.sampler_hook, result.report
+            metrics.update({k: float(v) for k, v in result.stats.items()})
+            save_state(qmodel, report, quant, state_dir, meta=result.state)
+            (state_dir / "layers.md").write_text(report.to_markdown())
+        metrics["peak_memory_mb"] = (
+            torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        images, seconds = self._sample(ctx, qmodel, cell.seed, hook)
+        metrics["images_per_second"] = len(images) / seconds
+        metrics["model_size_mb"] = _model_size_mb(denoiser, report)
+
+        wanted = self.bench.eval.metrics
+        from gaq.sampling import to_uint8
+
+        gen = to_uint8(images)
+        image_keys = [m for m in wanted if m in IMAGE_METRICS]
+        if image_keys:
+            metrics.update(image_metrics(gen, ctx.reference(), ctx.space, image_keys,
+                                         seed=cell.seed))
+        if cell.method.name == FP:
+            ctx._fp_images[cell.seed] = images
+        elif "psnr" in wanted:
+            fp = ctx._fp_images.get(cell.seed)
+            if fp is None:
+                fp, _ = self._sample(ctx, denoiser, cell.seed, None)
+                ctx._fp_images[cell.seed] = fp
+            paired = paired_metrics(images, fp)
+            metrics.update({k: float(v) for k, v in paired.items() if _is_number(v)})
+        curve = None
+        if "eps_mse" in wanted and self.bench.eval.heldout_trajectories > 0:
+            curve = self._eps_curve(ctx, qmodel, cell.seed)
+            metrics["eps_mse"] = float(curve.mean())
+
+        # artifacts
+        stem = f"{cell.model}_{cell.method.row}_{cell.bits}_seed{cell.seed}"
+        grid_path = self.dir / "grids" / f"{stem}.png"
+        _save_grid(images[:64], grid_path)
+        artifacts = {"samples": grid_path}
+        if curve is not None:
+            curve_csv = state_dir / "eps_curve.csv"
+            curve.rename_axis("timestep").rename("eps_mse").to_csv(curve_csv)
+            artifacts["eps_curve"] = curve_csv
+        for f in state_dir.iterdir():
+            artifacts[f"state/{f.name}"] = f
+
+        w_bits, a_bits = _bits(cell.bits)
+        params = {"model": cell.model, "method": cell.method.name, "row": cell.method.row,
+                  "preset": cell.method.preset, "bits": cell.bits, "seed": cell.seed,
+                  "sampler": self.bench.sampler.to_dict(),
+                  "calibration": self.bench.calibration.to_dict(),
+                  "eval": self.bench.eval.to_dict(),
+                  "method_config": (cell.method.config().to_dict()
+                                    if cell.method.name != FP else {})}
+        tags = provenance([cell.seed]) | {"gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
+                                          "gaq.backend": "fake-quant (PyTorch)"}
+        run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
+                         params, metrics, tags, artifacts,
+                         {"eps_mse_by_timestep": list(curve.items())} if curve is not None
+                         else {})
+        setup = f"{self.device}-{tags.get('gpu_count', '0')}gpu"
+        base = {"run_id": run_id, "cell_id": cid, "benchmark": self.bench.name,
+                "model": cell.model, "method": cell.method.row, "preset": cell.method.preset,
+                "bits": cell.bits, "w_bits": w_bits, "a_bits": a_bits, "seed": cell.seed,
+                "setup": setup}
+        rows = [base | {"metric": k, "value": float(v)} for k, v in metrics.items()]
+        results.append(self.metrics_path, pd.DataFrame(rows))
+        if curve is not None:
+            crow = [{k: base[k] for k in ("run_id", "cell_id", "benchmark", "model", "method",
+                                           "bits", "seed")}
+                    | {"curve": "eps_mse", "timestep": int(t), "value": float(v)}
+                    for t, v in curve.items()]
+            results.append(self.curves_path, pd.DataFrame(crow))
+        shown = {k: round(v, 4) for k, v in metrics.items()
+                 if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
+        self.log(f"    {shown}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _model_size_mb(model: torch.nn.Module, report) -> float:
+    """Storage of the denoiser: quantized weights at their bit-width, everything else fp32."""
+    bits = {d.name: d.weight_bits for d in report or [] if d.weight_bits is not None}
+    total = 0
+    for name, p in model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        total += p.numel() * (bits[layer] if name.endswith(".weight") and layer in bits else 32)
+    return total / 8 / 2**20
+
+
+def _save_grid(images: torch.Tensor, path: Path) -> None:
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = max(1, int(len(images) ** 0.5))
+    big = torch.nn.functional.interpolate((images + 1) / 2, scale_factor=2, mode="nearest")
+    save_image(big, str(path), nrow=n, padding=1, pad_value=1.0)

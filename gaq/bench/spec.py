@@ -1,0 +1,238 @@
+"""Benchmark definitions: TOML files under ``benchmarks/``, validated in full before any
+work starts. A malformed file is rejected naming the file, the key and the problem."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from gaq.calibration import CalibrationSpec
+from gaq.config import (
+    Config,
+    ConfigError,
+    MethodConfig,
+    QuantConfig,
+    loads_toml,
+    non_negative_int,
+    positive_int,
+)
+from gaq.errors import GaqError
+from gaq.sampling import SamplerConfig
+
+FP = "fp"  # the unquantized model: a row of every benchmark, measured in the same harness
+IMAGE_METRICS = ("fid", "kid", "precision", "recall", "is", "sfid")
+ALL_METRICS = IMAGE_METRICS + ("psnr", "eps_mse")
+
+
+@dataclass(frozen=True)
+class SamplerSpec(Config):
+    VERSION: ClassVar[int] = 1
+    steps: int = 50
+    eta: float = 0.0
+    guidance: float | None = None
+
+    def validate(self) -> None:
+        SamplerConfig(steps=self.steps, eta=self.eta)
+
+    def config(self) -> SamplerConfig:
+        return SamplerConfig(steps=self.steps, eta=self.eta)
+
+
+@dataclass(frozen=True)
+class EvalSpec(Config):
+    VERSION: ClassVar[int] = 1
+    num_images: int = 512
+    batch_size: int = 128
+    seeds: tuple[int, ...] = (0, 1, 2)
+    metrics: tuple[str, ...] = ("fid", "kid", "precision", "recall", "psnr", "eps_mse")
+    feature_space: Literal["auto", "classifier", "inception"] = "auto"
+    inception_weights: str | None = None
+    # held-out FP trajectories (their own seed) for the per-timestep noise-prediction error
+    heldout_trajectories: int = 32
+
+    def validate(self) -> None:
+        positive_int("num_images", self.num_images)
+        positive_int("batch_size", self.batch_size)
+        non_negative_int("heldout_trajectories", self.heldout_trajectories)
+        if not self.seeds:
+            raise ConfigError("seeds", "must list at least one seed")
+        for m in self.metrics:
+            if m not in ALL_METRICS:
+                raise ConfigError("metrics",
+                                  f"has unknown metric {m!r}; known: {', '.join(ALL_METRICS)}")
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method row: a registered name, a preset, and overrides applied on top of it."""
+
+    name: str
+    preset: str = "cpu"
+    overrides: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def row(self) -> str:
+        return self.label or self.name
+
+    def config(self) -> MethodConfig | None:
+        if self.name == FP:
+            return None
+        from gaq.registry import get_method
+
+        base = get_method(self.name).from_preset(self.preset).config
+        return type(base).from_dict(_merge(base.to_dict(), self.overrides))
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    path: Path
+    description: str
+    models: tuple[str, ...]
+    model_key: str  # which published numbers match (e.g. "cifar10-ddim100"), or ""
+    sampler: SamplerSpec
+    calibration: CalibrationSpec
+    eval: EvalSpec
+    bits: tuple[str, ...]
+    methods: tuple[MethodEntry, ...]
+    setup: dict = field(default_factory=dict)
+
+    def quant(self, bits: str) -> QuantConfig:
+        return QuantConfig.from_bits(bits)
+
+
+_TOP = {"benchmark", "models", "sampler", "calibration", "eval", "bits", "methods", "setup"}
+_BENCH = {"name", "description", "model_key"}
+_METHOD = {"name", "preset", "config", "label"}
+_SETUP = {"device", "gpus"}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _unknown(where: str, data: dict, allowed: set[str]) -> None:
+    import difflib
+
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = (f"; did you mean {close[0]!r}?" if close
+                    else f"; allowed: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"{where}{key}" if where else key, f"is not a known key{hint}")
+
+
+def _section(cls: type[Config], data: Any, name: str) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(name, "must be a table")
+    try:
+        return cls.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{name}.{'.'.join(e.path)}" if e.path else name, e.reason) from None
+
+
+def _methods(raw: Any) -> tuple[MethodEntry, ...]:
+    from gaq.registry import get_method, list_methods
+
+    if raw == "all":
+        # every registered method at its CPU preset: new methods join with no edit here
+        return (MethodEntry(FP),) + tuple(MethodEntry(n) for n in list_methods())
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("methods", 'must be "all" or a non-empty array of tables')
+    entries = []
+    for i, m in enumerate(raw):
+        where = f"methods[{i}]"
+        if isinstance(m, str):
+            m = {"name": m}
+        if not isinstance(m, dict) or "name" not in m:
+            raise ConfigError(where, "must be a method name or a table with a 'name'")
+        _unknown(f"{where}.", m, _METHOD)
+        entry = MethodEntry(m["name"], m.get("preset", "cpu"), m.get("config", {}),
+                            m.get("label", ""))
+        if entry.name != FP:
+            try:
+                get_method(entry.name)
+                entry.config()
+            except ConfigError as e:
+                raise ConfigError(f"{where}.config.{'.'.join(e.path)}", e.reason) from None
+            except GaqError as e:
+                raise ConfigError(f"{where}.name", str(e)) from None
+        entries.append(entry)
+    if FP not in {e.name for e in entries}:
+        entries.insert(0, MethodEntry(FP))
+    return tuple(entries)
+
+
+def load_benchmark(path: str | Path) -> Benchmark:
+    """Parse and fully validate a benchmark file; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise GaqError(f"benchmark file {path} does not exist (see benchmarks/*.toml)")
+    try:
+        return _parse(path, loads_toml(path.read_text()))
+    except ConfigError as e:
+        key = ".".join(e.path) if e.path else "(top level)"
+        raise GaqError(f"{path}: key '{key}' {e.reason}") from None
+    except ValueError as e:  # TOML syntax errors carry their line
+        raise GaqError(f"{path}: {e}") from None
+
+
+def _parse(path: Path, raw: dict) -> Benchmark:
+    _unknown("", raw, _TOP)
+    bench = raw.get("benchmark", {})
+    _unknown("benchmark.", bench, _BENCH)
+    models = raw.get("models", ["digits"])
+    if isinstance(models, str):
+        models = [models]
+    if not models or not all(isinstance(m, str) for m in models):
+        raise ConfigError("models", "must be a model id or a non-empty array of model ids")
+    sampler = _section(SamplerSpec, raw.get("sampler"), "sampler")
+    calib_raw = dict(raw.get("calibration", {}))
+    # the calibration trajectory uses the benchmark's sampler unless it says otherwise
+    calib_raw.setdefault("steps", sampler.steps)
+    calib_raw.setdefault("eta", sampler.eta)
+    calibration = _section(CalibrationSpec, calib_raw, "calibration")
+    ev = _section(EvalSpec, raw.get("eval"), "eval")
+    bits = raw.get("bits", ["W4A8"])
+    if isinstance(bits, str):
+        bits = [bits]
+    for b in bits:
+        try:
+            QuantConfig.from_bits(b)
+        except (ConfigError, ValueError) as e:
+            raise ConfigError("bits", f"has {b!r}: {e}") from None
+    setup = raw.get("setup", {})
+    _unknown("setup.", setup, _SETUP)
+    return Benchmark(
+        name=bench.get("name", path.stem), path=path, description=bench.get("description", ""),
+        models=tuple(models), model_key=bench.get("model_key", ""), sampler=sampler,
+        calibration=calibration, eval=ev, bits=tuple(bits),
+        methods=_methods(raw.get("methods", "all")), setup=setup,
+    )
+
+
+def with_overrides(b: Benchmark, *, num_images: int | None = None, seeds: list[int] | None = None,
+                   methods: list[str] | None = None) -> Benchmark:
+    """Quick runs: fewer images, other seeds, a subset of methods (FP always stays)."""
+    ev = b.eval
+    if num_images is not None:
+        ev = dataclasses.replace(ev, num_images=num_images)
+    if seeds is not None:
+        ev = dataclasses.replace(ev, seeds=tuple(seeds))
+    entries = b.methods
+    if methods is not None:
+        known = {e.row for e in entries} | {e.name for e in entries}
+        missing = [m for m in methods if m not in known]
+        if missing:
+            raise GaqError(f"--methods: {', '.join(missing)} not in benchmark {b.name} "
+                           f"(it has {', '.join(e.row for e in entries)})")
+        entries = tuple(e for e in entries if e.name == FP or e.row in methods or e.name in methods)
+    return dataclasses.replace(b, eval=ev, methods=entries)
