@@ -85,11 +85,39 @@ def train_default(session: nox.Session) -> None:
 
 @nox.session(name="bench-w4a8", default=False)
 def bench_w4a8(session: nox.Session) -> None:
-    """The main job: sample the bundled default model and check it (the full W4A8 benchmark
-    grows here as the benchmark runner lands)."""
+    """The main job: every registered method at W4A8 on the bundled model.
+
+    Runs benchmarks/w4a8.toml; extra arguments go to `gaq bench`
+    (e.g. `nox -s bench-w4a8 -- --num-images 128 --seeds 0`).
+    """
     _env(session)
-    session.run(_bin("gaq"), "sample", "--model", "digits", "--num", "64",
-                "--out", "results/bundled/bench_samples.png", *session.posargs, external=True)
+    session.run(_bin("gaq"), "bench", "benchmarks/w4a8.toml", *session.posargs, external=True)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Run any benchmark file: nox -s bench -- benchmarks/lowbit.toml [gaq bench options]."""
+    _env(session)
+    if not session.posargs:
+        session.error("name a benchmark file: nox -s bench -- benchmarks/w8a8.toml")
+    session.run(_bin("gaq"), "bench", *session.posargs, external=True)
+
+
+@nox.session(default=False)
+def reports(session: nox.Session) -> None:
+    """Regenerate results/tables and results/plots from the Parquet results alone."""
+    _env(session)
+    session.run(_bin("gaq"), "tables", external=True)
+    session.run(_bin("gaq"), "plots", external=True)
+
+
+@nox.session(default=False)
+def ui(session: nox.Session) -> None:
+    """Browse the runs: MLflow UI on http://127.0.0.1:5000 over the repo's mlflow.db."""
+    _env(session)
+    session.chdir(ROOT)
+    session.run(_bin("mlflow"), "ui", "--backend-store-uri", f"sqlite:///{ROOT / 'mlflow.db'}",
+                "--host", "127.0.0.1", *session.posargs, external=True)
 
 
 @nox.session(default=False)

@@ -1,0 +1,114 @@
+"""The benchmark end to end through the real CLI, on a 2-method micro benchmark."""
+
+import pandas as pd
+import pytest
+
+from gaq.bench.spec import load_benchmark
+from gaq.cli import main
+from gaq.errors import GaqError
+
+MICRO = """
+models = ["digits"]
+bits = ["W8A8"]
+methods = [{ name = "fp" }, { name = "rtn", preset = "cpu" }]
+
+[benchmark]
+name = "micro"
+
+[sampler]
+steps = 4
+
+[calibration]
+interval = 2
+samples_per_step = 8
+
+[eval]
+num_images = 48
+batch_size = 48
+seeds = [0]
+metrics = ["fid", "kid", "precision", "recall", "psnr", "eps_mse"]
+heldout_trajectories = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("GAQ_CACHE", str(root / "cache"))
+    bench = root / "micro.toml"
+    bench.write_text(MICRO)
+    results = root / "results"
+    assert main(["bench", str(bench), "--results", str(results)]) == 0
+    yield root, bench, results
+    mp.undo()
+
+
+def test_parquet_schema_and_rows(micro_run):
+    _, _, results = micro_run
+    df = pd.read_parquet(results / "micro" / "metrics.parquet")
+    for col in ("run_id", "cell_id", "benchmark", "model", "method", "bits", "w_bits",
+                "a_bits", "seed", "setup", "metric", "value"):
+        assert col in df.columns
+    assert set(df["method"]) == {"fp", "rtn"}
+    assert df["cell_id"].nunique() == 2
+    rtn = df[df["method"] == "rtn"].set_index("metric")["value"]
+    for m in ("fid", "kid", "precision", "recall", "psnr", "eps_mse", "calibration_seconds",
+              "images_per_second", "model_size_mb"):
+        assert m in rtn.index
+    fp = df[df["method"] == "fp"].set_index("metric")["value"]
+    assert rtn["model_size_mb"] < fp["model_size_mb"] / 3  # 8-bit weights vs fp32
+    curves = pd.read_parquet(results / "micro" / "curves.parquet")
+    assert curves["timestep"].nunique() == 4  # one point per sampling step
+
+
+def test_mlflow_runs_carry_provenance(micro_run):
+    import mlflow
+
+    root, _, _ = micro_run
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("gaq-micro")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2
+    for run in runs:
+        tags = run.data.tags
+        for key in ("git_commit", "git_dirty", "torch", "device", "gaq.cell_id", "seeds"):
+            assert key in tags, key
+        assert "fid" in run.data.metrics
+
+
+def test_resume_skips_completed_cells(micro_run, capsys):
+    _, bench, results = micro_run
+    before = pd.read_parquet(results / "micro" / "metrics.parquet")
+    assert main(["bench", str(bench), "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 2
+    after = pd.read_parquet(results / "micro" / "metrics.parquet")
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_tables_and_plots_regenerate_from_parquet_alone(micro_run):
+    _, _, results = micro_run
+    for d in ("tables", "plots"):
+        for f in (results / d).glob("*"):
+            f.unlink()
+    assert main(["tables", "--results", str(results)]) == 0
+    assert main(["plots", "--results", str(results)]) == 0
+    md = (results / "tables" / "micro.md").read_text()
+    assert "rtn" in md.lower() and "fp" in md.lower()
+    assert any((results / "plots").glob("*.png")) and any((results / "plots").glob("*.pdf"))
+
+
+def test_malformed_benchmark_names_file_and_key(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MICRO.replace("steps = 4", "stepz = 4"))
+    with pytest.raises(GaqError, match=r"bad\.toml: key 'sampler\.stepz'.*did you mean 'steps'"):
+        load_benchmark(bad)
+    bad.write_text(MICRO.replace('bits = ["W8A8"]', 'bits = ["W9A8"]'))
+    assert main(["bench", str(bad), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml" in err and "'bits'" in err and not (tmp_path / "r").exists()
+    bad.write_text(MICRO.replace('name = "rtn"', 'name = "rtm"'))
+    with pytest.raises(GaqError, match="did you mean 'rtn'"):
+        load_benchmark(bad)
