@@ -65,8 +65,6 @@ class _ModelContext:
     """What every cell of one model shares: weights, reference features, FP samples."""
 
     def __init__(self, model_id: str, bench: Benchmark, device: str) -> None:
-        from gaq.eval.metrics import feature_space
-
         from gaq.calibration import state_dict_digest
         from gaq.models.adapters import adapter_for
         from gaq.models.loading import load_model
@@ -75,8 +73,8 @@ class _ModelContext:
         self.loaded = load_model(model_id, device=device)
         self.adapter = adapter_for(self.loaded.denoiser)
         self.digest = state_dict_digest(self.loaded.denoiser)
-        self.space = feature_space(model_id, bench.eval.feature_space,
-                                   weights=bench.eval.inception_weights)
+        self.space = _feature_space(model_id, bench.eval.feature_space,
+                                    bench.eval.inception_weights, device)
         self._fp_images: dict[int, torch.Tensor] = {}
         self._heldout: dict[int, object] = {}
 
@@ -84,6 +82,16 @@ class _ModelContext:
         from gaq.eval.metrics import reference_features
 
         return reference_features(self.id, self.space)
+
+
+def _feature_space(model_id: str, kind: str, weights: str | None, device: str):
+    from gaq.eval import features
+
+    if kind == "classifier":
+        return features.ClassifierFeatures(device=device)
+    if kind == "inception":
+        return features.InceptionFeatures(weights, device=device)
+    return features.feature_space_for(model_id, device=device, weights_path=weights)
 
 
 class Runner:
@@ -194,12 +202,11 @@ class Runner:
         return pd.Series({t: sum(v) / len(v) for t, v in sorted(errs.items())})
 
     def run_cell(self, cell: Cell, cid: str) -> None:
+        from gaq.bench import results
         from gaq.bench.provenance import provenance
         from gaq.bench.tracking import log_run
-        from gaq.eval.metrics import image_metrics, paired_metrics
-
-        from gaq.bench import results
         from gaq.calibration import record_calibration
+        from gaq.eval.metrics import image_metrics, paired_metrics
         from gaq.registry import get_method
 
         ctx = self.model(cell.model)
