@@ -159,7 +159,8 @@ class Runner:
         from gaq.bench.plots import write_plots
         from gaq.bench.tables import write_tables
 
-        return (write_tables(self.dir.parent, self.bench.name, self.dir.parent / "tables")
+        return (write_tables(self.dir.parent, self.bench.name, self.dir.parent / "tables",
+                             model_key=self.bench.model_key or None)
                 + write_plots(self.dir.parent, self.bench.name, self.dir.parent / "plots"))
 
     def _sample(self, ctx: _ModelContext, model: torch.nn.Module, seed: int, hook) -> tuple:

@@ -1,0 +1,101 @@
+"""Display names and orderings shared by tables and plots, so both read the same."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+__all__ = [
+    "FP_METHODS",
+    "HIGHER_IS_BETTER",
+    "LOWER_IS_BETTER",
+    "TABLE_METRICS",
+    "arrow",
+    "bits_order",
+    "decimals",
+    "is_fp",
+    "method_label",
+    "method_order",
+    "metric_label",
+]
+
+#: Metrics of the paper tables, in column order.
+TABLE_METRICS = ("fid", "sfid", "is", "precision", "recall", "kid", "psnr")
+LOWER_IS_BETTER = frozenset({"fid", "sfid", "kid", "eps_mse", "calibration_seconds",
+                             "calibration_gpu_hours", "peak_memory_mb", "model_size_mb"})
+HIGHER_IS_BETTER = frozenset({"is", "precision", "recall", "psnr", "images_per_second"})
+
+FP_METHODS = frozenset({"fp", "fp32", "fp16", "full_precision"})
+
+_METHOD_LABELS = {
+    "fp": "FP", "rtn": "RTN", "brecq": "BRECQ", "ptq4dm": "PTQ4DM", "qdiffusion": "Q-Diffusion",
+    "ptqd": "PTQD", "tdq": "TDQ", "tfmq": "TFMQ-DM", "gaq": "GAQ",
+}  # fmt: skip
+# Baselines roughly by publication date, as papers list them; unknown methods sort after
+# them alphabetically, and GAQ variants come last (the method under study, as in the paper).
+_KNOWN_ORDER = ("brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq")
+
+_METRIC_LABELS = {
+    "fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Prec.", "recall": "Rec.",
+    "kid": "KID", "psnr": "PSNR", "eps_mse": "ε-MSE", "calibration_seconds": "Calib. time (s)",
+    "calibration_gpu_hours": "Calib. (GPU-h)",
+}  # fmt: skip
+_DECIMALS = {"precision": 3, "recall": 3, "kid": 4, "eps_mse": 4}
+
+_BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+
+
+def is_fp(method: str) -> bool:
+    return method.lower() in FP_METHODS
+
+
+def method_label(method: str) -> str:
+    return _METHOD_LABELS.get(method.lower(), method)
+
+
+def _method_key(method: str) -> tuple[int, str]:
+    m = method.lower()
+    if m in FP_METHODS:
+        return (0, m)
+    if m == "rtn":
+        return (1, m)
+    if m in _KNOWN_ORDER:
+        return (2 + _KNOWN_ORDER.index(m), m)
+    if m == "gaq" or m.startswith(("gaq-", "gaq_")):
+        return (100, m)
+    return (50, m)
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """FP first, then RTN, baselines, other methods, GAQ last; stable across runs."""
+    return sorted(set(methods), key=_method_key)
+
+
+def bits_order(bits: Iterable[str]) -> list[str]:
+    """Higher precision first (W8A8, W4A32, W4A8...), FP before all, unparsable labels last."""
+
+    def key(label: str) -> tuple[int, int, int, str]:
+        m = _BITS_RE.match(label)
+        if label.upper() == "FP":
+            return (0, 0, 0, label)
+        if m is None:
+            return (2, 0, 0, label)
+        return (1, -int(m.group(1)), -int(m.group(2)), label)
+
+    return sorted(set(bits), key=key)
+
+
+def arrow(metric: str) -> str:
+    if metric in LOWER_IS_BETTER:
+        return "↓"
+    if metric in HIGHER_IS_BETTER:
+        return "↑"
+    return ""
+
+
+def metric_label(metric: str) -> str:
+    return _METRIC_LABELS.get(metric, metric)
+
+
+def decimals(metric: str) -> int:
+    return _DECIMALS.get(metric, 2)

@@ -1,0 +1,259 @@
+"""Figures for the paper, regenerated from Parquet (and the runner's sample grids) alone.
+
+Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas instead of pyplot:
+no global backend switch, no figure registry to leak memory in long runs, and safe in
+headless jobs. Widths default to one paper column (3.3 in); each figure is written as PNG
+and PDF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from gaq.bench import labels, results
+from gaq.bench.published import FP_BITS
+
+__all__ = [
+    "COLUMN_WIDTH",
+    "calibration_cost",
+    "metric_vs_bits",
+    "sample_grids",
+    "save",
+    "timestep_error",
+    "write_plots",
+]
+
+COLUMN_WIDTH = 3.3  # inches: one column of a two-column paper
+PAGE_WIDTH = 6.9
+
+_RC = {
+    "font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "legend.fontsize": 6,
+    "xtick.labelsize": 6, "ytick.labelsize": 6, "lines.linewidth": 1.0,
+    "lines.markersize": 3.5, "axes.spines.top": False, "axes.spines.right": False,
+    "savefig.dpi": 200, "pdf.fonttype": 42,  # TrueType in PDFs: editable, accepted by venues
+}  # fmt: skip
+
+# Fixed colours per known method, so a method looks the same in every figure.
+_PALETTE = mpl.colormaps["tab10"].colors
+_COLOR_SLOTS = ("fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq", "gaq")
+
+
+def _color(method: str) -> tuple[float, ...]:
+    m = method.lower()
+    if m in _COLOR_SLOTS:
+        return _PALETTE[_COLOR_SLOTS.index(m) % len(_PALETTE)]
+    if m.startswith(("gaq-", "gaq_")):
+        return _PALETTE[(len(_COLOR_SLOTS) + zlib.crc32(m.encode())) % len(_PALETTE)]
+    return _PALETTE[zlib.crc32(m.encode()) % len(_PALETTE)]
+
+
+@contextlib.contextmanager
+def _style() -> Iterator[None]:
+    with mpl.rc_context(_RC):
+        yield
+
+
+def _figure(width: float = COLUMN_WIDTH, height: float = 2.2) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, stem: str | Path) -> list[Path]:
+    """Write ``<stem>.png`` and ``<stem>.pdf``; the PDF carries no creation date, so
+    regenerating unchanged results gives unchanged files."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    png, pdf = Path(f"{stem}.png"), Path(f"{stem}.pdf")
+    with _style():
+        fig.savefig(png)
+        fig.savefig(pdf, metadata={"CreationDate": None, "ModDate": None})
+    return [png, pdf]
+
+
+def _ylabel(metric: str) -> str:
+    return f"{labels.metric_label(metric)} {labels.arrow(metric)}".strip()
+
+
+def metric_vs_bits(df: pd.DataFrame, metric: str) -> Figure:
+    """``metric`` (mean ± 95 % CI over seeds) against bit-width, one line per method; FP is
+    a dashed horizontal line with its CI as a band."""
+    summary = results.summarize(df[df["metric"] == metric])
+    with _style():
+        fig = _figure()
+        ax = fig.add_subplot()
+        quant = summary[~summary["method"].map(labels.is_fp)]
+        order = labels.bits_order(quant["bits"])
+        x = {b: i for i, b in enumerate(order)}
+        for method in labels.method_order(summary["method"]):
+            part = summary[summary["method"] == method]
+            if labels.is_fp(method):
+                mean, ci = part["mean"].iloc[0], np.nan_to_num(part["ci95"].iloc[0])
+                ax.axhline(mean, color=_color(method), ls="--", label=labels.method_label(method))
+                if ci > 0:
+                    ax.axhspan(mean - ci, mean + ci, color=_color(method), alpha=0.15, lw=0)
+                continue
+            part = part.assign(x=part["bits"].map(x)).sort_values("x")
+            ax.errorbar(part["x"], part["mean"], yerr=np.nan_to_num(part["ci95"]),
+                        color=_color(method), marker="o", capsize=2,
+                        label=labels.method_label(method))
+        ax.set_xticks(range(len(order)), order)
+        ax.set_xlim(-0.5, max(len(order), 1) - 0.5)
+        ax.set_xlabel("bit-width")
+        ax.set_ylabel(_ylabel(metric))
+        if len(summary):
+            ax.legend(frameon=False)
+    return fig
+
+
+def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse") -> Figure:
+    """Per-timestep error of the noise prediction against FP, averaged over seeds; one line
+    per method (and bit-width, when several are present). FP is left out: its error is 0."""
+    data = curves_df[(curves_df["curve"] == curve) & ~curves_df["method"].map(labels.is_fp)]
+    several_bits = data["bits"].nunique() > 1
+    with _style():
+        fig = _figure()
+        ax = fig.add_subplot()
+        for method in labels.method_order(data["method"]):
+            for bits in labels.bits_order(data.loc[data["method"] == method, "bits"]):
+                part = data[(data["method"] == method) & (data["bits"] == bits)]
+                mean = part.groupby("timestep")["value"].mean().sort_index()
+                label = labels.method_label(method) + (f" {bits}" if several_bits else "")
+                ax.plot(mean.index, mean.values, color=_color(method), label=label)
+        # Errors span decades between early and late steps: log scale when it is defined.
+        if len(data) and (data["value"] > 0).all():
+            ax.set_yscale("log")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel(_ylabel(curve) if curve != "eps_mse" else "noise-prediction MSE ↓")
+        if len(data):
+            ax.legend(frameon=False)
+    return fig
+
+
+def _shade(i: int, n: int) -> tuple[float, ...]:
+    # Bit-widths as shades of one hue: method colours stay reserved for methods.
+    return mpl.colormaps["Greys"](0.8 - 0.5 * i / max(1, n - 1))
+
+
+def calibration_cost(df: pd.DataFrame) -> Figure:
+    """Calibration time per method (bars, mean ± 95 % CI), grouped by bit-width."""
+    metric = "calibration_seconds"
+    summary = results.summarize(df[df["metric"] == metric])
+    summary = summary[~summary["method"].map(labels.is_fp)]
+    methods = labels.method_order(summary["method"])
+    order = labels.bits_order(summary["bits"])
+    scale, unit = (60.0, "min") if len(summary) and summary["mean"].max() > 600 else (1.0, "s")
+    with _style():
+        fig = _figure()
+        ax = fig.add_subplot()
+        width = 0.8 / max(1, len(order))
+        for j, bits in enumerate(order):
+            part = summary[summary["bits"] == bits].set_index("method")
+            xs = [i + (j - (len(order) - 1) / 2) * width for i, m in enumerate(methods)
+                  if m in part.index]
+            rows = part.loc[[m for m in methods if m in part.index]]
+            ax.bar(xs, rows["mean"] / scale, width, yerr=np.nan_to_num(rows["ci95"]) / scale,
+                   capsize=2, label=bits, color=_shade(j, len(order)))
+        ax.set_xticks(range(len(methods)), [labels.method_label(m) for m in methods])
+        ax.set_ylabel(f"calibration time ({unit}) ↓")
+        if len(order) > 1:
+            ax.legend(frameon=False)
+    return fig
+
+
+def sample_grids(paths: Mapping[str, Path], out: str | Path) -> list[Path]:
+    """Sample grids side by side, titled by method; writes ``<out>.png`` and ``<out>.pdf``."""
+    import matplotlib.image as mpimg
+
+    items = [(m, Path(p)) for m, p in paths.items()]
+    if not items:
+        raise ValueError("sample_grids needs at least one image")
+    images = [mpimg.imread(p) for _, p in items]
+    n = len(images)
+    width = COLUMN_WIDTH if n <= 3 else PAGE_WIDTH
+    aspect = max(img.shape[0] / img.shape[1] for img in images)
+    with _style():
+        fig = _figure(width, width / n * aspect + 0.25)
+        for i, ((method, _), img) in enumerate(zip(items, images, strict=True)):
+            ax = fig.add_subplot(1, n, i + 1)
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+            ax.set_title(labels.method_label(method))
+            ax.set_axis_off()
+    out = Path(out)
+    return save(fig, out.with_suffix("") if out.suffix in (".png", ".pdf") else out)
+
+
+def _grid_path(grids: Path, model: str, method: str, bits: str, seed: int) -> Path | None:
+    # The runner names grids "<model>_<method>_<bits>_seed<k>.png"; the bare form is accepted
+    # too, so hand-made or older result folders still plot.
+    for name in (f"{model}_{method}_{bits}_seed{seed}.png", f"{method}_{bits}_seed{seed}.png"):
+        if (grids / name).is_file():
+            return grids / name
+    return None
+
+
+def _grid_figures(metrics: pd.DataFrame, grids: Path, model: str, stem: str) -> list[Path]:
+    cells = metrics[["method", "bits", "seed"]].drop_duplicates()
+    fp = cells[cells["method"].map(labels.is_fp)]
+    quant = cells[~cells["method"].map(labels.is_fp)]
+    written = []
+    for bits in labels.bits_order(quant["bits"]):
+        at = quant[quant["bits"] == bits]
+        for seed in sorted(at["seed"].unique()):
+            chosen: dict[str, Path] = {}
+            for method in labels.method_order(pd.concat([fp["method"], at["method"]])):
+                rows = (fp if labels.is_fp(method) else at)
+                for b in rows.loc[(rows["method"] == method) & (rows["seed"] == seed), "bits"]:
+                    path = _grid_path(grids, model, method, b, int(seed))
+                    if path is not None:
+                        chosen[method] = path
+                        break
+            if any(not labels.is_fp(m) for m in chosen):  # the first seed that has grids
+                written += sample_grids(chosen, f"{stem}_samples_{bits}_seed{int(seed)}")
+                break
+    return written
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text)
+
+
+def write_plots(results_dir: Path, benchmark: str, out_dir: Path) -> list[Path]:
+    """All figures of a benchmark into ``out_dir``; returns the files written.
+
+    Reads ``metrics.parquet``, ``curves.parquet`` and the sample grids the runner saved under
+    ``results_dir/<benchmark>/grids/``; nothing else.
+    """
+    folder = Path(results_dir) / benchmark
+    out_dir = Path(out_dir)
+    metrics = results.read(folder / "metrics.parquet")
+    curves = results.read(folder / "curves.parquet")
+    models = sorted(set(metrics["model"].dropna()) | set(curves["model"].dropna()))
+    written: list[Path] = []
+    for model in models:
+        stem = str(out_dir / benchmark) + (f"_{_slug(model)}" if len(models) > 1 else "")
+        m = metrics[metrics["model"] == model]
+        quantized = m[~m["method"].map(labels.is_fp) & (m["bits"] != FP_BITS)]
+        for metric in (*labels.TABLE_METRICS, "eps_mse"):
+            if (quantized["metric"] == metric).any():
+                written += save(metric_vs_bits(m, metric), f"{stem}_{metric}_vs_bits")
+        if (quantized["metric"] == "calibration_seconds").any():
+            written += save(calibration_cost(m), f"{stem}_calibration_cost")
+        c = curves[(curves["model"] == model) & ~curves["method"].map(labels.is_fp)]
+        for curve in sorted(c["curve"].unique()):
+            for bits in labels.bits_order(c.loc[c["curve"] == curve, "bits"]):
+                part = c[(c["curve"] == curve) & (c["bits"] == bits)]
+                written += save(timestep_error(part, curve), f"{stem}_{curve}_{bits}_by_timestep")
+        grids = folder / "grids"
+        if grids.is_dir():
+            written += _grid_figures(m, grids, model, stem)
+    return written

@@ -1,0 +1,294 @@
+"""Result tables shaped like the GAQ paper's, regenerated from Parquet alone.
+
+Rows are methods (FP, RTN, baselines, GAQ), column groups are bit-widths and columns the
+image metrics, each "mean ± 95 % CI" over seeds. Published numbers for the same setting
+appear as italic reference rows under the method they belong to, so a reader sees the
+measured and the claimed number side by side and never confuses them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from gaq.bench import labels, results
+from gaq.bench.published import FP_BITS, model_keys, published_rows, short_source
+
+__all__ = ["Row", "TableData", "build_tables", "to_latex", "to_markdown", "write_tables"]
+
+Cell = tuple[str, str]  # (bits group, metric)
+
+
+@dataclass
+class Row:
+    method: str
+    label: str
+    values: dict[Cell, tuple[float, float]] = field(default_factory=dict)  # (mean, ci95)
+    reference: bool = False  # a published number, not measured here
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TableData:
+    benchmark: str
+    model: str
+    groups: list[str]
+    metrics: list[str]
+    rows: list[Row]
+    seeds: tuple[int, int]  # fewest and most seeds behind a measured cell
+    model_key: str | None
+    best: set[tuple[int, Cell]] = field(default_factory=set)  # (row index, cell) in bold
+
+
+def _metric_frame(results_dir: Path, benchmark: str) -> pd.DataFrame:
+    return results.read(Path(results_dir) / benchmark / "metrics.parquet")
+
+
+def _reference_key(model: str, model_key: str | None) -> str | None:
+    if model_key:
+        return model_key
+    return model if model in model_keys() else None
+
+
+def _measured_rows(summary: pd.DataFrame, groups: list[str], metrics: list[str]) -> list[Row]:
+    rows = []
+    for method in labels.method_order(summary["method"]):
+        part = summary[summary["method"] == method]
+        row = Row(method, labels.method_label(method))
+        for metric in metrics:
+            at = part[part["metric"] == metric]
+            if at.empty:
+                continue
+            if labels.is_fp(method):
+                # FP does not depend on the bit-width: the same numbers head every group.
+                first = at.sort_values("bits", key=lambda s: s != FP_BITS).iloc[0]
+                for g in groups:
+                    row.values[(g, metric)] = (first["mean"], first["ci95"])
+            else:
+                for _, r in at.iterrows():
+                    if r["bits"] in groups:
+                        row.values[(r["bits"], metric)] = (r["mean"], r["ci95"])
+        rows.append(row)
+    return rows
+
+
+def _reference_rows(key: str, groups: list[str], metrics: list[str]) -> list[Row]:
+    by_source: dict[tuple[str, str], Row] = {}
+    for g in groups:
+        pub = published_rows(key, g)
+        for _, r in pub[pub["metric"].isin(metrics)].iterrows():
+            src = short_source(r["source"], r["kind"])
+            row = by_source.setdefault(
+                (r["method"], src),
+                Row(r["method"], f"{labels.method_label(r['method'])} ({src})", reference=True,
+                    sources=[r["source"]]),
+            )
+            if r["source"] not in row.sources:
+                row.sources.append(r["source"])
+            targets = groups if r["bits"] == FP_BITS else [g]
+            for t in targets:
+                row.values[(t, r["metric"])] = (float(r["value"]), math.nan)
+    # The same numbers quoted by two papers are one row naming both.
+    merged: list[Row] = []
+    for row in by_source.values():
+        twin = next((m for m in merged if m.method == row.method and m.values == row.values),
+                    None)
+        if twin is None:
+            merged.append(row)
+        else:
+            src = row.label.rsplit(" (", 1)[1].rstrip(")")
+            twin.label = twin.label[:-1] + f"; {src})"
+            twin.sources += [s for s in row.sources if s not in twin.sources]
+    return merged
+
+
+def _interleave(measured: list[Row], reference: list[Row]) -> list[Row]:
+    """Each method's published rows right under its measured row."""
+    order = labels.method_order([r.method for r in measured + reference])
+    out = []
+    for method in order:
+        out += [r for r in measured if r.method == method]
+        out += [r for r in reference if r.method == method]
+    return out
+
+
+def _best(rows: list[Row], groups: list[str], metrics: list[str]) -> set[tuple[int, Cell]]:
+    best = set()
+    for g in groups:
+        for metric in metrics:
+            lower = metric in labels.LOWER_IS_BETTER
+            if not lower and metric not in labels.HIGHER_IS_BETTER:
+                continue
+            cands = [(i, r.values[(g, metric)][0]) for i, r in enumerate(rows)
+                     if not r.reference and not labels.is_fp(r.method)
+                     and (g, metric) in r.values and not math.isnan(r.values[(g, metric)][0])]
+            if len(cands) < 2:  # a lone quantized row is not "best" of anything
+                continue
+            target = (min if lower else max)(v for _, v in cands)
+            best |= {(i, (g, metric)) for i, v in cands if v == target}
+    return best
+
+
+def build_tables(
+    results_dir: Path, benchmark: str, model_key: str | None = None
+) -> list[TableData]:
+    """One table per model of the benchmark, from ``metrics.parquet`` only."""
+    df = _metric_frame(results_dir, benchmark)
+    df = df[df["metric"].isin(labels.TABLE_METRICS)]
+    tables = []
+    for model in sorted(df["model"].dropna().unique()):
+        summary = results.summarize(df[df["model"] == model])
+        metrics = [m for m in labels.TABLE_METRICS if m in set(summary["metric"])]
+        quantized = summary[~summary["method"].map(labels.is_fp)]
+        groups = labels.bits_order(quantized["bits"]) or [FP_BITS]
+        rows = _measured_rows(summary, groups, metrics)
+        key = _reference_key(model, model_key)
+        if key is not None:
+            rows = _interleave(rows, _reference_rows(key, groups, metrics))
+        ns = summary["n"].astype(int)
+        tables.append(TableData(benchmark, model, groups, metrics, rows,
+                                (int(ns.min()), int(ns.max())), key,
+                                _best(rows, groups, metrics)))
+    return tables
+
+
+# --------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------
+
+
+def _number(metric: str, mean: float, ci: float, pm: str) -> str:
+    d = labels.decimals(metric)
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{d}f}" if math.isnan(ci) else f"{mean:.{d}f}{pm}{ci:.{d}f}"
+
+
+def _seeds_note(t: TableData) -> str:
+    lo, hi = t.seeds
+    n = f"{lo}" if lo == hi else f"{lo}–{hi}"
+    return f"mean ± 95 % CI half-width over n = {n} seeds (Student t); a bare number is n = 1"
+
+
+def _sources(t: TableData) -> list[str]:
+    seen: list[str] = []
+    for r in t.rows:
+        seen += [s for s in r.sources if s not in seen]
+    return seen
+
+
+def to_markdown(t: TableData) -> str:
+    head = ["Method"] + [f"{g} {labels.metric_label(m)} {labels.arrow(m)}".rstrip()
+                         for g in t.groups for m in t.metrics]
+    lines = [f"## {t.benchmark}: {t.model}", "",
+             "| " + " | ".join(head) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for i, row in enumerate(t.rows):
+        cells = [f"*{row.label}*" if row.reference else row.label]
+        for g in t.groups:
+            for m in t.metrics:
+                if (g, m) not in row.values:
+                    cells.append("–")
+                    continue
+                text = _number(m, *row.values[(g, m)], " ± ")
+                if row.reference:
+                    text = f"*{text}*"
+                elif (i, (g, m)) in t.best:
+                    text = f"**{text}**"
+                cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Values: {_seeds_note(t)}; bold: best quantized method."]
+    if any(r.reference for r in t.rows):
+        lines.append(f"Italic rows: published numbers for `{t.model_key}`, not measured here. "
+                     "Sources: " + "; ".join(_sources(t)) + ".")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                   "^": r"\textasciicircum{}"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_LATEX_SPECIALS.get(c, c) for c in text)
+
+
+def _tex_arrow(metric: str) -> str:
+    a = labels.arrow(metric)
+    return {"↓": r" $\downarrow$", "↑": r" $\uparrow$"}.get(a, "")
+
+
+def _tex_metric(metric: str) -> str:
+    return _tex(labels.metric_label(metric)).replace("ε", r"$\epsilon$")
+
+
+def to_latex(t: TableData) -> str:
+    k = len(t.metrics)
+    spec = "l" + " ".join("c" * k for _ in t.groups)
+    group_head = " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{_tex(g)}}}" for g in t.groups)
+    rules = " ".join(rf"\cmidrule(lr){{{2 + j * k}-{1 + (j + 1) * k}}}"
+                     for j in range(len(t.groups)))
+    metric_head = " & ".join(f"{_tex_metric(m)}{_tex_arrow(m)}" for _ in t.groups
+                             for m in t.metrics)
+    caption = _tex(f"{t.benchmark} ({t.model}): {_seeds_note(t)}")
+    caption = caption.replace("±", r"$\pm$").replace("–", "--")
+    if any(r.reference for r in t.rows):
+        caption += r"; italic rows: published numbers, not measured here"
+    lines = [
+        "% generated by gaq.bench.tables from metrics.parquet; do not edit by hand",
+        r"\begin{table}[t]", r"\centering", r"\small",
+        rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+        rf" & {group_head} \\", rules,
+        rf"Method & {metric_head} \\", r"\midrule",
+    ]
+    for i, row in enumerate(t.rows):
+        cells = [rf"\textit{{{_tex(row.label)}}}" if row.reference else _tex(row.label)]
+        for g in t.groups:
+            for m in t.metrics:
+                if (g, m) not in row.values:
+                    cells.append("--")
+                    continue
+                text = _number(m, *row.values[(g, m)], r" $\pm$ ")
+                if row.reference:
+                    text = rf"\textit{{{text}}}"
+                elif (i, (g, m)) in t.best:
+                    text = rf"\textbf{{{text}}}"
+                cells.append(text)
+        lines.append(" & ".join(cells) + r" \\")
+        if labels.is_fp(row.method) and i + 1 < len(t.rows) \
+                and not labels.is_fp(t.rows[i + 1].method):
+            lines.append(r"\midrule")  # FP rows apart from the quantized ones, as in papers
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{caption}.}}",
+              rf"\label{{tab:{_label(t.benchmark)}-{_label(t.model)}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _label(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text)
+
+
+def write_tables(
+    results_dir: Path, benchmark: str, out_dir: Path, *, model_key: str | None = None
+) -> list[Path]:
+    """Write ``<benchmark>.md`` and ``<benchmark>.tex`` into ``out_dir``; return their paths.
+
+    Reads only ``results_dir/<benchmark>/metrics.parquet``. ``model_key`` (the benchmark's
+    setting, e.g. ``"cifar10-ddim100"``) selects published reference rows; without it a
+    model id that is itself a published key is used.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(Path(results_dir), benchmark, model_key)
+    if tables:
+        md = "\n".join(to_markdown(t) for t in tables)
+        tex = "\n".join(to_latex(t) for t in tables)
+    else:
+        md = f"## {benchmark}\n\nNo results with table metrics yet.\n"
+        tex = f"% {benchmark}: no results with table metrics yet\n"
+    paths = [out_dir / f"{benchmark}.md", out_dir / f"{benchmark}.tex"]
+    paths[0].write_text(md, encoding="utf-8")
+    paths[1].write_text(tex, encoding="utf-8")
+    return paths

@@ -1,0 +1,243 @@
+"""MLflow logging: where people browse runs. Parquet (``gaq.bench.results``) stays the
+source of truth, so nothing downstream reads back from MLflow except :func:`find_run`.
+
+The client API is used instead of the fluent one (``mlflow.start_run``) so no global
+"active run" leaks between cells and a failed cell is marked FAILED, not left RUNNING.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from gaq.bench.provenance import repo_root
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+__all__ = [
+    "CELL_ID_TAG",
+    "artifact_root",
+    "find_run",
+    "flatten",
+    "log_run",
+    "tracking_uri",
+]
+
+CELL_ID_TAG = "gaq.cell_id"
+
+# MLflow's own limits (mlflow.utils.validation); copied so importing this module stays cheap.
+_MAX_PARAM_VAL = 6000
+_MAX_TAG_VAL = 8000
+_MAX_KEY = 250
+_PARAMS_TAGS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+_TRUNCATED = "...[truncated]"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the repo root's ``mlflow.db``.
+
+    ``mlflow ui`` started in the repo root opens ``sqlite:///mlflow.db`` by default, so the
+    runs show up there with no flags, whatever folder the benchmark ran from.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(repo_root() / 'mlflow.db').as_posix()}"
+
+
+def artifact_root(uri: str | None = None) -> str | None:
+    """Folder for new experiments' artifacts: ``mlartifacts/`` next to a SQLite database.
+
+    MLflow would otherwise resolve ``./mlartifacts`` against the working directory, which
+    scatters artifacts per launch folder. For servers (http...) the server decides: None.
+    """
+    uri = uri or tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    db = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / "mlartifacts").as_uri()
+
+
+def _quiet() -> None:
+    # mlflow logs INFO lines on every new database (schema migrations) and alembic may add
+    # its own; an explicit MLFLOW_LOGGING_LEVEL from the user still wins.
+    if "MLFLOW_LOGGING_LEVEL" in os.environ:
+        return
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    _quiet()  # after the import: importing mlflow configures (and resets) its loggers
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str, create: bool) -> str | None:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if not create:
+        return None
+    location = artifact_root(uri)
+    if location is not None:
+        location = f"{location}/{_safe_folder(name)}"
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        # Another process created it between our lookup and create: use theirs.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _safe_folder(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "experiment"
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_stringify(v) for v in value) + "]"
+    if value is None:
+        return "None"
+    return str(value)
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts become dotted keys (``sampler.steps``); values become (truncated) strings."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            if value:
+                out.update(flatten(value, f"{full}."))
+            else:  # keep "no overrides" visible instead of dropping the key
+                out[full] = "{}"
+        else:
+            out[full] = _truncate(_stringify(value), _MAX_PARAM_VAL)
+    return out
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _artifact_dir(key: str, path: Path) -> str | None:
+    """Artifact folder for one file: the key is a folder, unless it already names the file
+    (``"state/layers.md"`` -> ``state/``), so ``state/<f.name>`` keys do not nest twice."""
+    key = key.strip("/")
+    parts = key.split("/")
+    if parts[-1] == path.name:
+        parent = "/".join(parts[:-1])
+        return parent or None
+    return key or None
+
+
+def _write_curve_csv(folder: Path, name: str, points: list[tuple[int, float]]) -> Path:
+    path = folder / f"{_safe_folder(name)}.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", name])
+        writer.writerows((int(s), float(v)) for s, v in points)
+    return path
+
+
+def log_run(
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    artifacts: Mapping[str, Path] | None = None,
+    curves: Mapping[str, list[tuple[int, float]]] | None = None,
+    *,
+    cell_id: str | None = None,
+) -> str:
+    """Log one finished cell as an MLflow run and return its run id.
+
+    ``params`` may nest (flattened with dots); ``artifacts`` maps an artifact folder to a
+    file (or a directory, logged whole); ``curves`` maps a name to ``(step, value)`` points,
+    logged as the metric history ``curve.<name>`` and as ``curves/<name>.csv``. ``cell_id``
+    is a shortcut for the :data:`CELL_ID_TAG` tag that :func:`find_run` looks up.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    artifacts = {k: Path(v) for k, v in (artifacts or {}).items()}
+    missing = [f"{k}: {p}" for k, p in artifacts.items() if not p.exists()]
+    if missing:  # before creating the run, so a bad call leaves no half-logged run behind
+        raise FileNotFoundError("artifacts do not exist: " + "; ".join(missing))
+
+    all_tags = {str(k): _truncate(str(v), _MAX_TAG_VAL) for k, v in tags.items()}
+    if cell_id is not None:
+        all_tags[CELL_ID_TAG] = cell_id
+
+    uri = tracking_uri()
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, experiment, create=True)
+    run = client.create_run(exp_id, run_name=run_name)
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        flat = flatten(params)
+        for batch in _chunks([Param(k[:_MAX_KEY], v) for k, v in flat.items()],
+                             _PARAMS_TAGS_PER_BATCH):
+            client.log_batch(run_id, params=batch)
+        for batch in _chunks([RunTag(k, v) for k, v in all_tags.items()], _PARAMS_TAGS_PER_BATCH):
+            client.log_batch(run_id, tags=batch)
+        points = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for name, curve in (curves or {}).items():
+            points += [Metric(f"curve.{name}", float(v), now, int(s)) for s, v in curve]
+        for batch in _chunks(points, _METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=batch)
+        for key, path in artifacts.items():
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), key.strip("/") or None)
+            else:
+                client.log_artifact(run_id, str(path), _artifact_dir(key, path))
+        if curves:
+            with tempfile.TemporaryDirectory(prefix="gaq-curves-") as tmp:
+                for name, curve in curves.items():
+                    client.log_artifact(run_id, str(_write_curve_csv(Path(tmp), name, curve)),
+                                        "curves")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def find_run(experiment: str, cell_id: str) -> str | None:
+    """The newest FINISHED run of ``experiment`` tagged with this cell id, or None."""
+    if "'" in cell_id or "\\" in cell_id:
+        raise ValueError(f"cell id {cell_id!r} may not contain quotes or backslashes")
+    uri = tracking_uri()
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, experiment, create=False)
+    if exp_id is None:
+        return None
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{CELL_ID_TAG}` = '{cell_id}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None

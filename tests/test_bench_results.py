@@ -1,0 +1,372 @@
+"""Results as data: provenance, MLflow logging, Parquet tables, summaries, tables and plots
+regenerated from Parquet alone, and published reference numbers."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gaq.bench import plots, provenance, published, results, tables, tracking
+
+MODEL = "digits"
+
+
+def _metric_rows(
+    methods: dict[str, list[str]] | None = None,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    metrics: dict[str, float] | None = None,
+    model: str = MODEL,
+) -> pd.DataFrame:
+    """Synthetic long-format metrics as the runner writes them (no ci_group/timestamp)."""
+    methods = methods or {"fp": ["FP"], "rtn": ["W8A8", "W4A8"], "gaq": ["W8A8", "W4A8"]}
+    metrics = metrics or {"fid": 10.0, "is": 5.0, "precision": 0.5, "calibration_seconds": 30.0}
+    rng = np.random.default_rng(0)
+    rows = []
+    for method, bits_list in methods.items():
+        for bits in bits_list:
+            w, a = (None, None) if bits == "FP" else (int(bits[1]), int(bits[3]))
+            for seed in seeds:
+                for metric, base in metrics.items():
+                    rows.append({
+                        "run_id": f"run-{method}-{bits}-{seed}",
+                        "cell_id": f"{model}-{method}-{bits}-{seed}",
+                        "benchmark": "micro", "model": model, "method": method,
+                        "preset": "cpu", "bits": bits, "w_bits": w, "a_bits": a,
+                        "seed": seed, "setup": "cpu-0gpu", "metric": metric,
+                        "value": base + float(rng.normal()),
+                    })
+    return pd.DataFrame(rows)
+
+
+def _curve_rows(model: str = MODEL) -> pd.DataFrame:
+    rows = []
+    for method, bits in (("fp", "FP"), ("rtn", "W4A8"), ("gaq", "W4A8"), ("gaq", "W8A8")):
+        for t in range(0, 1000, 100):
+            rows.append({
+                "run_id": "r", "cell_id": f"{model}-{method}-{bits}-0", "benchmark": "micro",
+                "model": model, "method": method, "bits": bits, "seed": 0, "curve": "eps_mse",
+                "timestep": t, "value": 0.0 if method == "fp" else (t + 1) / 1000,
+            })
+    return pd.DataFrame(rows)
+
+
+def _write_results(root: Path, df: pd.DataFrame, curves: bool = True) -> Path:
+    folder = root / "micro"
+    for _, cell in df.groupby("cell_id", sort=False):
+        results.append(folder / "metrics.parquet", cell)
+    if curves:
+        results.append(folder / "curves.parquet", _curve_rows(df["model"].iloc[0]))
+    return folder
+
+
+# --- provenance ----------------------------------------------------------------------------
+
+
+def test_provenance_keys_all_strings(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    info = provenance.provenance([0, 1, 2])
+    expected = {"git_commit", "git_dirty", "gaq_version", "torch_version", "diffusers_version",
+                "mlflow_version", "torch_fidelity_version", "clean_fid_version",
+                "pandas_version", "pyarrow_version", "python_version", "platform", "device",
+                "gpu_model", "gpu_count", "world_size", "hostname", "seeds"}
+    assert expected <= set(info)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in info.items())
+    assert info["seeds"] == "0,1,2" and info["world_size"] == "4"
+    assert info["device"] in {"cpu", "cuda"}
+    assert info["git_dirty"] in {"true", "false", "unknown"}
+    assert provenance.provenance()["seeds"] == ""
+
+
+def test_provenance_without_git(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no git binary to find
+    info = provenance.provenance()
+    assert info["git_commit"] == "unknown" and info["git_dirty"] == "unknown"
+
+
+def test_repo_root_is_the_checkout():
+    assert (provenance.repo_root() / "pyproject.toml").is_file()
+    assert (provenance.repo_root() / "gaq" / "__init__.py").is_file()
+
+
+# --- MLflow ---------------------------------------------------------------------------------
+
+
+def test_tracking_uri_defaults_to_repo_root(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.tracking_uri()
+    assert uri == f"sqlite:///{(provenance.repo_root() / 'mlflow.db').as_posix()}"
+    assert tracking.artifact_root(uri) == (provenance.repo_root() / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    assert tracking.tracking_uri() == "http://localhost:5000"
+    assert tracking.artifact_root() is None
+
+
+def test_flatten_nests_and_truncates():
+    flat = tracking.flatten({"sampler": {"steps": 50, "eta": 0.0}, "seeds": (0, 1),
+                             "none": None, "empty": {}, "long": "x" * 10_000})
+    assert flat["sampler.steps"] == "50" and flat["sampler.eta"] == "0.0"
+    assert flat["seeds"] == "[0, 1]" and flat["none"] == "None" and flat["empty"] == "{}"
+    assert len(flat["long"]) == 6000 and flat["long"].endswith("[truncated]")
+
+
+def test_log_run_and_find_run(tmp_path, monkeypatch):
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"\x89PNG fake")
+    layers = tmp_path / "layers.md"
+    layers.write_text("| layer | bits |\n")
+    run_id = tracking.log_run(
+        "gaq-micro", "rtn W4A8 s0",
+        params={"method": "rtn", "sampler": {"steps": 10, "eta": 0.0}, "seed": 0},
+        metrics={"fid": 12.5, "kid": 0.01},
+        tags={"git_commit": "abc"},
+        artifacts={"samples": grid, "state/layers.md": layers},
+        curves={"eps_mse": [(900, 0.5), (500, 0.2), (100, 0.05)]},
+        cell_id="cell-123",
+    )
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["sampler.steps"] == "10" and run.data.params["method"] == "rtn"
+    assert run.data.metrics["fid"] == pytest.approx(12.5)
+    assert run.data.tags["git_commit"] == "abc"
+    assert run.data.tags[tracking.CELL_ID_TAG] == "cell-123"
+    history = client.get_metric_history(run_id, "curve.eps_mse")
+    assert sorted((m.step, m.value) for m in history) == [(100, 0.05), (500, 0.2), (900, 0.5)]
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/grid.png"]
+    assert [a.path for a in client.list_artifacts(run_id, "state")] == ["state/layers.md"]
+    assert [a.path for a in client.list_artifacts(run_id, "curves")] == ["curves/eps_mse.csv"]
+    # artifacts live next to the database, not in whatever folder the run started from
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert (tmp_path / "mlartifacts").is_dir()
+
+    assert tracking.find_run("gaq-micro", "cell-123") == run_id
+    assert tracking.find_run("gaq-micro", "cell-999") is None
+    assert tracking.find_run("no-such-experiment", "cell-123") is None
+    with pytest.raises(FileNotFoundError):
+        tracking.log_run("gaq-micro", "bad", {}, {}, {}, {"x": tmp_path / "missing.png"})
+
+
+# --- Parquet ---------------------------------------------------------------------------------
+
+
+def test_read_missing_gives_empty_table_with_schema(tmp_path):
+    m = results.read(tmp_path / "metrics.parquet")
+    assert m.empty and list(m.columns) == list(results.METRICS_SCHEMA)
+    assert {c: str(t) for c, t in m.dtypes.items()} == {
+        c: str(pd.Series(dtype=t).dtype) for c, t in results.METRICS_SCHEMA.items()}
+    c = results.read(tmp_path / "curves.parquet")
+    assert c.empty and list(c.columns) == list(results.CURVES_SCHEMA)
+
+
+def test_append_replaces_same_cell_and_round_trips_dtypes(tmp_path):
+    path = tmp_path / "micro" / "metrics.parquet"
+    df = _metric_rows()
+    first = df[df["seed"] == 0]
+    results.append(path, first)
+    results.append(path, df[df["seed"] == 1])
+    table = results.read(path)
+    assert len(table) == len(first) * 2
+
+    # A rerun of one cell replaces exactly its rows.
+    cell = first["cell_id"].iloc[0]
+    rerun = first[first["cell_id"] == cell].assign(value=-1.0, run_id="run-new")
+    results.append(path, rerun)
+    table = results.read(path)
+    assert len(table) == len(first) * 2
+    mine = table[table["cell_id"] == cell]
+    assert (mine["value"] == -1.0).all() and (mine["run_id"] == "run-new").all()
+    assert (table.loc[table["cell_id"] != cell, "value"] != -1.0).all()
+
+    # dtypes survive Parquet, FP's missing bit-widths stay missing (nullable ints)
+    assert table["w_bits"].dtype == "Int64" and table["seed"].dtype == "int64"
+    assert table["value"].dtype == "float64" and str(table["timestamp"].dt.tz) == "UTC"
+    assert table.loc[table["method"] == "fp", "w_bits"].isna().all()
+    assert set(table.loc[table["bits"] == "W4A8", "w_bits"]) == {4}
+    assert table["ci_group"].notna().all()
+    raw = pd.read_parquet(path)  # a plain reader sees the same types
+    assert raw["w_bits"].dtype == "Int64" and raw["seed"].dtype == "int64"
+
+
+def test_append_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "micro" / "metrics.parquet"
+    df = _metric_rows()
+    results.append(path, df[df["seed"] == 0])
+    before = path.read_bytes()
+
+    # The table only ever appears through os.replace of a temp file in the same folder.
+    replaced = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        replaced.append((Path(src), Path(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    results.append(path, df[df["seed"] == 1])
+    assert len(replaced) == 1
+    src, dst = replaced[0]
+    assert dst == path and src.parent == path.parent and src != path
+    monkeypatch.setattr(os, "replace", real_replace)
+    after_good = path.read_bytes()
+
+    # A write that dies half way leaves the previous file intact and no temp file behind.
+    def broken(self, target, *args, **kwargs):
+        Path(target).write_bytes(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", broken)
+    with pytest.raises(OSError, match="disk full"):
+        results.append(path, df[df["seed"] == 2])
+    assert path.read_bytes() == after_good != before
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == [
+        "metrics.parquet"]
+
+
+def test_append_rejects_wrong_columns(tmp_path):
+    df = _metric_rows().drop(columns=["setup"]).assign(extra=1)
+    with pytest.raises(ValueError, match="missing: setup.*unexpected: extra"):
+        results.append(tmp_path / "metrics.parquet", df)
+
+
+def test_summarize_ci_matches_hand_computation():
+    values = [4.1, 4.5, 3.9]
+    df = pd.DataFrame({
+        "benchmark": "b", "model": "m", "method": "gaq", "bits": "W4A8", "metric": "fid",
+        "seed": [0, 1, 2], "value": values, "ci_group": "g",
+    })
+    s = results.summarize(df)
+    assert len(s) == 1
+    row = s.iloc[0]
+    mean = sum(values) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    assert row["n"] == 3
+    assert row["mean"] == pytest.approx(mean)
+    assert row["std"] == pytest.approx(sd)
+    assert row["ci95"] == pytest.approx(4.303 * sd / math.sqrt(3))  # t_{0.975, 2} = 4.303
+    one = results.summarize(df[df["seed"] == 0]).iloc[0]
+    assert one["n"] == 1 and math.isnan(one["ci95"]) and math.isnan(one["std"])
+    assert results.t_critical(30) == pytest.approx(2.042) and results.t_critical(200) == 1.96
+
+
+def test_summarize_keeps_newest_value_per_seed():
+    df = pd.DataFrame({
+        "benchmark": "b", "model": "m", "method": "rtn", "bits": "W4A8", "metric": "fid",
+        "seed": [0, 0, 1], "value": [100.0, 1.0, 3.0],
+        "timestamp": pd.to_datetime(["2024-01-01", "2024-06-01", "2024-01-01"], utc=True),
+    })
+    row = results.summarize(df).iloc[0]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(statistics.fmean([1.0, 3.0]))
+
+
+# --- published numbers -------------------------------------------------------------------
+
+
+def test_published_numbers_load():
+    pub = published.published()
+    assert not pub.empty and pub["source"].str.len().gt(0).all()
+    gaq = published.published_rows("cifar10-ddim100", "W4A8")
+    assert gaq.loc[gaq["method"] == "gaq", "value"].tolist() == [4.32]
+    assert set(gaq["bits"]) <= {"W4A8", "FP"}
+    lsun = published.published_rows("lsun-bedroom-ldm4-ddim200", "W4A8")
+    fp = lsun[lsun["method"] == "fp"].set_index("metric")["value"]
+    assert fp.to_dict() == {"fid": 2.98, "sfid": 7.09}
+    assert published.published_rows("no-such-setting").empty
+    assert published.published_rows("cifar10-ddim100")["variant"].eq("").all()
+    assert len(published.published_rows("cifar10-ddim100", ablations=True)) > len(
+        published.published_rows("cifar10-ddim100"))
+
+
+# --- tables and plots from Parquet alone -----------------------------------------------
+
+
+def test_tables_regenerate_from_parquet(tmp_path):
+    _write_results(tmp_path / "results", _metric_rows())
+    md_path, tex_path = tables.write_tables(tmp_path / "results", "micro", tmp_path / "tables")
+    md, tex = md_path.read_text(), tex_path.read_text()
+    assert md_path.name == "micro.md" and tex_path.name == "micro.tex"
+    assert "±" in md and "FID ↓" in md and "IS ↑" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    row_labels = [ln.split("|")[1].strip() for ln in lines[1:]]
+    assert row_labels == ["FP", "RTN", "GAQ"]  # FP first, RTN next, GAQ last
+    assert "W8A8" in lines[0] and lines[0].index("W8A8") < lines[0].index("W4A8")
+    assert "calibration" not in md  # only image metrics are table columns
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\pm" in tex
+    assert r"\multicolumn{3}{c}{W4A8}" in tex and r"$\downarrow$" in tex
+    assert "(paper)" not in md and "paper" not in md  # no model key: no reference rows
+
+
+def test_tables_single_seed_show_bare_mean(tmp_path):
+    _write_results(tmp_path / "results", _metric_rows(seeds=(0,)), curves=False)
+    md = tables.write_tables(tmp_path / "results", "micro", tmp_path / "t")[0].read_text()
+    assert "GAQ" in md and "±" not in md.split("\n\n")[1]
+
+
+def test_published_rows_only_for_matching_model_key(tmp_path):
+    root = tmp_path / "results"
+    _write_results(root, _metric_rows())
+    plain = tables.write_tables(root, "micro", tmp_path / "a")[0].read_text()
+    assert "4.32" not in plain and "GAQ paper" not in plain
+    md, tex = (p.read_text() for p in tables.write_tables(
+        root, "micro", tmp_path / "b", model_key="cifar10-ddim100"))
+    assert "*GAQ (GAQ paper)*" in md and "*4.32*" in md and "*4.98*" in md
+    assert r"\textit{GAQ (GAQ paper)}" in tex
+    assert "5.08" not in md  # W4A32 is not a column of this benchmark
+    other = tables.write_tables(root, "micro", tmp_path / "c",
+                                model_key="lsun-bedroom-ldm4-ddim200")[0].read_text()
+    assert "*3.26*" in other and "4.32" not in other and "3.26" not in plain
+
+
+def test_plots_regenerate_from_parquet(tmp_path):
+    import matplotlib.image as mpimg
+
+    folder = _write_results(tmp_path / "results", _metric_rows())
+    grids = folder / "grids"
+    grids.mkdir()
+    rng = np.random.default_rng(0)
+    for method, bits in (("fp", "FP"), ("rtn", "W4A8"), ("gaq", "W4A8")):
+        mpimg.imsave(grids / f"{MODEL}_{method}_{bits}_seed0.png", rng.random((18, 18)),
+                     cmap="gray")
+    paths = plots.write_plots(tmp_path / "results", "micro", tmp_path / "plots")
+    names = {p.name for p in paths}
+    for stem in ("micro_fid_vs_bits", "micro_is_vs_bits", "micro_calibration_cost",
+                 "micro_eps_mse_W4A8_by_timestep", "micro_eps_mse_W8A8_by_timestep",
+                 "micro_samples_W4A8_seed0"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names, stem
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    assert "micro_samples_W8A8_seed0.png" not in names  # no W8A8 grids were saved
+
+    # one paper column wide
+    from PIL import Image
+
+    with Image.open(tmp_path / "plots" / "micro_fid_vs_bits.png") as im:
+        assert im.size[0] == pytest.approx(plots.COLUMN_WIDTH * 200, abs=2)
+
+
+def test_plot_functions_return_figures(tmp_path):
+    df = _metric_rows()
+    fig = plots.metric_vs_bits(df, "fid")
+    assert fig.get_size_inches()[0] == pytest.approx(plots.COLUMN_WIDTH)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["W8A8", "W4A8"]
+    curve_fig = plots.timestep_error(_curve_rows())
+    assert {ln.get_label() for ln in curve_fig.axes[0].get_lines()} == {
+        "RTN W4A8", "GAQ W4A8", "GAQ W8A8"}  # FP's zero error is not drawn
+    assert plots.calibration_cost(df).axes
+    out = plots.save(fig, tmp_path / "fig")
+    assert [p.suffix for p in out] == [".png", ".pdf"] and all(p.is_file() for p in out)
+
+
+def test_empty_results_still_write_tables(tmp_path):
+    paths = tables.write_tables(tmp_path / "results", "micro", tmp_path / "tables")
+    assert all(p.is_file() for p in paths)
+    assert plots.write_plots(tmp_path / "results", "micro", tmp_path / "plots") == []
