@@ -29,7 +29,7 @@ class BRECQ(Method):
     presets = {
         "paper": BRECQConfig(),
         # sized for the bundled model on a laptop CPU
-        "cpu": BRECQConfig(recon=ReconConfig(weight_iters=400, act_iters=100)),
+        "cpu": BRECQConfig(recon=ReconConfig(weight_iters=200, act_iters=50)),
     }
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:

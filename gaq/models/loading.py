@@ -86,13 +86,13 @@ def load_model(source: str, device: str | torch.device = "cpu",
         raise GaqError(f"pipeline {source!r} has no 'unet' or 'transformer' component")
     if not isinstance(index.get("scheduler"), list):
         raise GaqError(f"pipeline {source!r} has no 'scheduler' component")
-    denoiser = _component(index, key, path).to(device=device, dtype=dtype).eval()
-    scheduler = _component(index, "scheduler", path)
+    denoiser = _component(index, key, path, dtype).to(device=device).eval()
+    scheduler = _component(index, "scheduler", path, dtype)
     name = source if source in BUNDLED_MODELS else path.name
     return LoadedModel(name=name, path=path, denoiser=denoiser, scheduler=scheduler)
 
 
-def _component(index: dict, key: str, path: Path):
+def _component(index: dict, key: str, path: Path, dtype: torch.dtype):
     import diffusers
 
     library, class_name = index[key]
@@ -102,4 +102,7 @@ def _component(index: dict, key: str, path: Path):
                        "which this version of diffusers cannot load")
     if key == "scheduler":
         return cls.from_pretrained(path, subfolder=key)
-    return cls.from_pretrained(path, subfolder=key, use_safetensors=True)
+    # low_cpu_mem_usage=False: the accelerate-based loader is optional and only saves
+    # memory for models far larger than those loaded on CPU here.
+    return cls.from_pretrained(path, subfolder=key, use_safetensors=True, torch_dtype=dtype,
+                               low_cpu_mem_usage=False)
