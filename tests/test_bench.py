@@ -73,7 +73,7 @@ def test_mlflow_runs_carry_provenance(micro_run):
     assert len(runs) == 2
     for run in runs:
         tags = run.data.tags
-        for key in ("git_commit", "git_dirty", "torch", "device", "gaq.cell_id", "seeds"):
+        for key in ("git_commit", "git_dirty", "torch_version", "device", "gaq.cell_id", "seeds"):
             assert key in tags, key
         assert "fid" in run.data.metrics
 

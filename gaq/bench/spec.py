@@ -133,6 +133,7 @@ def _section(cls: type[Config], data: Any, name: str) -> Any:
         return cls()
     if not isinstance(data, dict):
         raise ConfigError(name, "must be a table")
+    _unknown(f"{name}.", data, {f.name for f in dataclasses.fields(cls)} | {"_type", "_version"})
     try:
         return cls.from_dict(data)
     except ConfigError as e:
