@@ -24,6 +24,7 @@ import torch
 import gaq
 from gaq.bench.spec import FP, IMAGE_METRICS, Benchmark, MethodEntry
 from gaq.config import QuantConfig, fingerprint
+from gaq.errors import GaqError
 
 RESULTS_FORMAT = 1
 HELDOUT_SEED_OFFSET = 10_000  # held-out trajectories never share noise with calibration
@@ -75,13 +76,14 @@ class _ModelContext:
         self.digest = state_dict_digest(self.loaded.denoiser)
         self.space = _feature_space(model_id, bench.eval.feature_space,
                                     bench.eval.inception_weights, device)
+        self.reference_folder = bench.eval.reference
         self._fp_images: dict[int, torch.Tensor] = {}
         self._heldout: dict[int, object] = {}
 
     def reference(self):
         from gaq.eval.metrics import reference_features
 
-        return reference_features(self.id, self.space)
+        return reference_features(self.id, self.space, self.reference_folder)
 
 
 def _feature_space(model_id: str, kind: str, weights: str | None, device: str):
@@ -129,6 +131,7 @@ class Runner:
     def run(self) -> pd.DataFrame:
         from gaq.bench import results
 
+        self.preflight()
         grid = cells(self.bench)
         done = set(results.read(self.metrics_path)["cell_id"]) if not self.force else set()
         spent, ran = 0.0, 0
@@ -146,6 +149,23 @@ class Runner:
             ran += 1
         self.write_reports()
         return results.read(self.metrics_path)
+
+    def preflight(self) -> None:
+        """Fail before any work: every model loads, its feature space and reference exist."""
+        from gaq.bench.spec import IMAGE_METRICS
+        from gaq.models.bundled import BUNDLED_MODELS
+
+        needs_reference = any(m in IMAGE_METRICS for m in self.bench.eval.metrics)
+        for model_id in self.bench.models:
+            self.model(model_id)
+            ref = self.bench.eval.reference
+            if needs_reference and model_id not in BUNDLED_MODELS:
+                if ref is None:
+                    raise GaqError(f"{self.bench.path}: key 'eval.reference' must name a folder "
+                                   f"of reference images for model {model_id!r}")
+                if not Path(ref).is_dir():
+                    raise GaqError(f"{self.bench.path}: key 'eval.reference' names {ref}, "
+                                   "which is not a folder")
 
     @property
     def metrics_path(self) -> Path:

@@ -49,6 +49,8 @@ class EvalSpec(Config):
     metrics: tuple[str, ...] = ("fid", "kid", "precision", "recall", "psnr", "eps_mse")
     feature_space: Literal["auto", "classifier", "inception"] = "auto"
     inception_weights: str | None = None
+    # folder of reference images for models without a bundled reference set
+    reference: str | None = None
     # held-out FP trajectories (their own seed) for the per-timestep noise-prediction error
     heldout_trajectories: int = 32
 

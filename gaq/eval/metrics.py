@@ -13,6 +13,7 @@ Protocol choices this module fixes (record them with every result):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,31 +42,47 @@ Reference = torch.Tensor | Mapping[str, torch.Tensor]
 _REFERENCE_CACHE: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
 
-def reference_features(model_id: str, space: FeatureSpace) -> dict[str, torch.Tensor]:
+def reference_features(model_id: str, space: FeatureSpace,
+                       folder: str | Path | None = None) -> dict[str, torch.Tensor]:
     """All layers of ``space`` on the reference set of ``model_id``, cached per process.
 
     For ``digits`` the reference is the whole bundled data set, passed through
-    ``gaq.sampling.to_uint8`` so it is quantised exactly like generated images.
+    ``gaq.sampling.to_uint8`` so it is quantised exactly like generated images; for
+    other models it is the folder of images the benchmark names (e.g. the training set).
     """
-    key = (model_id, space.cache_key)
+    key = (model_id, space.cache_key, str(folder))
     if key not in _REFERENCE_CACHE:
-        _REFERENCE_CACHE[key] = space.extract(reference_images(model_id))
+        _REFERENCE_CACHE[key] = space.extract(reference_images(model_id, folder))
     return _REFERENCE_CACHE[key]
 
 
-def reference_images(model_id: str) -> torch.Tensor:
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def reference_images(model_id: str, folder: str | Path | None = None) -> torch.Tensor:
     """The reference images of ``model_id`` as uint8 ``(N, C, H, W)``."""
     from gaq.models.bundled import DEFAULT_MODEL
 
+    if folder is not None:
+        return _folder_images(Path(folder))
     if model_id != DEFAULT_MODEL:
         raise GaqError(
-            f"no bundled reference set for model {model_id!r}; pass reference images (uint8) "
-            f"or precomputed features to image_metrics"
+            f"no bundled reference set for model {model_id!r}; name a folder of reference "
+            "images (e.g. its training set as PNGs) with eval.reference in the benchmark file"
         )
     from gaq.data import load_digits
     from gaq.sampling import to_uint8
 
     return to_uint8(load_digits().images)
+
+
+def _folder_images(folder: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise GaqError(f"reference folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return torch.stack([decode_image(str(f), mode=ImageReadMode.RGB) for f in files])
 
 
 def image_metrics(
