@@ -179,8 +179,11 @@ def capture(qmodel: nn.Module, fpmodel: nn.Module, name: str, batches: BatchIter
 
 
 def weighted_error(out: Tensor, target: Tensor, weights: Tensor | None, p: float = 2.0) -> Tensor:
-    """Per-sample mean |out - target|^p, averaged with the sample weights (uniform: plain mean)."""
-    err = (out - target).abs().pow(p).flatten(1).mean(1)
+    """|out - target|^p summed over channels and averaged over the other dimensions, as in
+    BRECQ/Q-Diffusion (the scale their learning rates and rounding-loss weight were set
+    for); samples are then averaged with the sample weights (uniform: a plain mean)."""
+    d = (out - target).abs().pow(p)
+    err = (d.sum(1) if d.dim() > 1 else d).reshape(len(d), -1).mean(1)
     if weights is None:
         return err.mean()
     return (err * weights).sum() / weights.sum().clamp_min(1e-12)
