@@ -90,12 +90,15 @@ class FakeQuantizer(nn.Module):
         self.observing = False
         self._observer: Observer | PerTimestepObserver | None = None
         self._row_index: dict[int, int] | None = None
+        self._mode: str | None = None  # mirror of mode_code: reading a buffer would sync a GPU
 
     # ----------------------------------------------------------------- state
     @property
     def mode(self) -> str:
         """``uncalibrated``, ``static``, ``table`` or ``conditioned``."""
-        return MODES[int(self.mode_code)]
+        if self._mode is None:
+            self._mode = MODES[int(self.mode_code)]
+        return self._mode
 
     @property
     def calibrated(self) -> bool:
@@ -114,6 +117,7 @@ class FakeQuantizer(nn.Module):
 
     def _set_mode(self, code: int) -> None:
         self.mode_code.fill_(code)
+        self._mode = MODES[code]
         self._row_index = None
 
     def _device(self) -> torch.device:
@@ -258,6 +262,7 @@ class FakeQuantizer(nn.Module):
                 "the same architecture with set_provider() before loading"
             )
         self._row_index = None
+        self._mode = None
 
     # ----------------------------------------------------------- calibration
     def _new_observer(self) -> Observer | PerTimestepObserver:
