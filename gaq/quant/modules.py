@@ -160,17 +160,20 @@ class QuantLayer(nn.Module):
         return f"mode={self._mode}, frozen={self.frozen_weight is not None}"
 
 
-class QuantLinear(QuantLayer):
-    """Fake-quantized ``nn.Linear``: per-output-channel weights (axis 0), input per tensor."""
+class _SingleQuantLayer(QuantLayer):
+    """One weight quantizer and at most one input quantizer around a module of type ``wraps``."""
+
+    wraps: type[nn.Module] = nn.Module
 
     def __init__(
         self,
-        module: nn.Linear,
+        module: nn.Module,
         weight_quantizer: nn.Module,
         act_quantizer: FakeQuantizer | None = None,
     ) -> None:
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"QuantLinear wraps nn.Linear, got {type(module).__name__}")
+        if not isinstance(module, self.wraps):
+            raise TypeError(f"{type(self).__name__} wraps nn.{self.wraps.__name__}, "
+                            f"got {type(module).__name__}")
         acts = None if act_quantizer is None else [act_quantizer]
         super().__init__(module, [weight_quantizer], acts)
 
@@ -181,32 +184,21 @@ class QuantLinear(QuantLayer):
     @property
     def act_quantizer(self) -> FakeQuantizer | None:
         return self.act_quantizers[0] if self.act_quantizers else None
+
+
+class QuantLinear(_SingleQuantLayer):
+    """Fake-quantized ``nn.Linear``: per-output-channel weights (axis 0), input per tensor."""
+
+    wraps = nn.Linear
 
     def _layer(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, self.fp.bias)
 
 
-class QuantConv2d(QuantLayer):
+class QuantConv2d(_SingleQuantLayer):
     """Fake-quantized ``nn.Conv2d`` (any padding mode, groups, dilation)."""
 
-    def __init__(
-        self,
-        module: nn.Conv2d,
-        weight_quantizer: nn.Module,
-        act_quantizer: FakeQuantizer | None = None,
-    ) -> None:
-        if not isinstance(module, nn.Conv2d):
-            raise TypeError(f"QuantConv2d wraps nn.Conv2d, got {type(module).__name__}")
-        acts = None if act_quantizer is None else [act_quantizer]
-        super().__init__(module, [weight_quantizer], acts)
-
-    @property
-    def weight_quantizer(self) -> nn.Module:
-        return self.weight_quantizers[0]
-
-    @property
-    def act_quantizer(self) -> FakeQuantizer | None:
-        return self.act_quantizers[0] if self.act_quantizers else None
+    wraps = nn.Conv2d
 
     def _layer(self, x: Tensor, weight: Tensor) -> Tensor:
         return self.fp._conv_forward(x, weight, self.fp.bias)
