@@ -77,8 +77,12 @@ def plan(model: nn.Module, adapter: ModelAdapter, quant: QuantConfig,
         if not isinstance(mod, QUANTIZABLE) and not attention:
             continue
         rule = adapter.skip(mod, name)
-        if rule is None and extra_skip is not None:
-            rule = extra_skip(mod, name)
+        extra = extra_skip(mod, name) if extra_skip is not None else None
+        # a method rule applies where the model has none, or where it is stricter
+        # ("fp" over the model's "w8a8": TDQ keeps conv_in/conv_out FP)
+        if extra is not None and (rule is None or (rule.precision == "w8a8"
+                                                   and extra.precision == "fp")):
+            rule = extra
         kind = "attention" if attention else type(mod).__name__
         if rule is not None and rule.precision == "fp":
             report.append(LayerDecision(name, kind, "fp", None, None, reason=rule.reason))
@@ -117,7 +121,9 @@ def build(model: nn.Module, report: LayerReport, quant: QuantConfig) -> nn.Modul
             continue
         layer = quantize_layer(
             module, d.weight_bits, d.act_bits, weight_symmetric=quant.weight.symmetric,
-            weight_observer=quant.weight.range_init, split=d.split, **_act_kwargs(quant.act))
+            weight_observer=quant.weight.range_init, split=d.split,
+            weight_axis=None if quant.weight.granularity == "per_tensor" else 0,
+            **_act_kwargs(quant.act))
         parent_name, _, child = d.name.rpartition(".")
         # setattr also works for ModuleList/Sequential children ("0", "1", ...)
         setattr(qmodel.get_submodule(parent_name) if parent_name else qmodel, child, layer)

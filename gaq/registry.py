@@ -36,6 +36,7 @@ ENTRY_POINT_GROUP = "gaq.methods"
 BUILTIN_METHODS: dict[str, str] = {
     "rtn": "gaq.methods.rtn:RTN",
     "brecq": "gaq.methods.brecq:BRECQ",
+    "qdiffusion": "baselines.qdiffusion.method:QDiffusion",
 }
 
 T = TypeVar("T", bound=type)

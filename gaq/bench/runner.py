@@ -191,7 +191,7 @@ class Runner:
             images = ddim_sample(model, ctx.loaded.scheduler, self.bench.eval.num_images,
                                  seed=seed, sampler=self.bench.sampler.config(),
                                  batch_size=self.bench.eval.batch_size, device=self.device,
-                                 callback=hook)
+                                 hook=hook)
         return images, time.perf_counter() - start
 
     def _heldout(self, ctx: _ModelContext, seed: int):
@@ -206,21 +206,12 @@ class Runner:
                                                     spec, model_id=ctx.id)
         return ctx._heldout[seed]
 
-    @torch.no_grad()
     def _eps_curve(self, ctx: _ModelContext, model: torch.nn.Module, seed: int) -> pd.Series:
         """Per-timestep MSE of the noise prediction against FP, on held-out FP trajectories."""
-        from gaq.sampling import _noise_prediction
+        from gaq.eval.eps import eps_error_by_timestep
 
-        held = self._heldout(ctx, seed)
-        errs: dict[int, list[float]] = {}
-        for b in held.batches(self.bench.eval.batch_size):
-            cond = {k: v.to(self.device) for k, v in b["cond"].items()}
-            x = b["x"].to(self.device)
-            eps = _noise_prediction(model(x, b["t"].to(self.device), **cond), x.shape[1])
-            se = (eps.float().cpu() - b["eps_fp"]).pow(2).flatten(1).mean(1)
-            for t, e in zip(b["t"].tolist(), se.tolist(), strict=True):
-                errs.setdefault(t, []).append(e)
-        return pd.Series({t: sum(v) / len(v) for t, v in sorted(errs.items())})
+        return pd.Series(eps_error_by_timestep(model, self._heldout(ctx, seed),
+                                               self.bench.eval.batch_size, self.device))
 
     def run_cell(self, cell: Cell, cid: str) -> None:
         from gaq.bench import results

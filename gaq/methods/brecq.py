@@ -1,10 +1,15 @@
 """BRECQ-style block reconstruction: AdaRound for weights block by block (activations
 off), then activation ranges from calibration data and LSQ-style step learning per block.
-The generic AdaRound method, and the base the Q-Diffusion baseline specialises."""
+The generic AdaRound method, and the base the Q-Diffusion baseline specialises.
+
+BRECQ itself (a CNN method) quantizes neither the attention matmuls nor the two halves
+of a skip-concatenation separately; those are Q-Diffusion's additions, so here they are
+options that default to off.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from torch import nn
@@ -21,6 +26,9 @@ class BRECQConfig(MethodConfig):
     VERSION: ClassVar[int] = 1
     recon: ReconConfig = field(default_factory=ReconConfig)
     learn_act_steps: bool = True
+    quantize_attention: bool = False
+    split_shortcut: bool = False
+    softmax_bits: int | None = 16
 
 
 class BRECQ(Method):
@@ -32,8 +40,15 @@ class BRECQ(Method):
         "cpu": BRECQConfig(recon=ReconConfig(weight_iters=200, act_iters=50)),
     }
 
+    def method_quant(self, quant: QuantConfig) -> QuantConfig:
+        """The run's quantization config with this method's own choices applied."""
+        cfg = self.config
+        return replace(quant, attention=cfg.quantize_attention and quant.act.bits is not None,
+                       split_shortcut=cfg.split_shortcut, softmax_bits=cfg.softmax_bits)
+
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         require_calibration_set(self, calib)
+        quant = self.method_quant(quant)
         cfg = self.config.recon
         with Timer() as timer:
             qmodel, report = quantize_model(model, adapter, quant, self.skip)
@@ -48,4 +63,3 @@ class BRECQ(Method):
         result = finish(self, qmodel, report, quant, timer.seconds)
         result.state["blocks"] = [vars(r) for r in weights + acts]
         return result
-

@@ -61,6 +61,14 @@ class ModelAdapter:
         """Layers that only see the timestep (TFMQ-DM's temporal information block)."""
         return []
 
+    def temporal_forward(self, model: nn.Module, t: torch.Tensor,
+                         cond: dict) -> dict[str, torch.Tensor]:
+        """The temporal features the rest of ``model`` consumes, recomputed from the timestep
+        ``t`` (B,) and conditioning ``cond`` alone, keyed by the temporal layer producing
+        each. ``model`` is this architecture (FP or quantized): its own submodules run, so
+        a quantized copy gives its quantized features (TFMQ-DM's temporal reconstruction)."""
+        raise GaqError(f"{self.arch or type(self).__name__}: no temporal forward")
+
     def shortcut_splits(self) -> dict[str, int]:
         """1x1 shortcut convs fed by ``cat([h, skip])`` -> channel count of ``h``."""
         return {}
@@ -118,6 +126,12 @@ class ModelAdapter:
                     )
 
 
+def _batch_timesteps(t: torch.Tensor) -> torch.Tensor:
+    """Timesteps as the (B,) tensor the models broadcast a scalar to."""
+    t = torch.as_tensor(t)
+    return t.reshape(1) if t.ndim == 0 else t
+
+
 def _first_last(module: nn.Module, name: str) -> SkipRule | None:
     if name == "conv_in":
         return SkipRule("w8a8", "model policy: first layer at 8 bits")
@@ -140,6 +154,30 @@ class UNet2DAdapter(ModelAdapter):
                 if isinstance(m, nn.Linear) and (n.startswith("time_embedding.")
                                                  or n.endswith(".time_emb_proj"))]
 
+    def temporal_forward(self, model: nn.Module, t: torch.Tensor,
+                         cond: dict) -> dict[str, torch.Tensor]:
+        emb = self._time_embedding(model, _batch_timesteps(t), cond)
+        out = {}
+        for name, mod in model.named_modules():
+            proj = getattr(mod, "time_emb_proj", None)
+            if proj is None or not hasattr(mod, "nonlinearity"):
+                continue
+            # as ResnetBlock2D.forward: act(temb) unless the block skips it
+            temb = emb if getattr(mod, "skip_time_act", False) else mod.nonlinearity(emb)
+            out[f"{name}.time_emb_proj"] = proj(temb)
+        return out
+
+    def _time_embedding(self, model: nn.Module, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        # UNet2DModel.forward, step 1 ("time") in diffusers 0.42
+        dtype = next(model.parameters()).dtype
+        emb = model.time_embedding(model.time_proj(t).to(dtype=dtype))
+        if model.class_embedding is not None:
+            labels = cond["class_labels"]
+            if model.config.class_embed_type == "timestep":
+                labels = model.time_proj(labels)
+            emb = emb + model.class_embedding(labels).to(dtype=dtype)
+        return emb
+
     def shortcut_splits(self) -> dict[str, int]:
         from gaq.quant.modules import unet_shortcut_splits
 
@@ -158,6 +196,26 @@ class UNet2DConditionAdapter(UNet2DAdapter):
         dim = cfg.cross_attention_dim
         dim = dim[0] if isinstance(dim, (list, tuple)) else dim
         return (x, t), {"encoder_hidden_states": torch.randn(batch, 4, dim)}
+
+    def _time_embedding(self, model: nn.Module, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        # UNet2DConditionModel.forward: get_time_embed, time_embedding, get_class_embed,
+        # time_embed_act (diffusers 0.42); addition embeddings (SDXL, Kandinsky) need the
+        # text/image inputs, so they are not temporal and are refused here.
+        if model.config.addition_embed_type is not None:
+            raise GaqError(f"{self.arch}: addition_embed_type="
+                           f"{model.config.addition_embed_type!r} has no temporal forward")
+        dtype = next(model.parameters()).dtype
+        emb = model.time_embedding(model.time_proj(t).to(dtype=dtype), cond.get("timestep_cond"))
+        if model.class_embedding is not None:
+            labels = cond["class_labels"]
+            if model.config.class_embed_type == "timestep":
+                labels = model.time_proj(labels).to(dtype=dtype)
+            class_emb = model.class_embedding(labels).to(dtype=dtype)
+            concat = model.config.class_embeddings_concat
+            emb = torch.cat([emb, class_emb], dim=-1) if concat else emb + class_emb
+        if model.time_embed_act is not None:
+            emb = model.time_embed_act(emb)
+        return emb
 
 
 class DiTAdapter(ModelAdapter):
@@ -178,6 +236,22 @@ class DiTAdapter(ModelAdapter):
         return [n for n, m in self.model.named_modules()
                 if isinstance(m, nn.Linear) and (".norm1.emb." in n or n.endswith(".norm1.linear")
                                                  or n == "proj_out_1")]
+
+    def temporal_forward(self, model: nn.Module, t: torch.Tensor,
+                         cond: dict) -> dict[str, torch.Tensor]:
+        # BasicTransformerBlock (ada_norm_zero) -> AdaLayerNormZero.forward, and the output
+        # modulation of DiTTransformer2DModel.forward, which re-embeds with block 0's emb
+        t = _batch_timesteps(t)
+        labels = cond.get("class_labels")
+        dtype = next(model.parameters()).dtype
+        out, first = {}, None
+        for i, block in enumerate(model.transformer_blocks):
+            norm = block.norm1
+            emb = norm.emb(t, labels, hidden_dtype=dtype)
+            first = emb if first is None else first
+            out[f"transformer_blocks.{i}.norm1.linear"] = norm.linear(norm.silu(emb))
+        out["proj_out_1"] = model.proj_out_1(torch.nn.functional.silu(first))
+        return out
 
     def example_inputs(self, batch: int = 2) -> tuple[tuple, dict]:
         (x, t), _ = super().example_inputs(batch)

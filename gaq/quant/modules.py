@@ -309,11 +309,13 @@ def quantize_layer(
     act_observer: str = "max",
     act_per_timestep: bool = False,
     split: int | None = None,
+    weight_axis: int | None = 0,
 ) -> QuantLayer:
     """Wrap an ``nn.Linear``/``nn.Conv2d`` with fresh quantizers (``split``: a
     :class:`SplitQuantConv2d`).
 
-    Weights: per output channel; inputs: per tensor (``act_bits=None``: FP input).
+    Weights: per output channel (``weight_axis=None``: per tensor, as PTQD's code);
+    inputs: per tensor (``act_bits=None``: FP input).
     """
 
     def act() -> FakeQuantizer | None:
@@ -328,11 +330,11 @@ def quantize_layer(
             raise TypeError("only a Conv2d can be split")
         acts = None if act_bits is None else [act(), act()]
         weights = [
-            make_weight_quantizer(weight_bits, weight_symmetric, 0, weight_observer)
+            make_weight_quantizer(weight_bits, weight_symmetric, weight_axis, weight_observer)
             for _ in range(2)
         ]
         return SplitQuantConv2d(module, split, weights, acts)
-    weight_q = make_weight_quantizer(weight_bits, weight_symmetric, 0, weight_observer)
+    weight_q = make_weight_quantizer(weight_bits, weight_symmetric, weight_axis, weight_observer)
     if isinstance(module, nn.Conv2d):
         return QuantConv2d(module, weight_q, act())
     if isinstance(module, nn.Linear):
