@@ -37,6 +37,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "rtn": "gaq.methods.rtn:RTN",
     "brecq": "gaq.methods.brecq:BRECQ",
     "qdiffusion": "baselines.qdiffusion.method:QDiffusion",
+    "tfmq": "baselines.tfmq.method:TFMQ",
 }
 
 T = TypeVar("T", bound=type)

@@ -126,7 +126,9 @@ def ddim_sample_batch(
         hook.bind(sampler, ddim)  # type: ignore[union-attr]
     for step, t in enumerate(ddim.timesteps):
         t_int = int(t)
-        eps = _noise_prediction(denoiser(x, t.to(device), **kwargs), x.shape[1])
+        # a (B,) timestep: DiT's embedding refuses a 0-d one; UNets broadcast either
+        eps = _noise_prediction(denoiser(x, t.to(device).expand(x.shape[0]), **kwargs),
+                                x.shape[1])
         for fn in (callback, eps_hook):
             if fn is not None:
                 replaced = fn(step, t_int, x, eps)

@@ -57,6 +57,10 @@ def normalize_timestep(t: Any) -> Timestep:
         return int(t.reshape(()).item())
     if t.numel() == 0:
         raise ValueError("timestep tensor is empty")
+    if bool((t == t[0]).all()):
+        # one timestep for the whole batch (the sampler's case): the scalar lookup gives
+        # the same parameters as a per-sample gather, without the gather
+        return int(t[0])
     return t.to(torch.long)
 
 

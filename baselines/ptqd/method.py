@@ -1,0 +1,127 @@
+"""PTQD (He et al., NeurIPS 2023): BRECQ/AdaRound base PTQ with PTQD's layer choices,
+then per-step quantization-noise statistics on the FP calibration trajectories, which the
+sampler hook (:mod:`baselines.ptqd.hook`) uses to correct the noise prediction and the
+DDIM variance schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from baselines.ptqd.hook import PTQDSamplerHook, StepStats, fit_stats, sampler_key
+from gaq.config import MethodConfig, QuantConfig, positive_int
+from gaq.errors import GaqError
+from gaq.methods.base import Method, QuantResult
+from gaq.methods.common import Timer, as_forward_loop, finish, require_calibration_set
+from gaq.models.adapters import SkipRule
+from gaq.quantize import calibrate_activations, quantize_model
+from gaq.reconstruction import ReconConfig, calib_batches, reconstruct
+from gaq.sampling import _noise_prediction
+
+# the shared timestep MLP: diffusers UNets ("time_embedding") and DiT's AdaLN embedder
+_TIME_EMBEDDING = ("time_embedding.", "timestep_embedder.")
+
+
+@dataclass(frozen=True)
+class PTQDConfig(MethodConfig):
+    VERSION: ClassVar[int] = 1
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    learn_act_steps: bool = True
+    per_tensor_weights: bool = True  # PTQD's code quantizes weights per tensor
+    correct: bool = True  # divide out k_t and remove the bias mu_t
+    vsc: bool = True  # variance schedule calibration
+    bias_of: Literal["raw", "residual"] = "raw"
+    stats_batch: int = 64
+
+    def validate(self) -> None:
+        positive_int("stats_batch", self.stats_batch)
+        if self.bias_of not in ("raw", "residual"):
+            raise ValueError(f"bias_of must be 'raw' or 'residual', got {self.bias_of!r}")
+
+
+class PTQD(Method):
+    name = "ptqd"
+    Config = PTQDConfig
+    presets = {
+        "paper": PTQDConfig(),
+        # sized for the bundled 16x16 digits model on a laptop CPU
+        "cpu": PTQDConfig(recon=ReconConfig(weight_iters=200, act_iters=50)),
+    }
+
+    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
+        # PTQD's base-PTQ layer choices, on top of the model's policy
+        if name in ("conv_in", "conv_out") or any(p in f".{name}" for p in
+                                                  ("." + e for e in _TIME_EMBEDDING)):
+            return SkipRule("w8a8", "ptqd: time embedding and first/last layer at 8 bits")
+        if name.endswith("conv_shortcut"):
+            return SkipRule("fp", "ptqd: skip-connection conv kept FP")
+        if ".downsamplers." in f".{name}.":
+            return SkipRule("fp", "ptqd: downsample conv kept FP")
+        return None
+
+    def quant_config(self, quant: QuantConfig) -> QuantConfig:
+        """PTQD's variant of the run's config: attention matmuls unquantized and, by
+        default, per-tensor weights."""
+        quant = replace(quant, attention=False)
+        if self.config.per_tensor_weights:
+            quant = replace(quant, weight=replace(quant.weight, granularity="per_tensor"))
+        return quant
+
+    def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
+        require_calibration_set(self, calib)
+        key = _calibration_sampler(calib)
+        cfg = self.config.recon
+        quant = self.quant_config(quant)
+        with Timer() as timer:
+            qmodel, report = quantize_model(model, adapter, quant, self.skip)
+            batches = calib_batches(calib, cfg.capture_batch)
+            weights = reconstruct(qmodel, model, adapter, batches, cfg, phase="weights")
+            acts = []
+            if quant.act.bits is not None:
+                calibrate_activations(qmodel, as_forward_loop(calib, cfg.capture_batch))
+                if self.config.learn_act_steps:
+                    acts = reconstruct(qmodel, model, adapter, batches, cfg,
+                                       phase="activations")
+            stats = noise_stats(qmodel, calib.train(), self.config.stats_batch,
+                                self.config.bias_of)
+            hook = PTQDSamplerHook(stats, key, correct=self.config.correct, vsc=self.config.vsc)
+        result = finish(self, qmodel, report, quant, timer.seconds, sampler_hook=hook,
+                        mean_k=sum(s.k for s in stats) / len(stats))
+        result.state["blocks"] = [vars(r) for r in weights + acts]
+        result.state["ptqd"] = hook.to_dict()
+        return result
+
+
+def _calibration_sampler(calib) -> dict:
+    """The sampler key of the FP trajectories the calibration set was recorded on."""
+    spec = calib.meta.get("spec")
+    if not spec:
+        raise GaqError("PTQD needs a calibration set recorded along FP sampler trajectories "
+                       "(gaq.calibration.record_calibration): its statistics belong to one "
+                       "sampler configuration, which this set does not record")
+    if spec.get("protocol", "interval") != "interval":
+        raise GaqError("PTQD needs per-step statistics: record the calibration set with the "
+                       "'interval' protocol, not 'gaussian'")
+    return sampler_key(spec["steps"], spec["eta"])
+
+
+@torch.no_grad()
+def noise_stats(qmodel: nn.Module, calib, batch_size: int,
+                bias_of: str = "raw") -> list[StepStats]:
+    """PTQD's statistics for every timestep of ``calib``: the quantized model is run on the
+    FP trajectory's inputs x_t and compared with the recorded eps_fp."""
+    ref = next(qmodel.parameters())
+    out = []
+    for t, rows in calib.by_timestep().items():
+        eps_q = []
+        for b in rows.batches(batch_size):
+            cond = {k: v.to(ref.device) for k, v in b["cond"].items()}
+            x = b["x"].to(ref.device, ref.dtype)
+            pred = qmodel(x, b["t"].to(ref.device), **cond)
+            eps_q.append(_noise_prediction(pred, x.shape[1]).float().cpu())
+        eps_fp = _noise_prediction(rows.eps_fp, rows.x.shape[1])
+        out.append(fit_stats(t, torch.cat(eps_q), eps_fp, bias_of))
+    return out

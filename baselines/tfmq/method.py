@@ -1,0 +1,127 @@
+"""TFMQ-DM: temporal-information reconstruction, then block reconstruction of the rest,
+with activations quantized per tensor *and* per sampling timestep (finite-set calibration).
+
+Order (authors' code and paper): quantize; AdaRound the temporal layers jointly on the
+temporal features (:mod:`gaq.temporal`) and freeze them; AdaRound the remaining blocks
+(the "temporal" unit leaves its resnets, which then see the frozen quantized features);
+calibrate one activation ``(Δ_t, z_t)`` per sampling timestep with EMA min/max; learn the
+activation steps (every table row) block by block.
+
+GAQ subclasses this class and overrides :meth:`TFMQ.sample_weights` (per block) and
+:meth:`TFMQ.temporal_weights` (temporal unit) to replace the uniform sample weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
+
+from torch import Tensor, nn
+
+from gaq.config import MethodConfig, QuantConfig
+from gaq.methods.base import Method, QuantResult
+from gaq.methods.common import Timer, as_forward_loop, finish, require_calibration_set
+from gaq.models.adapters import Block, SkipRule
+from gaq.quantize import calibrate_activations, quantize_model
+from gaq.reconstruction import BlockData, ReconConfig, WeightFn, calib_batches, reconstruct
+from gaq.temporal import (
+    TemporalData,
+    learn_temporal_act_steps,
+    reconstruct_temporal,
+    temporal_data,
+)
+
+# First time-embedding linear (UNet) / per-block timestep MLP input layer (DiT): the
+# authors' code keeps it FP (``disable_out_quantization``: their module 0).
+_FIRST_TIME_LAYERS = ("time_embedding.linear_1",)
+_FIRST_TIME_SUFFIX = ".norm1.emb.timestep_embedder.linear_1"
+
+
+@dataclass(frozen=True)
+class TFMQConfig(MethodConfig):
+    VERSION: ClassVar[int] = 1
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    # AdaRound the temporal layers on the temporal features (off: they stay in their
+    # blocks and are reconstructed by block replay, i.e. plain BRECQ with per-t acts)
+    temporal_recon: bool = True
+    learn_act_steps: bool = True
+    # finite-set calibration: one activation (Δ_t, z_t) per sampling timestep
+    per_timestep_acts: bool = True
+    act_range_init: Literal["max", "mse", "ema"] = "ema"
+    # authors' code: skip/shortcut and downsample convs stay FP ("refer to PTQD")
+    fp_skip_convs: bool = True
+    # authors' code: the first time-embedding linear stays FP
+    fp_first_time_layer: bool = True
+
+
+class TFMQ(Method):
+    name = "tfmq"
+    Config = TFMQConfig
+    presets = {
+        "paper": TFMQConfig(),
+        # sized for the bundled 16x16 digits model on one CPU core (< 2 min)
+        "cpu": TFMQConfig(recon=ReconConfig(weight_iters=200, act_iters=50)),
+    }
+
+    def __init__(self, config: TFMQConfig, sample_weights: WeightFn | None = None) -> None:
+        super().__init__(config)
+        self._weight_fn = sample_weights
+
+    # -- hooks for methods built on this pipeline (GAQ) -------------------------------
+    def sample_weights(self, block: Block, data: BlockData) -> Tensor | None:
+        """Per-sample loss weights over the calibration training rows for ``block``
+        (indexed like ``data.index()``); None = uniform. Default: the constructor's
+        ``sample_weights`` callable, if any."""
+        return None if self._weight_fn is None else self._weight_fn(block, data)
+
+    def temporal_weights(self, data: TemporalData, calib) -> Tensor | None:
+        """Per-row weights (training rows) for the temporal reconstruction; None = uniform."""
+        return None
+
+    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
+        cfg = self.config
+        if cfg.fp_skip_convs and (name.endswith(".conv_shortcut") or ".downsamplers." in name):
+            return SkipRule("fp", "TFMQ-DM: skip/downsample convs FP (authors' code)")
+        if cfg.fp_first_time_layer and (name in _FIRST_TIME_LAYERS
+                                        or name.endswith(_FIRST_TIME_SUFFIX)):
+            return SkipRule("fp", "TFMQ-DM: first time-embedding layer FP (authors' code)")
+        return None
+
+    def tfmq_quant(self, quant: QuantConfig) -> QuantConfig:
+        """``quant`` with TFMQ-DM's activation calibration (per timestep, EMA min/max)."""
+        if quant.act.bits is None:
+            return quant
+        act = replace(quant.act, range_init=self.config.act_range_init,
+                      per_timestep=self.config.per_timestep_acts)
+        return replace(quant, act=act)
+
+    def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
+        require_calibration_set(self, calib)
+        cfg = self.config.recon
+        quant = self.tfmq_quant(quant)
+        temporal: dict[str, float] = {}
+        with Timer() as timer:
+            qmodel, report = quantize_model(model, adapter, quant, self.skip)
+            if self.config.temporal_recon:
+                data = temporal_data(calib)
+                tweights = self.temporal_weights(data, calib)
+                temporal = reconstruct_temporal(qmodel, model, adapter, data, cfg, tweights)
+            blocks = adapter.blocks(split_temporal=self.config.temporal_recon)
+            batches = calib_batches(calib, cfg.capture_batch)
+            weights = reconstruct(qmodel, model, adapter, batches, cfg, phase="weights",
+                                  blocks=blocks, weight_fn=self.sample_weights)
+            acts = []
+            if quant.act.bits is not None:
+                calibrate_activations(qmodel, as_forward_loop(calib, cfg.capture_batch))
+                if self.config.learn_act_steps and self.config.temporal_recon:
+                    temporal |= learn_temporal_act_steps(qmodel, model, adapter, data, cfg,
+                                                         tweights)
+                if self.config.learn_act_steps:
+                    acts = reconstruct(qmodel, model, adapter, batches, cfg,
+                                       phase="activations", blocks=blocks,
+                                       weight_fn=self.sample_weights)
+        extra = {f"temporal_{k}": v for k, v in temporal.items()}
+        result = finish(self, qmodel, report, quant, timer.seconds, **extra)
+        result.state["temporal"] = temporal
+        result.state["blocks"] = [vars(r) for r in weights + acts]
+        return result

@@ -1,0 +1,158 @@
+"""PTQD: the explicit DDIM update equals diffusers' step, variance schedule calibration,
+refusal of another sampler, tiny conditional UNet and DiT end to end, and the correction
+on the bundled digits model (k refitted on held-out trajectories, error below RTN)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from baselines.ptqd import PTQD, PTQDConfig, PTQDSamplerHook, StepStats, fit_stats
+from gaq.calibration import CalibrationSpec, record_calibration
+from gaq.config import QuantConfig
+from gaq.errors import GaqError
+from gaq.models.adapters import adapter_for
+from gaq.quantize import quant_layers
+from gaq.reconstruction import ReconConfig
+from gaq.sampling import (
+    SamplerConfig,
+    ddim_sample_batch,
+    ddim_scheduler,
+    ddim_sigma,
+    ddim_update,
+)
+
+TINY_RECON = ReconConfig(weight_iters=5, act_iters=2, batch_size=8, capture_batch=8,
+                         cache="memory")
+
+
+@pytest.fixture(scope="module")
+def sched():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+def hook_with(sigma_q: float, key: dict | None = None, ts=(0, 250, 750)) -> PTQDSamplerHook:
+    stats = [StepStats(t, 0.1, (0.0,), sigma_q) for t in ts]
+    return PTQDSamplerHook(stats, key or {"scheduler": "DDIMScheduler", "steps": 4, "eta": 0.0,
+                                          "guidance": None})
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_explicit_ddim_update_equals_diffusers_step(sched, eta):
+    ddim = ddim_scheduler(sched, 10)
+    gen = torch.Generator().manual_seed(0)
+    for t in ddim.timesteps:
+        x, eps, noise = (torch.randn(2, 1, 4, 4, generator=gen) for _ in range(3))
+        ref = ddim.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        sigma, _ = ddim_sigma(ddim, int(t), eta)
+        ours = ddim_update(ddim, eps, int(t), x, sigma, noise)
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_vsc_is_a_no_op_at_eta_0_and_lowers_sigma_above(sched):
+    ddim = ddim_scheduler(sched, 4)
+    hook = hook_with(sigma_q=0.3)
+    for t in ddim.timesteps:
+        sigma0, c0 = ddim_sigma(ddim, int(t), 0.0)
+        assert sigma0 == 0.0 and hook.sigma(0, int(t), sigma0, c0) == 0.0
+        sigma1, c1 = ddim_sigma(ddim, int(t), 1.0)
+        new = hook.sigma(0, int(t), sigma1, c1)
+        # the last step (to alpha_prev = 1) has no noise to lower
+        assert 0.0 <= new < sigma1 if sigma1 > 0 else new == 0.0
+        expected = max(sigma1**2 - (c1 * 0.3 / 1.1) ** 2, 0.0) ** 0.5
+        assert new == pytest.approx(expected)
+
+
+def test_vsc_changes_eta_1_samples_only(tiny_unet, sched):
+    """At eta = 0 the hook's sigma leaves the trajectory on diffusers' step (bit-identical to
+    an eps-only hook); at eta = 1 it changes the samples."""
+
+    class EpsOnly:
+        def eps(self, step, t, x, eps):
+            return None
+
+    for eta, same in ((0.0, True), (1.0, False)):
+        sampler = SamplerConfig(steps=4, eta=eta)
+        hook = hook_with(0.5, {"scheduler": "DDIMScheduler", "steps": 4, "eta": eta,
+                               "guidance": None}, ts=(0, 750))
+        hook.correct = False  # isolate VSC
+        a = ddim_sample_batch(tiny_unet, sched, [0, 1], seed=0, sampler=sampler, hook=hook)
+        b = ddim_sample_batch(tiny_unet, sched, [0, 1], seed=0, sampler=sampler, hook=EpsOnly())
+        assert torch.equal(a, b) is same
+
+
+def test_another_sampler_configuration_is_refused(tiny_unet, sched):
+    hook = hook_with(0.1)
+    with pytest.raises(GaqError, match="steps"):
+        ddim_sample_batch(tiny_unet, sched, [0], seed=0, sampler=SamplerConfig(steps=8),
+                          hook=hook)
+    with pytest.raises(GaqError, match="eta"):
+        hook.bind(SamplerConfig(steps=4, eta=0.5), ddim_scheduler(sched, 4))
+    hook.bind(SamplerConfig(steps=4), ddim_scheduler(sched, 4))  # its own: accepted
+
+
+def test_statistics_recover_a_synthetic_noise_model():
+    gen = torch.Generator().manual_seed(0)
+    fp = torch.randn(64, 3, 8, 8, generator=gen)
+    delta = 0.2 * torch.randn(64, 3, 8, 8, generator=gen) + torch.tensor([0.1, -0.2, 0.0]).view(
+        1, 3, 1, 1)
+    s = fit_stats(7, 1.15 * fp + delta, fp)
+    assert s.k == pytest.approx(0.15, abs=0.01)
+    assert s.mu == pytest.approx((0.1, -0.2, 0.0), abs=0.02)
+    assert s.sigma == pytest.approx(0.2, abs=0.01)
+    assert fit_stats(7, 0.9 * fp, fp).k == 0.0  # negative slope: not used
+    hook = PTQDSamplerHook([s, StepStats(9, 0.35, (0.3, 0.0, 0.0), 0.4)], hook_with(0).key)
+    k, mu, sigma = hook.at(8)  # interpolated halfway
+    assert k == pytest.approx((s.k + 0.35) / 2) and sigma == pytest.approx((s.sigma + 0.4) / 2)
+    assert hook.at(0)[0] == s.k and hook.at(999)[0] == 0.35  # held beyond the ends
+
+
+@pytest.mark.parametrize("kind", ["cond_unet", "dit"])
+def test_runs_on_conditional_unet_and_dit(make_tiny_model, sched, tmp_path, kind):
+    model = make_tiny_model(kind)
+    if kind == "dit":
+        def cond_fn(idx):
+            return {"class_labels": idx % 10}
+    else:
+        def cond_fn(idx):
+            return {"encoder_hidden_states": torch.randn(len(idx), 3, 12,
+                                                         generator=torch.Generator().manual_seed(0))}
+    spec = CalibrationSpec(steps=4, interval=2, samples_per_step=4)
+    calib = record_calibration(model, sched, spec, model_id=f"tiny-{kind}", cond_fn=cond_fn,
+                               cache_dir=tmp_path)
+    method = PTQD(PTQDConfig(recon=TINY_RECON))
+    result = method.quantize(model, adapter_for(model), calib, QuantConfig.from_bits("W4A8"))
+    assert {d.kind for d in result.report if d.status != "fp"} <= {"Conv2d", "Linear"}
+    assert all(layer.weight_quantizer.axis is None for _, layer in quant_layers(result.model))
+    assert len(result.state["ptqd"]["stats"]) == 2
+    json.dumps(result.state)  # the state, statistics included, is plain JSON
+    restored = PTQDSamplerHook.from_dict(json.loads(json.dumps(result.state["ptqd"])))
+    images = ddim_sample_batch(result.model, sched, [0, 1], seed=0, sampler=spec.sampler,
+                               hook=restored,
+                               denoiser_kwargs=cond_fn(torch.arange(2)))
+    assert images.shape == (2, 4, 8, 8) and torch.isfinite(images).all()
+
+
+def test_skip_rules(make_tiny_model):
+    model = make_tiny_model("unet")
+    m = PTQD(PTQDConfig())
+    rules = {n: m.skip(mod, n) for n, mod in model.named_modules()}
+    assert rules["time_embedding.linear_1"].precision == "w8a8"
+    assert rules["conv_in"].precision == "w8a8"
+    assert rules["down_blocks.0.downsamplers.0.conv"].precision == "fp"
+    assert rules["up_blocks.0.resnets.0.conv_shortcut"].precision == "fp"
+    assert rules["down_blocks.0.resnets.0.conv1"] is None
+    assert m.quant_config(QuantConfig.from_bits("W4A8")).attention is False
+
+
+# -- the bundled digits model at W4A8 ----------------------------------------------------
+
+# Base PTQ without reconstruction iterations (per-tensor MSE ranges, nearest rounding):
+# what is tested here is PTQD's correction, and AdaRound on the bundled model takes minutes
+# on CPU. The held-out trajectories use another seed and every sampler step.
+DIGITS_SPEC = CalibrationSpec(steps=20, interval=2, samples_per_step=16)
+HELD_SPEC = CalibrationSpec(steps=20, interval=1, samples_per_step=8, seed=7)
