@@ -15,7 +15,8 @@ from gaq.reconstruction import ReconConfig
 
 # a short budget for CI; lr 1e-2 so 60 AdaRound steps move the rounding (the presets use
 # the paper's 1e-3 with more steps)
-FAST = ReconConfig(weight_iters=60, act_iters=20, weight_lr=1e-2, capture_batch=64)
+FAST = ReconConfig(weight_iters=40, act_iters=5, weight_lr=1e-2, capture_batch=40,
+                   eval_samples=40)
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,10 @@ def bundled(tmp_path_factory):
     cache = tmp_path_factory.mktemp("calib")
     model = load_model("digits")
     calib = record_calibration(model.denoiser, model.scheduler,
-                               CalibrationSpec(steps=20, interval=2, samples_per_step=8),
+                               CalibrationSpec(steps=10, interval=2, samples_per_step=8),
                                model_id="digits", cache_dir=cache)
     heldout = record_calibration(model.denoiser, model.scheduler,
-                                 CalibrationSpec(steps=20, interval=1, samples_per_step=4,
+                                 CalibrationSpec(steps=10, interval=1, samples_per_step=4,
                                                  seed=99),
                                  model_id="digits", cache_dir=cache)
     return model, calib, heldout

@@ -188,14 +188,15 @@ def test_per_timestep_parameters_follow_the_actual_timestep(tfmq_digits, bundled
                    if q.mode == "table" and q.scale.unique().numel() > 1)
     used: list[set[float]] = []
     # the (Δ, z) the quantizer looks up while the model runs, one set per forward
-    h = q.register_forward_pre_hook(lambda m, args: used[-1].update(m.qparams()[0].tolist()))
+    h = q.register_forward_pre_hook(
+        lambda m, args: used[-1].update(torch.atleast_1d(m.qparams()[0]).tolist()))
     t_lo, t_hi = min(calib.timesteps()), max(calib.timesteps())
     x = calib.x[:2]
     try:
         with torch.no_grad():
             for t in (t_lo, t_hi):
                 used.append(set())
-                qmodel(x, torch.full((2,), t))  # per-sample timesteps, as the sampler's
+                qmodel(x, torch.full((2,), t))  # a (B,) timestep, as the sampler passes it
     finally:
         h.remove()
     rows = {int(ts): float(s) for ts, s in zip(q.timesteps, q.scale, strict=True)}
