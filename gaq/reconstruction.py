@@ -221,6 +221,34 @@ def _lookup(weights: Tensor | None, index: Tensor) -> Tensor | None:
     return None if weights is None else weights[index]
 
 
+def adaround(quantizers: list, loss_fn: Callable[[], Tensor], cfg: ReconConfig,
+             progress: bool = False, desc: str = "  adaround") -> None:
+    """Optimise the AdaRound variables of ``quantizers`` on ``loss_fn()`` (a fresh minibatch
+    loss per call) plus the rounding regulariser, annealed after the warm-up; ends with
+    hard rounding. Shared by block and temporal reconstruction."""
+    opt = torch.optim.Adam([q.alpha for q in quantizers], lr=cfg.weight_lr)
+    steps = range(cfg.weight_iters)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=desc, leave=False, mininterval=2)
+    for q in quantizers:
+        q.set_soft(True)
+    for step in steps:
+        with torch.enable_grad():
+            loss = loss_fn()
+            beta = annealed_beta(step, cfg.weight_iters, cfg.warmup, cfg.beta_start,
+                                 cfg.beta_end)
+            if beta is not None:
+                loss = loss + cfg.reg_weight * sum(q.rounding_regularizer(beta)
+                                                   for q in quantizers)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+    for q in quantizers:
+        q.set_soft(False)
+
+
 def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,
                    weights: Tensor | None = None, progress: bool = False) -> dict[str, float]:
     """AdaRound the not-yet-frozen layers of ``block`` (activations off); returns the block
@@ -232,31 +260,13 @@ def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,
         lay.set_mode("weight")
     rtn = block_error(block, data, cfg.eval_samples)
     quantizers = [q for lay in layers for q in lay.use_adaround()]
-    params = [q.alpha for q in quantizers]
-    opt = torch.optim.Adam(params, lr=cfg.weight_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps = range(cfg.weight_iters)
-    if progress:
-        from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="  adaround", leave=False, mininterval=2)
-    for q in quantizers:
-        q.set_soft(True)
-    for step in steps:
+    def loss() -> Tensor:
         rec = data.sample(cfg.batch_size, gen)
-        with torch.enable_grad():
-            loss = weighted_error(_forward(block, rec), rec["target"],
-                                  _lookup(weights, rec["index"]))
-            beta = annealed_beta(step, cfg.weight_iters, cfg.warmup, cfg.beta_start,
-                                 cfg.beta_end)
-            if beta is not None:
-                loss = loss + cfg.reg_weight * sum(q.rounding_regularizer(beta)
-                                                   for q in quantizers)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
-    for q in quantizers:
-        q.set_soft(False)
+        return weighted_error(_forward(block, rec), rec["target"], _lookup(weights, rec["index"]))
+
+    adaround(quantizers, loss, cfg, progress)
     after = block_error(block, data, cfg.eval_samples)
     for lay in layers:
         lay.freeze_weights()

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from gaq.models.adapters import ModelAdapter
-from gaq.quant import QuantLayer, annealed_beta, timestep_context
-from gaq.reconstruction import ReconConfig, weighted_error
+from gaq.quant import QuantLayer, timestep_context
+from gaq.reconstruction import ReconConfig, adaround, weighted_error
 
 __all__ = ["TEMPORAL_COND_KEYS", "TemporalData", "learn_temporal_act_steps",
            "reconstruct_temporal", "temporal_data", "temporal_error"]
@@ -187,30 +187,14 @@ def reconstruct_temporal(qmodel: nn.Module, fpmodel: nn.Module, adapter: ModelAd
 
     rtn = error()
     quantizers = [q for lay in layers for q in lay.use_adaround()]
-    opt = torch.optim.Adam([q.alpha for q in quantizers], lr=cfg.weight_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps = range(cfg.weight_iters)
-    if progress:
-        from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="  temporal adaround", leave=False, mininterval=2)
-    for q in quantizers:
-        q.set_soft(True)
-    for step in steps:
+    def loss() -> Tensor:
         idx = torch.randperm(len(data), generator=gen)[: cfg.batch_size].to(device)
-        with torch.enable_grad():
-            out = _features(adapter, qmodel, data, idx)
-            loss = temporal_error(out, {k: v[idx] for k, v in target.items()}, pair_w[idx])
-            beta = annealed_beta(step, cfg.weight_iters, cfg.warmup, cfg.beta_start,
-                                 cfg.beta_end)
-            if beta is not None:
-                loss = loss + cfg.reg_weight * sum(q.rounding_regularizer(beta)
-                                                   for q in quantizers)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
-    for q in quantizers:
-        q.set_soft(False)
+        out = _features(adapter, qmodel, data, idx)
+        return temporal_error(out, {k: v[idx] for k, v in target.items()}, pair_w[idx])
+
+    adaround(quantizers, loss, cfg, progress, desc="  temporal adaround")
     after = error()
     for lay in layers:
         lay.freeze_weights()

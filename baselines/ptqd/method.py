@@ -15,10 +15,10 @@ from baselines.ptqd.hook import PTQDSamplerHook, StepStats, fit_stats, sampler_k
 from gaq.config import MethodConfig, QuantConfig, positive_int
 from gaq.errors import GaqError
 from gaq.methods.base import Method, QuantResult
-from gaq.methods.common import Timer, as_forward_loop, finish, require_calibration_set
+from gaq.methods.brecq import reconstruct_model
+from gaq.methods.common import Timer, finish, require_calibration_set
 from gaq.models.adapters import SkipRule
-from gaq.quantize import calibrate_activations, quantize_model
-from gaq.reconstruction import ReconConfig, calib_batches, reconstruct
+from gaq.reconstruction import ReconConfig
 from gaq.sampling import _noise_prediction
 
 # the shared timestep MLP: diffusers UNets ("time_embedding") and DiT's AdaLN embedder
@@ -76,21 +76,14 @@ class PTQD(Method):
         cfg = self.config.recon
         quant = self.quant_config(quant)
         with Timer() as timer:
-            qmodel, report = quantize_model(model, adapter, quant, self.skip)
-            batches = calib_batches(calib, cfg.capture_batch)
-            weights = reconstruct(qmodel, model, adapter, batches, cfg, phase="weights")
-            acts = []
-            if quant.act.bits is not None:
-                calibrate_activations(qmodel, as_forward_loop(calib, cfg.capture_batch))
-                if self.config.learn_act_steps:
-                    acts = reconstruct(qmodel, model, adapter, batches, cfg,
-                                       phase="activations")
+            qmodel, report, blocks = reconstruct_model(self, model, adapter, calib, quant, cfg,
+                                                       self.config.learn_act_steps)
             stats = noise_stats(qmodel, calib.train(), self.config.stats_batch,
                                 self.config.bias_of)
             hook = PTQDSamplerHook(stats, key, correct=self.config.correct, vsc=self.config.vsc)
         result = finish(self, qmodel, report, quant, timer.seconds, sampler_hook=hook,
                         mean_k=sum(s.k for s in stats) / len(stats))
-        result.state["blocks"] = [vars(r) for r in weights + acts]
+        result.state["blocks"] = blocks
         result.state["ptqd"] = hook.to_dict()
         return result
 

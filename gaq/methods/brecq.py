@@ -49,17 +49,26 @@ class BRECQ(Method):
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         require_calibration_set(self, calib)
         quant = self.method_quant(quant)
-        cfg = self.config.recon
         with Timer() as timer:
-            qmodel, report = quantize_model(model, adapter, quant, self.skip)
-            batches = calib_batches(calib, cfg.capture_batch)
-            weights = reconstruct(qmodel, model, adapter, batches, cfg, phase="weights")
-            acts = []
-            if quant.act.bits is not None:
-                calibrate_activations(qmodel, as_forward_loop(calib, cfg.capture_batch))
-                if self.config.learn_act_steps:
-                    acts = reconstruct(qmodel, model, adapter, batches, cfg,
-                                       phase="activations")
+            qmodel, report, blocks = reconstruct_model(self, model, adapter, calib, quant,
+                                                       self.config.recon,
+                                                       self.config.learn_act_steps)
         result = finish(self, qmodel, report, quant, timer.seconds)
-        result.state["blocks"] = [vars(r) for r in weights + acts]
+        result.state["blocks"] = blocks
         return result
+
+
+def reconstruct_model(method: Method, model: nn.Module, adapter, calib, quant: QuantConfig,
+                      cfg: ReconConfig, learn_act_steps: bool = True):
+    """The BRECQ pipeline every reconstruction-based method shares: quantize with the
+    method's skip rules, AdaRound the weights block by block, initialise activation ranges
+    from calibration data, then learn the activation steps block by block. Returns the
+    quantized model, its layer report and the per-block metrics (JSON-able)."""
+    qmodel, report = quantize_model(model, adapter, quant, method.skip)
+    batches = calib_batches(calib, cfg.capture_batch)
+    results = reconstruct(qmodel, model, adapter, batches, cfg, phase="weights")
+    if quant.act.bits is not None:
+        calibrate_activations(qmodel, as_forward_loop(calib, cfg.capture_batch))
+        if learn_act_steps:
+            results += reconstruct(qmodel, model, adapter, batches, cfg, phase="activations")
+    return qmodel, report, [vars(r) for r in results]
