@@ -273,30 +273,24 @@ def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,
     return {"rtn_error": rtn, "adaround_error": after}
 
 
-def learn_act_steps(block: nn.Module, data: BlockData, cfg: ReconConfig,
-                    weights: Tensor | None = None, progress: bool = False) -> dict[str, float]:
-    """LSQ-style: make the block's activation step sizes parameters and fit them with the
-    Lp block loss (Adam, cosine decay); returns the block error before and after."""
-    quantizers = block_act_quantizers(block)
-    if not quantizers or cfg.act_iters == 0:
-        return {}
-    before = block_error(block, data, cfg.eval_samples)
+def fit_act_steps(quantizers: list[FakeQuantizer], loss_fn: Callable[[], Tensor],
+                  cfg: ReconConfig, progress: bool = False, desc: str = "  act steps") -> None:
+    """LSQ-style: make the step sizes of ``quantizers`` parameters, fit them on ``loss_fn()``
+    with Adam and cosine decay, then make them buffers again. Shared by block and
+    temporal reconstruction."""
     for q in quantizers:
         q.learn_scale(True)
     params = [q.scale for q in quantizers]
     opt = torch.optim.Adam(params, lr=cfg.act_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.act_iters, eta_min=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
     steps = range(cfg.act_iters)
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="  act steps", leave=False, mininterval=2)
+        steps = tqdm(steps, desc=desc, leave=False, mininterval=2)
     for _ in steps:
-        rec = data.sample(cfg.batch_size, gen)
         with torch.enable_grad():
-            loss = weighted_error(_forward(block, rec), rec["target"],
-                                  _lookup(weights, rec["index"]), p=cfg.act_p)
+            loss = loss_fn()
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
@@ -306,6 +300,24 @@ def learn_act_steps(block: nn.Module, data: BlockData, cfg: ReconConfig,
                 p.clamp_(min=1e-8)  # a step size must stay positive
     for q in quantizers:
         q.learn_scale(False)
+
+
+def learn_act_steps(block: nn.Module, data: BlockData, cfg: ReconConfig,
+                    weights: Tensor | None = None, progress: bool = False) -> dict[str, float]:
+    """LSQ-style: make the block's activation step sizes parameters and fit them with the
+    Lp block loss (Adam, cosine decay); returns the block error before and after."""
+    quantizers = block_act_quantizers(block)
+    if not quantizers or cfg.act_iters == 0:
+        return {}
+    before = block_error(block, data, cfg.eval_samples)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def loss() -> Tensor:
+        rec = data.sample(cfg.batch_size, gen)
+        return weighted_error(_forward(block, rec), rec["target"],
+                              _lookup(weights, rec["index"]), p=cfg.act_p)
+
+    fit_act_steps(quantizers, loss, cfg, progress)
     return {"act_before": before, "act_after": block_error(block, data, cfg.eval_samples)}
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gaq.models.adapters import ModelAdapter
 from gaq.quant import QuantLayer, timestep_context
-from gaq.reconstruction import ReconConfig, adaround, weighted_error
+from gaq.reconstruction import ReconConfig, adaround, fit_act_steps, weighted_error
 
 __all__ = ["TEMPORAL_COND_KEYS", "TemporalData", "learn_temporal_act_steps",
            "reconstruct_temporal", "temporal_data", "temporal_error"]
@@ -131,27 +131,15 @@ def learn_temporal_act_steps(qmodel: nn.Module, fpmodel: nn.Module, adapter: Mod
             return float(temporal_error(_features(adapter, qmodel, data, every), target, counts))
 
     before = error()
-    for q in quantizers:
-        q.learn_scale(True)
-    params = [q.scale for q in quantizers]
-    opt = torch.optim.Adam(params, lr=cfg.act_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.act_iters, eta_min=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    for _ in range(cfg.act_iters):
+
+    def loss() -> Tensor:
         idx = torch.randperm(len(data), generator=gen)[: cfg.batch_size].to(data.t.device)
-        with torch.enable_grad():
-            out = _features(adapter, qmodel, data, idx)
-            loss = sum(weighted_error(out[k], target[k][idx], pair_w[idx], p=cfg.act_p)
-                       for k in target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for p in params:
-                p.clamp_(min=1e-8)  # a step size must stay positive
-    for q in quantizers:
-        q.learn_scale(False)
+        out = _features(adapter, qmodel, data, idx)
+        return sum(weighted_error(out[k], target[k][idx], pair_w[idx], p=cfg.act_p)
+                   for k in target)
+
+    fit_act_steps(quantizers, loss, cfg)
     return {"act_before": before, "act_after": error()}
 
 
