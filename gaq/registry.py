@@ -38,6 +38,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "brecq": "gaq.methods.brecq:BRECQ",
     "qdiffusion": "baselines.qdiffusion.method:QDiffusion",
     "tfmq": "baselines.tfmq.method:TFMQ",
+    "tdq": "baselines.tdq.method:TDQ",
 }
 
 T = TypeVar("T", bound=type)

@@ -32,11 +32,13 @@ class StepStats:
 
 
 @torch.no_grad()
-def fit_stats(t: int, eps_q: Tensor, eps_fp: Tensor, bias_of: str = "raw") -> StepStats:
+def fit_stats(t: int, eps_q: Tensor, eps_fp: Tensor, bias_of: str = "raw",
+              negative_k: bool = False) -> StepStats:
     """PTQD's per-step statistics from paired predictions (N, C, ...) at timestep ``t``.
 
     ``k``: least-squares slope (with intercept) of the error on eps_fp over all elements,
-    kept only if positive (a negative slope would amplify eps, which PTQD never does).
+    kept only if positive (a negative slope would amplify eps, which PTQD never does);
+    ``negative_k=True`` keeps a negative slope too (not PTQD's rule; floored at -0.5).
     ``mu``: per-channel mean of the raw error (``bias_of="raw"``, METHODS.md) or of the
     residual δ = error − k·eps_fp (``"residual"``, what the noise model implies).
     ``sigma``: RMS of δ around its per-channel mean — the noise left after correction.
@@ -45,7 +47,7 @@ def fit_stats(t: int, eps_q: Tensor, eps_fp: Tensor, bias_of: str = "raw") -> St
     err = eps_q.double() - fp
     fc = fp - fp.mean()
     k = float((fc * (err - err.mean())).sum() / fc.pow(2).sum().clamp_min(1e-30))
-    k = max(k, 0.0)
+    k = max(k, -0.5) if negative_k else max(k, 0.0)
     resid = err - k * fp
     dims = [0] + list(range(2, err.ndim))
     mu = (err if bias_of == "raw" else resid).mean(dim=dims)

@@ -34,6 +34,13 @@ class PTQDConfig(MethodConfig):
     correct: bool = True  # divide out k_t and remove the bias mu_t
     vsc: bool = True  # variance schedule calibration
     bias_of: Literal["raw", "residual"] = "raw"
+    # PTQD only corrects a positive correlation (k > 0); True also divides out a negative
+    # one (eps shrunk by the quantized model). Not in the paper or its code.
+    negative_k: bool = False
+    # True: refuse a calibration set that does not hold every step of its sampler (interval
+    # 1), so that no step's statistics are interpolated or held from a neighbour. The method
+    # cannot record trajectories itself: it is not given the scheduler.
+    every_step: bool = False
     stats_batch: int = 64
 
     def validate(self) -> None:
@@ -73,13 +80,15 @@ class PTQD(Method):
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         require_calibration_set(self, calib)
         key = _calibration_sampler(calib)
+        if self.config.every_step:
+            _require_every_step(calib)
         cfg = self.config.recon
         quant = self.quant_config(quant)
         with Timer() as timer:
             qmodel, report, blocks = reconstruct_model(self, model, adapter, calib, quant, cfg,
                                                        self.config.learn_act_steps)
             stats = noise_stats(qmodel, calib.train(), self.config.stats_batch,
-                                self.config.bias_of)
+                                self.config.bias_of, self.config.negative_k)
             hook = PTQDSamplerHook(stats, key, correct=self.config.correct, vsc=self.config.vsc)
         result = finish(self, qmodel, report, quant, timer.seconds, sampler_hook=hook,
                         mean_k=sum(s.k for s in stats) / len(stats))
@@ -101,9 +110,18 @@ def _calibration_sampler(calib) -> dict:
     return sampler_key(spec["steps"], spec["eta"])
 
 
+def _require_every_step(calib) -> None:
+    steps = int(calib.meta["spec"]["steps"])
+    seen = len(calib.train().timesteps())
+    if seen < steps:
+        raise GaqError(f"PTQD with every_step=True needs statistics at all {steps} sampler "
+                       f"steps but the calibration set holds {seen} timesteps: record it with "
+                       "interval = 1")
+
+
 @torch.no_grad()
-def noise_stats(qmodel: nn.Module, calib, batch_size: int,
-                bias_of: str = "raw") -> list[StepStats]:
+def noise_stats(qmodel: nn.Module, calib, batch_size: int, bias_of: str = "raw",
+                negative_k: bool = False) -> list[StepStats]:
     """PTQD's statistics for every timestep of ``calib``: the quantized model is run on the
     FP trajectory's inputs x_t and compared with the recorded eps_fp."""
     ref = next(qmodel.parameters())
@@ -116,5 +134,5 @@ def noise_stats(qmodel: nn.Module, calib, batch_size: int,
             pred = qmodel(x, b["t"].to(ref.device), **cond)
             eps_q.append(_noise_prediction(pred, x.shape[1]).float().cpu())
         eps_fp = _noise_prediction(rows.eps_fp, rows.x.shape[1])
-        out.append(fit_stats(t, torch.cat(eps_q), eps_fp, bias_of))
+        out.append(fit_stats(t, torch.cat(eps_q), eps_fp, bias_of, negative_k))
     return out

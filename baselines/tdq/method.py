@@ -161,10 +161,11 @@ class TDQ(Method):
     presets = {
         # AdaRound as BRECQ/Q-Diffusion (20k iterations); MLP as the authors' layout.
         "paper": TDQConfig(),
-        # sized for the bundled 16x16 digits model on one CPU core
+        # sized for the bundled 16x16 digits model on one CPU core: 83 s at W4A8 with the
+        # bench-w4a8 calibration (10 timesteps x 32), one thread (NOTES.md)
         "cpu": TDQConfig(recon=ReconConfig(weight_iters=200, weight_lr=1e-2, capture_batch=40,
                                            cache="memory"),
-                         iters=100, lr=1e-3, batch_size=32),
+                         iters=40, lr=1e-3, batch_size=32),
     }
 
     def skip(self, module: nn.Module, name: str) -> SkipRule | None:
