@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: Bump when the file layout or the recording semantics change: old entries become misses.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 #: ``cond_fn(indices) -> {name: (B, ...) tensor}``: conditioning for the trajectories with
 #: these global indices (an int64 tensor), passed to the denoiser as keyword arguments.
@@ -465,6 +465,9 @@ def record_calibration(
             return hit
 
     timesteps = sampling_timesteps(scheduler, spec.steps)
+    # every timestep the sampler visits, not only the recorded ones: per-timestep
+    # parameters must cover them all (gaq.quantize.fill_tables)
+    meta["sampler_timesteps"] = [int(v) for v in timesteps]
     horizon = int(scheduler.config.num_train_timesteps)
     plan = _recording_plan(spec, timesteps, horizon)
     rows = _record(denoiser, scheduler, spec, plan, cond_all, device, progress)
@@ -622,7 +625,8 @@ def _load(folder: Path, key: str) -> CalibrationSet | None:
             cond=cond,
             split=tensors["split"],
             image=tensors.get("image"),
-            meta={k: meta[k] for k in ("key", "model_id", "spec") if k in meta},
+            meta={k: meta[k] for k in ("key", "model_id", "spec", "sampler_timesteps")
+                  if k in meta},
         )
         if len(calib) != meta.get("rows"):
             raise ValueError(f"{len(calib)} rows on disk, metadata says {meta.get('rows')}")

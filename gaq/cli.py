@@ -101,7 +101,7 @@ def _perf(args: argparse.Namespace) -> None:
 def _benchmark_path(name: str) -> Path:
     """A file path, or the name of a shipped benchmark (``w4a8`` -> benchmarks/w4a8.toml)."""
     path = Path(name)
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix == ".toml" or path.is_file():
         return path
     return Path("benchmarks") / f"{name}.toml"
 

@@ -179,6 +179,18 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
     return len(quantizers)
 
 
+def fill_tables(model: nn.Module, timesteps: list[int]) -> int:
+    """Give every per-timestep activation table a row for each of ``timesteps`` (the
+    sampler's), copied from its nearest calibrated timestep: a calibration that keeps
+    every n-th sampler step still serves every step. Returns how many tables grew."""
+    grown = 0
+    for _, q in act_quantizers(model):
+        if q.mode == "table":
+            before = q.timesteps.numel()
+            grown += q.fill_table(timesteps).timesteps.numel() > before
+    return grown
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Quantize weights once and keep them dequantized: sampling pays only for activations."""
     for _, layer in quant_layers(model):

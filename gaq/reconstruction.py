@@ -81,18 +81,33 @@ def _detach(obj):
     return obj
 
 
-def _rows(obj, idx: Tensor, n: int):
+def select_rows(obj, idx: Tensor, n: int):
     """Select rows ``idx`` of every tensor whose leading dimension is the batch."""
     if torch.is_tensor(obj):
         return obj[idx] if obj.dim() > 0 and obj.shape[0] == n else obj
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_rows(o, idx, n) for o in obj)
+        return type(obj)(select_rows(o, idx, n) for o in obj)
     if isinstance(obj, dict):
-        return {k: _rows(v, idx, n) for k, v in obj.items()}
+        return {k: select_rows(v, idx, n) for k, v in obj.items()}
     return obj
 
 
-def _output(out) -> Tensor:
+def _concat(objs: list, sizes: list[int]):
+    """Join records along the batch dimension (tensors whose leading size is their
+    record's row count); anything else is taken from the first record."""
+    first = objs[0]
+    if torch.is_tensor(first):
+        batched = all(torch.is_tensor(o) and o.dim() > 0 and o.shape[0] == n
+                      for o, n in zip(objs, sizes, strict=True))
+        return torch.cat(objs) if batched else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([o[i] for o in objs], sizes) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concat([o[k] for o in objs], sizes) for k in first}
+    return first
+
+
+def block_output(out) -> Tensor:
     if torch.is_tensor(out):
         return out
     if hasattr(out, "sample"):
@@ -131,13 +146,23 @@ class BlockData:
     def index(self) -> Tensor:
         return torch.cat([r["index"] for r in self.records()])
 
+    def head(self, limit: int) -> dict:
+        """The first captured batches, at least ``limit`` rows if there are, as one record."""
+        recs, sizes = [], []
+        for rec, size in zip(self.records(), self._sizes, strict=False):
+            recs.append(rec)
+            sizes.append(size)
+            if sum(sizes) >= limit:
+                break
+        return _concat(recs, sizes)
+
     def sample(self, size: int, gen: torch.Generator) -> dict:
         """A random minibatch from one random captured batch (rows drawn without replacement)."""
         i = int(torch.randint(len(self._sizes), (1,), generator=gen))
         rec = self.record(i)
         n = self._sizes[i]
         idx = torch.randperm(n, generator=gen)[: min(size, n)]
-        return _rows(rec, idx, n) | {"n": len(idx)}
+        return select_rows(rec, idx, n) | {"n": len(idx)}
 
     def close(self) -> None:
         if self._dir is not None:
@@ -158,7 +183,7 @@ def capture(qmodel: nn.Module, fpmodel: nn.Module, name: str, batches: BatchIter
         raise _Stop
 
     def grab_out(module, args, kwargs, out):
-        got["target"] = _output(out).detach()
+        got["target"] = block_output(out).detach()
         raise _Stop
 
     hq = qblock.register_forward_pre_hook(grab_in, with_kwargs=True)
@@ -178,20 +203,29 @@ def capture(qmodel: nn.Module, fpmodel: nn.Module, name: str, batches: BatchIter
     return data
 
 
-def weighted_error(out: Tensor, target: Tensor, weights: Tensor | None, p: float = 2.0) -> Tensor:
-    """|out - target|^p summed over channels and averaged over the other dimensions, as in
-    BRECQ/Q-Diffusion (the scale their learning rates and rounding-loss weight were set
-    for); samples are then averaged with the sample weights (uniform: a plain mean)."""
+def sample_error(out: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
+    """Per-sample reconstruction error (N,): |out - target|^p summed over channels and
+    averaged over the other dimensions, as in BRECQ/Q-Diffusion (the scale their learning
+    rates and rounding-loss weight were set for)."""
     d = (out - target).abs().pow(p)
-    err = (d.sum(1) if d.dim() > 1 else d).reshape(len(d), -1).mean(1)
+    return (d.sum(1) if d.dim() > 1 else d).reshape(len(d), -1).mean(1)
+
+
+def weighted_error(out: Tensor, target: Tensor, weights: Tensor | None, p: float = 2.0) -> Tensor:
+    """:func:`sample_error` averaged over samples with the sample weights (uniform: a plain
+    mean)."""
+    err = sample_error(out, target, p)
     if weights is None:
         return err.mean()
     return (err * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
-def _forward(block: nn.Module, rec: dict) -> Tensor:
+def block_forward(block: nn.Module, rec: dict) -> Tensor:
     with timestep_context(rec["t"]):
-        return _output(block(*rec["args"], **rec["kwargs"]))
+        return block_output(block(*rec["args"], **rec["kwargs"]))
+
+
+_forward = block_forward  # TODO(tdq): import block_forward
 
 
 @torch.no_grad()
@@ -199,7 +233,7 @@ def block_error(block: nn.Module, data: BlockData, limit: int) -> float:
     """Mean squared error of the block against its FP target over up to ``limit`` samples."""
     total, n = 0.0, 0
     for rec in data.records():
-        err = (_forward(block, rec) - rec["target"]).pow(2).flatten(1).mean(1)
+        err = (block_forward(block, rec) - rec["target"]).pow(2).flatten(1).mean(1)
         total += err.sum().item()
         n += len(err)
         if n >= limit:
@@ -264,7 +298,8 @@ def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,
 
     def loss() -> Tensor:
         rec = data.sample(cfg.batch_size, gen)
-        return weighted_error(_forward(block, rec), rec["target"], _lookup(weights, rec["index"]))
+        return weighted_error(block_forward(block, rec), rec["target"],
+                              _lookup(weights, rec["index"]))
 
     adaround(quantizers, loss, cfg, progress)
     after = block_error(block, data, cfg.eval_samples)
@@ -314,7 +349,7 @@ def learn_act_steps(block: nn.Module, data: BlockData, cfg: ReconConfig,
 
     def loss() -> Tensor:
         rec = data.sample(cfg.batch_size, gen)
-        return weighted_error(_forward(block, rec), rec["target"],
+        return weighted_error(block_forward(block, rec), rec["target"],
                               _lookup(weights, rec["index"]), p=cfg.act_p)
 
     fit_act_steps(quantizers, loss, cfg, progress)
@@ -374,12 +409,26 @@ def reconstruct(
     return results
 
 
-def calib_batches(calib, batch_size: int, device: str | torch.device = "cpu") -> BatchIter:
+def calib_batches(calib, batch_size: int, device: str | torch.device = "cpu",
+                  shuffle_seed: int | None = 0) -> BatchIter:
     """Adapt a :class:`~gaq.calibration.CalibrationSet` to the engine's batch iterator
-    (training rows only; held-out rows are for validation)."""
+    (training rows only; held-out rows are for validation).
+
+    Rows are shuffled once with ``shuffle_seed`` (the same order on every pass): the
+    engine draws each minibatch from one captured batch, and a recorded set is ordered by
+    timestep, so without it a minibatch would hold one or two timesteps, where the
+    authors' code draws from the whole cached set. ``None`` keeps the recorded order.
+    """
+    gen = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
+    order = None if gen is None else torch.randperm(len(calib.train()), generator=gen)
 
     def it() -> Iterator[Batch]:
-        for b in calib.train().batches(batch_size):
+        train = calib.train()
+        if order is not None:
+            train = train.subset(order)
+        for b in train.batches(batch_size):
+            if order is not None:
+                b["index"] = order[b["index"].cpu()]
             cond = {k: v.to(device) for k, v in b.get("cond", {}).items()}
             yield b["x"].to(device), b["t"].to(device), cond, b["index"]
 

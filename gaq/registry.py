@@ -39,6 +39,10 @@ BUILTIN_METHODS: dict[str, str] = {
     "qdiffusion": "baselines.qdiffusion.method:QDiffusion",
     "tfmq": "baselines.tfmq.method:TFMQ",
     "tdq": "baselines.tdq.method:TDQ",
+    "gaq": "gaq.methods.gaq:GAQ",
+    "gaq-uniform": "gaq.methods.gaq:GAQUniform",
+    "gaq-mse": "gaq.methods.gaq:GAQMSE",
+    "gaq-timestep": "gaq.methods.gaq:GAQTimestep",
 }
 
 T = TypeVar("T", bound=type)

@@ -22,7 +22,7 @@ from gaq.config import MethodConfig, QuantConfig
 from gaq.methods.base import Method, QuantResult
 from gaq.methods.common import Timer, as_forward_loop, finish, require_calibration_set
 from gaq.models.adapters import Block, SkipRule
-from gaq.quantize import calibrate_activations, quantize_model
+from gaq.quantize import calibrate_activations, fill_tables, quantize_model
 from gaq.reconstruction import BlockData, ReconConfig, WeightFn, calib_batches, reconstruct
 from gaq.temporal import (
     TemporalData,
@@ -52,6 +52,9 @@ class TFMQConfig(MethodConfig):
     fp_skip_convs: bool = True
     # authors' code: the first time-embedding linear stays FP
     fp_first_time_layer: bool = True
+    # sampler timesteps between the calibrated ones (interval calibration keeps every
+    # n-th step) use the nearest calibrated timestep's activation parameters
+    fill_timesteps: bool = True
 
 
 class TFMQ(Method):
@@ -73,6 +76,10 @@ class TFMQ(Method):
         (indexed like ``data.index()``); None = uniform. Default: the constructor's
         ``sample_weights`` callable, if any."""
         return None if self._weight_fn is None else self._weight_fn(block, data)
+
+    def on_quantized(self, qmodel: nn.Module, fpmodel: nn.Module, adapter, calib) -> None:
+        """Called once the model is wrapped, before any reconstruction (GAQ keeps the
+        models to capture its validation rows per block)."""
 
     def temporal_weights(self, data: TemporalData, calib) -> Tensor | None:
         """Per-row weights (training rows) for the temporal reconstruction; None = uniform."""
@@ -102,6 +109,7 @@ class TFMQ(Method):
         temporal: dict[str, float] = {}
         with Timer() as timer:
             qmodel, report = quantize_model(model, adapter, quant, self.skip)
+            self.on_quantized(qmodel, model, adapter, calib)
             if self.config.temporal_recon:
                 data = temporal_data(calib)
                 tweights = self.temporal_weights(data, calib)
@@ -120,6 +128,9 @@ class TFMQ(Method):
                     acts = reconstruct(qmodel, model, adapter, batches, cfg,
                                        phase="activations", blocks=blocks,
                                        weight_fn=self.sample_weights)
+                sampler_ts = calib.meta.get("sampler_timesteps")
+                if self.config.fill_timesteps and sampler_ts:
+                    fill_tables(qmodel, sampler_ts)
         extra = {f"temporal_{k}": v for k, v in temporal.items()}
         result = finish(self, qmodel, report, quant, timer.seconds, **extra)
         result.state["temporal"] = temporal

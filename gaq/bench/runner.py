@@ -225,6 +225,7 @@ class Runner:
         denoiser = ctx.loaded.denoiser
         metrics: dict[str, float] = {}
         report = None
+        diagnostics: dict[str, list[dict]] = {}
         state_dir = Path(tempfile.mkdtemp(prefix="gaq-state-"))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -242,6 +243,9 @@ class Runner:
             result = method.quantize(denoiser, ctx.adapter, calib, quant)
             qmodel, hook, report = result.model, result.sampler_hook, result.report
             metrics.update({k: float(v) for k, v in result.stats.items()})
+            diagnostics = result.diagnostics
+            for name, records in diagnostics.items():
+                pd.DataFrame(records).to_csv(state_dir / f"{name}.csv", index=False)
             save_state(qmodel, report, quant, state_dir, meta=result.state)
             (state_dir / "layers.md").write_text(report.to_markdown())
         metrics["peak_memory_mb"] = (
@@ -306,6 +310,13 @@ class Runner:
                 "setup": setup}
         rows = [base | {"metric": k, "value": float(v)} for k, v in metrics.items()]
         results.append(self.metrics_path, pd.DataFrame(rows))
+        keys = ("run_id", "cell_id", "benchmark", "model", "method", "bits", "seed")
+        for name, records in diagnostics.items():
+            if records:
+                frame = pd.DataFrame(records)
+                for k in reversed(keys):
+                    frame.insert(0, k, base[k])
+                results.append(self.dir / f"{name}.parquet", frame)
         if curve is not None:
             crow = [{k: base[k] for k in ("run_id", "cell_id", "benchmark", "model", "method",
                                            "bits", "seed")}

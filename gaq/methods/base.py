@@ -60,6 +60,8 @@ class QuantResult:
     sampler_hook: Any | None = None
     report: Any = None
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    # named tables of per-block findings (lists of flat records): Parquet + MLflow artifacts
+    diagnostics: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
 
 
 class Method(abc.ABC):

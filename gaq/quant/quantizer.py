@@ -157,6 +157,23 @@ class FakeQuantizer(nn.Module):
         self._set_mode(_TABLE)
         return self
 
+    def fill_table(self, timesteps: Tensor | list[int]) -> FakeQuantizer:
+        """Add rows for ``timesteps`` the table lacks, each a copy of the row of the
+        nearest timestep it has (ties: the larger). Existing rows are unchanged."""
+        if self.mode != "table":
+            raise RuntimeError(f"fill_table needs a table quantizer; it is {self.mode}")
+        have = self.timesteps
+        want = torch.as_tensor(timesteps, dtype=torch.long, device=have.device).reshape(-1)
+        new = want[~torch.isin(want, have)].unique()
+        if not new.numel():
+            return self
+        hi = torch.searchsorted(have, new).clamp(max=have.numel() - 1)
+        lo = (hi - 1).clamp(min=0)
+        nearest = torch.where((new - have[lo]).abs() < (have[hi] - new).abs(), lo, hi)
+        return self.set_table(torch.cat([have, new]),
+                              torch.cat([self.scale.detach(), self.scale.detach()[nearest]]),
+                              torch.cat([self.zero_point, self.zero_point[nearest]]))
+
     def _checked_zero_point(self, zero_point: Tensor | None, scale: Tensor) -> Tensor:
         if zero_point is None:
             return torch.zeros_like(scale)

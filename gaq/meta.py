@@ -1,0 +1,302 @@
+"""Bi-level learning of calibration-sample weights, the core of gradient-aligned
+calibration (GAQ, Hoang et al., ICLR 2026); ``gaq/METHOD.md`` maps each equation here.
+
+For one block with quantization parameters θ (AdaRound's V, optionally the weight step
+sizes), training rows i with per-row loss L_i and validation rows in G timestep groups:
+
+    ω = softmax(s/τ)                        weights over rows (or over timesteps)
+    θ'(ω) = θ − η ∇_θ Σ_{i∈B} w_i L_i(θ)    one inner step; w = N·ω, so uniform w = 1
+    G_g = ∂ L_g(θ'(ω)) / ∂w                 per validation group: a vector over B
+    L_GM = −2/(G(G−1)) Σ_{g<h} ⟨G_g, G_h⟩
+    L_VAL = L_GM + L(θ'(ω); X^V)
+
+and s follows ∂L_VAL/∂s with Adam. Everything is written with ``torch.func``: the block is
+called through ``functional_call`` with θ as an explicit input, the inner step is
+``torch.func.grad``, the G per-group gradients come from one ``torch.func.vjp`` (one
+forward, G backward passes), and the meta-gradient is ``torch.func.grad`` of the whole,
+a third-order derivative of the block.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gaq.config import MethodConfig, non_negative_int, positive_float, positive_int
+from gaq.quant import timestep_context
+from gaq.quant.adaround import AdaRoundQuantizer
+from gaq.reconstruction import BlockData, block_layers, block_output, sample_error
+
+__all__ = ["MetaConfig", "MetaProblem", "MetaResult", "gradient_diagnostics",
+           "learn_weights", "rounding_view", "timestep_groups"]
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class MetaConfig(MethodConfig):
+    """Hyper-parameters of the weight learning. The paper gives τ, G and the validation
+    share; the others are documented choices (``gaq/METHOD.md``)."""
+
+    VERSION: ClassVar[int] = 1
+
+    iters: int = 20  # meta-iterations per block
+    lr: float = 0.1  # Adam on the logits s
+    # η of the inner SGD step, as the RMS size of the step on θ: the raw gradient is
+    # divided by its RMS at uniform weights (a constant per block), so η is in units of
+    # θ whatever the loss scale (see METHOD.md)
+    inner_lr: float = 1e-2
+    tau: float = 1.0
+    groups: int = 5
+    val_share: float = 0.05  # validation rows per timestep, relative to training rows
+    batch_size: int = 32  # training rows per meta-iteration
+    inner_params: Literal["rounding", "rounding+scale"] = "rounding"
+    matching: bool = True  # the gradient-matching term L_GM (off: gaq-mse)
+    matching_weight: float = 1.0
+    granularity: Literal["sample", "timestep"] = "sample"
+    diagnostic_rows: int = 128  # training rows for the conflict matrices (0: none)
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("iters", "diagnostic_rows", "seed"):
+            non_negative_int(name, getattr(self, name))
+        for name in ("groups", "batch_size"):
+            positive_int(name, getattr(self, name))
+        for name in ("lr", "inner_lr", "tau", "matching_weight"):
+            positive_float(name, getattr(self, name))
+        if not 0 < self.val_share <= 1:
+            raise ValueError(f"val_share must lie in (0, 1], got {self.val_share}")
+        if self.inner_params not in ("rounding", "rounding+scale"):
+            raise ValueError("inner_params must be 'rounding' or 'rounding+scale', "
+                             f"got {self.inner_params!r}")
+        if self.granularity not in ("sample", "timestep"):
+            raise ValueError(f"granularity must be 'sample' or 'timestep', got "
+                             f"{self.granularity!r}")
+
+
+def rounding_view(module: nn.Module) -> nn.Module:
+    """A detached copy of ``module`` whose not-yet-frozen quantized layers use soft
+    AdaRound (the state block reconstruction starts from), activations off. The meta
+    step runs on the copy, so the block itself is left exactly as it was."""
+    view = copy.deepcopy(module).requires_grad_(False)
+    for lay in block_layers(view):
+        if lay.frozen_weight is None:
+            for q in lay.use_adaround():
+                q.set_soft(True)
+                q.alpha.requires_grad_(False)
+        lay.set_mode("weight")
+    return view
+
+
+def inner_parameters(view: nn.Module, which: str = "rounding") -> Params:
+    """θ: the AdaRound variables V (and the weight step sizes for ``rounding+scale``)."""
+    theta = {}
+    for name, m in view.named_modules():
+        if isinstance(m, AdaRoundQuantizer):
+            theta[f"{name}.alpha"] = m.alpha.detach().clone()
+            if which == "rounding+scale":
+                theta[f"{name}.scale"] = m.scale.detach().clone()
+    return theta
+
+
+def call(view: nn.Module, theta: Params, rec: dict) -> Tensor:
+    """The block's output on a captured record with θ substituted."""
+    with timestep_context(rec["t"]):
+        out = functional_call(view, theta, tuple(rec["args"]), dict(rec["kwargs"]))
+    return block_output(out)
+
+
+def timestep_groups(t: Tensor, groups: int) -> Tensor:
+    """Group id (0..G−1) of each row: the distinct timesteps, ascending, cut into G
+    contiguous runs of (nearly) equal length."""
+    uniq = torch.unique(t)
+    g = min(groups, len(uniq))
+    run = torch.arange(len(uniq)) * g // len(uniq)
+    return run[torch.searchsorted(uniq, t)]
+
+
+@dataclass
+class MetaProblem:
+    """One block's meta-learning problem: the soft view, θ, validation rows and groups.
+
+    ``row_t`` holds the timestep of every training row (N,); with
+    ``granularity="timestep"`` there is one logit per distinct timestep.
+    """
+
+    view: nn.Module
+    theta: Params
+    val: dict
+    val_groups: Tensor
+    row_t: Tensor
+    cfg: MetaConfig
+    inner_scale: float = 1.0  # RMS of ∇_θ of the uniform training loss (set_inner_scale)
+    timesteps: Tensor = field(init=False)
+    row_slot: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timesteps, self.row_slot = torch.unique(self.row_t, return_inverse=True)
+        self.n_groups = int(self.val_groups.max()) + 1
+        onehot = torch.nn.functional.one_hot(self.val_groups, self.n_groups).T
+        dtype = self.val["target"].dtype
+        self.group_mean = onehot.to(dtype) / onehot.sum(1, keepdim=True).to(dtype)
+
+    def train_loss(self, theta: Params, wb: Tensor, train: dict) -> Tensor:
+        """Σ_{i∈B} w_i L_i(θ) / |B| on a training minibatch."""
+        return (wb * sample_error(call(self.view, theta, train), train["target"])).mean()
+
+    def set_inner_scale(self, train: dict) -> None:
+        """Fix the inner step's normaliser: the RMS of the uniform-weight gradient."""
+        ones = torch.ones(len(train["index"]), dtype=self.val["target"].dtype)
+        g = _flat(torch.func.grad(self.train_loss)(self.theta, ones, train))
+        self.inner_scale = float(g.pow(2).mean().sqrt()) or 1.0
+
+    @property
+    def num_logits(self) -> int:
+        return len(self.row_t) if self.cfg.granularity == "sample" else len(self.timesteps)
+
+    def weights(self, s: Tensor) -> Tensor:
+        """ω over the N training rows (sums to one)."""
+        p = torch.softmax(s / self.cfg.tau, 0)
+        if self.cfg.granularity == "sample":
+            return p
+        counts = torch.bincount(self.row_slot, minlength=len(self.timesteps)).to(p.dtype)
+        return (p / counts)[self.row_slot]
+
+    def objective(self, s: Tensor, train: dict) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """L_VAL(s) on one training minibatch; aux = (L_GM, validation loss)."""
+        cfg, theta = self.cfg, self.theta
+        w = self.weights(s)
+        wb = w[train["index"]] * len(w)
+
+        eta = cfg.inner_lr / self.inner_scale
+
+        def val_losses(wb: Tensor) -> tuple[Tensor, Tensor]:
+            g = torch.func.grad(self.train_loss)(theta, wb, train)
+            stepped = {k: theta[k] - eta * g[k] for k in theta}
+            err = sample_error(call(self.view, stepped, self.val), self.val["target"])
+            return self.group_mean @ err, err.mean()
+
+        if not cfg.matching:
+            _, val_loss = val_losses(wb)
+            return val_loss, (torch.zeros_like(val_loss), val_loss)
+        _, vjp_fn, val_loss = torch.func.vjp(val_losses, wb, has_aux=True)
+        eye = torch.eye(self.n_groups, dtype=wb.dtype)
+        grads = torch.stack([vjp_fn(e)[0] for e in eye])  # G_g = ∂L_g/∂w, (G, B)
+        gram = grads @ grads.T
+        pairs = self.n_groups * (self.n_groups - 1) / 2
+        gm = -gram.triu(1).sum() / max(pairs, 1)
+        return cfg.matching_weight * gm + val_loss, (gm, val_loss)
+
+    def meta_gradient(self, s: Tensor, train: dict) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        return torch.func.grad(self.objective, has_aux=True)(s, train)
+
+
+@dataclass
+class MetaResult:
+    weights: Tensor  # (N,) over training rows, mean 1
+    history: list[dict[str, float]]
+    summary: dict[str, float]  # outer objective terms at uniform and learned weights
+    seconds: float
+
+
+def learn_weights(problem: MetaProblem, data: BlockData,
+                  progress: Callable[[int], None] | None = None) -> MetaResult:
+    """Meta-iterations of Adam on the logits s (initialised uniform), one training
+    minibatch each; returns ω·N (uniform = 1) for every training row."""
+    cfg = problem.cfg
+    start = time.perf_counter()
+    s = torch.zeros(problem.num_logits, dtype=problem.val["target"].dtype,
+                    requires_grad=True)
+    opt = torch.optim.Adam([s], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, summary = [], {}
+    for it in range(cfg.iters):
+        train = data.sample(cfg.batch_size, gen)
+        if it == 0:
+            problem.set_inner_scale(train)
+        grad, (gm, val_loss) = problem.meta_gradient(s.detach(), train)
+        s.grad = grad
+        opt.step()
+        history.append({"iter": it, "matching": float(gm), "val_loss": float(val_loss)})
+        if progress is not None:
+            progress(it)
+    # the outer objective before and after, on the same (first) minibatch
+    gen = torch.Generator().manual_seed(cfg.seed)
+    first = data.sample(cfg.batch_size, gen)
+    with torch.no_grad():
+        summary["val_loss_before_step"] = float(sample_error(
+            call(problem.view, problem.theta, problem.val), problem.val["target"]).mean())
+    for label, logits in (("uniform", torch.zeros_like(s)), ("learned", s.detach())):
+        total, (gm, val_loss) = problem.objective(logits, first)
+        summary[f"objective_{label}"] = float(total)
+        summary[f"matching_{label}"] = float(gm)
+        summary[f"val_loss_{label}"] = float(val_loss)
+    with torch.no_grad():
+        w = problem.weights(s) * len(problem.row_t)
+    return MetaResult(w.detach().float(), history, summary, time.perf_counter() - start)
+
+
+def _flat(grads: Params) -> Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def _cosines(rows: Tensor) -> Tensor:
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return unit @ unit.T
+
+
+def _mean_offdiag(m: Tensor) -> float:
+    n = len(m)
+    return float((m.sum() - m.diagonal().sum()) / (n * (n - 1))) if n > 1 else float("nan")
+
+
+@torch.no_grad()
+def gradient_diagnostics(problem: MetaProblem, rows: dict, weights: Tensor) -> dict:
+    """The paper's Figure 1 and 2 for one block, at θ (before reconstruction).
+
+    ``rows`` are training rows (a record with ``index``), ``weights`` the learned (N,)
+    weights. Per timestep t: u_t = ∇_θ Σ_{i∈t} w_i L_i under uniform and learned w; their
+    cosine matrices; the same for the G timestep groups (sums of u_t over a group, which
+    is where per-sample weights change directions: within one timestep a per-timestep
+    weight only rescales u_t); the learned weight mass per timestep; and each timestep's
+    alignment cos(u_t, ∇_θ L(θ; X^V)) with the validation gradient.
+    """
+    theta = problem.theta
+    with torch.enable_grad():
+        err, vjp_fn = torch.func.vjp(
+            lambda th: sample_error(call(problem.view, th, rows), rows["target"]), theta)
+        val_err, val_vjp = torch.func.vjp(
+            lambda th: sample_error(call(problem.view, th, problem.val),
+                                    problem.val["target"]), theta)
+        val_grad = _flat(val_vjp(torch.full_like(val_err, 1 / len(val_err)))[0])
+        t = rows["t"]
+        ts = torch.unique(t)
+        learned = weights[rows["index"]].to(err.dtype)
+        per_t = {"uniform": [], "learned": []}
+        for step in ts:
+            mask = (t == step).to(err.dtype)
+            for label, w in (("uniform", torch.ones_like(err)), ("learned", learned)):
+                per_t[label].append(_flat(vjp_fn(w * mask / len(err))[0]))
+    group_of_t = timestep_groups(ts, problem.cfg.groups)
+    out: dict = {"timesteps": [int(v) for v in ts]}
+    for label, grads in per_t.items():
+        u = torch.stack(grads)
+        cos = _cosines(u)
+        groups = torch.stack([u[group_of_t == g].sum(0) for g in range(int(group_of_t.max()) + 1)])
+        out[f"cos_{label}"] = cos.tolist()
+        out[f"mean_cos_{label}"] = _mean_offdiag(cos)
+        out[f"group_mean_cos_{label}"] = _mean_offdiag(_cosines(groups))
+    uniform = torch.stack(per_t["uniform"])
+    out["alignment"] = (_cosines(torch.cat([uniform, val_grad[None]]))[-1, :-1]).tolist()
+    mass = torch.zeros(len(problem.timesteps), dtype=torch.float64)
+    mass.index_add_(0, problem.row_slot, weights.double() / weights.double().sum())
+    out["mass_timesteps"] = [int(v) for v in problem.timesteps]
+    out["weight_mass"] = mass.tolist()
+    return out

@@ -1,0 +1,197 @@
+"""GAQ: the meta-gradient equals a finite-difference estimate, learned weights lower the
+outer objective they are learned on, the ablations differ only where they should, the
+method runs on tiny UNet / conditional UNet / DiT models and reports its diagnostics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from gaq.calibration import CalibrationSet
+from gaq.config import QuantConfig
+from gaq.errors import GaqError
+from gaq.meta import MetaConfig, MetaProblem, inner_parameters, learn_weights, rounding_view
+from gaq.methods.gaq import GAQ, GAQConfig, validation_rows
+from gaq.models.adapters import adapter_for
+from gaq.quantize import quantize_model
+from gaq.reconstruction import ReconConfig, calib_batches, capture
+from gaq.registry import get_method
+
+TINY = ReconConfig(weight_iters=4, act_iters=2, batch_size=8, capture_batch=8, cache="memory")
+META = MetaConfig(iters=3, batch_size=8, groups=2, diagnostic_rows=16)
+W4A8 = QuantConfig.from_bits("W4A8")
+TIMESTEPS = [999, 666, 333, 0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cond(kind: str, model: nn.Module, rows: int, gen: torch.Generator) -> dict:
+    if kind == "dit":
+        return {"class_labels": torch.randint(0, model.config.num_embeds_ada_norm, (rows,),
+                                              generator=gen)}
+    if kind == "cond_unet":
+        return {"encoder_hidden_states": torch.randn(rows, 3, model.config.cross_attention_dim,
+                                                     generator=gen)}
+    return {}
+
+
+def calibration(kind: str, model: nn.Module, per_t: int = 4, held_per_t: int = 1):
+    """Random rows on 4 timesteps, ``per_t`` training and ``held_per_t`` held-out each."""
+    gen = torch.Generator().manual_seed(1)
+    cfg = model.config
+    rows = (per_t + held_per_t) * len(TIMESTEPS)
+    x = torch.randn(rows, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
+    t = torch.tensor(TIMESTEPS).repeat_interleave(per_t + held_per_t)
+    split = torch.tensor(([False] * per_t + [True] * held_per_t) * len(TIMESTEPS))
+    cond = _cond(kind, model, rows, gen)
+    with torch.no_grad():
+        out = (model(x, timestep=t, **cond) if kind == "dit" else model(x, t, **cond)).sample
+    return CalibrationSet(x=x, t=t, eps_fp=out, cond=cond, split=split)
+
+
+def _block_problem(model, calib, name: str, cfg: MetaConfig, dtype=torch.float32):
+    """The meta problem of one block of a W4 weight-only model, in ``dtype``."""
+    fp = model.to(dtype)
+    qmodel, _ = quantize_model(fp, adapter_for(fp), QuantConfig.from_bits("W4A32"))
+    qmodel = qmodel.to(dtype)
+    calib = dataclasses.replace(calib, x=calib.x.to(dtype))
+    data = capture(qmodel, fp, name, calib_batches(calib, 64), "memory")
+    val_rows = validation_rows(calib, 0.01)  # one row per timestep
+    val = capture(qmodel, fp, name, lambda: iter([(val_rows.x, val_rows.t, {},
+                                                   torch.arange(len(val_rows)))]), "memory")
+    view = rounding_view(qmodel.get_submodule(name))
+    theta = inner_parameters(view, cfg.inner_params)
+    from gaq.meta import timestep_groups
+
+    rec = val.record(0)
+    problem = MetaProblem(view, theta, rec, timestep_groups(rec["t"], cfg.groups),
+                          calib.train().t, cfg)
+    return problem, data
+
+
+def test_meta_gradient_matches_finite_differences(make_tiny_model):
+    model = make_tiny_model("unet")
+    calib = calibration("unet", model)
+    cfg = MetaConfig(groups=2, inner_lr=0.05)
+    problem, data = _block_problem(model, calib, "down_blocks.0.resnets.0", cfg,
+                                   torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    # V in float64 (AdaRound builds it in float32) and away from its initial value, so
+    # no h(V) sits on a kink of its clamp
+    problem.theta = {k: v.double() + 0.3 * torch.randn(v.shape, generator=gen,
+                                                       dtype=torch.float64)
+                     for k, v in problem.theta.items()}
+    train = data.record(0)
+    problem.set_inner_scale(train)
+    s = 0.5 * torch.randn(problem.num_logits, generator=gen, dtype=torch.float64)
+
+    grad, (gm, val_loss) = problem.meta_gradient(s, train)
+    assert gm.abs() > 0 and val_loss > 0  # both terms of L_VAL are live
+
+    def f(v):
+        return float(problem.objective(v, train)[0])
+
+    eps = 1e-5
+    fd = torch.tensor([(f(s + eps * e) - f(s - eps * e)) / (2 * eps)
+                       for e in torch.eye(len(s), dtype=torch.float64)])
+    rel = float((grad - fd).norm() / fd.norm())
+    assert rel <= 1e-3, rel
+    assert fd.norm() > 0
+
+
+def test_learned_weights_lower_the_outer_objective(make_tiny_model):
+    model = make_tiny_model("unet")
+    calib = calibration("unet", model, per_t=6)
+    # one minibatch = every training row, so each meta-iteration sees the same objective
+    cfg = MetaConfig(iters=10, lr=0.05, groups=2, batch_size=64)
+    problem, data = _block_problem(model, calib, "up_blocks.0.resnets.0", cfg)
+    result = learn_weights(problem, data)
+    assert result.summary["objective_learned"] < result.summary["objective_uniform"]
+    assert result.weights.shape == (len(calib.train()),)
+    assert result.weights.mean() == pytest.approx(1.0, rel=1e-5)
+    assert result.weights.std() > 0
+
+
+def test_timestep_granularity_gives_one_weight_per_timestep(make_tiny_model):
+    model = make_tiny_model("unet")
+    calib = calibration("unet", model)
+    cfg = MetaConfig(iters=3, lr=0.5, groups=2, batch_size=64, granularity="timestep")
+    problem, data = _block_problem(model, calib, "down_blocks.0.resnets.0", cfg)
+    w = learn_weights(problem, data).weights
+    t = calib.train().t
+    for step in TIMESTEPS:
+        assert w[t == step].unique().numel() == 1
+    assert w.unique().numel() > 1
+
+
+def test_validation_rows_need_held_out_rows(make_tiny_model):
+    model = make_tiny_model("unet")
+    calib = calibration("unet", model, held_per_t=0)
+    with pytest.raises(GaqError, match="holdout_per_step >= 1"):
+        GAQ(GAQConfig(recon=TINY, meta=META)).quantize(model, adapter_for(model), calib, W4A8)
+    calib = calibration("unet", model, per_t=4, held_per_t=2)
+    val = validation_rows(calib, 0.5)
+    assert sorted(val.t.tolist()) == sorted(TIMESTEPS * 2)
+    assert bool(val.split.all())
+
+
+@pytest.mark.parametrize("kind", ["unet", "cond_unet", "dit"])
+def test_gaq_and_ablations_run_on_tiny_models(make_tiny_model, kind):
+    model = make_tiny_model(kind)
+    calib = calibration(kind, model)
+    results = {}
+    for name in ("gaq", "gaq-uniform", "gaq-mse", "gaq-timestep"):
+        cls = get_method(name)
+        cfg = dataclasses.replace(cls.presets["cpu"], recon=TINY,
+                                  meta=dataclasses.replace(cls.presets["cpu"].meta, iters=3,
+                                                           batch_size=8, groups=2,
+                                                           diagnostic_rows=16))
+        result = cls(cfg).quantize(model, adapter_for(model), calib, W4A8)
+        with torch.no_grad():
+            x, t, cond = calib.x[:4], calib.t[:4], {k: v[:4] for k, v in calib.cond.items()}
+            out = (result.model(x, timestep=t, **cond) if kind == "dit"
+                   else result.model(x, t, **cond)).sample
+        assert torch.isfinite(out).all()
+        blocks = result.state["gaq"]["blocks"]
+        assert blocks and all(len(b["cos_uniform"]) == len(b["timesteps"]) for b in blocks)
+        assert {"gaq_blocks", "gaq_conflict", "gaq_weights"} <= set(result.diagnostics)
+        assert result.stats["diagnostics_seconds"] > 0
+        results[name] = result
+    uniform = results["gaq-uniform"].state["gaq"]["blocks"]
+    assert all(b["mean_cos_learned"] == b["mean_cos_uniform"] for b in uniform)
+    assert all("history" not in b for b in uniform)
+    learned = results["gaq"].state["gaq"]["blocks"]
+    assert any(b["weight_mass"] != uniform[0]["weight_mass"] for b in learned)
+    assert all(b["matching_uniform"] == 0 for b in results["gaq-mse"].state["gaq"]["blocks"])
+
+
+def test_fill_table_copies_the_nearest_calibrated_row():
+    from gaq.quant import FakeQuantizer
+
+    q = FakeQuantizer(8).set_table([10, 50], torch.tensor([1.0, 5.0]), torch.tensor([3.0, 7.0]))
+    q.fill_table([0, 10, 20, 30, 40, 60])
+    table = dict(zip(q.timesteps.tolist(), q.scale.tolist(), strict=True))
+    assert table == {0: 1.0, 10: 1.0, 20: 1.0, 30: 5.0, 40: 5.0, 50: 5.0, 60: 5.0}
+    assert dict(zip(q.timesteps.tolist(), q.zero_point.tolist(), strict=True))[20] == 3.0
+
+
+def test_shuffled_batches_keep_row_indices(make_tiny_model):
+    model = make_tiny_model("unet")
+    calib = calibration("unet", model)
+    train = calib.train()
+    seen = []
+    for x, t, _, idx in calib_batches(calib, 5)():
+        assert torch.equal(x, train.x[idx]) and torch.equal(t, train.t[idx])
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(train))) and seen != sorted(seen)
+    first = next(calib_batches(calib, 8)())[1]
+    assert first.unique().numel() > 2  # a batch mixes timesteps
