@@ -65,7 +65,10 @@ def _methods(args: argparse.Namespace) -> None:
 
     for name in list_methods():
         cls = get_method(name)
-        doc = " ".join((sys.modules[cls.__module__].__doc__ or "").split()).split(": ")[0]
+        # the class's own summary line, else its module's
+        own = cls.__dict__.get("__doc__")
+        text = own.strip().splitlines()[0] if own else sys.modules[cls.__module__].__doc__
+        doc = " ".join((text or "").split()).split(": ")[0]
         print(f"{name:14s} presets: {', '.join(sorted(cls.presets)) or '-':14s} {doc}")
 
 

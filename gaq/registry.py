@@ -39,6 +39,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "qdiffusion": "baselines.qdiffusion.method:QDiffusion",
     "tfmq": "baselines.tfmq.method:TFMQ",
     "tdq": "baselines.tdq.method:TDQ",
+    "ptqd": "baselines.ptqd.method:PTQD",
     "gaq": "gaq.methods.gaq:GAQ",
     "gaq-uniform": "gaq.methods.gaq:GAQUniform",
     "gaq-mse": "gaq.methods.gaq:GAQMSE",

@@ -91,6 +91,8 @@ class _Run:
 
 
 class GAQ(TFMQ):
+    """GAQ (Hoang et al., ICLR 2026), TFMQ-DM with meta-learned calibration-sample weights."""
+
     name = "gaq"
     Config = GAQConfig
     presets = {
@@ -204,21 +206,21 @@ def _presets(**changes) -> dict[str, GAQConfig]:
 
 
 class GAQUniform(GAQ):
-    """Ablation: the GAQ pipeline and validation split with uniform sample weights."""
+    """GAQ ablation, the same pipeline and validation split with uniform sample weights."""
 
     name = "gaq-uniform"
     presets = _presets(weights="uniform")
 
 
 class GAQMSE(GAQ):
-    """Ablation: meta-learned weights on the validation loss alone (no gradient matching)."""
+    """GAQ ablation, weights meta-learned on the validation loss alone (no gradient matching)."""
 
     name = "gaq-mse"
     presets = _presets(matching=False)
 
 
 class GAQTimestep(GAQ):
-    """Ablation: one learned weight per timestep instead of per sample."""
+    """GAQ ablation, one learned weight per timestep instead of per sample."""
 
     name = "gaq-timestep"
     presets = _presets(granularity="timestep")
