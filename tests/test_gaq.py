@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -195,3 +196,36 @@ def test_shuffled_batches_keep_row_indices(make_tiny_model):
     assert sorted(seen) == list(range(len(train))) and seen != sorted(seen)
     first = next(calib_batches(calib, 8)())[1]
     assert first.unique().numel() > 2  # a batch mixes timesteps
+
+
+def test_diagnostics_become_tables_and_figures(tmp_path):
+    from gaq.bench import results
+    from gaq.bench.diagnostics import write_diagnostic_plots
+    from gaq.bench.tables import write_tables
+    from gaq.methods.gaq import _tables
+
+    ts = [0, 500, 999]
+    blocks = [{"block": f"b{i}", "kind": "resnet", "params": 10, "meta_seconds": 0.5,
+               "timesteps": ts, "mass_timesteps": ts,
+               "cos_uniform": [[1, 0.2, -0.1], [0.2, 1, 0.3], [-0.1, 0.3, 1]],
+               "cos_learned": [[1, 0.4, 0.1], [0.4, 1, 0.5], [0.1, 0.5, 1]],
+               "mean_cos_uniform": 0.133, "mean_cos_learned": 0.333,
+               "group_mean_cos_uniform": 0.1, "group_mean_cos_learned": 0.3,
+               "weight_mass": [0.2, 0.3, 0.5], "alignment": [0.1, 0.4, 0.8 - 0.1 * i],
+               "history": [{"iter": 0, "matching": -1.0, "val_loss": 2.0}]}
+              for i in range(3)]
+    folder = tmp_path / "bench"
+    for name, records in _tables(blocks).items():
+        frame = pd.DataFrame(records)
+        for k, v in reversed(list({"cell_id": "c", "method": "gaq", "bits": "W4A8",
+                                   "seed": 0}.items())):
+            frame.insert(0, k, v)
+        results.append(folder / f"{name}.parquet", frame)
+    written = write_diagnostic_plots(folder, str(tmp_path / "out" / "bench"))
+    names = {p.name for p in written}
+    assert {"bench_gaq_conflict_gaq_W4A8.png", "bench_gaq_weights_W4A8.png",
+            "bench_gaq_alignment_gaq_W4A8.pdf"} <= names
+    md = [p for p in write_tables(tmp_path, "bench", tmp_path / "tables")
+          if p.name.endswith("_gaq_diagnostics.md")]
+    text = md[0].read_text()
+    assert "| GAQ | W4A8 | 0.1000 | 0.3000 |" in text and "| b2 | 0.1000 | 0.3000 | +0.2000 |" in text

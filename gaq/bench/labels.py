@@ -30,7 +30,11 @@ FP_METHODS = frozenset({"fp", "fp32", "fp16", "full_precision"})
 _METHOD_LABELS = {
     "fp": "FP", "rtn": "RTN", "brecq": "BRECQ", "ptq4dm": "PTQ4DM", "qdiffusion": "Q-Diffusion",
     "ptqd": "PTQD", "tdq": "TDQ", "tfmq": "TFMQ-DM", "gaq": "GAQ",
+    "gaq-uniform": "GAQ (uniform ω)", "gaq-timestep": "GAQ (ω per t)",
+    "gaq-mse": "GAQ (no L_GM)",
 }  # fmt: skip
+# ablations first, the full method last, as the paper's ablation tables list them
+_GAQ_ORDER = ("gaq-uniform", "gaq-timestep", "gaq-mse", "gaq")
 # Baselines roughly by publication date, as papers list them; unknown methods sort after
 # them alphabetically, and GAQ variants come last (the method under study, as in the paper).
 _KNOWN_ORDER = ("brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq")
@@ -61,8 +65,10 @@ def _method_key(method: str) -> tuple[int, str]:
         return (1, m)
     if m in _KNOWN_ORDER:
         return (2 + _KNOWN_ORDER.index(m), m)
-    if m == "gaq" or m.startswith(("gaq-", "gaq_")):
-        return (100, m)
+    if m in _GAQ_ORDER:
+        return (100 + _GAQ_ORDER.index(m), m)
+    if m.startswith(("gaq-", "gaq_")):
+        return (99, m)
     return (50, m)
 
 

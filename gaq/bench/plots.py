@@ -256,4 +256,7 @@ def write_plots(results_dir: Path, benchmark: str, out_dir: Path) -> list[Path]:
         grids = folder / "grids"
         if grids.is_dir():
             written += _grid_figures(m, grids, model, stem)
+    from gaq.bench.diagnostics import write_diagnostic_plots
+
+    written += write_diagnostic_plots(folder, str(out_dir / benchmark))
     return written

@@ -291,4 +291,10 @@ def write_tables(
     paths = [out_dir / f"{benchmark}.md", out_dir / f"{benchmark}.tex"]
     paths[0].write_text(md, encoding="utf-8")
     paths[1].write_text(tex, encoding="utf-8")
+    from gaq.bench.diagnostics import cosine_table, read
+
+    blocks = read(Path(results_dir) / benchmark).get("gaq_blocks")
+    if blocks is not None and len(blocks):
+        paths.append(out_dir / f"{benchmark}_gaq_diagnostics.md")
+        paths[-1].write_text(cosine_table(blocks), encoding="utf-8")
     return paths

@@ -1,0 +1,143 @@
+"""GAQ's diagnostics, from the Parquet tables the runner writes for methods that report
+them (``gaq_blocks``, ``gaq_conflict``, ``gaq_weights``): the gradient-conflict heat map
+(the paper's Figure 1), learned weight against timestep and against gradient alignment
+(Figure 2), and a table of mean pairwise gradient cosines under uniform and learned
+weights, per block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from gaq.bench import labels
+from gaq.bench.plots import COLUMN_WIDTH, _color, _figure, _style, save
+
+__all__ = ["conflict_heatmap", "cosine_table", "weight_vs_alignment", "weights_by_timestep",
+           "write_diagnostic_plots"]
+
+_FILES = ("gaq_blocks", "gaq_conflict", "gaq_weights")
+
+
+def read(folder: Path) -> dict[str, pd.DataFrame]:
+    """The diagnostic tables present in a benchmark's result folder."""
+    return {n: pd.read_parquet(folder / f"{n}.parquet") for n in _FILES
+            if (folder / f"{n}.parquet").exists()}
+
+
+def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:
+    """Cosine similarity between per-timestep gradients of the block loss, under uniform
+    and under learned weights (mean over the rows given: blocks and seeds)."""
+    with _style():
+        fig = Figure(figsize=(COLUMN_WIDTH, 1.7))
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 2, sharey=True)
+        image = None
+        for ax, weights in zip(axes, ("uniform", "learned"), strict=True):
+            part = conflict[conflict["weights"] == weights]
+            m = part.pivot_table(index="t_i", columns="t_j", values="cosine", aggfunc="mean")
+            m = m.sort_index(ascending=False).sort_index(axis=1, ascending=False)
+            image = ax.imshow(m.values, vmin=-1, vmax=1, cmap="RdBu_r")
+            ticks = range(0, len(m), max(1, len(m) // 5))
+            ax.set_xticks(list(ticks), [str(m.columns[i]) for i in ticks], rotation=90)
+            ax.set_yticks(list(ticks), [str(m.index[i]) for i in ticks])
+            off = m.values[~np.eye(len(m), dtype=bool)].mean() if len(m) > 1 else np.nan
+            ax.set_title(f"{weights} weights (mean {off:.3f})")
+            ax.set_xlabel("timestep")
+        axes[0].set_ylabel("timestep")
+        if image is not None:
+            fig.colorbar(image, ax=list(axes), shrink=0.8, label="gradient cosine")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def weights_by_timestep(weights: pd.DataFrame) -> Figure:
+    """Learned weight mass per timestep (×T, so uniform = 1), mean over blocks and seeds,
+    one line per method."""
+    with _style():
+        fig = _figure()
+        ax = fig.add_subplot()
+        for method in labels.method_order(weights["method"]):
+            part = weights[weights["method"] == method]
+            per_t = part.groupby("timestep")["weight_mass"].mean()
+            ax.plot(per_t.index, per_t.values * len(per_t), marker="o",
+                    color=_color(method), label=labels.method_label(method))
+        ax.axhline(1.0, color="0.5", lw=0.6, ls="--")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("weight mass × T (uniform = 1)")
+        ax.legend(frameon=False)
+    return fig
+
+
+def weight_vs_alignment(weights: pd.DataFrame) -> Figure:
+    """Each (block, timestep) group's learned weight mass against the cosine of its
+    training gradient with the validation gradient (the paper's Figure 2)."""
+    with _style():
+        fig = _figure()
+        ax = fig.add_subplot()
+        mean = weights.groupby(["block", "timestep"])[["weight_mass", "alignment"]].mean()
+        n_t = weights["timestep"].nunique()
+        points = ax.scatter(mean["alignment"], mean["weight_mass"] * n_t, s=5,
+                            c=mean.index.get_level_values("timestep"), cmap="viridis")
+        if len(mean) > 2:
+            r = np.corrcoef(mean["alignment"], mean["weight_mass"])[0, 1]
+            ax.set_title(f"Pearson r = {r:.2f} over {len(mean)} (block, t) groups")
+        ax.axhline(1.0, color="0.5", lw=0.6, ls="--")
+        ax.set_xlabel("cos(group gradient, validation gradient)")
+        ax.set_ylabel("weight mass × T")
+        fig.colorbar(points, ax=ax, label="timestep")
+    return fig
+
+
+def cosine_table(blocks: pd.DataFrame) -> str:
+    """Markdown: mean pairwise cosine of the timestep-group gradients (and of the
+    per-timestep gradients) under uniform vs learned weights, per method and bit-width
+    (mean over blocks and seeds), then per block for each method and bit-width."""
+    cols = ["group_mean_cos_uniform", "group_mean_cos_learned", "mean_cos_uniform",
+            "mean_cos_learned", "meta_seconds"]
+    cols = [c for c in cols if c in blocks]
+    head = ("| method | bits | group cos, uniform | group cos, learned | per-t cos, uniform "
+            "| per-t cos, learned | meta s/block |")
+    lines = ["# GAQ gradient diagnostics", "",
+             "Mean pairwise cosine similarity between the gradients (w.r.t. the AdaRound "
+             "variables, at the start of each block's reconstruction) of the timestep groups "
+             "(G = 5) and of the individual timesteps; higher = less conflict. Means over "
+             "blocks and seeds.", "", head, "|---|---|---:|---:|---:|---:|---:|"]
+    summary = blocks.groupby(["method", "bits"])[cols].mean()
+    for (method, bits), row in summary.iterrows():
+        lines.append(f"| {labels.method_label(method)} | {bits} | "
+                     + " | ".join(f"{row[c]:.4f}" for c in cols[:4])
+                     + f" | {row.get('meta_seconds', float('nan')):.2f} |")
+    for (method, bits), part in blocks.groupby(["method", "bits"]):
+        per_block = part.groupby("block", sort=False)[cols[:2]].mean()
+        lines += ["", f"## {labels.method_label(method)} {bits}, per block", "",
+                  "| block | group cos, uniform | group cos, learned | Δ |", "|---|---:|---:|---:|"]
+        for block, row in per_block.iterrows():
+            u, ln = row[cols[0]], row[cols[1]]
+            lines.append(f"| {block} | {u:.4f} | {ln:.4f} | {ln - u:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_diagnostic_plots(folder: Path, stem: str) -> list[Path]:
+    """Every diagnostic figure of a benchmark folder, as ``<stem>_gaq_*``."""
+    tables = read(folder)
+    written: list[Path] = []
+    conflict, weights = tables.get("gaq_conflict"), tables.get("gaq_weights")
+    if conflict is not None and len(conflict):
+        for (method, bits), part in conflict.groupby(["method", "bits"]):
+            name = f"{stem}_gaq_conflict_{method}_{bits}"
+            written += save(conflict_heatmap(part, f"{labels.method_label(method)} {bits}, "
+                                             "mean over blocks"), name)
+    if weights is not None and len(weights):
+        learned = weights[weights["method"] != "gaq-uniform"]
+        for bits, part in learned.groupby("bits"):
+            written += save(weights_by_timestep(part), f"{stem}_gaq_weights_{bits}")
+            for method, mpart in part.groupby("method"):
+                written += save(weight_vs_alignment(mpart),
+                                f"{stem}_gaq_alignment_{method}_{bits}")
+    return written
