@@ -112,3 +112,19 @@ def test_malformed_benchmark_names_file_and_key(tmp_path, capsys):
     bad.write_text(MICRO.replace('name = "rtn"', 'name = "rtm"'))
     with pytest.raises(GaqError, match="did you mean 'rtn'"):
         load_benchmark(bad)
+
+
+def test_every_shipped_benchmark_loads_and_feeds_gaq():
+    """The shipped files validate, and any that runs GAQ records its validation rows."""
+    import math
+
+    from gaq.bench.provenance import repo_root
+    from gaq.bench.spec import load_benchmark
+
+    files = sorted((repo_root() / "benchmarks").glob("*.toml"))
+    assert {"w4a8.toml", "gaq.toml"} <= {f.name for f in files}
+    for f in files:
+        bench = load_benchmark(f)
+        if any(m.name.startswith("gaq") for m in bench.methods):
+            cal = bench.calibration
+            assert cal.holdout_per_step >= math.ceil(0.05 * cal.samples_per_step), f.name
