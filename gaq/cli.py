@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -83,8 +84,12 @@ def _quantize(args: argparse.Namespace) -> None:
     method = get_method(args.method).from_preset(args.preset)
     quant = QuantConfig.from_bits(args.bits)
     model = load_model(args.model)
+    holdout = args.holdout_per_step
+    if holdout is None:  # GAQ's validation set: 5 % of the training rows per timestep
+        holdout = math.ceil(0.05 * args.samples_per_step)
     spec = CalibrationSpec(steps=args.steps, interval=args.interval,
-                           samples_per_step=args.samples_per_step, seed=args.seed)
+                           samples_per_step=args.samples_per_step, seed=args.seed,
+                           holdout_per_step=holdout)
     calib = record_calibration(model.denoiser, model.scheduler, spec, model_id=args.model,
                                progress=True)
     result = method.quantize(model.denoiser, adapter_for(model.denoiser), calib, quant)
@@ -208,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=50, help="sampler steps of the calibration run")
     q.add_argument("--interval", type=int, default=5, help="keep every n-th step")
     q.add_argument("--samples-per-step", type=int, default=64)
+    q.add_argument("--holdout-per-step", type=int, default=None,
+                   help="held-out trajectories per kept step, which no method trains on "
+                   "(GAQ's validation set; default: 5 %% of --samples-per-step, rounded up)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="folder for the quantization state")
     q.set_defaults(func=_quantize)
