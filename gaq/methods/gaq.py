@@ -177,7 +177,11 @@ def _tables(blocks: list[dict[str, Any]]) -> dict[str, list[dict]]:
         summary.append({"block": b["block"], "kind": b["kind"], "params": b["params"],
                         "meta_seconds": b.get("meta_seconds", 0.0),
                         **{k: b[k] for k in ("mean_cos_uniform", "mean_cos_learned",
-                                             "group_mean_cos_uniform", "group_mean_cos_learned")
+                                             "group_mean_cos_uniform", "group_mean_cos_learned",
+                                             "val_loss_before_step", "objective_uniform",
+                                             "objective_learned", "val_loss_uniform",
+                                             "val_loss_learned", "matching_uniform",
+                                             "matching_learned")
                            if k in b},
                         "matching_first": hist[0].get("matching", float("nan")),
                         "matching_last": hist[-1].get("matching", float("nan")),
