@@ -223,8 +223,8 @@ def test_diagnostics_become_tables_and_figures(tmp_path):
         results.append(folder / f"{name}.parquet", frame)
     written = write_diagnostic_plots(folder, str(tmp_path / "out" / "bench"))
     names = {p.name for p in written}
-    assert {"bench_gaq_conflict_gaq_W4A8.png", "bench_gaq_weights_W4A8.png",
-            "bench_gaq_alignment_gaq_W4A8.pdf"} <= names
+    assert {"bench_conflict_gaq_W4A8.png", "bench_weights_by_t_W4A8.png",
+            "bench_alignment_gaq_W4A8.pdf"} <= names
     md = [p for p in write_tables(tmp_path, "bench", tmp_path / "tables")
           if p.name.endswith("_gaq_diagnostics.md")]
     text = md[0].read_text()

@@ -31,7 +31,7 @@ def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:
     """Cosine similarity between per-timestep gradients of the block loss, under uniform
     and under learned weights (mean over the rows given: blocks and seeds)."""
     with _style():
-        fig = Figure(figsize=(COLUMN_WIDTH, 1.7))
+        fig = Figure(figsize=(1.4 * COLUMN_WIDTH, 2.4), layout="constrained")
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         FigureCanvasAgg(fig)
@@ -46,7 +46,7 @@ def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:
             ax.set_xticks(list(ticks), [str(m.columns[i]) for i in ticks], rotation=90)
             ax.set_yticks(list(ticks), [str(m.index[i]) for i in ticks])
             off = m.values[~np.eye(len(m), dtype=bool)].mean() if len(m) > 1 else np.nan
-            ax.set_title(f"{weights} weights (mean {off:.3f})")
+            ax.set_title(f"{weights} ω, mean cos {off:.3f}")
             ax.set_xlabel("timestep")
         axes[0].set_ylabel("timestep")
         if image is not None:
@@ -124,20 +124,21 @@ def cosine_table(blocks: pd.DataFrame) -> str:
 
 
 def write_diagnostic_plots(folder: Path, stem: str) -> list[Path]:
-    """Every diagnostic figure of a benchmark folder, as ``<stem>_gaq_*``."""
+    """Every diagnostic figure of a benchmark folder: ``<stem>_conflict_*``,
+    ``<stem>_weights_by_t_*`` and ``<stem>_alignment_*``."""
     tables = read(folder)
     written: list[Path] = []
     conflict, weights = tables.get("gaq_conflict"), tables.get("gaq_weights")
     if conflict is not None and len(conflict):
         for (method, bits), part in conflict.groupby(["method", "bits"]):
-            name = f"{stem}_gaq_conflict_{method}_{bits}"
+            name = f"{stem}_conflict_{method}_{bits}"
             written += save(conflict_heatmap(part, f"{labels.method_label(method)} {bits}, "
                                              "mean over blocks"), name)
     if weights is not None and len(weights):
         learned = weights[weights["method"] != "gaq-uniform"]
         for bits, part in learned.groupby("bits"):
-            written += save(weights_by_timestep(part), f"{stem}_gaq_weights_{bits}")
+            written += save(weights_by_timestep(part), f"{stem}_weights_by_t_{bits}")
             for method, mpart in part.groupby("method"):
                 written += save(weight_vs_alignment(mpart),
-                                f"{stem}_gaq_alignment_{method}_{bits}")
+                                f"{stem}_alignment_{method}_{bits}")
     return written
