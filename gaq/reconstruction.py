@@ -225,9 +225,6 @@ def block_forward(block: nn.Module, rec: dict) -> Tensor:
         return block_output(block(*rec["args"], **rec["kwargs"]))
 
 
-_forward = block_forward  # TODO(tdq): import block_forward
-
-
 @torch.no_grad()
 def block_error(block: nn.Module, data: BlockData, limit: int) -> float:
     """Mean squared error of the block against its FP target over up to ``limit`` samples."""

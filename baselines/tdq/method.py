@@ -25,9 +25,9 @@ from gaq.reconstruction import (
     BlockData,
     BlockResult,
     ReconConfig,
-    _forward,
     block_act_quantizers,
     block_error,
+    block_forward,
     calib_batches,
     capture,
     reconstruct,
@@ -108,7 +108,7 @@ def fit_block(block: nn.Module, data: BlockData, cfg: TDQConfig,
     for _ in range(cfg.iters):
         rec = data.sample(cfg.batch_size, gen)
         with torch.enable_grad():
-            loss = weighted_error(_forward(block, rec), rec["target"], None, p=cfg.act_p)
+            loss = weighted_error(block_forward(block, rec), rec["target"], None, p=cfg.act_p)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
