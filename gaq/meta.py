@@ -35,7 +35,7 @@ from gaq.quant.adaround import AdaRoundQuantizer
 from gaq.reconstruction import BlockData, block_layers, block_output, sample_error
 
 __all__ = ["MetaConfig", "MetaProblem", "MetaResult", "gradient_diagnostics",
-           "learn_weights", "rounding_view", "timestep_groups"]
+           "learn_weights", "objective_summary", "rounding_view", "timestep_groups"]
 
 Params = dict[str, Tensor]
 
@@ -201,8 +201,8 @@ class MetaProblem:
 @dataclass
 class MetaResult:
     weights: Tensor  # (N,) over training rows, mean 1
+    logits: Tensor  # the learned s
     history: list[dict[str, float]]
-    summary: dict[str, float]  # outer objective terms at uniform and learned weights
     seconds: float
 
 
@@ -216,7 +216,7 @@ def learn_weights(problem: MetaProblem, data: BlockData,
                     requires_grad=True)
     opt = torch.optim.Adam([s], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    history, summary = [], {}
+    history = []
     for it in range(cfg.iters):
         train = data.sample(cfg.batch_size, gen)
         if it == 0:
@@ -227,20 +227,27 @@ def learn_weights(problem: MetaProblem, data: BlockData,
         history.append({"iter": it, "matching": float(gm), "val_loss": float(val_loss)})
         if progress is not None:
             progress(it)
-    # the outer objective before and after, on the same (first) minibatch
-    gen = torch.Generator().manual_seed(cfg.seed)
-    first = data.sample(cfg.batch_size, gen)
+    with torch.no_grad():
+        w = problem.weights(s) * len(problem.row_t)
+    return MetaResult(w.detach().float(), s.detach(), history, time.perf_counter() - start)
+
+
+def objective_summary(problem: MetaProblem, data: BlockData, logits: Tensor) -> dict:
+    """Diagnostics: the outer objective and its terms at uniform and at the learned
+    logits on the same minibatch (the first meta-iteration's), and the validation loss
+    before any inner step."""
+    gen = torch.Generator().manual_seed(problem.cfg.seed)
+    first = data.sample(problem.cfg.batch_size, gen)
+    summary = {}
     with torch.no_grad():
         summary["val_loss_before_step"] = float(sample_error(
             call(problem.view, problem.theta, problem.val), problem.val["target"]).mean())
-    for label, logits in (("uniform", torch.zeros_like(s)), ("learned", s.detach())):
-        total, (gm, val_loss) = problem.objective(logits, first)
+    for label, s in (("uniform", torch.zeros_like(logits)), ("learned", logits)):
+        total, (gm, val_loss) = problem.objective(s, first)
         summary[f"objective_{label}"] = float(total)
         summary[f"matching_{label}"] = float(gm)
         summary[f"val_loss_{label}"] = float(val_loss)
-    with torch.no_grad():
-        w = problem.weights(s) * len(problem.row_t)
-    return MetaResult(w.detach().float(), history, summary, time.perf_counter() - start)
+    return summary
 
 
 def _flat(grads: Params) -> Tensor:

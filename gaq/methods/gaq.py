@@ -28,6 +28,7 @@ from gaq.meta import (
     gradient_diagnostics,
     inner_parameters,
     learn_weights,
+    objective_summary,
     rounding_view,
     timestep_groups,
 )
@@ -152,15 +153,18 @@ class GAQ(TFMQ):
                                   run.row_t, cfg)
             info: dict[str, Any] = {"block": block.name, "kind": block.kind,
                                     "params": int(sum(v.numel() for v in theta.values()))}
+            meta = None
             if self.config.weights == "meta":
                 meta = learn_weights(problem, data)
                 weights = meta.weights
-                info |= {"meta_seconds": meta.seconds, "history": meta.history, **meta.summary}
+                info |= {"meta_seconds": meta.seconds, "history": meta.history}
             else:
                 weights = torch.ones(len(run.row_t))
-            if cfg.diagnostic_rows:
+            if cfg.diagnostic_rows:  # instrumentation: timed apart from the calibration
                 start = time.perf_counter()
                 info |= gradient_diagnostics(problem, data.head(cfg.diagnostic_rows), weights)
+                if meta is not None:
+                    info |= objective_summary(problem, data, meta.logits)
                 run.diag_seconds += time.perf_counter() - start
         finally:
             val.close()
