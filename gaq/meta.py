@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -139,9 +138,11 @@ class MetaProblem:
     inner_scale: float = 1.0  # RMS of ∇_θ of the uniform training loss (set_inner_scale)
     timesteps: Tensor = field(init=False)
     row_slot: Tensor = field(init=False)
+    rows_per_t: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.timesteps, self.row_slot = torch.unique(self.row_t, return_inverse=True)
+        self.rows_per_t = torch.bincount(self.row_slot, minlength=len(self.timesteps))
         self.n_groups = int(self.val_groups.max()) + 1
         onehot = torch.nn.functional.one_hot(self.val_groups, self.n_groups).T
         dtype = self.val["target"].dtype
@@ -166,8 +167,7 @@ class MetaProblem:
         p = torch.softmax(s / self.cfg.tau, 0)
         if self.cfg.granularity == "sample":
             return p
-        counts = torch.bincount(self.row_slot, minlength=len(self.timesteps)).to(p.dtype)
-        return (p / counts)[self.row_slot]
+        return (p / self.rows_per_t.to(p.dtype))[self.row_slot]
 
     def objective(self, s: Tensor, train: dict) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """L_VAL(s) on one training minibatch; aux = (L_GM, validation loss)."""
@@ -206,8 +206,7 @@ class MetaResult:
     seconds: float
 
 
-def learn_weights(problem: MetaProblem, data: BlockData,
-                  progress: Callable[[int], None] | None = None) -> MetaResult:
+def learn_weights(problem: MetaProblem, data: BlockData) -> MetaResult:
     """Meta-iterations of Adam on the logits s (initialised uniform), one training
     minibatch each; returns ω·N (uniform = 1) for every training row."""
     cfg = problem.cfg
@@ -225,8 +224,6 @@ def learn_weights(problem: MetaProblem, data: BlockData,
         s.grad = grad
         opt.step()
         history.append({"iter": it, "matching": float(gm), "val_loss": float(val_loss)})
-        if progress is not None:
-            progress(it)
     with torch.no_grad():
         w = problem.weights(s) * len(problem.row_t)
     return MetaResult(w.detach().float(), s.detach(), history, time.perf_counter() - start)

@@ -113,6 +113,7 @@ def gaq_overhead(bits: str = "W4A8", model_id: str = "digits", preset: str = "cp
     ``calibration_seconds``)."""
     from statistics import median
 
+    from gaq.bench.provenance import repo_root
     from gaq.bench.spec import load_benchmark
     from gaq.calibration import record_calibration
     from gaq.models.adapters import adapter_for
@@ -120,7 +121,7 @@ def gaq_overhead(bits: str = "W4A8", model_id: str = "digits", preset: str = "cp
     from gaq.registry import get_method
 
     loaded = load_model(model_id)
-    spec = load_benchmark(Path(__file__).resolve().parents[1] / "benchmarks" / "w4a8.toml")
+    spec = load_benchmark(repo_root() / "benchmarks" / "w4a8.toml")
     calib = record_calibration(loaded.denoiser, loaded.scheduler, spec.calibration,
                                model_id=model_id)
     seconds: dict[str, list[float]] = {"gaq-uniform": [], "gaq": [], "meta": []}

@@ -416,18 +416,17 @@ def calib_batches(calib, batch_size: int, device: str | torch.device = "cpu",
     timestep, so without it a minibatch would hold one or two timesteps, where the
     authors' code draws from the whole cached set. ``None`` keeps the recorded order.
     """
-    gen = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
-    order = None if gen is None else torch.randperm(len(calib.train()), generator=gen)
+    train = calib.train()
+    if shuffle_seed is None:
+        order = torch.arange(len(train))
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(shuffle_seed))
 
     def it() -> Iterator[Batch]:
-        train = calib.train()
-        if order is not None:
-            train = train.subset(order)
-        for b in train.batches(batch_size):
-            if order is not None:
-                b["index"] = order[b["index"].cpu()]
-            cond = {k: v.to(device) for k, v in b.get("cond", {}).items()}
-            yield b["x"].to(device), b["t"].to(device), cond, b["index"]
+        for idx in order.split(batch_size):
+            b = train.subset(idx)
+            cond = {k: v.to(device) for k, v in b.cond.items()}
+            yield b.x.to(device), b.t.to(device), cond, idx
 
     return it
 

@@ -105,3 +105,14 @@ def tiny_cond_unet(make_tiny_model):
 def tiny_dit(make_tiny_model):
     """A tiny class-conditional DiTTransformer2DModel (10 classes, patch size 2)."""
     return make_tiny_model("dit")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures(...)``):
+    its models are tiny, and on a shared machine more threads only oversubscribe the
+    cores; restored afterwards for the other modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,6 +9,7 @@ import dataclasses
 import pandas as pd
 import pytest
 import torch
+from tiny_inputs import cond_inputs, denoise
 from torch import nn
 
 from gaq.calibration import CalibrationSet
@@ -34,22 +35,7 @@ W4A8 = QuantConfig.from_bits("W4A8")
 TIMESTEPS = [999, 666, 333, 0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _cond(kind: str, model: nn.Module, rows: int, gen: torch.Generator) -> dict:
-    if kind == "dit":
-        return {"class_labels": torch.randint(0, model.config.num_embeds_ada_norm, (rows,),
-                                              generator=gen)}
-    if kind == "cond_unet":
-        return {"encoder_hidden_states": torch.randn(rows, 3, model.config.cross_attention_dim,
-                                                     generator=gen)}
-    return {}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calibration(kind: str, model: nn.Module, per_t: int = 4, held_per_t: int = 1):
@@ -60,10 +46,9 @@ def calibration(kind: str, model: nn.Module, per_t: int = 4, held_per_t: int = 1
     x = torch.randn(rows, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
     t = torch.tensor(TIMESTEPS).repeat_interleave(per_t + held_per_t)
     split = torch.tensor(([False] * per_t + [True] * held_per_t) * len(TIMESTEPS))
-    cond = _cond(kind, model, rows, gen)
-    with torch.no_grad():
-        out = (model(x, timestep=t, **cond) if kind == "dit" else model(x, t, **cond)).sample
-    return CalibrationSet(x=x, t=t, eps_fp=out, cond=cond, split=split)
+    cond = cond_inputs(kind, model, rows, gen)
+    return CalibrationSet(x=x, t=t, eps_fp=denoise(kind, model, x, t, cond), cond=cond,
+                          split=split)
 
 
 def _block_problem(model, calib, name: str, cfg: MetaConfig, dtype=torch.float32):
@@ -165,10 +150,8 @@ def test_gaq_and_ablations_run_on_tiny_models(make_tiny_model, kind):
                                                            batch_size=8, groups=2,
                                                            diagnostic_rows=16))
         result = cls(cfg).quantize(model, adapter_for(model), calib, W4A8)
-        with torch.no_grad():
-            x, t, cond = calib.x[:4], calib.t[:4], {k: v[:4] for k, v in calib.cond.items()}
-            out = (result.model(x, timestep=t, **cond) if kind == "dit"
-                   else result.model(x, t, **cond)).sample
+        cond = {k: v[:4] for k, v in calib.cond.items()}
+        out = denoise(kind, result.model, calib.x[:4], calib.t[:4], cond)
         assert torch.isfinite(out).all()
         blocks = result.state["gaq"]["blocks"]
         assert blocks and all(len(b["cos_uniform"]) == len(b["timesteps"]) for b in blocks)

@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from torch import Tensor, nn
+from tiny_inputs import cond_inputs, denoise
+from torch import nn
 
 from baselines.tdq import TDQ, TDQConfig
 from baselines.tdq.method import attach_providers, fit_providers, freeze_providers
@@ -31,27 +32,12 @@ TINY = TDQConfig(recon=ReconConfig(weight_iters=5, batch_size=8, capture_batch=8
                  num_train_timesteps=100)  # tiny tables: freezing costs T calls per quantizer
 
 
-def denoise(kind: str, model: nn.Module, x: Tensor, t: Tensor | int, cond: dict) -> Tensor:
-    with torch.no_grad():
-        if kind == "dit":
-            return model(x, timestep=t, class_labels=cond["class_labels"]).sample
-        if kind == "cond_unet":
-            return model(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
-        return model(x, t).sample
-
-
 def random_calibration(kind: str, model: nn.Module, rows: int = 16) -> CalibrationSet:
     gen = torch.Generator().manual_seed(1)
     cfg = model.config
     x = torch.randn(rows, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
     t = torch.randint(0, 100, (rows,), generator=gen)  # within TINY's T
-    if kind == "dit":
-        cond = {"class_labels": torch.randint(0, cfg.num_embeds_ada_norm, (rows,), generator=gen)}
-    elif kind == "cond_unet":
-        cond = {"encoder_hidden_states": torch.randn(rows, 3, cfg.cross_attention_dim,
-                                                     generator=gen)}
-    else:
-        cond = {}
+    cond = cond_inputs(kind, model, rows, gen)
     return CalibrationSet(x=x, t=t, eps_fp=denoise(kind, model, x, t, cond), cond=cond)
 
 

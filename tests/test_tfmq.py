@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_inputs import cond_inputs, denoise
 from torch import nn
 
 from baselines.tfmq import TFMQ, TFMQConfig
@@ -29,31 +30,7 @@ SMALL = ReconConfig(weight_iters=20, act_iters=5, weight_lr=1e-2, batch_size=32,
 W4A8 = QuantConfig.from_bits("W4A8")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared machine more threads
-    only oversubscribe the cores (restored afterwards for the other test modules)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _cond(kind: str, model: nn.Module, rows: int, gen: torch.Generator) -> dict:
-    if kind == "dit":
-        return {"class_labels": torch.randint(0, model.config.num_embeds_ada_norm, (rows,),
-                                              generator=gen)}
-    if kind == "cond_unet":
-        return {"encoder_hidden_states": torch.randn(rows, 3, model.config.cross_attention_dim,
-                                                     generator=gen)}
-    return {}
-
-
-def _call(kind: str, model: nn.Module, x, t, cond) -> torch.Tensor:
-    with torch.no_grad():
-        if kind == "dit":
-            return model(x, timestep=t, **cond).sample
-        return model(x, t, **cond).sample
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_calibration(kind: str, model: nn.Module, rows: int = 16) -> CalibrationSet:
@@ -62,8 +39,8 @@ def random_calibration(kind: str, model: nn.Module, rows: int = 16) -> Calibrati
     cfg = model.config
     x = torch.randn(rows, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
     t = torch.tensor([999, 666, 333, 0]).repeat_interleave(rows // 4)
-    cond = _cond(kind, model, rows, gen)
-    return CalibrationSet(x=x, t=t, eps_fp=_call(kind, model, x, t, cond), cond=cond)
+    cond = cond_inputs(kind, model, rows, gen)
+    return CalibrationSet(x=x, t=t, eps_fp=denoise(kind, model, x, t, cond), cond=cond)
 
 
 @pytest.mark.parametrize("kind", ["unet", "cond_unet", "dit"])
@@ -74,12 +51,12 @@ def test_temporal_forward_matches_the_models_own_computation(make_tiny_model, ki
     cfg = model.config
     x = torch.randn(3, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
     t = torch.tensor([3, 500, 999])
-    cond = _cond(kind, model, 3, gen)
+    cond = cond_inputs(kind, model, 3, gen)
     seen: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(n).register_forward_hook(
         lambda m, a, out, n=n: seen.setdefault(n, out)) for n in adapter.temporal_layers()]
     try:
-        _call(kind, model, x, t, cond)
+        denoise(kind, model, x, t, cond)
     finally:
         for h in hooks:
             h.remove()
@@ -134,7 +111,7 @@ def test_tfmq_end_to_end_on_tiny_models(make_tiny_model, kind):
 
     result = TFMQ(TFMQConfig(recon=TINY), sample_weights=weights).quantize(
         model, adapter_for(model), calib, W4A8)
-    out = _call(kind, result.model, calib.x, calib.t, calib.cond)
+    out = denoise(kind, result.model, calib.x, calib.t, calib.cond)
     assert torch.isfinite(out).all()
     assert not torch.equal(out, calib.eps_fp)
     assert seen_blocks and "temporal" not in seen_blocks

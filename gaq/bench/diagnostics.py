@@ -31,10 +31,7 @@ def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:
     """Cosine similarity between per-timestep gradients of the block loss, under uniform
     and under learned weights (mean over the rows given: blocks and seeds)."""
     with _style():
-        fig = Figure(figsize=(1.4 * COLUMN_WIDTH, 2.4), layout="constrained")
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-        FigureCanvasAgg(fig)
+        fig = _figure(1.4 * COLUMN_WIDTH, 2.4)
         axes = fig.subplots(1, 2, sharey=True)
         image = None
         for ax, weights in zip(axes, ("uniform", "learned"), strict=True):

@@ -225,7 +225,7 @@ class Runner:
         denoiser = ctx.loaded.denoiser
         metrics: dict[str, float] = {}
         report = None
-        diagnostics: dict[str, list[dict]] = {}
+        diagnostics: dict[str, pd.DataFrame] = {}
         state_dir = Path(tempfile.mkdtemp(prefix="gaq-state-"))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -243,9 +243,10 @@ class Runner:
             result = method.quantize(denoiser, ctx.adapter, calib, quant)
             qmodel, hook, report = result.model, result.sampler_hook, result.report
             metrics.update({k: float(v) for k, v in result.stats.items()})
-            diagnostics = result.diagnostics
-            for name, records in diagnostics.items():
-                pd.DataFrame(records).to_csv(state_dir / f"{name}.csv", index=False)
+            diagnostics = {name: pd.DataFrame(records)
+                           for name, records in result.diagnostics.items() if records}
+            for name, frame in diagnostics.items():
+                frame.to_csv(state_dir / f"{name}.csv", index=False)
             save_state(qmodel, report, quant, state_dir, meta=result.state)
             (state_dir / "layers.md").write_text(report.to_markdown())
         metrics["peak_memory_mb"] = (
@@ -310,16 +311,14 @@ class Runner:
                 "setup": setup}
         rows = [base | {"metric": k, "value": float(v)} for k, v in metrics.items()]
         results.append(self.metrics_path, pd.DataFrame(rows))
+        # the columns that tie a curve or diagnostic row to its cell
         keys = ("run_id", "cell_id", "benchmark", "model", "method", "bits", "seed")
-        for name, records in diagnostics.items():
-            if records:
-                frame = pd.DataFrame(records)
-                for k in reversed(keys):
-                    frame.insert(0, k, base[k])
-                results.append(self.dir / f"{name}.parquet", frame)
+        for name, frame in diagnostics.items():
+            for k in reversed(keys):
+                frame.insert(0, k, base[k])
+            results.append(self.dir / f"{name}.parquet", frame)
         if curve is not None:
-            crow = [{k: base[k] for k in ("run_id", "cell_id", "benchmark", "model", "method",
-                                           "bits", "seed")}
+            crow = [{k: base[k] for k in keys}
                     | {"curve": "eps_mse", "timestep": int(t), "value": float(v)}
                     for t, v in curve.items()]
             results.append(self.curves_path, pd.DataFrame(crow))

@@ -80,12 +80,13 @@ def _batches(rows) -> BatchIter:
 
 @dataclass
 class _Run:
-    """What one quantize() call needs between the pipeline's hooks."""
+    """What one quantize() call needs between the pipeline's hooks (the models are set by
+    :meth:`GAQ.on_quantized`)."""
 
-    qmodel: nn.Module
-    fpmodel: nn.Module
     val: BatchIter
     row_t: Tensor
+    qmodel: nn.Module | None = None
+    fpmodel: nn.Module | None = None
     weights: dict[str, Tensor] = field(default_factory=dict)
     blocks: list[dict[str, Any]] = field(default_factory=list)
     diag_seconds: float = 0.0
@@ -110,7 +111,7 @@ class GAQ(TFMQ):
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         val = validation_rows(calib, self.config.meta.val_share)
-        self._pending = (val, calib.train().t)
+        self._run = _Run(_batches(val), calib.train().t)
         try:
             result = super().quantize(model, adapter, calib, quant)
             run = self._run
@@ -132,8 +133,8 @@ class GAQ(TFMQ):
 
     # -- the pipeline's hooks ---------------------------------------------------------
     def on_quantized(self, qmodel, fpmodel, adapter, calib) -> None:
-        val, row_t = self._pending
-        self._run = _Run(qmodel, fpmodel, _batches(val), row_t)
+        assert self._run is not None, "on_quantized is called from within quantize()"
+        self._run.qmodel, self._run.fpmodel = qmodel, fpmodel
 
     def sample_weights(self, block: Block, data: BlockData) -> Tensor | None:
         run = self._run
@@ -141,6 +142,10 @@ class GAQ(TFMQ):
         if block.name in run.weights:  # activation phase: the weights of the weight phase
             return run.weights[block.name]
         cfg = self.config.meta
+        uniform = self.config.weights == "uniform"
+        if uniform and not cfg.diagnostic_rows:
+            return None
+        start = time.perf_counter()
         module = run.qmodel.get_submodule(block.name)
         view = rounding_view(module)
         theta = inner_parameters(view, cfg.inner_params)
@@ -154,23 +159,25 @@ class GAQ(TFMQ):
             info: dict[str, Any] = {"block": block.name, "kind": block.kind,
                                     "params": int(sum(v.numel() for v in theta.values()))}
             meta = None
-            if self.config.weights == "meta":
+            if uniform:
+                weights = torch.ones(len(run.row_t))
+            else:
                 meta = learn_weights(problem, data)
                 weights = meta.weights
                 info |= {"meta_seconds": meta.seconds, "history": meta.history}
-            else:
-                weights = torch.ones(len(run.row_t))
-            if cfg.diagnostic_rows:  # instrumentation: timed apart from the calibration
-                start = time.perf_counter()
+            diag_start = time.perf_counter()
+            if cfg.diagnostic_rows:
                 info |= gradient_diagnostics(problem, data.head(cfg.diagnostic_rows), weights)
                 if meta is not None:
                     info |= objective_summary(problem, data, meta.logits)
-                run.diag_seconds += time.perf_counter() - start
         finally:
             val.close()
+        # instrumentation is timed apart from the calibration; with uniform weights all of
+        # this hook (the block copy and the validation capture included) is instrumentation
+        run.diag_seconds += time.perf_counter() - (start if uniform else diag_start)
         run.weights[block.name] = weights
         run.blocks.append(info)
-        return None if self.config.weights == "uniform" else weights
+        return None if uniform else weights
 
 
 def _tables(blocks: list[dict[str, Any]]) -> dict[str, list[dict]]:
