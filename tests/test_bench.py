@@ -10,7 +10,11 @@ from gaq.errors import GaqError
 MICRO = """
 models = ["digits"]
 bits = ["W8A8"]
-methods = [{ name = "fp" }, { name = "rtn", preset = "cpu" }]
+methods = [
+  { name = "fp" },
+  { name = "rtn", preset = "cpu" },
+  { name = "ptqd", config = { recon = { weight_iters = 0, act_iters = 0, cache = "memory" } } },
+]
 
 [benchmark]
 name = "micro"
@@ -51,8 +55,8 @@ def test_parquet_schema_and_rows(micro_run):
     for col in ("run_id", "cell_id", "benchmark", "model", "method", "bits", "w_bits",
                 "a_bits", "seed", "setup", "metric", "value"):
         assert col in df.columns
-    assert set(df["method"]) == {"fp", "rtn"}
-    assert df["cell_id"].nunique() == 2
+    assert set(df["method"]) == {"fp", "rtn", "ptqd"}
+    assert df["cell_id"].nunique() == 3
     rtn = df[df["method"] == "rtn"].set_index("metric")["value"]
     for m in ("fid", "kid", "precision", "recall", "psnr", "eps_mse", "calibration_seconds",
               "images_per_second", "model_size_mb"):
@@ -63,6 +67,29 @@ def test_parquet_schema_and_rows(micro_run):
     assert curves["timestep"].nunique() == 4  # one point per sampling step
 
 
+def test_noise_curves_measure_the_sampler_correction(micro_run):
+    """Every cell gets eps_mse and k_t per step; PTQD, whose sampler corrects eps, is
+    measured after its correction (what it samples with) and before it."""
+    _, _, results = micro_run
+    curves = pd.read_parquet(results / "micro" / "curves.parquet")
+    df = pd.read_parquet(results / "micro" / "metrics.parquet")
+    kinds = {m: set(part["curve"]) for m, part in curves.groupby("method")}
+    assert kinds["rtn"] == {"eps_mse", "noise_k"}
+    assert kinds["ptqd"] == {"eps_mse", "noise_k", "eps_mse_uncorrected",
+                             "noise_k_uncorrected"}
+    ptqd = curves[curves["method"] == "ptqd"].pivot(index="timestep", columns="curve",
+                                                    values="value")
+    assert len(ptqd) == 4
+    # the correction changes what is measured (it removes at least the bias mu_t)
+    assert not ptqd["eps_mse"].equals(ptqd["eps_mse_uncorrected"])
+    m = df[df["method"] == "ptqd"].set_index("metric")["value"]
+    assert m["eps_mse"] == pytest.approx(ptqd["eps_mse"].mean())
+    assert m["eps_mse_uncorrected"] == pytest.approx(ptqd["eps_mse_uncorrected"].mean())
+    assert m["noise_k_max_abs"] == pytest.approx(ptqd["noise_k"].abs().max())
+    table = (results / "tables" / "micro_noise.md").read_text()
+    assert "| PTQD (before correction) | W8A8 |" in table and "| RTN | W8A8 |" in table
+
+
 def test_mlflow_runs_carry_provenance(micro_run):
     import mlflow
 
@@ -70,7 +97,7 @@ def test_mlflow_runs_carry_provenance(micro_run):
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("gaq-micro")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 2
+    assert len(runs) == 3
     for run in runs:
         tags = run.data.tags
         for key in ("git_commit", "git_dirty", "torch_version", "device", "gaq.cell_id", "seeds"):
@@ -83,7 +110,7 @@ def test_resume_skips_completed_cells(micro_run, capsys):
     before = pd.read_parquet(results / "micro" / "metrics.parquet")
     assert main(["bench", str(bench), "--results", str(results)]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == 2
+    assert out.count("skipped") == 3
     after = pd.read_parquet(results / "micro" / "metrics.parquet")
     pd.testing.assert_frame_equal(before, after)
 
@@ -98,6 +125,9 @@ def test_tables_and_plots_regenerate_from_parquet_alone(micro_run):
     md = (results / "tables" / "micro.md").read_text()
     assert "rtn" in md.lower() and "fp" in md.lower()
     assert any((results / "plots").glob("*.png")) and any((results / "plots").glob("*.pdf"))
+    assert (results / "tables" / "micro_noise.md").exists()
+    assert (results / "plots" / "micro_noise_k_W8A8_by_timestep.png").exists()
+    assert not any((results / "plots").glob("*_uncorrected_*"))  # drawn dashed, not alone
 
 
 def test_malformed_benchmark_names_file_and_key(tmp_path, capsys):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gaq.errors import GaqError
+from gaq.eval.eps import correlation_slope
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,7 @@ def fit_stats(t: int, eps_q: Tensor, eps_fp: Tensor, bias_of: str = "raw",
     """
     fp = eps_fp.double()
     err = eps_q.double() - fp
-    fc = fp - fp.mean()
-    k = float((fc * (err - err.mean())).sum() / fc.pow(2).sum().clamp_min(1e-30))
+    k = correlation_slope(err, fp)
     k = max(k, -0.5) if negative_k else max(k, 0.0)
     resid = err - k * fp
     dims = [0] + list(range(2, err.ndim))

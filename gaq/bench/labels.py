@@ -32,6 +32,8 @@ _METHOD_LABELS = {
     "ptqd": "PTQD", "tdq": "TDQ", "tfmq": "TFMQ-DM", "gaq": "GAQ",
     "gaq-uniform": "GAQ (uniform ω)", "gaq-timestep": "GAQ (ω per t)",
     "gaq-mse": "GAQ (no L_GM)",
+    "ptqd-base": "PTQD base PTQ (no correction)", "ptqd-no-vsc": "PTQD (no VSC)",
+    "ptqd-negk": "PTQD (k < 0 corrected too)",
 }  # fmt: skip
 # ablations first, the full method last, as the paper's ablation tables list them
 _GAQ_ORDER = ("gaq-uniform", "gaq-timestep", "gaq-mse", "gaq")
@@ -65,6 +67,9 @@ def _method_key(method: str) -> tuple[int, str]:
         return (1, m)
     if m in _KNOWN_ORDER:
         return (2 + _KNOWN_ORDER.index(m), m)
+    base = m.split("-", 1)[0]
+    if base in _KNOWN_ORDER:  # a variant row of a baseline ("ptqd-base") sorts beside it
+        return (2 + _KNOWN_ORDER.index(base), m)
     if m in _GAQ_ORDER:
         return (100 + _GAQ_ORDER.index(m), m)
     if m.startswith(("gaq-", "gaq_")):

@@ -44,6 +44,7 @@ _RC = {
 
 # Fixed colours per known method, so a method looks the same in every figure.
 _PALETTE = mpl.colormaps["tab10"].colors
+_WIDE_PALETTE = mpl.colormaps["tab20b"].colors + mpl.colormaps["tab20c"].colors
 _COLOR_SLOTS = ("fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq", "gaq")
 
 
@@ -53,7 +54,8 @@ def _color(method: str) -> tuple[float, ...]:
         return _PALETTE[_COLOR_SLOTS.index(m) % len(_PALETTE)]
     if m.startswith(("gaq-", "gaq_")):
         return _PALETTE[(len(_COLOR_SLOTS) + zlib.crc32(m.encode())) % len(_PALETTE)]
-    return _PALETTE[zlib.crc32(m.encode()) % len(_PALETTE)]
+    # other rows (new methods, variants such as "ptqd-base"): 40 colours, none of tab10
+    return _WIDE_PALETTE[zlib.crc32(m.encode()) % len(_WIDE_PALETTE)]
 
 
 @contextlib.contextmanager
@@ -115,25 +117,41 @@ def metric_vs_bits(df: pd.DataFrame, metric: str) -> Figure:
     return fig
 
 
+_CURVE_LABELS = {"eps_mse": "noise-prediction MSE ↓",
+                 "noise_k": "correlated noise k_t (0 = none)"}
+UNCORRECTED = "_uncorrected"  # suffix of a curve measured before the method's sampler hook
+
+
 def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse") -> Figure:
-    """Per-timestep error of the noise prediction against FP, averaged over seeds; one line
-    per method (and bit-width, when several are present). FP is left out: its error is 0."""
-    data = curves_df[(curves_df["curve"] == curve) & ~curves_df["method"].map(labels.is_fp)]
+    """A per-timestep curve against FP (``eps_mse``, ``noise_k``), averaged over seeds; one
+    line per method (and bit-width, when several are present). FP is left out: its error
+    is 0. A method measured before its sampler correction too (PTQD) gets that curve as a
+    dashed line of its colour."""
+    quant = curves_df[~curves_df["method"].map(labels.is_fp)]
+    data = quant[quant["curve"] == curve]
+    raw = quant[quant["curve"] == curve + UNCORRECTED]
     several_bits = data["bits"].nunique() > 1
     with _style():
         fig = _figure()
         ax = fig.add_subplot()
         for method in labels.method_order(data["method"]):
             for bits in labels.bits_order(data.loc[data["method"] == method, "bits"]):
-                part = data[(data["method"] == method) & (data["bits"] == bits)]
-                mean = part.groupby("timestep")["value"].mean().sort_index()
                 label = labels.method_label(method) + (f" {bits}" if several_bits else "")
-                ax.plot(mean.index, mean.values, color=_color(method), label=label)
+                drawn = None
+                for part, ls, suffix in ((data, "-", ""), (raw, "--", " (uncorrected)")):
+                    part = part[(part["method"] == method) & (part["bits"] == bits)]
+                    mean = part.groupby("timestep")["value"].mean().sort_index()
+                    if len(mean) and not mean.equals(drawn):  # skip a correction that was off
+                        ax.plot(mean.index, mean.values, color=_color(method), ls=ls,
+                                label=label + suffix)
+                    drawn = mean
         # Errors span decades between early and late steps: log scale when it is defined.
-        if len(data) and (data["value"] > 0).all():
+        if len(data) and (pd.concat([data, raw])["value"] > 0).all():
             ax.set_yscale("log")
+        else:
+            ax.axhline(0.0, color="0.5", lw=0.6)
         ax.set_xlabel("timestep t")
-        ax.set_ylabel(_ylabel(curve) if curve != "eps_mse" else "noise-prediction MSE ↓")
+        ax.set_ylabel(_CURVE_LABELS.get(curve, _ylabel(curve)))
         if len(data):
             ax.legend(frameon=False)
     return fig
@@ -249,9 +267,9 @@ def write_plots(results_dir: Path, benchmark: str, out_dir: Path) -> list[Path]:
         if (quantized["metric"] == "calibration_seconds").any():
             written += save(calibration_cost(m), f"{stem}_calibration_cost")
         c = curves[(curves["model"] == model) & ~curves["method"].map(labels.is_fp)]
-        for curve in sorted(c["curve"].unique()):
+        for curve in sorted(n for n in c["curve"].unique() if not n.endswith(UNCORRECTED)):
             for bits in labels.bits_order(c.loc[c["curve"] == curve, "bits"]):
-                part = c[(c["curve"] == curve) & (c["bits"] == bits)]
+                part = c[c["curve"].isin([curve, curve + UNCORRECTED]) & (c["bits"] == bits)]
                 written += save(timestep_error(part, curve), f"{stem}_{curve}_{bits}_by_timestep")
         grids = folder / "grids"
         if grids.is_dir():

@@ -26,7 +26,7 @@ from gaq.bench.spec import FP, IMAGE_METRICS, Benchmark, MethodEntry
 from gaq.config import QuantConfig, fingerprint
 from gaq.errors import GaqError
 
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2  # 2: eps_mse after the sampler hook; noise_k curves
 HELDOUT_SEED_OFFSET = 10_000  # held-out trajectories never share noise with calibration
 
 
@@ -206,12 +206,16 @@ class Runner:
                                                     spec, model_id=ctx.id)
         return ctx._heldout[seed]
 
-    def _eps_curve(self, ctx: _ModelContext, model: torch.nn.Module, seed: int) -> pd.Series:
-        """Per-timestep MSE of the noise prediction against FP, on held-out FP trajectories."""
-        from gaq.eval.eps import eps_error_by_timestep
+    def _noise_curves(self, ctx: _ModelContext, model: torch.nn.Module, seed: int,
+                      hook) -> dict[str, pd.Series]:
+        """Per-timestep noise-prediction MSE against FP and the slope k_t of the error on
+        eps_fp, on held-out FP trajectories, after the method's sampler correction (and
+        before it, for a method that has one)."""
+        from gaq.eval.eps import noise_curves
 
-        return pd.Series(eps_error_by_timestep(model, self._heldout(ctx, seed),
-                                               self.bench.eval.batch_size, self.device))
+        curves = noise_curves(model, self._heldout(ctx, seed), self.bench.eval.batch_size,
+                              self.device, hook)
+        return {name: pd.Series(points) for name, points in curves.items()}
 
     def run_cell(self, cell: Cell, cid: str) -> None:
         from gaq.bench import results
@@ -273,20 +277,25 @@ class Runner:
                 ctx._fp_images[cell.seed] = fp
             paired = paired_metrics(images, fp)
             metrics.update({k: float(v) for k, v in paired.items() if _is_number(v)})
-        curve = None
+        curves: dict[str, pd.Series] = {}
         if "eps_mse" in wanted and self.bench.eval.heldout_trajectories > 0:
-            curve = self._eps_curve(ctx, qmodel, cell.seed)
-            metrics["eps_mse"] = float(curve.mean())
+            curves = self._noise_curves(ctx, qmodel, cell.seed, hook)
+            for name, curve in curves.items():
+                if name.startswith("eps_mse"):
+                    metrics[name] = float(curve.mean())
+                else:  # a slope k_t: its mean and the step farthest from 0
+                    metrics[f"{name}_mean"] = float(curve.mean())
+                    metrics[f"{name}_max_abs"] = float(curve.abs().max())
 
         # artifacts
         stem = f"{cell.model}_{cell.method.row}_{cell.bits}_seed{cell.seed}"
         grid_path = self.dir / "grids" / f"{stem}.png"
         _save_grid(images[:64], grid_path)
         artifacts = {"samples": grid_path}
-        if curve is not None:
-            curve_csv = state_dir / "eps_curve.csv"
-            curve.rename_axis("timestep").rename("eps_mse").to_csv(curve_csv)
-            artifacts["eps_curve"] = curve_csv
+        if curves:
+            curve_csv = state_dir / "noise_curves.csv"
+            pd.DataFrame(curves).rename_axis("timestep").to_csv(curve_csv)
+            artifacts["noise_curves"] = curve_csv
         for f in state_dir.iterdir():
             artifacts[f"state/{f.name}"] = f
 
@@ -302,8 +311,8 @@ class Runner:
                                           "gaq.backend": "fake-quant (PyTorch)"}
         run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
                          params, metrics, tags, artifacts,
-                         {"eps_mse_by_timestep": list(curve.items())} if curve is not None
-                         else {})
+                         {f"{name}_by_timestep": list(curve.items())
+                          for name, curve in curves.items()})
         setup = f"{self.device}-{tags.get('gpu_count', '0')}gpu"
         base = {"run_id": run_id, "cell_id": cid, "benchmark": self.bench.name,
                 "model": cell.model, "method": cell.method.row, "preset": cell.method.preset,
@@ -317,10 +326,10 @@ class Runner:
             for k in reversed(keys):
                 frame.insert(0, k, base[k])
             results.append(self.dir / f"{name}.parquet", frame)
-        if curve is not None:
+        if curves:
             crow = [{k: base[k] for k in keys}
-                    | {"curve": "eps_mse", "timestep": int(t), "value": float(v)}
-                    for t, v in curve.items()]
+                    | {"curve": name, "timestep": int(t), "value": float(v)}
+                    for name, curve in curves.items() for t, v in curve.items()]
             results.append(self.curves_path, pd.DataFrame(crow))
         shown = {k: round(v, 4) for k, v in metrics.items()
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}

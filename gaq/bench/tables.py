@@ -292,6 +292,13 @@ def write_tables(
     paths[0].write_text(md, encoding="utf-8")
     paths[1].write_text(tex, encoding="utf-8")
     from gaq.bench.diagnostics import cosine_table, read
+    from gaq.bench.noise import noise_table
+
+    noise = noise_table(results.read(Path(results_dir) / benchmark / "curves.parquet"),
+                        benchmark)
+    if noise is not None:
+        paths.append(out_dir / f"{benchmark}_noise.md")
+        paths[-1].write_text(noise, encoding="utf-8")
 
     blocks = read(Path(results_dir) / benchmark).get("gaq_blocks")
     if blocks is not None and len(blocks):

@@ -1,32 +1,116 @@
 """Paired noise-prediction error: a quantized denoiser against the FP one on the same
-(held-out) FP trajectory states, per timestep."""
+(held-out) FP trajectory states, per timestep.
+
+Besides the MSE, every timestep gets the least-squares slope ``k_t`` of the error
+``eps_q − eps_fp`` on ``eps_fp`` (PTQD's noise model ``eps_q = (1+k_t)·eps_fp + δ_t``):
+``k > 0`` means the quantized model inflates the noise prediction, ``k < 0`` that it
+shrinks it. A method with a sampler hook (PTQD) is measured on the noise prediction its
+sampler actually uses, after the hook, and also before it (``*_uncorrected``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
+
+__all__ = ["correlation_slope", "eps_error_by_timestep", "mean_eps_error", "noise_curves"]
+
+
+@dataclass
+class _Moments:
+    """Running float64 sums over the elements of one timestep's rows."""
+
+    rows: int = 0
+    n: int = 0
+    se_rows: float = 0.0  # sum over rows of each row's mean squared error
+    fp: float = 0.0
+    err: float = 0.0
+    fp2: float = 0.0
+    fp_err: float = 0.0
+
+    def add(self, err: Tensor, fp: Tensor) -> None:
+        err, fp = err.double(), fp.double()
+        self.rows += err.shape[0]
+        self.n += err.numel()
+        self.se_rows += float(err.pow(2).flatten(1).mean(1).sum())
+        self.fp += float(fp.sum())
+        self.err += float(err.sum())
+        self.fp2 += float(fp.pow(2).sum())
+        self.fp_err += float((fp * err).sum())
+
+    @property
+    def mse(self) -> float:
+        return self.se_rows / self.rows
+
+    @property
+    def slope(self) -> float:
+        m_fp, m_err = self.fp / self.n, self.err / self.n
+        var = self.fp2 / self.n - m_fp**2
+        return (self.fp_err / self.n - m_fp * m_err) / max(var, 1e-30)
+
+
+def correlation_slope(err: Tensor, fp: Tensor) -> float:
+    """Least-squares slope (with intercept) of ``err`` on ``fp`` over all elements."""
+    m = _Moments()
+    m.add(err, fp)
+    return m.slope
+
+
+def _eps_fn(hook):
+    from gaq.sampling import _split_hook
+
+    return _split_hook(hook)[0]
 
 
 @torch.no_grad()
-def eps_error_by_timestep(model: torch.nn.Module, heldout, batch_size: int = 128,
-                          device: str | torch.device = "cpu") -> dict[int, float]:
-    """Mean squared error of ``model``'s noise prediction against the recorded FP one
-    (``heldout.eps_fp``), for every timestep of a :class:`~gaq.calibration.CalibrationSet`."""
+def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
+                 device: str | torch.device = "cpu", hook=None) -> dict[str, dict[int, float]]:
+    """Per-timestep curves of ``model`` on the rows of a held-out
+    :class:`~gaq.calibration.CalibrationSet`: ``eps_mse`` and ``noise_k`` (the slope k_t),
+    measured after ``hook``'s eps correction when a hook is given, plus
+    ``eps_mse_uncorrected`` and ``noise_k_uncorrected`` before it.
+
+    The hook sees ``(step, t, x, eps)`` with ``step`` the position of ``t`` in the set's
+    descending timesteps: the sampler's step index when the set holds every sampler step.
+    """
     from gaq.sampling import _noise_prediction
 
-    sums: dict[int, float] = {}
-    counts: dict[int, int] = {}
-    for b in heldout.batches(batch_size):
-        cond = {k: v.to(device) for k, v in b["cond"].items()}
-        x = b["x"].to(device)
-        eps = _noise_prediction(model(x, b["t"].to(device), **cond), x.shape[1])
-        se = (eps.float().cpu() - b["eps_fp"]).pow(2).flatten(1).mean(1)
-        for t, e in zip(b["t"].tolist(), se.tolist(), strict=True):
-            sums[t] = sums.get(t, 0.0) + e
-            counts[t] = counts.get(t, 0) + 1
-    return {t: sums[t] / counts[t] for t in sorted(sums)}
+    eps_fn = _eps_fn(hook)
+    by_t = heldout.by_timestep()
+    order = {t: i for i, t in enumerate(sorted(by_t, reverse=True))}
+    after: dict[int, _Moments] = {}
+    before: dict[int, _Moments] = {}
+    for t, rows in by_t.items():
+        after[t], before[t] = _Moments(), _Moments()
+        for b in rows.batches(batch_size):
+            cond = {k: v.to(device) for k, v in b["cond"].items()}
+            x = b["x"].to(device)
+            eps = _noise_prediction(model(x, b["t"].to(device), **cond), x.shape[1])
+            fp = b["eps_fp"]
+            before[t].add(eps.float().cpu() - fp, fp)
+            if eps_fn is not None:
+                corrected = eps_fn(order[t], t, x, eps)
+                if corrected is not None:
+                    eps = corrected
+            after[t].add(eps.float().cpu() - fp, fp)
+    out = {"eps_mse": {t: m.mse for t, m in after.items()},
+           "noise_k": {t: m.slope for t, m in after.items()}}
+    if eps_fn is not None:
+        out["eps_mse_uncorrected"] = {t: m.mse for t, m in before.items()}
+        out["noise_k_uncorrected"] = {t: m.slope for t, m in before.items()}
+    return out
+
+
+def eps_error_by_timestep(model: torch.nn.Module, heldout, batch_size: int = 128,
+                          device: str | torch.device = "cpu", hook=None) -> dict[int, float]:
+    """Mean squared error of ``model``'s noise prediction (after ``hook``) against the
+    recorded FP one (``heldout.eps_fp``), for every timestep of ``heldout``."""
+    return noise_curves(model, heldout, batch_size, device, hook)["eps_mse"]
 
 
 def mean_eps_error(model: torch.nn.Module, heldout, batch_size: int = 128,
-                   device: str | torch.device = "cpu") -> float:
-    curve = eps_error_by_timestep(model, heldout, batch_size, device)
+                   device: str | torch.device = "cpu", hook=None) -> float:
+    curve = eps_error_by_timestep(model, heldout, batch_size, device, hook)
     return sum(curve.values()) / len(curve)
