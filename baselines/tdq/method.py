@@ -74,13 +74,18 @@ def attach_providers(qmodel: nn.Module, cfg: TDQConfig) -> int:
     """Condition every calibrated static activation quantizer on ``t``: the MLP starts at
     the static step size s0 (and the zero point stays the static one)."""
     n = 0
-    for _, q in act_quantizers(qmodel):
-        if q.mode != "static":
-            continue
-        s0 = q.scale.detach().clamp_min(1e-8)  # an all-zero input could give Δ = 0
-        mlp = TimestepScaleMLP(s0, cfg.embed_dim, cfg.mlp_hidden).to(s0.device)
-        q.set_provider(mlp)
-        n += 1
+    # The hidden layers' initial weights come from the seed alone: drawn from the global
+    # RNG they would depend on whatever ran before in the process (other benchmark cells),
+    # and two runs of one cell would differ.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for _, q in act_quantizers(qmodel):
+            if q.mode != "static":
+                continue
+            s0 = q.scale.detach().clamp_min(1e-8)  # an all-zero input could give Δ = 0
+            mlp = TimestepScaleMLP(s0, cfg.embed_dim, cfg.mlp_hidden).to(s0.device)
+            q.set_provider(mlp)
+            n += 1
     return n
 
 
