@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from gaq.bench import labels
-from gaq.bench.plots import UNCORRECTED
+from gaq.eval.curve_names import UNCORRECTED
 
 __all__ = ["noise_table"]
 
@@ -26,11 +26,12 @@ def noise_table(curves: pd.DataFrame, benchmark: str) -> str | None:
     """Markdown, or None when the curves hold no ``noise_k`` (results older than it)."""
     if curves.empty:
         return None
-    quant = curves[~curves["method"].map(labels.is_fp).astype(bool)]
+    quant = curves[~curves["method"].map(labels.is_fp)]
     if not (quant["curve"] == "noise_k").any():
         return None
     # one value per (method, bits, curve, timestep): the mean over seeds
     mean = quant.groupby(["method", "bits", "curve", "timestep"])["value"].mean()
+    measured = set(mean.index.droplevel("timestep"))
     lines = [f"# {benchmark}: quantization noise against FP, per sampler step", "",
              "On held-out FP trajectories (every sampler step). k_t is the least-squares slope "
              "of the noise-prediction error ε_q − ε_FP on ε_FP at step t (PTQD's "
@@ -48,7 +49,7 @@ def noise_table(curves: pd.DataFrame, benchmark: str) -> str | None:
         for method in methods:
             for suffix, note in (("", ""), (UNCORRECTED, " (before correction)")):
                 key = (method, bits, "noise_k" + suffix)
-                if key not in mean.index.droplevel("timestep"):
+                if key not in measured:
                     continue
                 k = mean.loc[key]
                 mse = mean.loc[(method, bits, "eps_mse" + suffix)]

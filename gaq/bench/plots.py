@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from gaq.bench import labels, results
 from gaq.bench.published import FP_BITS
+from gaq.eval.curve_names import UNCORRECTED
 
 __all__ = [
     "COLUMN_WIDTH",
@@ -119,7 +120,6 @@ def metric_vs_bits(df: pd.DataFrame, metric: str) -> Figure:
 
 _CURVE_LABELS = {"eps_mse": "noise-prediction MSE ↓",
                  "noise_k": "correlated noise k_t (0 = none)"}
-UNCORRECTED = "_uncorrected"  # suffix of a curve measured before the method's sampler hook
 
 
 def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse") -> Figure:

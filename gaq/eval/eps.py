@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gaq.eval.curve_names import UNCORRECTED
+
 __all__ = ["correlation_slope", "eps_error_by_timestep", "mean_eps_error", "noise_curves"]
 
 
@@ -58,12 +60,6 @@ def correlation_slope(err: Tensor, fp: Tensor) -> float:
     return m.slope
 
 
-def _eps_fn(hook):
-    from gaq.sampling import _split_hook
-
-    return _split_hook(hook)[0]
-
-
 @torch.no_grad()
 def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
                  device: str | torch.device = "cpu", hook=None) -> dict[str, dict[int, float]]:
@@ -75,22 +71,24 @@ def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
     The hook sees ``(step, t, x, eps)`` with ``step`` the position of ``t`` in the set's
     descending timesteps: the sampler's step index when the set holds every sampler step.
     """
-    from gaq.sampling import _noise_prediction
+    from gaq.sampling import _noise_prediction, _split_hook
 
-    eps_fn = _eps_fn(hook)
+    eps_fn = _split_hook(hook)[0]
     by_t = heldout.by_timestep()
     order = {t: i for i, t in enumerate(sorted(by_t, reverse=True))}
     after: dict[int, _Moments] = {}
-    before: dict[int, _Moments] = {}
+    before: dict[int, _Moments] = {}  # only for a hook: without one it equals ``after``
     for t, rows in by_t.items():
-        after[t], before[t] = _Moments(), _Moments()
+        after[t] = _Moments()
+        if eps_fn is not None:
+            before[t] = _Moments()
         for b in rows.batches(batch_size):
             cond = {k: v.to(device) for k, v in b["cond"].items()}
             x = b["x"].to(device)
             eps = _noise_prediction(model(x, b["t"].to(device), **cond), x.shape[1])
             fp = b["eps_fp"]
-            before[t].add(eps.float().cpu() - fp, fp)
             if eps_fn is not None:
+                before[t].add(eps.float().cpu() - fp, fp)
                 corrected = eps_fn(order[t], t, x, eps)
                 if corrected is not None:
                     eps = corrected
@@ -98,8 +96,8 @@ def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
     out = {"eps_mse": {t: m.mse for t, m in after.items()},
            "noise_k": {t: m.slope for t, m in after.items()}}
     if eps_fn is not None:
-        out["eps_mse_uncorrected"] = {t: m.mse for t, m in before.items()}
-        out["noise_k_uncorrected"] = {t: m.slope for t, m in before.items()}
+        out["eps_mse" + UNCORRECTED] = {t: m.mse for t, m in before.items()}
+        out["noise_k" + UNCORRECTED] = {t: m.slope for t, m in before.items()}
     return out
 
 
