@@ -1,7 +1,11 @@
-"""Calibration data: denoiser inputs recorded along full-precision DDIM trajectories.
+"""Calibration data: denoiser inputs recorded along full-precision sampler trajectories.
 
-A calibration set holds rows ``(x_t, t, cond)`` together with the FP noise prediction
-``eps_fp`` at that input, recorded while the FP sampler runs from pure noise. Every
+A calibration set holds rows ``(x_t, t, cond)`` together with the FP denoiser output
+``eps_fp`` at that input, recorded while the FP sampler of a
+:class:`~gaq.models.pipeline.Pipeline` runs from pure noise: exactly the inputs the
+sampler feeds the denoiser, so latents for latent models and, with classifier-free
+guidance, both halves of every guided batch (the conditional and the unconditional
+input, as Q-Diffusion calibrates Stable Diffusion). Every
 kept step of a trajectory is recorded in the same pass through the sampler (re-sampling
 from ``T`` for every kept ``t`` is what made TFMQ-DM's data generation take days).
 
@@ -13,10 +17,11 @@ Two protocols (see :class:`CalibrationSpec`):
   distribution over the trajectory.
 
 Sets are cached on disk under a content hash of everything that determines them (model
-id, weights, scheduler config, spec, conditioning), so every method of a benchmark
-calibrates on the identical, inspectable data (design principle 6). Image ``i``'s noise
-depends only on ``(seed, i)`` (:mod:`gaq.sampling`), so neither the recording batch size
-nor the device layout changes what is recorded.
+id, weights, scheduler config, spec with its sampler and guidance, conditioning source),
+so every method of a benchmark calibrates on the identical, inspectable data (design
+principle 6). Image ``i``'s noise and conditioning depend only on ``(seed, i)``
+(:mod:`gaq.sampling`), so neither the recording batch size nor the device layout changes
+what is recorded.
 """
 
 from __future__ import annotations
@@ -31,20 +36,22 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from gaq.config import Config, ConfigError, non_negative_int, positive_float, positive_int
-from gaq.sampling import SamplerConfig, batch_ranges, ddim_sample_batch, sampling_timesteps
+from gaq.sampling import SamplerConfig, batch_ranges, sample_batch, sampler_kind, sampling_timesteps
+
+if TYPE_CHECKING:
+    from gaq.models.pipeline import Pipeline
 
 __all__ = [
     "CACHE_FORMAT",
     "CalibrationCacheWarning",
     "CalibrationSet",
     "CalibrationSpec",
-    "CondFn",
     "calibration_key",
     "default_cache_dir",
     "forward_loop",
@@ -53,11 +60,7 @@ __all__ = [
 ]
 
 #: Bump when the file layout or the recording semantics change: old entries become misses.
-CACHE_FORMAT = 2
-
-#: ``cond_fn(indices) -> {name: (B, ...) tensor}``: conditioning for the trajectories with
-#: these global indices (an int64 tensor), passed to the denoiser as keyword arguments.
-CondFn = Callable[[Tensor], Mapping[str, Tensor]]
+CACHE_FORMAT = 3  # 3: recorded through a Pipeline (any sampler, both guidance halves)
 
 Protocol = Literal["interval", "gaussian"]
 
@@ -100,6 +103,10 @@ class CalibrationSpec(Config):
     from their own trajectories, so no validation row shares a trajectory with a
     training row.
 
+    ``sampler_name`` and ``guidance`` are the sampler's (see :class:`SamplerConfig`): with
+    guidance every recorded step yields two rows per trajectory, the unconditional input
+    first, then the conditional one, both with the trajectory's ``image`` index.
+
     ``batch_size`` only sets how many trajectories are sampled at once; it does not
     change the recorded data and is left out of :meth:`data_fingerprint`.
     """
@@ -109,6 +116,8 @@ class CalibrationSpec(Config):
     protocol: Protocol = "interval"
     steps: int = 100
     eta: float = 0.0
+    sampler_name: str = "ddim"
+    guidance: float | None = None
     interval: int = 5
     samples_per_step: int = 256
     num_samples: int = 1024
@@ -122,6 +131,11 @@ class CalibrationSpec(Config):
         positive_int("steps", self.steps)
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError("eta", f"must lie in [0, 1], got {self.eta!r}")
+        try:
+            sampler_kind(self.sampler_name)
+            self.sampler  # noqa: B018 (validates eta and guidance against the sampler)
+        except ValueError as e:
+            raise ConfigError("sampler_name", str(e)) from None
         positive_int("interval", self.interval)
         positive_int("samples_per_step", self.samples_per_step)
         positive_int("num_samples", self.num_samples)
@@ -140,7 +154,8 @@ class CalibrationSpec(Config):
 
     @property
     def sampler(self) -> SamplerConfig:
-        return SamplerConfig(steps=self.steps, eta=self.eta)
+        return SamplerConfig(steps=self.steps, eta=self.eta, guidance=self.guidance,
+                             name=self.sampler_name)
 
     @property
     def num_train_trajectories(self) -> int:
@@ -151,12 +166,14 @@ class CalibrationSpec(Config):
         """Trajectories sampled: training ones first (indices ``0..``), then held-out ones."""
         return self.num_train_trajectories + self.holdout_per_step
 
-    def kept_steps(self) -> list[int]:
+    def kept_steps(self, iterations: int | None = None) -> list[int]:
         """Sampler iterations recorded by every trajectory of the interval protocol (and
-        by the held-out trajectories of either protocol)."""
+        by the held-out trajectories of either protocol), out of ``iterations`` (default
+        ``steps``; PLMS makes one iteration more than its steps)."""
+        n = self.steps if iterations is None else iterations
         if self.protocol == "interval":
-            return list(range(0, self.steps, self.interval))
-        return list(range(self.steps))
+            return list(range(0, n, self.interval))
+        return list(range(n))
 
     def data_fingerprint(self) -> str:
         """Fingerprint of the fields that determine the data.
@@ -348,10 +365,10 @@ def _gaussian_step(spec: CalibrationSpec, index: int, timesteps: Tensor, horizon
 
 
 def _recording_plan(spec: CalibrationSpec, timesteps: list[int], horizon: int) -> Tensor:
-    """(num_trajectories, steps) bool: which iterations each trajectory records."""
-    plan = torch.zeros(spec.num_trajectories, spec.steps, dtype=torch.bool)
+    """(num_trajectories, iterations) bool: which iterations each trajectory records."""
+    plan = torch.zeros(spec.num_trajectories, len(timesteps), dtype=torch.bool)
     n_train = spec.num_train_trajectories
-    plan[:, spec.kept_steps()] = True
+    plan[:, spec.kept_steps(len(timesteps))] = True
     if spec.protocol == "gaussian":  # training trajectories: one drawn step each
         plan[:n_train] = False
         ts = torch.tensor(timesteps)
@@ -360,41 +377,16 @@ def _recording_plan(spec: CalibrationSpec, timesteps: list[int], horizon: int) -
     return plan
 
 
-def _collect_cond(cond_fn: CondFn | None, n: int, batch_size: int) -> dict[str, Tensor]:
-    """Conditioning of all ``n`` trajectories, on CPU (asked for once, batch by batch)."""
-    if cond_fn is None:
-        return {}
-    parts: dict[str, list[Tensor]] = {}
-    for r in batch_ranges(n, batch_size):
-        idx = torch.arange(r.start, r.stop)
-        out = dict(cond_fn(idx))
-        if parts and set(out) != set(parts):
-            raise ValueError(f"cond_fn returned keys {sorted(out)}, earlier {sorted(parts)}")
-        for k, v in out.items():
-            if not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] != len(idx):
-                raise ValueError(
-                    f"cond_fn must return tensors with one row per index; {k!r} is "
-                    f"{getattr(v, 'shape', type(v).__name__)} for {len(idx)} indices"
-                )
-            parts.setdefault(k, []).append(v.detach().cpu())
-    return {k: torch.cat(v) for k, v in parts.items()}
-
-
-def _record(
-    denoiser: nn.Module,
-    scheduler: Any,
-    spec: CalibrationSpec,
-    plan: Tensor,
-    cond_all: dict[str, Tensor],
-    device: torch.device | str,
-    progress: bool,
-) -> dict[str, Tensor]:
-    """Run every trajectory once, keeping the planned steps; rows in canonical order."""
+def _record(pipe: Pipeline, spec: CalibrationSpec, plan: Tensor,
+            progress: bool) -> dict[str, Any]:
+    """Run every trajectory once, keeping the planned steps of every denoiser call (both
+    halves of a guided batch); rows in canonical order."""
     xs: list[Tensor] = []
     eps: list[Tensor] = []
     ts: list[Tensor] = []
     images: list[Tensor] = []
     steps: list[Tensor] = []
+    conds: dict[str, list[Tensor]] = {}
     ranges = batch_ranges(plan.shape[0], spec.batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -404,84 +396,86 @@ def _record(
         idx = torch.arange(r.start, r.stop)
         keep = plan[idx]
 
-        def on_step(step: int, t: int, x: Tensor, e: Tensor, keep: Tensor = keep,
-                    idx: Tensor = idx) -> None:
+        def on_call(step: int, t: int, x: Tensor, out: Tensor, inputs: Mapping[str, Tensor],
+                    keep: Tensor = keep, idx: Tensor = idx) -> None:
             rows = keep[:, step].nonzero().flatten()
             if rows.numel() == 0:
                 return
-            xs.append(x[rows.to(x.device)].float().cpu())
-            eps.append(e[rows.to(e.device)].float().cpu())
+            # a guided call holds [unconditional; conditional]: keep both halves
+            rows = torch.cat([rows + h * len(idx) for h in range(x.shape[0] // len(idx))])
+            sel = rows.to(x.device)
+            xs.append(x[sel].float().cpu())
+            eps.append(out[sel].float().cpu())
             ts.append(torch.full((rows.numel(),), t, dtype=torch.int64))
-            images.append(idx[rows])
+            images.append(idx[rows % len(idx)])
             steps.append(torch.full((rows.numel(),), step, dtype=torch.int64))
+            for k, v in inputs.items():
+                v = v[sel].detach().cpu()
+                conds.setdefault(k, []).append(v.float() if v.is_floating_point() else v)
 
-        kwargs = {k: v[idx].to(device) for k, v in cond_all.items()}
-        ddim_sample_batch(
-            denoiser, scheduler, list(r), seed=spec.seed, sampler=spec.sampler,
-            device=device, callback=on_step, denoiser_kwargs=kwargs,
-        )
+        sample_batch(pipe, list(r), seed=spec.seed, sampler=spec.sampler, record=on_call,
+                     decode=False)
     image = torch.cat(images)
-    # Canonical order (iteration, then trajectory) whatever the batching was.
-    order = torch.argsort(torch.cat(steps) * plan.shape[0] + image)
+    # Canonical order (iteration, then trajectory, unconditional half first) whatever the
+    # batching was; the stable sort keeps the halves in recording order.
+    order = torch.argsort(torch.cat(steps) * plan.shape[0] + image, stable=True)
     image = image[order]
     return {
         "x": torch.cat(xs)[order],
         "t": torch.cat(ts)[order],
         "eps_fp": torch.cat(eps)[order],
+        "cond": {k: torch.cat(v)[order] for k, v in conds.items()},
         "image": image,
         "split": image >= spec.num_train_trajectories,
     }
 
 
 def record_calibration(
-    denoiser: nn.Module,
-    scheduler: Any,
+    pipe: Pipeline,
     spec: CalibrationSpec,
     *,
-    model_id: str,
-    cond_fn: CondFn | None = None,
+    model_id: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     cache: bool = True,
-    device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> CalibrationSet:
-    """Record (or load from the disk cache) the calibration set ``spec`` describes.
+    """Record (or load from the disk cache) the calibration set ``spec`` describes, with
+    the FP sampler of ``pipe`` on the pipeline's device.
 
-    ``denoiser`` must already be on ``device`` (and in eval mode). ``cond_fn(indices)``
-    gives the conditioning of trajectories ``indices`` (e.g. ``class_labels``); it is
-    called once for all trajectories, before the cache lookup, because the conditioning
-    is part of the cache key. ``cache_dir`` defaults to :func:`default_cache_dir`;
-    ``cache=False`` neither reads nor writes it.
+    ``model_id`` (default: the pipeline's name) files the set in the cache key;
+    ``cache_dir`` defaults to :func:`default_cache_dir`; ``cache=False`` neither reads nor
+    writes it.
     """
     if not isinstance(spec, CalibrationSpec):
         raise TypeError(f"spec must be a CalibrationSpec, got {type(spec).__name__}")
-    cond_all = _collect_cond(cond_fn, spec.num_trajectories, spec.batch_size)
-    key = calibration_key(denoiser, scheduler, spec, model_id=model_id, cond=cond_all)
+    model_id = model_id or pipe.name
+    key = calibration_key(pipe, spec, model_id=model_id)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    meta: dict[str, Any] = {"key": key, "model_id": model_id, "spec": spec.to_dict()}
+    meta: dict[str, Any] = {"key": key, "model_id": model_id, "spec": spec.to_dict(),
+                            "conditioning": pipe.conditioning.identity()}
     if cache:
         hit = _load(folder, key)
         if hit is not None:
             return hit
 
-    timesteps = sampling_timesteps(scheduler, spec.steps)
+    timesteps = sampling_timesteps(pipe.scheduler, spec.sampler)
     # every timestep the sampler visits, not only the recorded ones: per-timestep
     # parameters must cover them all (gaq.quantize.fill_tables)
     meta["sampler_timesteps"] = [int(v) for v in timesteps]
-    horizon = int(scheduler.config.num_train_timesteps)
+    horizon = int(pipe.scheduler.config.num_train_timesteps)
     plan = _recording_plan(spec, timesteps, horizon)
-    rows = _record(denoiser, scheduler, spec, plan, cond_all, device, progress)
+    rows = _record(pipe, spec, plan, progress)
     calib = CalibrationSet(
         x=rows["x"],
         t=rows["t"],
         eps_fp=rows["eps_fp"],
-        cond={k: v[rows["image"]] for k, v in cond_all.items()},
+        cond=rows["cond"],
         split=rows["split"],
         image=rows["image"],
         meta=meta,
     )
     if cache:
-        _save(folder, key, calib, _scheduler_json(scheduler), str(device))
+        _save(folder, key, calib, _scheduler_json(pipe.scheduler), str(pipe.device))
     return calib
 
 
@@ -529,24 +523,20 @@ def _scheduler_json(scheduler: Any) -> str:
     return json.dumps(cfg, sort_keys=True, default=_json_default)
 
 
-def calibration_key(
-    denoiser: nn.Module,
-    scheduler: Any,
-    spec: CalibrationSpec,
-    *,
-    model_id: str,
-    cond: Mapping[str, Tensor] | None = None,
-) -> str:
-    """Content hash naming a calibration set: model id, weights, schedule, spec, conditioning."""
-    cond_hash = hashlib.sha256()
-    _update_with_tensors(cond_hash, dict(cond or {}))
+def calibration_key(pipe: Pipeline, spec: CalibrationSpec, *, model_id: str) -> str:
+    """Content hash naming a calibration set: model id, denoiser weights, schedule, spec,
+    and the conditioning source (its description and the weights of its encoders)."""
+    cond = pipe.conditioning
+    encoders = [m for m in (getattr(cond, "embedder", None), getattr(cond, "text_encoder", None))
+                if m is not None]
     identity = {
         "format": CACHE_FORMAT,
         "model_id": model_id,
-        "weights": state_dict_digest(denoiser),
-        "scheduler": _scheduler_json(scheduler),
+        "weights": state_dict_digest(pipe.denoiser),
+        "scheduler": _scheduler_json(pipe.scheduler),
         "spec": spec.data_fingerprint(),
-        "cond": cond_hash.hexdigest(),
+        "conditioning": cond.identity(),
+        "conditioning_weights": [state_dict_digest(m) for m in encoders],
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
@@ -625,8 +615,8 @@ def _load(folder: Path, key: str) -> CalibrationSet | None:
             cond=cond,
             split=tensors["split"],
             image=tensors.get("image"),
-            meta={k: meta[k] for k in ("key", "model_id", "spec", "sampler_timesteps")
-                  if k in meta},
+            meta={k: meta[k] for k in ("key", "model_id", "spec", "sampler_timesteps",
+                                       "conditioning") if k in meta},
         )
         if len(calib) != meta.get("rows"):
             raise ValueError(f"{len(calib)} rows on disk, metadata says {meta.get('rows')}")

@@ -40,24 +40,52 @@ def _fetch(args: argparse.Namespace) -> None:
     print(fetch(args.model))
 
 
+def _pipeline_and_sampler(args: argparse.Namespace):
+    """The model on ``--device`` and the sampler the flags describe (checked first)."""
+    from gaq.device import check_device
+    from gaq.models.loading import load_model
+    from gaq.sampling import SamplerConfig
+
+    device = check_device(args.device)
+    sampler = SamplerConfig(steps=args.steps, eta=args.eta, guidance=args.guidance,
+                            name=args.sampler)
+    prompts = None
+    if args.prompts:
+        from gaq.bench.spec import SamplerSpec
+
+        prompts = SamplerSpec(prompts=args.prompts).prompt_list()
+    pipe = load_model(args.model, device=device, prompts=prompts)
+    if sampler.guidance is not None and not pipe.conditioning.supports_guidance:
+        raise GaqError(f"--guidance: model {args.model!r} has {pipe.conditioning.kind!r} "
+                       "conditioning with no unconditional input; leave --guidance out")
+    return pipe, sampler
+
+
 def _sample(args: argparse.Namespace) -> None:
     from torchvision.utils import save_image
 
-    from gaq.models.loading import load_model
-    from gaq.sampling import SamplerConfig, ddim_sample
+    from gaq.sampling import sample
 
-    model = load_model(args.model)
-    sampler = SamplerConfig(steps=args.steps, eta=args.eta)
-    images = ddim_sample(model.denoiser, model.scheduler, args.num, seed=args.seed,
-                         sampler=sampler, batch_size=args.batch_size, progress=True)
+    if args.num < 1:
+        raise GaqError(f"--num must be a positive number of images, got {args.num}")
+    pipe, sampler = _pipeline_and_sampler(args)
+    images = sample(pipe, args.num, seed=args.seed, sampler=sampler,
+                    batch_size=args.batch_size, progress=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image((images + 1) / 2, str(out), nrow=int(args.num**0.5) or 1)
-    report: dict = {"model": args.model, "images": len(images), "out": str(out)}
-    if args.model == "digits":
+    report: dict = {"model": args.model, "images": len(images), "out": str(out),
+                    "sampler": sampler.name, "guidance": sampler.guidance}
+    from gaq.models.bundled import BUNDLED_MODELS
+
+    if args.model in BUNDLED_MODELS:
+        import torch
+
         from gaq.eval.digits import digit_likeness
 
-        report.update(digit_likeness(images))
+        cond = pipe.conditioning
+        labels = cond.label_of(torch.arange(len(images))) if cond.kind == "class" else None
+        report.update(digit_likeness(images, labels=labels))
     print(json.dumps(report))
 
 
@@ -77,21 +105,20 @@ def _quantize(args: argparse.Namespace) -> None:
     from gaq.calibration import CalibrationSpec, record_calibration
     from gaq.config import QuantConfig
     from gaq.models.adapters import adapter_for
-    from gaq.models.loading import load_model
     from gaq.quantize import save_state
     from gaq.registry import get_method
 
     method = get_method(args.method).from_preset(args.preset)
     quant = QuantConfig.from_bits(args.bits)
-    model = load_model(args.model)
+    model, sampler = _pipeline_and_sampler(args)
     holdout = args.holdout_per_step
     if holdout is None:  # GAQ's validation set: 5 % of the training rows per timestep
         holdout = math.ceil(0.05 * args.samples_per_step)
-    spec = CalibrationSpec(steps=args.steps, interval=args.interval,
+    spec = CalibrationSpec(steps=sampler.steps, eta=sampler.eta, sampler_name=sampler.name,
+                           guidance=sampler.guidance, interval=args.interval,
                            samples_per_step=args.samples_per_step, seed=args.seed,
                            holdout_per_step=holdout)
-    calib = record_calibration(model.denoiser, model.scheduler, spec, model_id=args.model,
-                               progress=True)
+    calib = record_calibration(model, spec, model_id=args.model, progress=True)
     result = method.quantize(model.denoiser, adapter_for(model.denoiser), calib, quant)
     out = save_state(result.model, result.report, quant, args.out,
                      meta={**result.state, "model": args.model, "calibration": spec.to_dict(),
@@ -167,6 +194,20 @@ def _ls(args: argparse.Namespace) -> None:
               f"methods: {', '.join(sorted(df['method'].unique()))}")
 
 
+def _sampler_flags(p: argparse.ArgumentParser) -> None:
+    from gaq.sampling import SAMPLERS
+
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
+                   help="sampler (default: ddim)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (conditional models)")
+    p.add_argument("--prompts", help="text-conditional models: file of prompts, one per line")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gaq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -186,13 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("model")
     f.set_defaults(func=_fetch)
 
-    s = sub.add_parser("sample", help="sample a grid of images with seeded DDIM",
-                       description="Sample images with DDIM; image i depends only on (seed, i).")
+    s = sub.add_parser("sample", help="sample a grid of images with a seeded sampler",
+                       description="Sample images (decoded to pixels for latent models); "
+                       "image i depends only on (seed, i).")
     s.add_argument("--model", default="digits", help="bundled name, pipeline folder or hub id")
     s.add_argument("--num", type=int, default=64)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--eta", type=float, default=0.0)
-    s.add_argument("--seed", type=int, default=0)
+    _sampler_flags(s)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=_sample)
@@ -210,13 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rtn")
     q.add_argument("--preset", default="cpu")
     q.add_argument("--bits", default="W4A8", help="e.g. W4A8, W8A8, W4A32 (weight-only)")
-    q.add_argument("--steps", type=int, default=50, help="sampler steps of the calibration run")
+    _sampler_flags(q)
     q.add_argument("--interval", type=int, default=5, help="keep every n-th step")
     q.add_argument("--samples-per-step", type=int, default=64)
     q.add_argument("--holdout-per-step", type=int, default=None,
                    help="held-out trajectories per kept step, which no method trains on "
                    "(GAQ's validation set; default: 5 %% of --samples-per-step, rounded up)")
-    q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="folder for the quantization state")
     q.set_defaults(func=_quantize)
 

@@ -117,7 +117,7 @@ def timestep_groups(t: Tensor, groups: int) -> Tensor:
     contiguous runs of (nearly) equal length."""
     uniq = torch.unique(t)
     g = min(groups, len(uniq))
-    run = torch.arange(len(uniq)) * g // len(uniq)
+    run = torch.arange(len(uniq), device=uniq.device) * g // len(uniq)
     return run[torch.searchsorted(uniq, t)]
 
 
@@ -141,6 +141,9 @@ class MetaProblem:
     rows_per_t: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
+        # everything on the device of the captured rows (the block's)
+        self.row_t = self.row_t.to(self.val["target"].device)
+        self.val_groups = self.val_groups.to(self.row_t.device)
         self.timesteps, self.row_slot = torch.unique(self.row_t, return_inverse=True)
         self.rows_per_t = torch.bincount(self.row_slot, minlength=len(self.timesteps))
         self.n_groups = int(self.val_groups.max()) + 1
@@ -154,7 +157,8 @@ class MetaProblem:
 
     def set_inner_scale(self, train: dict) -> None:
         """Fix the inner step's normaliser: the RMS of the uniform-weight gradient."""
-        ones = torch.ones(len(train["index"]), dtype=self.val["target"].dtype)
+        ones = torch.ones(len(train["index"]), dtype=self.val["target"].dtype,
+                          device=self.row_t.device)
         g = _flat(torch.func.grad(self.train_loss)(self.theta, ones, train))
         self.inner_scale = float(g.pow(2).mean().sqrt()) or 1.0
 
@@ -187,7 +191,7 @@ class MetaProblem:
             _, val_loss = val_losses(wb)
             return val_loss, (torch.zeros_like(val_loss), val_loss)
         _, vjp_fn, val_loss = torch.func.vjp(val_losses, wb, has_aux=True)
-        eye = torch.eye(self.n_groups, dtype=wb.dtype)
+        eye = torch.eye(self.n_groups, dtype=wb.dtype, device=wb.device)
         grads = torch.stack([vjp_fn(e)[0] for e in eye])  # G_g = ∂L_g/∂w, (G, B)
         gram = grads @ grads.T
         pairs = self.n_groups * (self.n_groups - 1) / 2
@@ -212,7 +216,7 @@ def learn_weights(problem: MetaProblem, data: BlockData) -> MetaResult:
     cfg = problem.cfg
     start = time.perf_counter()
     s = torch.zeros(problem.num_logits, dtype=problem.val["target"].dtype,
-                    requires_grad=True)
+                    device=problem.row_t.device, requires_grad=True)
     opt = torch.optim.Adam([s], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
@@ -299,7 +303,7 @@ def gradient_diagnostics(problem: MetaProblem, rows: dict, weights: Tensor) -> d
         out[f"group_mean_cos_{label}"] = _mean_offdiag(_cosines(groups))
     uniform = torch.stack(per_t["uniform"])
     out["alignment"] = (_cosines(torch.cat([uniform, val_grad[None]]))[-1, :-1]).tolist()
-    mass = torch.zeros(len(problem.timesteps), dtype=torch.float64)
+    mass = torch.zeros(len(problem.timesteps), dtype=torch.float64, device=weights.device)
     mass.index_add_(0, problem.row_slot, weights.double() / weights.double().sum())
     out["mass_timesteps"] = [int(v) for v in problem.timesteps]
     out["weight_mass"] = mass.tolist()

@@ -21,12 +21,12 @@ import torch
 from gaq.config import QuantConfig
 
 
-def _sampling_seconds(model, scheduler, num: int, steps: int, batch_size: int) -> float:
-    from gaq.sampling import SamplerConfig, ddim_sample
+def _sampling_seconds(pipe, model, num: int, steps: int, batch_size: int) -> float:
+    from gaq.sampling import SamplerConfig, sample
 
     start = time.perf_counter()
-    ddim_sample(model, scheduler, num, seed=0, sampler=SamplerConfig(steps=steps),
-                batch_size=batch_size)
+    sample(pipe, num, seed=0, sampler=SamplerConfig(steps=steps), batch_size=batch_size,
+           denoiser=model)
     return time.perf_counter() - start
 
 
@@ -46,23 +46,23 @@ def sampling_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 2
     from gaq.methods.rtn import RTN
     from gaq.models.adapters import adapter_for
     from gaq.models.loading import load_model
-    from gaq.sampling import SamplerConfig, ddim_sample
+    from gaq.sampling import SamplerConfig, sample
 
     loaded = load_model(model_id)
     spec = CalibrationSpec(steps=20, interval=2, samples_per_step=16)
-    calib = record_calibration(loaded.denoiser, loaded.scheduler, spec, model_id=model_id)
+    calib = record_calibration(loaded, spec, model_id=model_id)
     quant = QuantConfig.from_bits(bits)
     result = RTN(RTN.Config()).quantize(loaded.denoiser, adapter_for(loaded.denoiser), calib,
                                         quant)
     rows = []
     with torch.no_grad():
         for model in (loaded.denoiser, result.model):  # warm-up
-            ddim_sample(model, loaded.scheduler, 8, seed=123, sampler=SamplerConfig(steps=2))
+            sample(loaded, 8, seed=123, sampler=SamplerConfig(steps=2), denoiser=model)
         for bs in batch_sizes:
             fp, q = [], []
             for _ in range(repeats):
-                fp.append(_sampling_seconds(loaded.denoiser, loaded.scheduler, num, steps, bs))
-                q.append(_sampling_seconds(result.model, loaded.scheduler, num, steps, bs))
+                fp.append(_sampling_seconds(loaded, loaded.denoiser, num, steps, bs))
+                q.append(_sampling_seconds(loaded, result.model, num, steps, bs))
             ratios = [b / a for a, b in zip(fp, q, strict=True)]
             rows.append({"model": model_id, "bits": bits, "images": num, "steps": steps,
                          "batch_size": bs, "fp_seconds": median(fp),
@@ -96,7 +96,7 @@ def _calibrate_only(method: str, preset: str, bits: str, model_id: str) -> dict:
 
     loaded = load_model(model_id)
     spec = CalibrationSpec(steps=50, interval=5, samples_per_step=64)
-    calib = record_calibration(loaded.denoiser, loaded.scheduler, spec, model_id=model_id)
+    calib = record_calibration(loaded, spec, model_id=model_id)
     cls = get_method(method)
     start = time.perf_counter()
     cls.from_preset(preset).quantize(loaded.denoiser, adapter_for(loaded.denoiser), calib,
@@ -122,8 +122,7 @@ def gaq_overhead(bits: str = "W4A8", model_id: str = "digits", preset: str = "cp
 
     loaded = load_model(model_id)
     spec = load_benchmark(repo_root() / "benchmarks" / "w4a8.toml")
-    calib = record_calibration(loaded.denoiser, loaded.scheduler, spec.calibration,
-                               model_id=model_id)
+    calib = record_calibration(loaded, spec.calibration, model_id=model_id)
     seconds: dict[str, list[float]] = {"gaq-uniform": [], "gaq": [], "meta": []}
     for _ in range(repeats):
         for name in ("gaq-uniform", "gaq"):

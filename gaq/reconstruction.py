@@ -115,21 +115,37 @@ def block_output(out) -> Tensor:
     return out[0]
 
 
+def _to(obj, device: torch.device | str):
+    """Every tensor of a (nested) record on ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
 class BlockData:
     """Captured (inputs, FP target, timesteps, row index) of one block, batch by batch,
-    on disk (``torch.save``; read back memory-mapped with ``weights_only=True``) or in RAM."""
+    on disk (``torch.save`` from host memory; read back memory-mapped with
+    ``weights_only=True``) or in RAM. Records are handed out on ``device``, the block's:
+    the disk cache streams them to the accelerator one batch at a time, so device memory
+    holds one batch, never the whole set."""
 
-    def __init__(self, where: Literal["disk", "memory"] = "disk") -> None:
+    def __init__(self, where: Literal["disk", "memory"] = "disk",
+                 device: torch.device | str | None = None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="gaq-block-")) if where == "disk" else None
         self._mem: list[dict] = []
         self._sizes: list[int] = []
+        self.device = device
 
     def add(self, record: dict) -> None:
         self._sizes.append(len(record["index"]))
         if self._dir is None:
             self._mem.append(record)
         else:
-            torch.save(record, self._dir / f"{len(self._sizes) - 1:06d}.pt")
+            torch.save(_to(record, "cpu"), self._dir / f"{len(self._sizes) - 1:06d}.pt")
 
     def __len__(self) -> int:
         return sum(self._sizes)
@@ -137,7 +153,8 @@ class BlockData:
     def record(self, i: int) -> dict:
         if self._dir is None:
             return self._mem[i]
-        return torch.load(self._dir / f"{i:06d}.pt", weights_only=True, mmap=True)
+        rec = torch.load(self._dir / f"{i:06d}.pt", weights_only=True, mmap=True)
+        return rec if self.device is None else _to(rec, self.device)
 
     def records(self) -> Iterator[dict]:
         for i in range(len(self._sizes)):
@@ -174,7 +191,7 @@ def capture(qmodel: nn.Module, fpmodel: nn.Module, name: str, batches: BatchIter
             where: Literal["disk", "memory"] = "disk") -> BlockData:
     """Inputs of block ``name`` in ``qmodel`` (earlier blocks quantized) and its output in
     ``fpmodel``, for every calibration batch."""
-    data = BlockData(where)
+    data = BlockData(where, next(qmodel.parameters()).device)
     qblock, fblock = qmodel.get_submodule(name), fpmodel.get_submodule(name)
     got: dict = {}
 
@@ -249,7 +266,7 @@ def block_act_quantizers(block: nn.Module) -> list[FakeQuantizer]:
 
 
 def _lookup(weights: Tensor | None, index: Tensor) -> Tensor | None:
-    return None if weights is None else weights[index]
+    return None if weights is None else weights.to(index.device)[index]
 
 
 def adaround(quantizers: list, loss_fn: Callable[[], Tensor], cfg: ReconConfig,
@@ -406,10 +423,10 @@ def reconstruct(
     return results
 
 
-def calib_batches(calib, batch_size: int, device: str | torch.device = "cpu",
+def calib_batches(calib, batch_size: int, device: str | torch.device,
                   shuffle_seed: int | None = 0) -> BatchIter:
     """Adapt a :class:`~gaq.calibration.CalibrationSet` to the engine's batch iterator
-    (training rows only; held-out rows are for validation).
+    (training rows only; held-out rows are for validation), on ``device`` (the model's).
 
     Rows are shuffled once with ``shuffle_seed`` (the same order on every pass): the
     engine draws each minibatch from one captured batch, and a recorded set is ordered by

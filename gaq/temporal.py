@@ -86,6 +86,8 @@ def temporal_error(out: dict[str, Tensor], target: dict[str, Tensor],
 def _features(adapter: ModelAdapter, model: nn.Module, data: TemporalData,
               idx: Tensor) -> dict[str, Tensor]:
     t, cond = data.rows(idx)
+    device = next(model.parameters()).device
+    t, cond = t.to(device), {k: v.to(device) for k, v in cond.items()}
     # a per-timestep quantizer in the path (full mode) needs the timestep published
     with timestep_context(t):
         return adapter.temporal_forward(model, t, cond)

@@ -10,7 +10,7 @@ from gaq.data import load_digits, train_test_split_digits
 from gaq.eval.digits import digit_likeness
 from gaq.models.bundled import BUNDLED_MODELS, CLASSIFIER_DIR, load_classifier
 from gaq.models.loading import load_model
-from gaq.sampling import SamplerConfig, ddim_sample
+from gaq.sampling import SamplerConfig, sample
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_real_digits_are_digit_like_and_noise_is_not(classifier):
 
 def test_sampled_digits_are_digit_like(no_network, classifier):
     model = load_model("digits")
-    images = ddim_sample(model.denoiser, model.scheduler, 16, seed=0,
+    images = sample(model, 16, seed=0,
                          sampler=SamplerConfig(steps=50), batch_size=16)
     assert images.shape == (16, 1, 16, 16)
     assert digit_likeness(images, classifier=classifier)["confident_share"] >= 0.8

@@ -34,7 +34,7 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
     loaded = load_model("digits")
-    calib = record_calibration(loaded.denoiser, loaded.scheduler, SPEC, model_id="digits",
+    calib = record_calibration(loaded, SPEC, model_id="digits",
                                cache_dir=tmp_path_factory.mktemp("calib"))
     return loaded.denoiser, calib
 
@@ -63,7 +63,8 @@ def test_adaround_beats_rtn_on_every_block(bundled):
     adapter = adapter_for(denoiser)
     # BRECQ's first phase: W4 weights reconstructed with activations off.
     qmodel, _ = quantize_model(denoiser, adapter, QuantConfig.from_bits("W4A8"))
-    results = reconstruct(qmodel, denoiser, adapter, calib_batches(subset, RECON.capture_batch),
+    batches = calib_batches(subset, RECON.capture_batch, "cpu")
+    results = reconstruct(qmodel, denoiser, adapter, batches,
                           RECON, phase="weights", progress=False)
     assert [r.block for r in results] == [b.name for b in adapter.blocks()]
     worse = {r.block: r.metrics for r in results

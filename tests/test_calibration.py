@@ -19,11 +19,13 @@ from gaq.calibration import (
     record_calibration,
 )
 from gaq.config import ConfigError
+from gaq.models.conditioning import ClassConditioning
+from gaq.models.pipeline import Pipeline
 from gaq.sampling import (
     SamplerConfig,
-    ddim_sample_batch,
     draw,
     image_generators,
+    sample_batch,
     sampling_timesteps,
 )
 
@@ -41,9 +43,11 @@ def spec(**kw: object) -> CalibrationSpec:
     return CalibrationSpec(**defaults)
 
 
-def record(unet, sched, s, **kw):
+def record(unet, sched, s, conditioning=None, **kw):
     kw.setdefault("cache", False)
-    return record_calibration(unet, sched, s, model_id=MODEL_ID, **kw)
+    pipe = Pipeline(unet, sched) if conditioning is None else Pipeline(unet, sched,
+                                                                       conditioning=conditioning)
+    return record_calibration(pipe, s, model_id=MODEL_ID, **kw)
 
 
 class CountCalls:
@@ -97,9 +101,9 @@ def test_rows_are_the_sampler_trajectory_and_its_noise_prediction(tiny_unet, sch
     assert torch.equal(first.x, noise)
     # Every kept x_t is the one the plain sampler denoises at that iteration.
     seen: dict[int, torch.Tensor] = {}
-    ddim_sample_batch(
-        tiny_unet, sched, [0, 1, 2], seed=s.seed, sampler=SamplerConfig(steps=4),
-        callback=lambda k, t, x, e: seen.__setitem__(t, x.clone()),
+    sample_batch(
+        Pipeline(tiny_unet, sched), [0, 1, 2], seed=s.seed, sampler=SamplerConfig(steps=4),
+        record=lambda k, t, x, e, inputs: seen.__setitem__(t, x.clone()),
     )
     for ts, part in calib.by_timestep().items():
         torch.testing.assert_close(part.x, seen[ts][part.image], atol=1e-6, rtol=0)
@@ -113,8 +117,8 @@ def test_batch_size_does_not_change_the_set(tiny_unet, sched):
     for bs in (1, 3):
         s = spec(eta=1.0, samples_per_step=4, batch_size=bs)
         assert_same_set(record(tiny_unet, sched, s), ref, atol=1e-5)
-    a = calibration_key(tiny_unet, sched, spec(batch_size=1), model_id=MODEL_ID)
-    b = calibration_key(tiny_unet, sched, spec(batch_size=7), model_id=MODEL_ID)
+    a = calibration_key(Pipeline(tiny_unet, sched), spec(batch_size=1), model_id=MODEL_ID)
+    b = calibration_key(Pipeline(tiny_unet, sched), spec(batch_size=7), model_id=MODEL_ID)
     assert a == b
 
 
@@ -170,20 +174,18 @@ def test_gaussian_holdout_covers_every_sampler_step_equally(tiny_unet, sched):
 # ------------------------------------------------------------------- conditioning
 
 
-def test_cond_fn_reaches_the_denoiser_and_the_set(tiny_class_unet, sched):
+def test_conditioning_reaches_the_denoiser_and_the_set(tiny_class_unet, sched):
     unet = tiny_class_unet
-
-    def labels(indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"class_labels": indices % 3}
-
-    calib = record(unet, sched, spec(samples_per_step=4, batch_size=3), cond_fn=labels)
+    labels = ClassConditioning(3)
+    calib = record(unet, sched, spec(samples_per_step=4, batch_size=3), conditioning=labels)
     assert torch.equal(calib.cond["class_labels"], calib.image % 3)
     with torch.no_grad():
         eps = unet(calib.x, calib.t, class_labels=calib.cond["class_labels"]).sample
     torch.testing.assert_close(calib.eps_fp, eps, atol=1e-5, rtol=0)
     # The conditioning is part of the identity of the set.
-    k1 = calibration_key(unet, sched, spec(), model_id="m", cond={"class_labels": torch.arange(3)})
-    k2 = calibration_key(unet, sched, spec(), model_id="m", cond={"class_labels": torch.zeros(3)})
+    k1 = calibration_key(Pipeline(unet, sched, conditioning=labels), spec(), model_id="m")
+    k2 = calibration_key(Pipeline(unet, sched, conditioning=ClassConditioning(3, labels=(0,))),
+                         spec(), model_id="m")
     assert k1 != k2
 
 
@@ -218,13 +220,13 @@ def test_cache_hit_skips_the_denoiser_and_returns_identical_tensors(tiny_unet, s
 
 def test_cache_key_tracks_weights_and_scheduler(tiny_unet, sched):
     s = spec()
-    base = calibration_key(tiny_unet, sched, s, model_id=MODEL_ID)
-    assert calibration_key(tiny_unet, sched, s, model_id="other") != base
+    base = calibration_key(Pipeline(tiny_unet, sched), s, model_id=MODEL_ID)
+    assert calibration_key(Pipeline(tiny_unet, sched), s, model_id="other") != base
     other_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    assert calibration_key(tiny_unet, other_sched, s, model_id=MODEL_ID) != base
+    assert calibration_key(Pipeline(tiny_unet, other_sched), s, model_id=MODEL_ID) != base
     with torch.no_grad():
         tiny_unet.conv_out.bias.add_(1e-3)
-    assert calibration_key(tiny_unet, sched, s, model_id=MODEL_ID) != base
+    assert calibration_key(Pipeline(tiny_unet, sched), s, model_id=MODEL_ID) != base
 
 
 def test_corrupt_cache_entry_is_recomputed_with_a_warning(tiny_unet, sched, tmp_path):

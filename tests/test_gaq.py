@@ -57,7 +57,7 @@ def _block_problem(model, calib, name: str, cfg: MetaConfig, dtype=torch.float32
     qmodel, _ = quantize_model(fp, adapter_for(fp), QuantConfig.from_bits("W4A32"))
     qmodel = qmodel.to(dtype)
     calib = dataclasses.replace(calib, x=calib.x.to(dtype))
-    data = capture(qmodel, fp, name, calib_batches(calib, 64), "memory")
+    data = capture(qmodel, fp, name, calib_batches(calib, 64, "cpu"), "memory")
     val_rows = validation_rows(calib, 0.01)  # one row per timestep
     val = capture(qmodel, fp, name, lambda: iter([(val_rows.x, val_rows.t, {},
                                                    torch.arange(len(val_rows)))]), "memory")
@@ -181,11 +181,11 @@ def test_shuffled_batches_keep_row_indices(make_tiny_model):
     calib = calibration("unet", model)
     train = calib.train()
     seen = []
-    for x, t, _, idx in calib_batches(calib, 5)():
+    for x, t, _, idx in calib_batches(calib, 5, "cpu")():
         assert torch.equal(x, train.x[idx]) and torch.equal(t, train.t[idx])
         seen += idx.tolist()
     assert sorted(seen) == list(range(len(train))) and seen != sorted(seen)
-    first = next(calib_batches(calib, 8)())[1]
+    first = next(calib_batches(calib, 8, "cpu")())[1]
     assert first.unique().numel() > 2  # a batch mixes timesteps
 
 

@@ -27,7 +27,7 @@ from gaq.sampling import to_uint8
 
 @pytest.fixture(scope="module")
 def space():
-    return ClassifierFeatures()
+    return ClassifierFeatures(device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +173,12 @@ def test_inception_without_weights_fails_fast_and_says_where(tmp_path, monkeypat
     monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
     start = time.perf_counter()
     with pytest.raises(GaqError) as err:
-        InceptionFeatures()
+        InceptionFeatures(device="cpu")
     assert time.perf_counter() - start < 1.0
     msg = str(err.value)
     assert "\n" not in msg and str(tmp_path) in msg and "weights_path" in msg
     with pytest.raises(GaqError, match="nowhere.pth"):
-        InceptionFeatures(tmp_path / "nowhere.pth")
+        InceptionFeatures(tmp_path / "nowhere.pth", device="cpu")
 
 
 def test_inception_layers_with_stand_in_weights(tmp_path, monkeypatch):
@@ -193,7 +193,7 @@ def test_inception_layers_with_stand_in_weights(tmp_path, monkeypatch):
     path = tmp_path / "inception.pth"
     torch.save(stand_in, path)
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(path))
-    space = InceptionFeatures()
+    space = InceptionFeatures(device="cpu")
     grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
     out = space.extract(grey)
     assert out[FEATURES].shape == (2, 2048)

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from tiny_inputs import tiny_pipeline
 
 from baselines.ptqd import PTQD, PTQDConfig, PTQDSamplerHook, StepStats, fit_stats
 from gaq.calibration import CalibrationSpec, record_calibration
@@ -16,14 +17,15 @@ from gaq.config import QuantConfig
 from gaq.errors import GaqError
 from gaq.eval.eps import noise_curves
 from gaq.models.adapters import adapter_for
+from gaq.models.pipeline import Pipeline
 from gaq.quantize import quant_layers
 from gaq.reconstruction import ReconConfig
 from gaq.sampling import (
     SamplerConfig,
-    ddim_sample_batch,
     ddim_scheduler,
     ddim_sigma,
     ddim_update,
+    sample_batch,
 )
 
 TINY_RECON = ReconConfig(weight_iters=5, act_iters=2, batch_size=8, capture_batch=8,
@@ -82,15 +84,16 @@ def test_vsc_changes_eta_1_samples_only(tiny_unet, sched):
         hook = hook_with(0.5, {"scheduler": "DDIMScheduler", "steps": 4, "eta": eta,
                                "guidance": None}, ts=(0, 750))
         hook.correct = False  # isolate VSC
-        a = ddim_sample_batch(tiny_unet, sched, [0, 1], seed=0, sampler=sampler, hook=hook)
-        b = ddim_sample_batch(tiny_unet, sched, [0, 1], seed=0, sampler=sampler, hook=EpsOnly())
+        pipe = Pipeline(tiny_unet, sched)
+        a = sample_batch(pipe, [0, 1], seed=0, sampler=sampler, hook=hook)
+        b = sample_batch(pipe, [0, 1], seed=0, sampler=sampler, hook=EpsOnly())
         assert torch.equal(a, b) is same
 
 
 def test_another_sampler_configuration_is_refused(tiny_unet, sched):
     hook = hook_with(0.1)
     with pytest.raises(GaqError, match="steps"):
-        ddim_sample_batch(tiny_unet, sched, [0], seed=0, sampler=SamplerConfig(steps=8),
+        sample_batch(Pipeline(tiny_unet, sched), [0], seed=0, sampler=SamplerConfig(steps=8),
                           hook=hook)
     with pytest.raises(GaqError, match="eta"):
         hook.bind(SamplerConfig(steps=4, eta=0.5), ddim_scheduler(sched, 4))
@@ -163,8 +166,9 @@ def test_correction_removes_k_on_held_out_trajectories_where_the_model_holds(
 
     spec = CalibrationSpec(steps=10, interval=interval, samples_per_step=16)
     held_spec = CalibrationSpec(steps=10, interval=1, samples_per_step=16, seed=5)
-    calib = record_calibration(tiny_unet, sched, spec, model_id="tiny", cache_dir=tmp_path)
-    held = record_calibration(tiny_unet, sched, held_spec, model_id="tiny", cache_dir=tmp_path)
+    pipe = Pipeline(tiny_unet, sched, name="tiny")
+    calib = record_calibration(pipe, spec, cache_dir=tmp_path)
+    held = record_calibration(pipe, held_spec, cache_dir=tmp_path)
     qmodel = InflatedNoise(tiny_unet)
     stats = noise_stats(qmodel, calib.train(), 64)
     for s in stats:
@@ -182,16 +186,9 @@ def test_correction_removes_k_on_held_out_trajectories_where_the_model_holds(
 @pytest.mark.parametrize("kind", ["cond_unet", "dit"])
 def test_runs_on_conditional_unet_and_dit(make_tiny_model, sched, tmp_path, kind):
     model = make_tiny_model(kind)
-    if kind == "dit":
-        def cond_fn(idx):
-            return {"class_labels": idx % 10}
-    else:
-        def cond_fn(idx):
-            return {"encoder_hidden_states": torch.randn(len(idx), 3, 12,
-                                                         generator=torch.Generator().manual_seed(0))}
+    pipe = tiny_pipeline(kind, model, sched)
     spec = CalibrationSpec(steps=4, interval=2, samples_per_step=4)
-    calib = record_calibration(model, sched, spec, model_id=f"tiny-{kind}", cond_fn=cond_fn,
-                               cache_dir=tmp_path)
+    calib = record_calibration(pipe, spec, cache_dir=tmp_path)
     method = PTQD(PTQDConfig(recon=TINY_RECON))
     result = method.quantize(model, adapter_for(model), calib, QuantConfig.from_bits("W4A8"))
     assert {d.kind for d in result.report if d.status != "fp"} <= {"Conv2d", "Linear"}
@@ -199,16 +196,16 @@ def test_runs_on_conditional_unet_and_dit(make_tiny_model, sched, tmp_path, kind
     assert len(result.state["ptqd"]["stats"]) == 2
     json.dumps(result.state)  # the state, statistics included, is plain JSON
     restored = PTQDSamplerHook.from_dict(json.loads(json.dumps(result.state["ptqd"])))
-    images = ddim_sample_batch(result.model, sched, [0, 1], seed=0, sampler=spec.sampler,
-                               hook=restored,
-                               denoiser_kwargs=cond_fn(torch.arange(2)))
+    images = sample_batch(pipe, [0, 1], seed=0, sampler=spec.sampler, hook=restored,
+                          denoiser=result.model, decode=False)
     assert images.shape == (2, 4, 8, 8) and torch.isfinite(images).all()
 
 
 def test_skip_rules(make_tiny_model):
     model = make_tiny_model("unet")
     m = PTQD(PTQDConfig())
-    rules = {n: m.skip(mod, n) for n, mod in model.named_modules()}
+    rule = m.skip_filter(adapter_for(model))
+    rules = {n: rule(mod, n) for n, mod in model.named_modules()}
     assert rules["time_embedding.linear_1"].precision == "w8a8"
     assert rules["conv_in"].precision == "w8a8"
     assert rules["down_blocks.0.downsamplers.0.conv"].precision == "fp"
@@ -241,9 +238,9 @@ def digits_ptqd(tmp_path_factory):
 
     loaded = load_model("digits")
     den, folder = loaded.denoiser, tmp_path_factory.mktemp("calib")
-    calib = record_calibration(den, loaded.scheduler, DIGITS_SPEC, model_id="digits",
+    calib = record_calibration(loaded, DIGITS_SPEC, model_id="digits",
                                cache_dir=folder)
-    held = record_calibration(den, loaded.scheduler, HELD_SPEC, model_id="digits",
+    held = record_calibration(loaded, HELD_SPEC, model_id="digits",
                               cache_dir=folder)
     result = PTQD(PTQDConfig(recon=NO_RECON, every_step=True)).quantize(
         den, adapter_for(den), calib, QuantConfig.from_bits("W4A8"))

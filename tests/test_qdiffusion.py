@@ -23,10 +23,10 @@ FAST = ReconConfig(weight_iters=40, act_iters=5, weight_lr=1e-2, capture_batch=4
 def bundled(tmp_path_factory):
     cache = tmp_path_factory.mktemp("calib")
     model = load_model("digits")
-    calib = record_calibration(model.denoiser, model.scheduler,
+    calib = record_calibration(model,
                                CalibrationSpec(steps=10, interval=2, samples_per_step=8),
                                model_id="digits", cache_dir=cache)
-    heldout = record_calibration(model.denoiser, model.scheduler,
+    heldout = record_calibration(model,
                                  CalibrationSpec(steps=10, interval=1, samples_per_step=4,
                                                  seed=99),
                                  model_id="digits", cache_dir=cache)

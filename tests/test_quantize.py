@@ -14,6 +14,7 @@ from gaq.calibration import CalibrationSet, CalibrationSpec, record_calibration
 from gaq.config import QuantConfig
 from gaq.errors import GaqError
 from gaq.models.adapters import ADAPTERS, UNet2DAdapter, adapter_for
+from gaq.models.pipeline import Pipeline
 from gaq.quant import QuantLayer
 from gaq.quantize import act_quantizers, load_state, quant_layers, save_state
 from gaq.reconstruction import ReconConfig
@@ -86,7 +87,7 @@ def fp_case(make_tiny_model, tmp_path_factory):
                 sched = DDPMScheduler(num_train_timesteps=1000,
                                       beta_schedule="squaredcos_cap_v2")
                 spec = CalibrationSpec(steps=4, interval=2, samples_per_step=4)
-                calib = record_calibration(model, sched, spec, model_id="tiny-unet",
+                calib = record_calibration(Pipeline(model, sched), spec, model_id="tiny-unet",
                                            cache_dir=tmp_path_factory.mktemp("calib"))
             else:
                 calib = random_calibration(kind, model)

@@ -12,6 +12,7 @@ import torch
 from gaq.calibration import CalibrationSpec, record_calibration
 from gaq.config import QuantConfig
 from gaq.models.adapters import Block, adapter_for
+from gaq.models.pipeline import Pipeline
 from gaq.quantize import quant_layers, quantize_model
 from gaq.reconstruction import (
     BlockData,
@@ -39,7 +40,7 @@ def unet_and_calib(make_tiny_model, tmp_path_factory):
     model = make_tiny_model("unet")
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     spec = CalibrationSpec(steps=4, interval=2, samples_per_step=4)
-    calib = record_calibration(model, sched, spec, model_id="tiny-unet",
+    calib = record_calibration(Pipeline(model, sched), spec, model_id="tiny-unet",
                                cache_dir=tmp_path_factory.mktemp("calib"))
     return model, calib
 
@@ -52,7 +53,7 @@ def test_adaround_beats_rtn_on_every_block(unet_and_calib):
     model, calib = unet_and_calib
     adapter = adapter_for(model)
     qmodel = weights_only_model(model)
-    results = reconstruct(qmodel, model, adapter, calib_batches(calib, RECON.capture_batch),
+    results = reconstruct(qmodel, model, adapter, calib_batches(calib, RECON.capture_batch, "cpu"),
                           RECON, phase="weights", progress=False)
 
     assert [r.block for r in results] == [b.name for b in adapter.blocks()]
@@ -95,7 +96,7 @@ def test_sample_weights_change_the_rounding(unet_and_calib):
     model, calib = unet_and_calib
     adapter = adapter_for(model)
     blocks = [Block("down_blocks.1.resnets.0", "resnet")]
-    batches = calib_batches(calib, RECON.capture_batch)
+    batches = calib_batches(calib, RECON.capture_batch, "cpu")
     calls = []
 
     def focus_on_one_row(block, data):
@@ -112,7 +113,7 @@ def test_sample_weights_change_the_rounding(unet_and_calib):
         frozen[label] = {n: lay.frozen_weight for n, lay in quant_layers(qmodel)
                          if n.startswith(blocks[0].name + ".")}
         # per-row block output error against the FP block, all rows in one capture
-        data = capture(qmodel, model, blocks[0].name, calib_batches(calib, len(calib)),
+        data = capture(qmodel, model, blocks[0].name, calib_batches(calib, len(calib), "cpu"),
                        "memory")
         rec = data.record(0)
         with torch.no_grad():
@@ -176,7 +177,7 @@ def test_capture_streams_one_file_per_batch(unet_and_calib, tmp_path, monkeypatc
     model, calib = unet_and_calib
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     qmodel = weights_only_model(model)
-    data = capture(qmodel, model, "mid_block.resnets.0", calib_batches(calib, 3), "disk")
+    data = capture(qmodel, model, "mid_block.resnets.0", calib_batches(calib, 3, "cpu"), "disk")
     try:
         assert data._dir.parent == tmp_path
         assert len(list(data._dir.iterdir())) == 3  # 8 rows in batches of 3
@@ -189,7 +190,7 @@ def test_capture_streams_one_file_per_batch(unet_and_calib, tmp_path, monkeypatc
     # reconstruct closes every capture it made, also with the disk cache
     seen = []
     cfg = ReconConfig(weight_iters=2, capture_batch=4, cache="disk")
-    reconstruct(qmodel, model, adapter_for(model), calib_batches(calib, 4), cfg,
+    reconstruct(qmodel, model, adapter_for(model), calib_batches(calib, 4, "cpu"), cfg,
                 blocks=[Block("conv_in", "layer"), Block("mid_block.resnets.0", "resnet")],
                 weight_fn=lambda block, d: seen.append(len(list(d._dir.iterdir()))),
                 progress=False)

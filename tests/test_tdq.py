@@ -45,8 +45,9 @@ def test_presets_and_skip_policy(make_tiny_model):
     for cfg in TDQ.presets.values():
         assert TDQConfig.from_dict(cfg.to_dict()) == cfg
     model = make_tiny_model("unet")
-    qmodel, report = quantize_model(model, adapter_for(model), QuantConfig.from_bits("W8A8"),
-                                    TDQ(TINY).skip)
+    adapter = adapter_for(model)
+    qmodel, report = quantize_model(model, adapter, QuantConfig.from_bits("W8A8"),
+                                    TDQ(TINY).skip_filter(adapter))
     status = {d.name: d.status for d in report}
     fp = {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
           "down_blocks.0.resnets.0.time_emb_proj"}
@@ -60,11 +61,12 @@ def fitted_unet(make_tiny_model):
     model = make_tiny_model("unet")
     calib = random_calibration("unet", model, rows=24)
     adapter = adapter_for(model)
-    qmodel, _ = quantize_model(model, adapter, QuantConfig.from_bits("W8A4"), TDQ(TINY).skip)
+    qmodel, _ = quantize_model(model, adapter, QuantConfig.from_bits("W8A4"),
+                               TDQ(TINY).skip_filter(adapter))
     freeze(qmodel)
     calibrate_activations(qmodel, lambda m: m(calib.x, calib.t))
     n = attach_providers(qmodel, TINY)
-    results = fit_providers(qmodel, model, adapter, calib_batches(calib, 8), TINY)
+    results = fit_providers(qmodel, model, adapter, calib_batches(calib, 8, "cpu"), TINY)
     return model, calib, qmodel, n, results
 
 
@@ -130,10 +132,10 @@ def test_beats_rtn_on_bundled_model_w4a8(tmp_path):
     loaded = load_model("digits")
     den = loaded.denoiser
     spec = CalibrationSpec(steps=20, interval=2, samples_per_step=8)
-    calib = record_calibration(den, loaded.scheduler, spec, model_id="digits",
+    calib = record_calibration(loaded, spec, model_id="digits",
                                cache_dir=tmp_path)
     # a separate held-out trajectory set: other seed, every sampler step
-    held = record_calibration(den, loaded.scheduler,
+    held = record_calibration(loaded,
                               dataclasses.replace(spec, interval=1, samples_per_step=4, seed=1),
                               model_id="digits", cache_dir=tmp_path)
     quant = QuantConfig.from_bits("W4A8")

@@ -129,11 +129,11 @@ def test_tfmq_end_to_end_on_tiny_models(make_tiny_model, kind):
 def bundled(tmp_path_factory):
     loaded = load_model("digits")
     cache = tmp_path_factory.mktemp("calib")
-    calib = record_calibration(loaded.denoiser, loaded.scheduler,
+    calib = record_calibration(loaded,
                                CalibrationSpec(steps=20, interval=2, samples_per_step=4),
                                model_id="digits", cache_dir=cache)
     # held-out: other trajectories (another seed), same sampling timesteps
-    held = record_calibration(loaded.denoiser, loaded.scheduler,
+    held = record_calibration(loaded,
                               CalibrationSpec(steps=20, interval=2, samples_per_step=4, seed=1),
                               model_id="digits", cache_dir=cache)
     return loaded.denoiser, calib, held

@@ -25,3 +25,22 @@ def denoise(kind: str, model: nn.Module, x: Tensor, t: Tensor | int, cond: dict)
     if kind == "dit":
         return model(x, timestep=t, **cond).sample
     return model(x, t, **cond).sample
+
+
+def tiny_pipeline(kind: str, model: nn.Module, scheduler, **kw):
+    """A :class:`~gaq.models.pipeline.Pipeline` around a tiny model of ``conftest.py`` with
+    its conditioning source: class labels for DiT (null class 10), a seeded
+    :class:`~gaq.models.conditioning.ClassEmbedder` feeding cross-attention for the
+    conditional UNet, nothing for the plain UNet."""
+    from gaq.models.conditioning import ClassConditioning, ClassEmbedder, NoConditioning
+    from gaq.models.pipeline import Pipeline
+
+    if kind == "dit":
+        cond = ClassConditioning(10, 10)
+    elif kind == "cond_unet":
+        torch.manual_seed(1)
+        embedder = ClassEmbedder(10, model.config.cross_attention_dim, tokens=3).eval()
+        cond = ClassConditioning(10, 10, embedder)
+    else:
+        cond = NoConditioning()
+    return Pipeline(model, scheduler, conditioning=cond, name=f"tiny-{kind}", **kw)

@@ -83,16 +83,23 @@ class PTQDSamplerHook:
         self._cache: dict[int, tuple[float, Tensor, float]] = {}
 
     # -- the SamplerHook protocol ---------------------------------------------------
-    def bind(self, sampler: Any, ddim: Any) -> None:
-        """Refuse a sampler configuration the statistics were not measured for."""
+    def bind(self, sampler: Any, scheduler: Any) -> None:
+        """Refuse a sampler configuration the statistics were not measured for, and a model
+        whose output is not a noise prediction (PTQD's model is ``eps_q = (1+k)·eps + δ``;
+        its correction works in any sampler's update that consumes eps, and VSC only in
+        DDIM's, the one update with fresh noise to shrink)."""
+        prediction = scheduler.config.prediction_type
+        if prediction != "epsilon":
+            raise GaqError(f"PTQD corrects a noise (epsilon) prediction; this model predicts "
+                           f"{prediction!r}, which its correction cannot express")
         got = sampler_key(sampler.steps, sampler.eta, getattr(sampler, "guidance", None),
-                          type(ddim).__name__)
+                          type(scheduler).__name__)
         if got != self.key:
             raise GaqError(
                 f"PTQD statistics were measured for sampler {self.key} but sampling uses "
                 f"{got}: they depend on the scheduler, steps, eta and guidance; re-run the "
                 "quantization with a calibration set recorded with this sampler")
-        timesteps = {int(t) for t in ddim.timesteps}
+        timesteps = {int(t) for t in scheduler.timesteps}
         if not set(self._ts) <= timesteps:
             raise GaqError(f"PTQD statistics are for timesteps {self._ts}, not all of which "
                            "this sampler visits: the noise schedule differs")

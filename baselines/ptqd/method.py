@@ -21,9 +21,6 @@ from gaq.models.adapters import SkipRule
 from gaq.reconstruction import ReconConfig
 from gaq.sampling import _noise_prediction
 
-# the shared timestep MLP: diffusers UNets ("time_embedding") and DiT's AdaLN embedder
-_TIME_EMBEDDING = ("time_embedding.", "timestep_embedder.")
-
 
 @dataclass(frozen=True)
 class PTQDConfig(MethodConfig):
@@ -58,14 +55,13 @@ class PTQD(Method):
         "cpu": PTQDConfig(recon=ReconConfig(weight_iters=200, act_iters=50)),
     }
 
-    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
+    def skip(self, module: nn.Module, name: str, role: str | None) -> SkipRule | None:
         # PTQD's base-PTQ layer choices, on top of the model's policy
-        if name in ("conv_in", "conv_out") or any(p in f".{name}" for p in
-                                                  ("." + e for e in _TIME_EMBEDDING)):
+        if role in ("input", "output", "time_embed_in", "time_embed"):
             return SkipRule("w8a8", "ptqd: time embedding and first/last layer at 8 bits")
-        if name.endswith("conv_shortcut"):
+        if role == "shortcut":
             return SkipRule("fp", "ptqd: skip-connection conv kept FP")
-        if ".downsamplers." in f".{name}.":
+        if role == "downsample":
             return SkipRule("fp", "ptqd: downsample conv kept FP")
         return None
 
@@ -107,7 +103,10 @@ def _calibration_sampler(calib) -> dict:
     if spec.get("protocol", "interval") != "interval":
         raise GaqError("PTQD needs per-step statistics: record the calibration set with the "
                        "'interval' protocol, not 'gaussian'")
-    return sampler_key(spec["steps"], spec["eta"])
+    from gaq.sampling import sampler_kind
+
+    return sampler_key(spec["steps"], spec["eta"], spec.get("guidance"),
+                       sampler_kind(spec.get("sampler_name", "ddim")).scheduler)
 
 
 def _require_every_step(calib) -> None:

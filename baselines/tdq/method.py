@@ -37,8 +37,6 @@ from gaq.reconstruction import (
 # Layers that see only the timestep (or sit at the image boundary): TDQ keeps them FP.
 # The DiT names are the analogues (patch embedding, final projection, timestep embedder
 # and adaLN modulation), since the paper only covers UNets.
-_FP_EXACT = {"conv_in", "conv_out", "pos_embed.proj", "proj_out_1", "proj_out_2"}
-_FP_PARTS = ("time_embedding.", ".time_emb_proj", ".norm1.emb.", ".norm1.linear")
 
 
 @dataclass(frozen=True)
@@ -173,10 +171,10 @@ class TDQ(Method):
                          iters=40, lr=1e-3, batch_size=32),
     }
 
-    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
-        if name in _FP_EXACT:
+    def skip(self, module: nn.Module, name: str, role: str | None) -> SkipRule | None:
+        if role in ("input", "output"):
             return SkipRule("fp", "TDQ: input/output layer kept FP")
-        if name.startswith("time_embedding.") or any(p in f".{name}" for p in _FP_PARTS):
+        if role in ("time_embed_in", "time_embed", "time_proj"):
             return SkipRule("fp", "TDQ: timestep embedding / time projection kept FP")
         return None
 
@@ -191,8 +189,9 @@ class TDQ(Method):
             raise GaqError(f"calibration timesteps reach {max(seen)}, beyond "
                            f"num_train_timesteps = {cfg.num_train_timesteps}")
         with Timer() as timer:
-            qmodel, report = quantize_model(model, adapter, quant, self.skip)
-            batches = calib_batches(calib, cfg.recon.capture_batch)
+            qmodel, report = quantize_model(model, adapter, quant, self.skip_filter(adapter))
+            batches = calib_batches(calib, cfg.recon.capture_batch,
+                                    next(model.parameters()).device)
             weights: list[BlockResult] = []
             if quant.weight.bits is not None:
                 weights = reconstruct(qmodel, model, adapter, batches, cfg.recon,

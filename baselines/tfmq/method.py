@@ -31,11 +31,6 @@ from gaq.temporal import (
     temporal_data,
 )
 
-# First time-embedding linear (UNet) / per-block timestep MLP input layer (DiT): the
-# authors' code keeps it FP (``disable_out_quantization``: their module 0).
-_FIRST_TIME_LAYERS = ("time_embedding.linear_1",)
-_FIRST_TIME_SUFFIX = ".norm1.emb.timestep_embedder.linear_1"
-
 
 @dataclass(frozen=True)
 class TFMQConfig(MethodConfig):
@@ -85,12 +80,13 @@ class TFMQ(Method):
         """Per-row weights (training rows) for the temporal reconstruction; None = uniform."""
         return None
 
-    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
+    def skip(self, module: nn.Module, name: str, role: str | None) -> SkipRule | None:
         cfg = self.config
-        if cfg.fp_skip_convs and (name.endswith(".conv_shortcut") or ".downsamplers." in name):
+        if cfg.fp_skip_convs and role in ("shortcut", "downsample"):
             return SkipRule("fp", "TFMQ-DM: skip/downsample convs FP (authors' code)")
-        if cfg.fp_first_time_layer and (name in _FIRST_TIME_LAYERS
-                                        or name.endswith(_FIRST_TIME_SUFFIX)):
+        # the first linear of the timestep MLP (UNet time_embedding.linear_1, DiT's per-block
+        # timestep embedder): the authors' code keeps it FP (their module 0)
+        if cfg.fp_first_time_layer and role == "time_embed_in":
             return SkipRule("fp", "TFMQ-DM: first time-embedding layer FP (authors' code)")
         return None
 
@@ -108,14 +104,14 @@ class TFMQ(Method):
         quant = self.tfmq_quant(quant)
         temporal: dict[str, float] = {}
         with Timer() as timer:
-            qmodel, report = quantize_model(model, adapter, quant, self.skip)
+            qmodel, report = quantize_model(model, adapter, quant, self.skip_filter(adapter))
             self.on_quantized(qmodel, model, adapter, calib)
             if self.config.temporal_recon:
                 data = temporal_data(calib)
                 tweights = self.temporal_weights(data, calib)
                 temporal = reconstruct_temporal(qmodel, model, adapter, data, cfg, tweights)
             blocks = adapter.blocks(split_temporal=self.config.temporal_recon)
-            batches = calib_batches(calib, cfg.capture_batch)
+            batches = calib_batches(calib, cfg.capture_batch, next(model.parameters()).device)
             weights = reconstruct(qmodel, model, adapter, batches, cfg, phase="weights",
                                   blocks=blocks, weight_fn=self.sample_weights)
             acts = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import resource
 import tempfile
 import time
@@ -63,7 +64,7 @@ def _bits(label: str) -> tuple[int | None, int | None]:
 
 
 class _ModelContext:
-    """What every cell of one model shares: weights, reference features, FP samples."""
+    """What every cell of one model shares: the pipeline, reference features, FP samples."""
 
     def __init__(self, model_id: str, bench: Benchmark, device: str) -> None:
         from gaq.calibration import state_dict_digest
@@ -71,11 +72,20 @@ class _ModelContext:
         from gaq.models.loading import load_model
 
         self.id = model_id
-        self.loaded = load_model(model_id, device=device)
-        self.adapter = adapter_for(self.loaded.denoiser)
-        self.digest = state_dict_digest(self.loaded.denoiser)
-        self.space = _feature_space(model_id, bench.eval.feature_space,
-                                    bench.eval.inception_weights, device)
+        self.pipe = load_model(model_id, device=device,
+                               prompts=bench.sampler.prompt_list(bench.path.parent))
+        if bench.sampler.guidance is not None and not self.pipe.conditioning.supports_guidance:
+            raise GaqError(f"{bench.path}: key 'sampler.guidance' is set but model {model_id!r} "
+                           f"has {self.pipe.conditioning.kind!r} conditioning with no "
+                           "unconditional input; remove the key for this model")
+        self.adapter = adapter_for(self.pipe.denoiser)
+        self.digest = state_dict_digest(self.pipe.denoiser)
+        # a feature space only where image metrics are asked for: paired metrics alone
+        # need no Inception weights
+        needs_features = any(m in IMAGE_METRICS for m in bench.eval.metrics)
+        self.space = (_feature_space(model_id, bench.eval.feature_space,
+                                     bench.eval.inception_weights, device)
+                      if needs_features else None)
         self.reference_folder = bench.eval.reference
         self._fp_images: dict[int, torch.Tensor] = {}
         self._heldout: dict[int, object] = {}
@@ -102,6 +112,7 @@ class Runner:
         self.bench = bench
         self.dir = Path(results_dir) / bench.name
         self.force = force
+        self._device_flag = device is not None
         self.device = device or bench.setup.get("device", "cpu")
         self.log = log
         self._models: dict[str, _ModelContext] = {}
@@ -153,8 +164,11 @@ class Runner:
     def preflight(self) -> None:
         """Fail before any work: every model loads, its feature space and reference exist."""
         from gaq.bench.spec import IMAGE_METRICS
+        from gaq.device import check_device
         from gaq.models.bundled import BUNDLED_MODELS
 
+        check_device(self.device, "--device" if self._device_flag else
+                     f"{self.bench.path}: key 'setup.device'")
         needs_reference = any(m in IMAGE_METRICS for m in self.bench.eval.metrics)
         for model_id in self.bench.models:
             self.model(model_id)
@@ -184,26 +198,25 @@ class Runner:
                 + write_plots(self.dir.parent, self.bench.name, self.dir.parent / "plots"))
 
     def _sample(self, ctx: _ModelContext, model: torch.nn.Module, seed: int, hook) -> tuple:
-        from gaq.sampling import ddim_sample
+        from gaq.sampling import sample
 
         start = time.perf_counter()
         with torch.no_grad():
-            images = ddim_sample(model, ctx.loaded.scheduler, self.bench.eval.num_images,
-                                 seed=seed, sampler=self.bench.sampler.config(),
-                                 batch_size=self.bench.eval.batch_size, device=self.device,
-                                 hook=hook)
+            images = sample(ctx.pipe, self.bench.eval.num_images, seed=seed,
+                            sampler=self.bench.sampler.config(),
+                            batch_size=self.bench.eval.batch_size, hook=hook, denoiser=model)
         return images, time.perf_counter() - start
 
     def _heldout(self, ctx: _ModelContext, seed: int):
         from gaq.calibration import CalibrationSpec, record_calibration
 
         if seed not in ctx._heldout:
-            spec = CalibrationSpec(steps=self.bench.sampler.steps, eta=self.bench.sampler.eta,
-                                   interval=1,
+            s = self.bench.sampler
+            spec = CalibrationSpec(steps=s.steps, eta=s.eta, sampler_name=s.name,
+                                   guidance=s.guidance, interval=1,
                                    samples_per_step=max(1, self.bench.eval.heldout_trajectories),
                                    seed=seed + HELDOUT_SEED_OFFSET)
-            ctx._heldout[seed] = record_calibration(ctx.loaded.denoiser, ctx.loaded.scheduler,
-                                                    spec, model_id=ctx.id)
+            ctx._heldout[seed] = record_calibration(ctx.pipe, spec, model_id=ctx.id)
         return ctx._heldout[seed]
 
     def _noise_curves(self, ctx: _ModelContext, model: torch.nn.Module, seed: int,
@@ -214,7 +227,7 @@ class Runner:
         from gaq.eval.eps import noise_curves
 
         curves = noise_curves(model, self._heldout(ctx, seed), self.bench.eval.batch_size,
-                              self.device, hook)
+                              hook)
         return {name: pd.Series(points) for name, points in curves.items()}
 
     def run_cell(self, cell: Cell, cid: str) -> None:
@@ -226,13 +239,14 @@ class Runner:
         from gaq.registry import get_method
 
         ctx = self.model(cell.model)
-        denoiser = ctx.loaded.denoiser
+        denoiser = ctx.pipe.denoiser
         metrics: dict[str, float] = {}
         report = None
         diagnostics: dict[str, pd.DataFrame] = {}
         state_dir = Path(tempfile.mkdtemp(prefix="gaq-state-"))
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        on_cuda = torch.device(self.device).type == "cuda"
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         if cell.method.name == FP:
             qmodel, hook = denoiser, None
             metrics["calibration_seconds"] = 0.0
@@ -241,8 +255,7 @@ class Runner:
 
             quant = QuantConfig.from_bits(cell.bits)
             calib_spec = dataclasses.replace(self.bench.calibration, seed=cell.seed)
-            calib = record_calibration(denoiser, ctx.loaded.scheduler, calib_spec,
-                                       model_id=cell.model)
+            calib = record_calibration(ctx.pipe, calib_spec, model_id=cell.model)
             method = get_method(cell.method.name)(cell.method.config())
             result = method.quantize(denoiser, ctx.adapter, calib, quant)
             qmodel, hook, report = result.model, result.sampler_hook, result.report
@@ -252,9 +265,11 @@ class Runner:
             for name, frame in diagnostics.items():
                 frame.to_csv(state_dir / f"{name}.csv", index=False)
             save_state(qmodel, report, quant, state_dir, meta=result.state)
-            (state_dir / "layers.md").write_text(report.to_markdown())
+            (state_dir / "layers.md").write_text(report.to_markdown()
+                                                 + _components_markdown(ctx.pipe))
+        # the device actually used (cuda:1 included); on the CPU, the process's peak RSS
         metrics["peak_memory_mb"] = (
-            torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         images, seconds = self._sample(ctx, qmodel, cell.seed, hook)
         metrics["images_per_second"] = len(images) / seconds
@@ -288,7 +303,7 @@ class Runner:
                     metrics[f"{name}_max_abs"] = float(curve.abs().max())
 
         # artifacts
-        stem = f"{cell.model}_{cell.method.row}_{cell.bits}_seed{cell.seed}"
+        stem = _file_name(f"{ctx.pipe.name}_{cell.method.row}_{cell.bits}_seed{cell.seed}")
         grid_path = self.dir / "grids" / f"{stem}.png"
         _save_grid(images[:64], grid_path)
         artifacts = {"samples": grid_path}
@@ -334,6 +349,17 @@ class Runner:
         shown = {k: round(v, 4) for k, v in metrics.items()
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
         self.log(f"    {shown}")
+
+
+def _file_name(text: str) -> str:
+    """A name that stays one file inside its folder: model ids may be paths or hub ids."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", text).lstrip(".") or "_"
+
+
+def _components_markdown(pipe) -> str:
+    """The pipeline's other components and their precision, below the layer report."""
+    rows = "".join(f"| {name} | {what} |\n" for name, what in pipe.components.items())
+    return ("\n## Pipeline components\n\n| component | precision |\n|---|---|\n" + rows)
 
 
 def _is_number(v) -> bool:

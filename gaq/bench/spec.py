@@ -28,16 +28,44 @@ ALL_METRICS = IMAGE_METRICS + ("psnr", "eps_mse")
 
 @dataclass(frozen=True)
 class SamplerSpec(Config):
+    """``[sampler]``: which sampler (``ddim``, ``plms``, ``dpm-solver++``), its steps, eta
+    (DDIM), the classifier-free guidance scale, and for text-conditional models the file of
+    prompts (one per line; image ``i`` gets line ``i mod n``)."""
+
     VERSION: ClassVar[int] = 1
     steps: int = 50
     eta: float = 0.0
     guidance: float | None = None
+    name: str = "ddim"
+    prompts: str | None = None
 
     def validate(self) -> None:
-        SamplerConfig(steps=self.steps, eta=self.eta)
+        try:
+            self.config()
+        except ValueError as e:
+            msg = str(e)
+            key = next((k for k in ("steps", "eta", "guidance")
+                        if msg.startswith(f"sampler.{k}")), "name")
+            raise ConfigError(key, msg) from None
 
     def config(self) -> SamplerConfig:
-        return SamplerConfig(steps=self.steps, eta=self.eta)
+        return SamplerConfig(steps=self.steps, eta=self.eta, guidance=self.guidance,
+                             name=self.name)
+
+    def prompt_list(self, base: Path | None = None) -> list[str] | None:
+        """The prompts of ``prompts`` (relative to ``base``), or None when unset."""
+        if self.prompts is None:
+            return None
+        path = Path(self.prompts).expanduser()
+        if not path.is_absolute() and base is not None and not path.exists():
+            path = base / path
+        if not path.is_file():
+            raise GaqError(f"[sampler] prompts names {self.prompts}, which is not a file; "
+                           "point it to a captions file with one prompt per line")
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise GaqError(f"[sampler] prompts file {path} holds no prompt")
+        return lines
 
 
 @dataclass(frozen=True)
@@ -202,6 +230,9 @@ def _parse(path: Path, raw: dict) -> Benchmark:
     # the calibration trajectory uses the benchmark's sampler unless it says otherwise
     calib_raw.setdefault("steps", sampler.steps)
     calib_raw.setdefault("eta", sampler.eta)
+    calib_raw.setdefault("sampler_name", sampler.name)
+    if sampler.guidance is not None:
+        calib_raw.setdefault("guidance", sampler.guidance)
     calibration = _section(CalibrationSpec, calib_raw, "calibration")
     ev = _section(EvalSpec, raw.get("eval"), "eval")
     bits = raw.get("bits", ["W4A8"])

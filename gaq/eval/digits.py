@@ -7,13 +7,19 @@ import torch
 
 @torch.no_grad()
 def digit_likeness(images: torch.Tensor, confidence: float = 0.8,
-                   classifier: torch.nn.Module | None = None) -> dict[str, float]:
+                   classifier: torch.nn.Module | None = None,
+                   labels: torch.Tensor | None = None) -> dict[str, float]:
     """Share of images the bundled classifier assigns to one digit with probability
-    >= ``confidence`` (it is trained to be unsure on non-digits), and the mean top probability."""
+    >= ``confidence`` (it is trained to be unsure on non-digits), the mean top probability,
+    and with the requested ``labels`` of class-conditional samples, the share classified as
+    requested (``class_accuracy``)."""
     from gaq.models.bundled import load_classifier
 
     clf = classifier if classifier is not None else load_classifier()
     prob = torch.softmax(clf(images.float().cpu()), dim=1)
     top = prob.max(dim=1).values
-    return {"confident_share": (top >= confidence).float().mean().item(),
-            "mean_top_prob": top.mean().item()}
+    out = {"confident_share": (top >= confidence).float().mean().item(),
+           "mean_top_prob": top.mean().item()}
+    if labels is not None:
+        out["class_accuracy"] = (prob.argmax(1) == labels.cpu()).float().mean().item()
+    return out

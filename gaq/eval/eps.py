@@ -62,7 +62,7 @@ def correlation_slope(err: Tensor, fp: Tensor) -> float:
 
 @torch.no_grad()
 def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
-                 device: str | torch.device = "cpu", hook=None) -> dict[str, dict[int, float]]:
+                 hook=None) -> dict[str, dict[int, float]]:
     """Per-timestep curves of ``model`` on the rows of a held-out
     :class:`~gaq.calibration.CalibrationSet`: ``eps_mse`` and ``noise_k`` (the slope k_t),
     measured after ``hook``'s eps correction when a hook is given, plus
@@ -70,10 +70,13 @@ def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
 
     The hook sees ``(step, t, x, eps)`` with ``step`` the position of ``t`` in the set's
     descending timesteps: the sampler's step index when the set holds every sampler step.
+    Rows run on the model's device. With guidance the set holds both halves of every
+    guided call, and each is compared with its own FP output.
     """
     from gaq.sampling import _noise_prediction, _split_hook
 
     eps_fn = _split_hook(hook)[0]
+    device = next(model.parameters()).device
     by_t = heldout.by_timestep()
     order = {t: i for i, t in enumerate(sorted(by_t, reverse=True))}
     after: dict[int, _Moments] = {}
@@ -102,13 +105,13 @@ def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
 
 
 def eps_error_by_timestep(model: torch.nn.Module, heldout, batch_size: int = 128,
-                          device: str | torch.device = "cpu", hook=None) -> dict[int, float]:
+                          hook=None) -> dict[int, float]:
     """Mean squared error of ``model``'s noise prediction (after ``hook``) against the
     recorded FP one (``heldout.eps_fp``), for every timestep of ``heldout``."""
-    return noise_curves(model, heldout, batch_size, device, hook)["eps_mse"]
+    return noise_curves(model, heldout, batch_size, hook)["eps_mse"]
 
 
 def mean_eps_error(model: torch.nn.Module, heldout, batch_size: int = 128,
-                   device: str | torch.device = "cpu", hook=None) -> float:
-    curve = eps_error_by_timestep(model, heldout, batch_size, device, hook)
+                   hook=None) -> float:
+    curve = eps_error_by_timestep(model, heldout, batch_size, hook)
     return sum(curve.values()) / len(curve)

@@ -45,7 +45,7 @@ class FeatureSpace(ABC):
     name: str
     layers: tuple[str, ...]
 
-    def __init__(self, *, device: str | torch.device = "cpu", batch_size: int = 256) -> None:
+    def __init__(self, *, device: str | torch.device, batch_size: int = 256) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = torch.device(device)
@@ -105,7 +105,7 @@ class ClassifierFeatures(FeatureSpace):
         self,
         classifier: torch.nn.Module | None = None,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device,
         batch_size: int = 512,
     ) -> None:
         super().__init__(device=device, batch_size=batch_size)
@@ -177,7 +177,7 @@ class InceptionFeatures(FeatureSpace):
         self,
         weights_path: str | os.PathLike | None = None,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device,
         batch_size: int = 64,
     ) -> None:
         super().__init__(device=device, batch_size=batch_size)
@@ -217,12 +217,13 @@ class InceptionFeatures(FeatureSpace):
 def feature_space_for(
     model_id: str,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device,
     weights_path: str | os.PathLike | None = None,
 ) -> FeatureSpace:
-    """The default space: the digit classifier for the bundled ``digits`` model, Inception else."""
-    from gaq.models.bundled import DEFAULT_MODEL
+    """The default space: the digit classifier for the bundled models (all trained on the
+    digits), Inception else."""
+    from gaq.models.bundled import BUNDLED_MODELS
 
-    if model_id == DEFAULT_MODEL:
+    if model_id in BUNDLED_MODELS:
         return ClassifierFeatures(device=device)
     return InceptionFeatures(weights_path, device=device)

@@ -46,7 +46,7 @@ def reference_features(model_id: str, space: FeatureSpace,
                        folder: str | Path | None = None) -> dict[str, torch.Tensor]:
     """All layers of ``space`` on the reference set of ``model_id``, cached per process.
 
-    For ``digits`` the reference is the whole bundled data set, passed through
+    For the bundled models the reference is the whole bundled digits set, passed through
     ``gaq.sampling.to_uint8`` so it is quantised exactly like generated images; for
     other models it is the folder of images the benchmark names (e.g. the training set).
     """
@@ -61,11 +61,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 def reference_images(model_id: str, folder: str | Path | None = None) -> torch.Tensor:
     """The reference images of ``model_id`` as uint8 ``(N, C, H, W)``."""
-    from gaq.models.bundled import DEFAULT_MODEL
+    from gaq.models.bundled import BUNDLED_MODELS
 
     if folder is not None:
         return _folder_images(Path(folder))
-    if model_id != DEFAULT_MODEL:
+    if model_id not in BUNDLED_MODELS:  # every bundled model is trained on the digits
         raise GaqError(
             f"no bundled reference set for model {model_id!r}; name a folder of reference "
             "images (e.g. its training set as PNGs) with eval.reference in the benchmark file"

@@ -132,10 +132,16 @@ class Method(abc.ABC):
         be swept over bit-widths without creating new configs.
         """
 
-    def skip(self, module: torch.nn.Module, name: str) -> Any:
+    def skip(self, module: torch.nn.Module, name: str, role: str | None) -> Any:
         """Extra skip rule (a :class:`~gaq.models.adapters.SkipRule` or None) on top of the
-        model's policy; methods can only add restrictions, never lift the model's."""
+        model's policy; methods can only add restrictions, never lift the model's. ``role``
+        is the layer's architectural role as the model's adapter names it
+        (:data:`gaq.models.adapters.ROLES`), so a rule holds for every model family."""
         return None
+
+    def skip_filter(self, adapter: Any) -> Any:
+        """This method's rules as a ``filter(module, name)`` over ``adapter``'s model."""
+        return lambda module, name: self.skip(module, name, adapter.role(name))
 
     def __repr__(self) -> str:
         return f"{type(self).__qualname__}({self.config!r})"

@@ -64,8 +64,8 @@ def reconstruct_model(method: Method, model: nn.Module, adapter, calib, quant: Q
     method's skip rules, AdaRound the weights block by block, initialise activation ranges
     from calibration data, then learn the activation steps block by block. Returns the
     quantized model, its layer report and the per-block metrics (JSON-able)."""
-    qmodel, report = quantize_model(model, adapter, quant, method.skip)
-    batches = calib_batches(calib, cfg.capture_batch)
+    qmodel, report = quantize_model(model, adapter, quant, method.skip_filter(adapter))
+    batches = calib_batches(calib, cfg.capture_batch, next(model.parameters()).device)
     results = reconstruct(qmodel, model, adapter, batches, cfg, phase="weights")
     if quant.act.bits is not None:
         calibrate_activations(qmodel, as_forward_loop(calib, cfg.capture_batch))

@@ -111,7 +111,7 @@ class GAQ(TFMQ):
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         val = validation_rows(calib, self.config.meta.val_share)
-        self._run = _Run(_batches(val), calib.train().t)
+        self._run = _Run(_batches(val.to(next(model.parameters()).device)), calib.train().t)
         try:
             result = super().quantize(model, adapter, calib, quant)
             run = self._run
@@ -160,7 +160,7 @@ class GAQ(TFMQ):
                                     "params": int(sum(v.numel() for v in theta.values()))}
             meta = None
             if uniform:
-                weights = torch.ones(len(run.row_t))
+                weights = torch.ones(len(run.row_t), device=problem.row_t.device)
             else:
                 meta = learn_weights(problem, data)
                 weights = meta.weights

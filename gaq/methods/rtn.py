@@ -31,7 +31,7 @@ class RTN(Method):
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         with Timer() as timer:
-            qmodel, report = quantize_model(model, adapter, quant, self.skip)
+            qmodel, report = quantize_model(model, adapter, quant, self.skip_filter(adapter))
             if quant.act.bits is not None:
                 calibrate_activations(qmodel, as_forward_loop(calib, self.config.batch_size))
         return finish(self, qmodel, report, quant, timer.seconds)

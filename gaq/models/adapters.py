@@ -42,6 +42,21 @@ class SkipRule:
 # A skip filter, after torchao: (module, fully qualified name) -> rule or None.
 SkipFilter = Callable[[nn.Module, str], "SkipRule | None"]
 
+#: The architectural roles an adapter names (``ModelAdapter.role``), so that methods state
+#: their layer rules once for every family instead of matching module names:
+ROLES = {
+    "input": "first layer (conv_in, DiT patch embedding)",
+    "output": "last layer (conv_out, DiT output projection)",
+    "time_embed_in": "first linear of the timestep MLP",
+    "time_embed": "other linears of the timestep MLP",
+    "time_proj": "per-block projection of the time embedding (ResNet time_emb_proj, "
+                 "DiT adaLN modulation)",
+    "class_embed": "class-embedding layers of the denoiser",
+    "cross_kv": "cross-attention key/value projections of the text or class context",
+    "shortcut": "1x1 skip-connection convs of residual blocks",
+    "downsample": "downsampling convs",
+}
+
 
 class ModelAdapter:
     """Base adapter: subclasses declare block types, temporal modules and the skip policy."""
@@ -52,14 +67,26 @@ class ModelAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    # -- architecture facts ------------------------------------------------------------
+    def role(self, name: str) -> str | None:
+        """The role (a key of :data:`ROLES`) of the layer ``name``; None for the rest."""
+        return None
+
     # -- skip policy -----------------------------------------------------------------
     def skip(self, module: nn.Module, name: str) -> SkipRule | None:
+        """The model's policy: first and last layer at 8 bits (the convention of every
+        method in the suite's papers; the methods' own rules add to it)."""
+        role = self.role(name)
+        if role in ("input", "output"):
+            return SkipRule("w8a8", f"model policy: {ROLES[role].split(' (')[0]} at 8 bits")
         return None
 
     # -- structure -------------------------------------------------------------------
     def temporal_layers(self) -> list[str]:
-        """Layers that only see the timestep (TFMQ-DM's temporal information block)."""
-        return []
+        """Layers that only see the timestep (TFMQ-DM's temporal information block): the
+        timestep MLP and the per-block projections of its output."""
+        return [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)
+                and self.role(n) in ("time_embed_in", "time_embed", "time_proj")]
 
     def temporal_forward(self, model: nn.Module, t: torch.Tensor,
                          cond: dict) -> dict[str, torch.Tensor]:
@@ -76,7 +103,10 @@ class ModelAdapter:
     def example_inputs(self, batch: int = 2) -> tuple[tuple, dict]:
         cfg = self.model.config
         x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        return (x, torch.full((batch,), 10, dtype=torch.long)), {}
+        kwargs = {}
+        if getattr(self.model, "class_embedding", None) is not None:
+            kwargs["class_labels"] = torch.zeros(batch, dtype=torch.long)
+        return (x, torch.full((batch,), 10, dtype=torch.long)), kwargs
 
     def blocks(self, split_temporal: bool = False) -> list[Block]:
         """Reconstruction units in forward order: blocks of ``block_types`` and every
@@ -107,6 +137,7 @@ class ModelAdapter:
             args, kwargs = self.example_inputs()
             p = next(self.model.parameters())
             args = tuple(a.to(p.device) if torch.is_tensor(a) else a for a in args)
+            kwargs = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
             with torch.no_grad():
                 self.model(*args, **kwargs)
         finally:
@@ -132,27 +163,34 @@ def _batch_timesteps(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1) if t.ndim == 0 else t
 
 
-def _first_last(module: nn.Module, name: str) -> SkipRule | None:
-    if name == "conv_in":
-        return SkipRule("w8a8", "model policy: first layer at 8 bits")
-    if name == "conv_out":
-        return SkipRule("w8a8", "model policy: last layer at 8 bits")
-    return None
-
-
 class UNet2DAdapter(ModelAdapter):
     """diffusers ``UNet2DModel`` (pixel-space DDPM/DDIM UNets, e.g. the bundled model, CIFAR-10)."""
 
     arch = "UNet2DModel"
     block_types = {"ResnetBlock2D": "resnet", "Attention": "attention"}
 
-    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
-        return _first_last(module, name)
-
-    def temporal_layers(self) -> list[str]:
-        return [n for n, m in self.model.named_modules()
-                if isinstance(m, nn.Linear) and (n.startswith("time_embedding.")
-                                                 or n.endswith(".time_emb_proj"))]
+    def role(self, name: str) -> str | None:
+        # diffusers' UNet2DModel / UNet2DConditionModel module names (diffusers 0.42)
+        dotted = f".{name}."
+        if name == "conv_in":
+            return "input"
+        if name == "conv_out":
+            return "output"
+        if name == "time_embedding.linear_1":
+            return "time_embed_in"
+        if name.startswith("time_embedding."):
+            return "time_embed"
+        if name.endswith(".time_emb_proj"):
+            return "time_proj"
+        if name.startswith("class_embedding"):
+            return "class_embed"
+        if name.endswith((".attn2.to_k", ".attn2.to_v")):
+            return "cross_kv"
+        if name.endswith(".conv_shortcut"):
+            return "shortcut"
+        if ".downsamplers." in dotted:
+            return "downsample"
+        return None
 
     def temporal_forward(self, model: nn.Module, t: torch.Tensor,
                          cond: dict) -> dict[str, torch.Tensor]:
@@ -191,11 +229,11 @@ class UNet2DConditionAdapter(UNet2DAdapter):
     block_types = {"ResnetBlock2D": "resnet", "BasicTransformerBlock": "transformer"}
 
     def example_inputs(self, batch: int = 2) -> tuple[tuple, dict]:
-        (x, t), _ = super().example_inputs(batch)
+        (x, t), kwargs = super().example_inputs(batch)
         cfg = self.model.config
         dim = cfg.cross_attention_dim
         dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-        return (x, t), {"encoder_hidden_states": torch.randn(batch, 4, dim)}
+        return (x, t), kwargs | {"encoder_hidden_states": torch.randn(batch, 4, dim)}
 
     def _time_embedding(self, model: nn.Module, t: torch.Tensor, cond: dict) -> torch.Tensor:
         # UNet2DConditionModel.forward: get_time_embed, time_embedding, get_class_embed,
@@ -224,18 +262,20 @@ class DiTAdapter(ModelAdapter):
     arch = "DiT"
     block_types = {"BasicTransformerBlock": "transformer"}
 
-    def skip(self, module: nn.Module, name: str) -> SkipRule | None:
+    def role(self, name: str) -> str | None:
+        # DiTTransformer2DModel: BasicTransformerBlock with ada_norm_zero (diffusers 0.42);
+        # the class embedding is an nn.Embedding (never quantized)
         if name == "pos_embed.proj":
-            return SkipRule("w8a8", "model policy: patch embedding at 8 bits")
+            return "input"
         if name == "proj_out_2":
-            return SkipRule("w8a8", "model policy: last layer at 8 bits")
+            return "output"
+        if name.endswith(".norm1.emb.timestep_embedder.linear_1"):
+            return "time_embed_in"
+        if ".norm1.emb." in name:
+            return "time_embed"
+        if name.endswith(".norm1.linear") or name == "proj_out_1":
+            return "time_proj"  # adaLN modulation of the timestep/class embedding
         return None
-
-    def temporal_layers(self) -> list[str]:
-        # adaLN: the per-block timestep/class embedding and its modulation projection
-        return [n for n, m in self.model.named_modules()
-                if isinstance(m, nn.Linear) and (".norm1.emb." in n or n.endswith(".norm1.linear")
-                                                 or n == "proj_out_1")]
 
     def temporal_forward(self, model: nn.Module, t: torch.Tensor,
                          cond: dict) -> dict[str, torch.Tensor]:

@@ -1,5 +1,8 @@
-"""The bundled default: a ~1M-parameter DDPM on 16x16 digits and its digit classifier,
-both trained by :mod:`gaq.models.train` and shipped as package data."""
+"""The bundled models: a ~1M-parameter DDPM on 16x16 digits and its digit classifier (trained
+by :mod:`gaq.models.train`), and two class-conditional latent models on the same digits, a
+miniature Stable Diffusion (``digits-ldm``: VAE + cross-attention UNet + class embedder) and a
+miniature DiT (``digits-dit``, same VAE), trained by :mod:`gaq.models.train_latent`. All are
+shipped as package data."""
 
 from __future__ import annotations
 
@@ -7,7 +10,11 @@ from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "digits"
-BUNDLED_MODELS = {"digits": WEIGHTS_DIR / "digits-ddpm"}
+BUNDLED_MODELS = {
+    "digits": WEIGHTS_DIR / "digits-ddpm",
+    "digits-ldm": WEIGHTS_DIR / "digits-ldm",
+    "digits-dit": WEIGHTS_DIR / "digits-dit",
+}
 CLASSIFIER_DIR = WEIGHTS_DIR / "digits-classifier"
 
 UNET_CONFIG: dict = {
@@ -26,6 +33,61 @@ SCHEDULER_CONFIG: dict = {
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "epsilon",
     "clip_sample": True,
+}
+
+# --- the latent family (digits-ldm, digits-dit) ---------------------------------------------
+# 16x16x1 images <-> 8x8x4 latents: two encoder levels, so one 2x downsampling with SD's 4
+# latent channels. Both spaces hold 256 values: unlike SD's VAE (48x fewer values) this one
+# does not compress; it gives the denoisers SD's latent *structure* at a size these tests afford.
+VAE_CONFIG: dict = {
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 16,
+}
+# classes as prompts: a label becomes ``tokens`` context vectors of size ``dim``
+CLASS_EMBEDDER_CONFIG: dict = {"num_classes": 10, "dim": 64, "tokens": 4}
+# SD's UNet in miniature: cross-attention at the full latent resolution and in the mid block.
+# Note diffusers' ``attention_head_dim`` here is the number of heads (a legacy misnomer).
+LDM_UNET_CONFIG: dict = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (48, 96),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": CLASS_EMBEDDER_CONFIG["dim"],
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+}
+# DiT in miniature: 2x2 patches of the 8x8 latent -> 16 tokens; epsilon only (no learned
+# sigma); ``num_embeds_ada_norm`` = the number of classes, so row 10 is the null class.
+DIT_CONFIG: dict = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 6,
+    "num_attention_heads": 4,
+    "attention_head_dim": 24,
+    "num_embeds_ada_norm": 10,
+}
+# Stable Diffusion's schedule (trained with a DDPMScheduler of the same betas, shipped as DDIM)
+LATENT_SCHEDULER_CONFIG: dict = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
 }
 
 

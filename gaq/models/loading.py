@@ -1,5 +1,5 @@
-"""Loading denoisers and their schedulers from the bundled default, a diffusers pipeline
-folder, or a Hugging Face hub id already in the local cache.
+"""Loading pipelines (denoiser, scheduler, autoencoder, conditioning) from a bundled name,
+a diffusers pipeline folder, or a Hugging Face hub id already in the local cache.
 
 Loading never downloads: an uncached hub id fails at once with a message saying how
 to fetch it (``gaq fetch``), instead of the hub client's retry loop. Downloading is
@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gaq.errors import GaqError
 from gaq.models.bundled import BUNDLED_MODELS
+from gaq.models.conditioning import Conditioning
+from gaq.models.pipeline import Pipeline
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DENOISER_KEYS = ("unet", "transformer")
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    path: Path
-    denoiser: torch.nn.Module
-    scheduler: object
-    components: dict = field(default_factory=dict)  # e.g. vae, text encoder, for latent models
-
+_AUTOENCODER_KEYS = ("vae", "vqvae")
 
 def resolve(source: str) -> Path:
     """The local folder holding ``source``: a bundled name, a folder, or a cached hub id."""
@@ -74,8 +66,14 @@ def fetch(repo_id: str) -> Path:
 
 
 def load_model(source: str, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load the denoiser (``unet`` or ``transformer``) and scheduler of a diffusers pipeline."""
+               dtype: torch.dtype = torch.float32,
+               prompts: list[str] | tuple[str, ...] | None = None) -> Pipeline:
+    """Load a diffusers pipeline folder as a :class:`Pipeline`: the denoiser (``unet`` or
+    ``transformer``), the scheduler, the autoencoder (``vae``/``vqvae``) if any, and the
+    conditioning source (none, class labels, or the pipeline's own text encoder, fed
+    ``prompts``), all on ``device``."""
+    from gaq.sampling import check_scheduler
+
     path = resolve(source)
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -86,22 +84,72 @@ def load_model(source: str, device: str | torch.device = "cpu",
         raise GaqError(f"pipeline {source!r} has no 'unet' or 'transformer' component")
     if not isinstance(index.get("scheduler"), list):
         raise GaqError(f"pipeline {source!r} has no 'scheduler' component")
-    denoiser = _component(index, key, path, dtype).to(device=device).eval()
     scheduler = _component(index, "scheduler", path, dtype)
+    check_scheduler(scheduler)
+    denoiser = _component(index, key, path, dtype).eval()
+    ae_key = next((k for k in _AUTOENCODER_KEYS if isinstance(index.get(k), list)), None)
+    autoencoder = None if ae_key is None else _component(index, ae_key, path, dtype).eval()
+    conditioning = _conditioning(index, path, denoiser, dtype, prompts)
     name = source if source in BUNDLED_MODELS else path.name
-    return LoadedModel(name=name, path=path, denoiser=denoiser, scheduler=scheduler)
+    return Pipeline(denoiser, scheduler, autoencoder, conditioning, name=name,
+                    path=path).to(device)
+
+
+def _conditioning(index: dict, path: Path, denoiser: torch.nn.Module, dtype: torch.dtype,
+                  prompts) -> Conditioning:
+    """The conditioning source the pipeline folder describes, or that the denoiser implies."""
+    from gaq.models.conditioning import (
+        ClassConditioning,
+        ClassEmbedder,
+        NoConditioning,
+        TextConditioning,
+    )
+
+    declared = index.get("gaq_conditioning") or {}
+    cfg = denoiser.config
+    if isinstance(index.get("text_encoder"), list):
+        if not isinstance(index.get("tokenizer"), list):
+            raise GaqError(f"pipeline {path} has a text encoder but no 'tokenizer' component")
+        tokenizer = _component(index, "tokenizer", path, dtype)
+        encoder = _component(index, "text_encoder", path, dtype).eval()
+        return TextConditioning(tokenizer, encoder, tuple(prompts or ()))
+    if isinstance(index.get("class_embedder"), list):
+        embedder = ClassEmbedder.from_pretrained(path / "class_embedder").to(dtype)
+        return ClassConditioning(embedder.num_classes, embedder.null_class, embedder)
+    num = declared.get("num_classes")
+    if getattr(cfg, "num_embeds_ada_norm", None) and type(denoiser).__name__ != "UNet2DModel":
+        # DiT: diffusers' LabelEmbedding keeps row num_classes for the null class
+        num = num or int(cfg.num_embeds_ada_norm)
+        return ClassConditioning(num, declared.get("null_class", num))
+    if getattr(cfg, "num_class_embeds", None):
+        # a class-embedding UNet has a null class only if the folder declares one
+        return ClassConditioning(int(num or cfg.num_class_embeds), declared.get("null_class"))
+    if getattr(cfg, "cross_attention_dim", None) and type(denoiser).__name__ != "UNet2DModel":
+        raise GaqError(f"pipeline {path} has a cross-attention denoiser but no text encoder "
+                       "or class embedder to feed it")
+    return NoConditioning()
 
 
 def _component(index: dict, key: str, path: Path, dtype: torch.dtype):
-    import diffusers
-
     library, class_name = index[key]
-    cls = getattr(diffusers, class_name, None)
-    if library != "diffusers" or cls is None:
+    if library == "diffusers":
+        import diffusers as lib
+    elif library == "transformers":
+        try:
+            import transformers as lib
+        except ImportError:
+            raise GaqError(f"component {key!r} of {path} needs the 'transformers' package "
+                           "(pip install transformers)") from None
+    else:
+        lib = None
+    cls = getattr(lib, class_name, None) if lib is not None else None
+    if cls is None:
         raise GaqError(f"component {key!r} of {path} is {library}.{class_name}, "
-                       "which this version of diffusers cannot load")
-    if key == "scheduler":
+                       "which this installation cannot load")
+    if key in ("scheduler", "tokenizer"):
         return cls.from_pretrained(path, subfolder=key)
+    if library == "transformers":
+        return cls.from_pretrained(path, subfolder=key, use_safetensors=True, dtype=dtype)
     # low_cpu_mem_usage=False: the accelerate-based loader is optional and only saves
     # memory for models far larger than those loaded on CPU here.
     return cls.from_pretrained(path, subfolder=key, use_safetensors=True, torch_dtype=dtype,

@@ -200,11 +200,9 @@ def save_sample_grid(model_dir: str | Path, path: str | Path, n: int = 64, seed:
     from torchvision.utils import save_image
 
     from gaq.models.loading import load_model
-    from gaq.sampling import SamplerConfig, ddim_sample
+    from gaq.sampling import SamplerConfig, sample
 
-    model = load_model(str(model_dir))
-    images = ddim_sample(model.denoiser, model.scheduler, n, seed=seed,
-                         sampler=SamplerConfig(steps=steps))
+    images = sample(load_model(str(model_dir)), n, seed=seed, sampler=SamplerConfig(steps=steps))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     big = F.interpolate((images + 1) / 2, scale_factor=4, mode="nearest")
