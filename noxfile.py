@@ -125,3 +125,20 @@ def perf(session: nox.Session) -> None:
     """Speed and memory figures on the bundled model, written to results/perf."""
     _env(session)
     session.run(_bin("gaq"), "perf", *session.posargs, external=True)
+
+
+@nox.session(name="gpu-smoke", default=False)
+def gpu_smoke(session: nox.Session) -> None:
+    """Every registered method on each bundled model family on CUDA; skips without a GPU.
+
+    Runs benchmarks/gpu-smoke.toml into runs/gpu-smoke (git-ignored); extra arguments go
+    to `gaq bench` (e.g. `-- --device cuda:1`).
+    """
+    _env(session)
+    count = session.run(_bin("python"), "-c", "import torch; print(torch.cuda.device_count())",
+                        silent=True, external=True)
+    if int(str(count).strip().splitlines()[-1]) == 0:
+        session.skip("gpu-smoke: torch sees no CUDA GPU on this machine; run it where one is")
+    args = session.posargs or ["--device", "cuda"]
+    session.run(_bin("gaq"), "bench", "benchmarks/gpu-smoke.toml", "--results", "runs/gpu-smoke",
+                *args, external=True)

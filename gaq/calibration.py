@@ -53,6 +53,7 @@ __all__ = [
     "CalibrationSet",
     "CalibrationSpec",
     "calibration_key",
+    "combine_guidance",
     "default_cache_dir",
     "forward_loop",
     "record_calibration",
@@ -240,6 +241,14 @@ class CalibrationSet:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def guidance(self) -> float | None:
+        """The classifier-free guidance scale the set was recorded with (None: none). A
+        guided set holds, per trajectory and step, the unconditional row then the
+        conditional one, next to each other in every per-timestep subset."""
+        g = (self.meta.get("spec") or {}).get("guidance")
+        return None if g is None else float(g)
+
     def _take(self, idx: Tensor) -> CalibrationSet:
         assert self.split is not None
         idx = idx.to(self.x.device)
@@ -316,6 +325,18 @@ class CalibrationSet:
             image=None if self.image is None else self.image.to(device),
             meta=dict(self.meta),
         )
+
+
+def combine_guidance(out: Tensor, guidance: float | None) -> Tensor:
+    """The guided prediction ``u + g·(c − u)`` of rows laid out as a guided set's are
+    (``[u₀, c₀, u₁, c₁, …]``); unchanged without guidance. This is the prediction the
+    sampler uses, which PTQD's statistics and the noise curves are measured on."""
+    if guidance is None:
+        return out
+    if out.shape[0] % 2:
+        raise ValueError(f"a guided set pairs its rows, got {out.shape[0]} rows")
+    uncond, cond = out[0::2], out[1::2]
+    return uncond + guidance * (cond - uncond)
 
 
 def forward_loop(calib: CalibrationSet, batch_size: int) -> Callable[[nn.Module], None]:

@@ -20,6 +20,13 @@ def _train_default(args: argparse.Namespace) -> None:
     from gaq.models.bundled import BUNDLED_MODELS, CLASSIFIER_DIR
 
     log_dir = Path(args.results) / "bundled"
+    if args.family != "digits":
+        from gaq.models.train_latent import train_latent_default
+
+        out = train_latent_default(args.family, log_dir=log_dir, seed=args.seed,
+                                   steps=args.steps)
+        print(f"{args.family} pipeline -> {out}; logs and samples -> {log_dir}")
+        return
     if args.only in (None, "classifier"):
         cfg = replace(train.ClassifierTrainConfig(), seed=args.seed)
         metrics = train.train_classifier(CLASSIFIER_DIR, cfg, log_dir / "train_classifier.jsonl")
@@ -212,10 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gaq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train-default", help="train the bundled digits model and classifier",
-                       description="Train the bundled default diffusion model and digit "
-                       "classifier reproducibly from a seed, into the package's weights folder.")
-    t.add_argument("--only", choices=("unet", "classifier"), help="train just one of the two")
+    t = sub.add_parser("train-default", help="train a bundled model (and the classifier)",
+                       description="Train a bundled model reproducibly from a seed, into the "
+                       "package's weights folder: the pixel DDPM and the digit classifier "
+                       "(digits), the latent diffusion model with its autoencoder (ldm), or "
+                       "the DiT on the ldm autoencoder's latents (dit).")
+    t.add_argument("--family", choices=("digits", "ldm", "dit"), default="digits",
+                   help="which bundled model (default: digits)")
+    t.add_argument("--only", choices=("unet", "classifier"),
+                   help="digits: train just one of the two")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, help="diffusion training steps (default: the recipe's)")
     t.add_argument("--results", default=str(RESULTS), help="where logs and the sample grid go")

@@ -122,9 +122,14 @@ def _require_every_step(calib) -> None:
 def noise_stats(qmodel: nn.Module, calib, batch_size: int, bias_of: str = "raw",
                 negative_k: bool = False) -> list[StepStats]:
     """PTQD's statistics for every timestep of ``calib``: the quantized model is run on the
-    FP trajectory's inputs x_t and compared with the recorded eps_fp."""
+    FP trajectory's inputs x_t and compared with the recorded eps_fp. With classifier-free
+    guidance both are the guided prediction (the authors' code fits on the guided eps, the
+    one its sampler corrects)."""
+    from gaq.calibration import combine_guidance
+
     ref = next(qmodel.parameters())
     out = []
+    batch_size += batch_size % 2  # a guided set's halves stay in one batch
     for t, rows in calib.by_timestep().items():
         eps_q = []
         for b in rows.batches(batch_size):
@@ -133,5 +138,6 @@ def noise_stats(qmodel: nn.Module, calib, batch_size: int, bias_of: str = "raw",
             pred = qmodel(x, b["t"].to(ref.device), **cond)
             eps_q.append(_noise_prediction(pred, x.shape[1]).float().cpu())
         eps_fp = _noise_prediction(rows.eps_fp, rows.x.shape[1])
-        out.append(fit_stats(t, torch.cat(eps_q), eps_fp, bias_of, negative_k))
+        out.append(fit_stats(t, combine_guidance(torch.cat(eps_q), calib.guidance),
+                             combine_guidance(eps_fp, calib.guidance), bias_of, negative_k))
     return out

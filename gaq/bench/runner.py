@@ -72,12 +72,24 @@ class _ModelContext:
         from gaq.models.loading import load_model
 
         self.id = model_id
-        self.pipe = load_model(model_id, device=device,
-                               prompts=bench.sampler.prompt_list(bench.path.parent))
+        prompts = bench.sampler.prompt_list(bench.path.parent)
+        try:
+            self.pipe = load_model(model_id, device=device, prompts=prompts)
+        except GaqError as e:
+            if not bench.model_help:
+                raise
+            raise GaqError(f"{e}. {bench.model_help}") from None
+        # [sampler] guidance applies to the conditional models of a benchmark; an
+        # unconditional one samples without it, and its rows say so (sampler.guidance off)
+        self.sampler = bench.sampler
+        self.calibration = bench.calibration
         if bench.sampler.guidance is not None and not self.pipe.conditioning.supports_guidance:
-            raise GaqError(f"{bench.path}: key 'sampler.guidance' is set but model {model_id!r} "
-                           f"has {self.pipe.conditioning.kind!r} conditioning with no "
-                           "unconditional input; remove the key for this model")
+            if self.pipe.conditioning.kind != "none":
+                raise GaqError(f"{bench.path}: key 'sampler.guidance' is set but model "
+                               f"{model_id!r} has {self.pipe.conditioning.kind!r} conditioning "
+                               "with no unconditional input (null class or empty prompt)")
+            self.sampler = dataclasses.replace(bench.sampler, guidance=None)
+            self.calibration = dataclasses.replace(bench.calibration, guidance=None)
         self.adapter = adapter_for(self.pipe.denoiser)
         self.digest = state_dict_digest(self.pipe.denoiser)
         # a feature space only where image metrics are asked for: paired metrics alone
@@ -128,8 +140,8 @@ class Runner:
             "method": cell.method.name,
             "method_config": None if method_cfg is None else fingerprint(method_cfg),
             "quant": None if cell.bits == "FP" else fingerprint(QuantConfig.from_bits(cell.bits)),
-            "calibration": b.calibration.data_fingerprint(),
-            "sampler": b.sampler.to_dict(), "eval": b.eval.to_dict(), "seed": cell.seed,
+            "calibration": ctx.calibration.data_fingerprint(),
+            "sampler": ctx.sampler.to_dict(), "eval": b.eval.to_dict(), "seed": cell.seed,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -170,8 +182,14 @@ class Runner:
         check_device(self.device, "--device" if self._device_flag else
                      f"{self.bench.path}: key 'setup.device'")
         needs_reference = any(m in IMAGE_METRICS for m in self.bench.eval.metrics)
+        contexts = [self.model(model_id) for model_id in self.bench.models]
+        unguided = [c.id for c in contexts if c.sampler.guidance != self.bench.sampler.guidance]
+        if unguided and len(unguided) == len(contexts):
+            raise GaqError(f"{self.bench.path}: key 'sampler.guidance' is set but no model of "
+                           "the benchmark is conditional; remove the key")
+        if unguided:
+            self.log(f"unconditional, sampled without guidance: {', '.join(unguided)}")
         for model_id in self.bench.models:
-            self.model(model_id)
             ref = self.bench.eval.reference
             if needs_reference and model_id not in BUNDLED_MODELS:
                 if ref is None:
@@ -203,7 +221,7 @@ class Runner:
         start = time.perf_counter()
         with torch.no_grad():
             images = sample(ctx.pipe, self.bench.eval.num_images, seed=seed,
-                            sampler=self.bench.sampler.config(),
+                            sampler=ctx.sampler.config(),
                             batch_size=self.bench.eval.batch_size, hook=hook, denoiser=model)
         return images, time.perf_counter() - start
 
@@ -211,7 +229,7 @@ class Runner:
         from gaq.calibration import CalibrationSpec, record_calibration
 
         if seed not in ctx._heldout:
-            s = self.bench.sampler
+            s = ctx.sampler
             spec = CalibrationSpec(steps=s.steps, eta=s.eta, sampler_name=s.name,
                                    guidance=s.guidance, interval=1,
                                    samples_per_step=max(1, self.bench.eval.heldout_trajectories),
@@ -254,7 +272,7 @@ class Runner:
             from gaq.quantize import save_state
 
             quant = QuantConfig.from_bits(cell.bits)
-            calib_spec = dataclasses.replace(self.bench.calibration, seed=cell.seed)
+            calib_spec = dataclasses.replace(ctx.calibration, seed=cell.seed)
             calib = record_calibration(ctx.pipe, calib_spec, model_id=cell.model)
             method = get_method(cell.method.name)(cell.method.config())
             result = method.quantize(denoiser, ctx.adapter, calib, quant)
@@ -317,8 +335,8 @@ class Runner:
         w_bits, a_bits = _bits(cell.bits)
         params = {"model": cell.model, "method": cell.method.name, "row": cell.method.row,
                   "preset": cell.method.preset, "bits": cell.bits, "seed": cell.seed,
-                  "sampler": self.bench.sampler.to_dict(),
-                  "calibration": self.bench.calibration.to_dict(),
+                  "sampler": ctx.sampler.to_dict(),
+                  "calibration": ctx.calibration.to_dict(),
                   "eval": self.bench.eval.to_dict(),
                   "method_config": (cell.method.config().to_dict()
                                     if cell.method.name != FP else {})}

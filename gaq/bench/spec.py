@@ -129,13 +129,15 @@ class Benchmark:
     bits: tuple[str, ...]
     methods: tuple[MethodEntry, ...]
     setup: dict = field(default_factory=dict)
+    # how to get the models when they are not on this machine (said with a loading error)
+    model_help: str = ""
 
     def quant(self, bits: str) -> QuantConfig:
         return QuantConfig.from_bits(bits)
 
 
 _TOP = {"benchmark", "models", "sampler", "calibration", "eval", "bits", "methods", "setup"}
-_BENCH = {"name", "description", "model_key"}
+_BENCH = {"name", "description", "model_key", "model_help"}
 _METHOD = {"name", "preset", "config", "label"}
 _SETUP = {"device", "gpus"}
 
@@ -250,6 +252,7 @@ def _parse(path: Path, raw: dict) -> Benchmark:
         models=tuple(models), model_key=bench.get("model_key", ""), sampler=sampler,
         calibration=calibration, eval=ev, bits=tuple(bits),
         methods=_methods(raw.get("methods", "all")), setup=setup,
+        model_help=bench.get("model_help", ""),
     )
 
 

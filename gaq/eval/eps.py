@@ -71,12 +71,15 @@ def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
     The hook sees ``(step, t, x, eps)`` with ``step`` the position of ``t`` in the set's
     descending timesteps: the sampler's step index when the set holds every sampler step.
     Rows run on the model's device. With guidance the set holds both halves of every
-    guided call, and each is compared with its own FP output.
+    guided call; the curves compare the guided predictions ``u + g·(c − u)``.
     """
+    from gaq.calibration import combine_guidance
     from gaq.sampling import _noise_prediction, _split_hook
 
     eps_fn = _split_hook(hook)[0]
     device = next(model.parameters()).device
+    guidance = heldout.guidance
+    batch_size += batch_size % 2  # a guided set's halves stay in one batch
     by_t = heldout.by_timestep()
     order = {t: i for i, t in enumerate(sorted(by_t, reverse=True))}
     after: dict[int, _Moments] = {}
@@ -89,7 +92,10 @@ def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
             cond = {k: v.to(device) for k, v in b["cond"].items()}
             x = b["x"].to(device)
             eps = _noise_prediction(model(x, b["t"].to(device), **cond), x.shape[1])
-            fp = b["eps_fp"]
+            # with guidance: the guided prediction the sampler uses, not each half
+            eps = combine_guidance(eps, guidance)
+            fp = combine_guidance(b["eps_fp"], guidance)
+            x = x[: len(eps)]
             if eps_fn is not None:
                 before[t].add(eps.float().cpu() - fp, fp)
                 corrected = eps_fn(order[t], t, x, eps)
