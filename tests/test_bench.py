@@ -158,3 +158,23 @@ def test_every_shipped_benchmark_loads_and_feeds_gaq():
         if any(m.name.startswith("gaq") for m in bench.methods):
             cal = bench.calibration
             assert cal.holdout_per_step >= math.ceil(0.05 * cal.samples_per_step), f.name
+
+
+def test_method_overrides_reach_every_method_that_has_the_key(tmp_path):
+    from gaq.registry import get_method
+
+    path = tmp_path / "b.toml"
+    path.write_text('methods = "all"\nmethod_overrides = { recon = { weight_iters = 7 } }\n')
+    bench = load_benchmark(path)
+    for entry in bench.methods:
+        cfg = entry.config()
+        if cfg is None:
+            continue
+        recon = getattr(cfg, "recon", None)
+        if recon is not None:
+            assert recon.weight_iters == 7, entry.name
+            preset = get_method(entry.name).from_preset("cpu").config
+            assert recon.act_iters == preset.recon.act_iters  # the rest stays the preset's
+    path.write_text('methods = "all"\nmethod_overrides = { recno = { weight_iters = 7 } }\n')
+    with pytest.raises(GaqError, match="method_overrides.recno"):
+        load_benchmark(path)

@@ -93,7 +93,7 @@ def _hardware() -> dict[str, str]:
     try:
         import torch
     except Exception:  # torch missing or broken: record that rather than fail
-        return {"device": "cpu", "gpu_model": "none", "gpu_count": "0"}
+        return {"device": "cpu", "gpu_model": "none", "gpu_count": "0", "cuda_version": "none"}
     try:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         names = sorted({torch.cuda.get_device_name(i) for i in range(count)})
@@ -103,6 +103,7 @@ def _hardware() -> dict[str, str]:
         "device": "cuda" if count else "cpu",
         "gpu_model": ", ".join(names) if names else "none",
         "gpu_count": str(count),
+        "cuda_version": torch.version.cuda or "none",
     }
 
 
@@ -111,7 +112,8 @@ def provenance(seeds: list[int] | None = None) -> dict[str, str]:
 
     Keys: ``git_commit``, ``git_dirty`` ("true"/"false"/"unknown"), ``gaq_version``,
     ``<dist>_version`` for each of :data:`DISTRIBUTIONS`, ``python_version``, ``platform``,
-    ``device`` ("cpu"/"cuda"), ``gpu_model``, ``gpu_count``, ``world_size``, ``hostname``
+    ``device`` ("cpu"/"cuda"), ``gpu_model``, ``gpu_count``, ``cuda_version``,
+    ``world_size``, ``hostname``
     and ``seeds`` (comma separated, empty when none given).
     """
     commit, dirty = _git_state()

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import resource
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -126,8 +127,13 @@ class Runner:
         self.force = force
         self._device_flag = device is not None
         self.device = device or bench.setup.get("device", "cpu")
-        self.log = log
+        self._log = log
         self._models: dict[str, _ModelContext] = {}
+        self.world = None  # joined in preflight, after the device is checked
+
+    def log(self, text: str) -> None:
+        if self.world is None or self.world.main:
+            self._log(text)
 
     # -- identity ---------------------------------------------------------------------
     def cell_id(self, cell: Cell) -> str:
@@ -170,17 +176,25 @@ class Runner:
             self.run_cell(cell, cid)
             spent += time.perf_counter() - start
             ran += 1
+        if not self.world.main:
+            return pd.DataFrame()
         self.write_reports()
         return results.read(self.metrics_path)
 
     def preflight(self) -> None:
         """Fail before any work: every model loads, its feature space and reference exist."""
+        from gaq import dist
         from gaq.bench.spec import IMAGE_METRICS
         from gaq.device import check_device
         from gaq.models.bundled import BUNDLED_MODELS
 
         check_device(self.device, "--device" if self._device_flag else
                      f"{self.bench.path}: key 'setup.device'")
+        # under torchrun: join the job (each CUDA rank on its LOCAL_RANK GPU)
+        self.world = dist.init(self.device)
+        self.device = str(self.world.device) if self.world.distributed else self.device
+        if self.world.distributed:
+            self.log(f"torchrun: {self.world.size} ranks, sampling sharded by global batch")
         needs_reference = any(m in IMAGE_METRICS for m in self.bench.eval.metrics)
         contexts = [self.model(model_id) for model_id in self.bench.models]
         unguided = [c.id for c in contexts if c.sampler.guidance != self.bench.sampler.guidance]
@@ -216,13 +230,17 @@ class Runner:
                 + write_plots(self.dir.parent, self.bench.name, self.dir.parent / "plots"))
 
     def _sample(self, ctx: _ModelContext, model: torch.nn.Module, seed: int, hook) -> tuple:
-        from gaq.sampling import sample
+        """All images of the cell, on rank 0 (under torchrun each rank samples its share of
+        the global batches, and rank 0 gathers them in global order)."""
+        from gaq.sampling import batch_ranges, sample_batch
 
         start = time.perf_counter()
+        layout = batch_ranges(self.bench.eval.num_images, self.bench.eval.batch_size)
         with torch.no_grad():
-            images = sample(ctx.pipe, self.bench.eval.num_images, seed=seed,
-                            sampler=ctx.sampler.config(),
-                            batch_size=self.bench.eval.batch_size, hook=hook, denoiser=model)
+            local = [sample_batch(ctx.pipe, layout[b], seed=seed, sampler=ctx.sampler.config(),
+                                  hook=hook, denoiser=model)
+                     for b in self.world.shard(len(layout))]
+        images = self.world.gather_batches(local, len(layout))
         return images, time.perf_counter() - start
 
     def _heldout(self, ctx: _ModelContext, seed: int):
@@ -272,10 +290,16 @@ class Runner:
             from gaq.quantize import save_state
 
             quant = QuantConfig.from_bits(cell.bits)
-            calib_spec = dataclasses.replace(ctx.calibration, seed=cell.seed)
-            calib = record_calibration(ctx.pipe, calib_spec, model_id=cell.model)
-            method = get_method(cell.method.name)(cell.method.config())
-            result = method.quantize(denoiser, ctx.adapter, calib, quant)
+
+            def quantize():
+                calib_spec = dataclasses.replace(ctx.calibration, seed=cell.seed)
+                calib = record_calibration(ctx.pipe, calib_spec, model_id=cell.model)
+                method = get_method(cell.method.name)(cell.method.config())
+                return method.quantize(denoiser, ctx.adapter, calib, quant)
+
+            # calibration on rank 0 only; the other ranks receive the quantized model
+            result = self.world.from_main(quantize)
+            result.model.to(self.device)
             qmodel, hook, report = result.model, result.sampler_hook, result.report
             metrics.update({k: float(v) for k, v in result.stats.items()})
             diagnostics = {name: pd.DataFrame(records)
@@ -290,10 +314,17 @@ class Runner:
             torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         images, seconds = self._sample(ctx, qmodel, cell.seed, hook)
-        metrics["images_per_second"] = len(images) / seconds
+        metrics["images_per_second"] = self.bench.eval.num_images / seconds
         metrics["model_size_mb"] = _model_size_mb(denoiser, report)
 
         wanted = self.bench.eval.metrics
+        if cell.method.name == FP:
+            ctx._fp_images[cell.seed] = images
+        elif "psnr" in wanted and ctx._fp_images.get(cell.seed) is None:
+            ctx._fp_images[cell.seed] = self._sample(ctx, denoiser, cell.seed, None)[0]
+        if not self.world.main:  # metrics, artifacts and results are rank 0's
+            shutil.rmtree(state_dir, ignore_errors=True)
+            return
         from gaq.sampling import to_uint8
 
         gen = to_uint8(images)
@@ -301,14 +332,8 @@ class Runner:
         if image_keys:
             metrics.update(image_metrics(gen, ctx.reference(), ctx.space, image_keys,
                                          seed=cell.seed))
-        if cell.method.name == FP:
-            ctx._fp_images[cell.seed] = images
-        elif "psnr" in wanted:
-            fp = ctx._fp_images.get(cell.seed)
-            if fp is None:
-                fp, _ = self._sample(ctx, denoiser, cell.seed, None)
-                ctx._fp_images[cell.seed] = fp
-            paired = paired_metrics(images, fp)
+        if cell.method.name != FP and "psnr" in wanted:
+            paired = paired_metrics(images, ctx._fp_images[cell.seed])
             metrics.update({k: float(v) for k, v in paired.items() if _is_number(v)})
         curves: dict[str, pd.Series] = {}
         if "eps_mse" in wanted and self.bench.eval.heldout_trajectories > 0:
@@ -341,12 +366,15 @@ class Runner:
                   "method_config": (cell.method.config().to_dict()
                                     if cell.method.name != FP else {})}
         tags = provenance([cell.seed]) | {"gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
-                                          "gaq.backend": "fake-quant (PyTorch)"}
+                                          "gaq.backend": "fake-quant (PyTorch)",
+                                          "gaq.engine": _engine(self.world.size),
+                                          "gaq.dtype": str(ctx.pipe.dtype).replace("torch.", ""),
+                                          "gaq.device": self.device}
         run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
                          params, metrics, tags, artifacts,
                          {f"{name}_by_timestep": list(curve.items())
                           for name, curve in curves.items()})
-        setup = f"{self.device}-{tags.get('gpu_count', '0')}gpu"
+        setup = _setup_label(self.device, ctx.pipe.dtype, self.world.size)
         base = {"run_id": run_id, "cell_id": cid, "benchmark": self.bench.name,
                 "model": cell.model, "method": cell.method.row, "preset": cell.method.preset,
                 "bits": cell.bits, "w_bits": w_bits, "a_bits": a_bits, "seed": cell.seed,
@@ -367,6 +395,21 @@ class Runner:
         shown = {k: round(v, 4) for k, v in metrics.items()
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
         self.log(f"    {shown}")
+
+
+def _engine(world_size: int) -> str:
+    return "torchrun" if world_size > 1 else "local"
+
+
+def _setup_label(device: str, dtype: torch.dtype, world_size: int) -> str:
+    """The setup a row was measured on, for tables and plots to pivot on: device type and
+    GPU model, world size, dtype and engine (e.g. ``cpu x1 float32 local``)."""
+    dev = torch.device(device)
+    name = dev.type
+    if dev.type == "cuda":
+        name += f" {torch.cuda.get_device_name(dev)}"
+    dtype_name = str(dtype).replace("torch.", "")
+    return f"{name} x{world_size} {dtype_name} {_engine(world_size)}"
 
 
 def _file_name(text: str) -> str:

@@ -136,7 +136,8 @@ class Benchmark:
         return QuantConfig.from_bits(bits)
 
 
-_TOP = {"benchmark", "models", "sampler", "calibration", "eval", "bits", "methods", "setup"}
+_TOP = {"benchmark", "models", "sampler", "calibration", "eval", "bits", "methods", "setup",
+        "method_overrides"}
 _BENCH = {"name", "description", "model_key", "model_help"}
 _METHOD = {"name", "preset", "config", "label"}
 _SETUP = {"device", "gpus"}
@@ -172,12 +173,34 @@ def _section(cls: type[Config], data: Any, name: str) -> Any:
         raise ConfigError(f"{name}.{'.'.join(e.path)}" if e.path else name, e.reason) from None
 
 
-def _methods(raw: Any) -> tuple[MethodEntry, ...]:
+def _common_overrides(raw: Any) -> dict[str, dict]:
+    """``method_overrides``: config keys set for every method that has them (e.g. a main
+    job's smaller reconstruction budget), per method name. A key no method has is an error."""
     from gaq.registry import get_method, list_methods
 
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("method_overrides", "must be a table of method config keys")
+    per_method, used = {}, set()
+    for name in list_methods():
+        fields = set(get_method(name).from_preset("cpu").config.to_dict())
+        per_method[name] = {k: v for k, v in raw.items() if k in fields}
+        used |= set(per_method[name])
+    for key in raw:
+        if key not in used:
+            raise ConfigError(f"method_overrides.{key}", "is a config key of no registered method")
+    return per_method
+
+
+def _methods(raw: Any, common: dict[str, dict] | None = None) -> tuple[MethodEntry, ...]:
+    from gaq.registry import get_method, list_methods
+
+    common = common or {}
     if raw == "all":
         # every registered method at its CPU preset: new methods join with no edit here
-        return (MethodEntry(FP),) + tuple(MethodEntry(n) for n in list_methods())
+        return (MethodEntry(FP),) + tuple(MethodEntry(n, overrides=common.get(n, {}))
+                                          for n in list_methods())
     if not isinstance(raw, list) or not raw:
         raise ConfigError("methods", 'must be "all" or a non-empty array of tables')
     entries = []
@@ -188,7 +211,8 @@ def _methods(raw: Any) -> tuple[MethodEntry, ...]:
         if not isinstance(m, dict) or "name" not in m:
             raise ConfigError(where, "must be a method name or a table with a 'name'")
         _unknown(f"{where}.", m, _METHOD)
-        entry = MethodEntry(m["name"], m.get("preset", "cpu"), m.get("config", {}),
+        entry = MethodEntry(m["name"], m.get("preset", "cpu"),
+                            _merge(common.get(m["name"], {}), m.get("config", {})),
                             m.get("label", ""))
         if entry.name != FP:
             try:
@@ -251,7 +275,8 @@ def _parse(path: Path, raw: dict) -> Benchmark:
         name=bench.get("name", path.stem), path=path, description=bench.get("description", ""),
         models=tuple(models), model_key=bench.get("model_key", ""), sampler=sampler,
         calibration=calibration, eval=ev, bits=tuple(bits),
-        methods=_methods(raw.get("methods", "all")), setup=setup,
+        methods=_methods(raw.get("methods", "all"),
+                         _common_overrides(raw.get("method_overrides"))), setup=setup,
         model_help=bench.get("model_help", ""),
     )
 

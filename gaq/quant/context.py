@@ -114,6 +114,40 @@ def _timestep_position(model: nn.Module, arg_name: str) -> int | None:
     return None
 
 
+class _TimestepHooks:
+    """The forward pre/post hooks of :func:`attach_timestep_context`: a class rather than
+    closures so that a quantized model can be pickled (handed between processes) with
+    its hooks; the stack of context tokens is per process and starts empty."""
+
+    def __init__(self, arg_name: str, position: int | None) -> None:
+        self.arg_name, self.position = arg_name, position
+        self.tokens: list[Token | None] = []
+
+    def __getstate__(self) -> dict:
+        return {"arg_name": self.arg_name, "position": self.position}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["arg_name"], state["position"])
+
+    def enter(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.arg_name in kwargs:
+            t = kwargs[self.arg_name]
+        elif self.position is not None and self.position < len(args):
+            t = args[self.position]
+        else:
+            t = None
+        # Push first: if normalizing raises, the always-called post hook pops this None.
+        self.tokens.append(None)
+        if t is not None:
+            self.tokens[-1] = _TIMESTEP.set(normalize_timestep(t))
+
+    def leave(self, _module: nn.Module, _args: tuple, _kwargs: dict, _output: Any) -> None:
+        if self.tokens:
+            token = self.tokens.pop()
+            if token is not None:
+                _TIMESTEP.reset(token)
+
+
 def attach_timestep_context(model: nn.Module, arg_name: str = "timestep") -> TimestepContextHandle:
     """Publish the timestep argument of ``model``'s forward as the current timestep.
 
@@ -121,30 +155,10 @@ def attach_timestep_context(model: nn.Module, arg_name: str = "timestep") -> Tim
     keyword) runs inside ``timestep_context(timestep)``. A call whose timestep
     is ``None`` leaves the enclosing context untouched. Re-entrant calls nest.
     """
-    position = _timestep_position(model, arg_name)
-    tokens: list[Token | None] = []
-
-    def enter(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if arg_name in kwargs:
-            t = kwargs[arg_name]
-        elif position is not None and position < len(args):
-            t = args[position]
-        else:
-            t = None
-        # Push first: if normalizing raises, the always-called post hook pops this None.
-        tokens.append(None)
-        if t is not None:
-            tokens[-1] = _TIMESTEP.set(normalize_timestep(t))
-
-    def leave(_module: nn.Module, _args: tuple, _kwargs: dict, _output: Any) -> None:
-        if tokens:
-            token = tokens.pop()
-            if token is not None:
-                _TIMESTEP.reset(token)
-
-    pre = model.register_forward_pre_hook(enter, with_kwargs=True)
+    hooks = _TimestepHooks(arg_name, _timestep_position(model, arg_name))
+    pre = model.register_forward_pre_hook(hooks.enter, with_kwargs=True)
     # always_call: reset the context even if the forward raises.
-    post = model.register_forward_hook(leave, with_kwargs=True, always_call=True)
+    post = model.register_forward_hook(hooks.leave, with_kwargs=True, always_call=True)
     return TimestepContextHandle([pre, post])
 
 
