@@ -156,7 +156,15 @@ def _bench(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     methods = args.methods.split(",") if args.methods else None
     bench = with_overrides(bench, num_images=args.num_images, seeds=seeds, methods=methods)
-    Runner(bench, args.results, force=args.force, device=args.device).run()
+    runner = Runner(bench, args.results, force=args.force, device=args.device)
+    if args.engine == "ray":
+        from gaq.bench.ray_engine import run_ray
+
+        run_ray(runner, address=args.address, threads=args.threads)
+    else:
+        if args.address:
+            raise GaqError("--address is for --engine ray")
+        runner.run()
     print(f"results: {Path(args.results) / bench.name}; tables: {Path(args.results) / 'tables'}")
 
 
@@ -281,7 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", help="override eval.seeds, e.g. 0,1")
     b.add_argument("--methods", help="run only these rows (FP always runs), e.g. rtn,brecq")
     b.add_argument("--force", action="store_true", help="re-run completed cells")
-    b.add_argument("--device", help="cpu or cuda (default: the file's setup.device)")
+    b.add_argument("--device", help="cpu, cuda or cuda:N (default: the file's setup.device)")
+    b.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default; under torchrun, sampling is sharded across ranks) "
+                   "or ray (one Ray task per cell; needs gaq[ray])")
+    b.add_argument("--address", help="--engine ray: the Ray cluster to join (default: start "
+                   "a local runtime)")
+    b.add_argument("--threads", type=int, help="--engine ray: intra-op threads (and CPUs "
+                   "reserved) per cell (default: this process's torch thread count)")
     b.add_argument("--results", default=str(RESULTS))
     b.set_defaults(func=_bench)
 

@@ -181,6 +181,13 @@ class Runner:
         self.write_reports()
         return results.read(self.metrics_path)
 
+    def join_local(self) -> None:
+        """Run single cells in this process without a torchrun job (a Ray engine worker,
+        whose driver did the preflight)."""
+        from gaq.dist import World
+
+        self.world = World()
+
     def preflight(self) -> None:
         """Fail before any work: every model loads, its feature space and reference exist."""
         from gaq import dist

@@ -1,0 +1,117 @@
+"""The Ray engine: one Ray task per cell of a benchmark grid, across a cluster's GPUs.
+
+Ray does the scheduling, placement and recovery; the suite adds nothing of its own. Each
+task runs one cell exactly as the local engine does (:meth:`Runner.run_cell`) and
+persists it itself (Parquet appends are locked, MLflow runs are per cell), so a retried
+task or a restarted sweep skips every finished cell by its content-hashed id. Tasks are
+retried after a worker crash and after exceptions (``max_retries``).
+
+Threads: Ray starts workers with one intra-op thread, which changes float results
+against a local run; every task sets ``threads`` explicitly and reserves as many CPUs.
+GPUs per cell come from the benchmark's ``[setup] gpus`` (default: 1 on a CUDA device, 0
+on the CPU).
+
+Ray is an optional extra (``pip install 'gaq[ray]'``); the local engine needs none.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gaq.errors import GaqError
+
+__all__ = ["run_ray"]
+
+#: Fault injection for the recovery test, read by the driver and handed to the tasks: a
+#: path; the first task to find it missing creates it and kills its own worker process,
+#: as a crash would.
+CRASH_ONCE_ENV = "GAQ_RAY_CRASH_ONCE"
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise GaqError("--engine ray needs Ray: pip install 'gaq[ray]' (or use the default "
+                       "local engine)") from None
+    return ray
+
+
+def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
+              threads: int, crash_marker: str | None = None) -> dict[str, Any]:
+    """One cell in a Ray worker; returns what the driver logs and checks."""
+    import torch
+
+    from gaq.bench import results
+    from gaq.bench.runner import Runner, cells
+
+    torch.set_num_threads(threads)
+    if crash_marker and not Path(crash_marker).exists():
+        Path(crash_marker).touch()
+        os._exit(1)  # a worker crash: Ray restarts the task elsewhere
+    runner = Runner(bench, results_dir, device=device, log=lambda _text: None)
+    runner.join_local()
+    cell = cells(bench)[index]
+    gpu_ids = _gpu_ids()
+    if cid in set(results.read(runner.metrics_path)["cell_id"]):
+        return {"index": index, "status": "skipped", "gpu_ids": gpu_ids}
+    runner.run_cell(cell, cid)
+    return {"index": index, "status": "done", "gpu_ids": gpu_ids, "threads": threads}
+
+
+def _gpu_ids() -> list:
+    import ray
+
+    try:
+        return list(ray.get_gpu_ids())
+    except Exception:  # outside a Ray worker
+        return []
+
+
+def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
+            max_retries: int = 3) -> pd.DataFrame:
+    """Run ``runner``'s grid as Ray tasks (``address``: an existing cluster, e.g.
+    ``ray://head:10001`` or ``auto``; None starts a local runtime)."""
+    import torch
+
+    from gaq.bench import results
+    from gaq.bench.runner import cells
+
+    ray = _import_ray()
+    runner.preflight()  # everything that can fail, before any task is submitted
+    bench = runner.bench
+    threads = threads or torch.get_num_threads()
+    on_cuda = torch.device(runner.device).type == "cuda"
+    # GPUs per cell: the benchmark's [setup] gpus, else one on a CUDA device
+    gpus = float(bench.setup.get("gpus", 1 if on_cuda else 0))
+    grid = cells(bench)
+    done = set() if runner.force else set(results.read(runner.metrics_path)["cell_id"])
+    todo = []
+    for i, cell in enumerate(grid):
+        cid = runner.cell_id(cell)
+        if cid in done:
+            runner.log(f"[{i + 1}/{len(grid)}] {cell.label}: done earlier, skipped")
+        else:
+            todo.append((i, cid))
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    task = ray.remote(_run_cell).options(num_cpus=threads, num_gpus=gpus,
+                                         max_retries=max_retries, retry_exceptions=True)
+    crash = os.environ.get(CRASH_ONCE_ENV)
+    pending = {task.remote(bench, str(runner.dir.parent), runner.device, i, cid, threads,
+                           crash): i for i, cid in todo}
+    runner.log(f"ray: {len(pending)} cells as tasks ({threads} threads, {gpus:g} GPU each)")
+    placed = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        out = ray.get(ready[0])
+        placed.append(out)
+        runner.log(f"[{i + 1}/{len(grid)}] {grid[i].label}: {out['status']}")
+    runner.write_reports()
+    runner.placements = placed
+    return results.read(runner.metrics_path)
