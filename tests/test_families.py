@@ -323,3 +323,25 @@ def test_every_registered_method_quantizes_a_guided_latent_family(folders, kind,
         images = sample(pipe, 2, seed=0, sampler=sampler, hook=result.sampler_hook,
                         denoiser=result.model)
         assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all(), name
+
+
+def test_prediction_type_is_the_models_own(folders):
+    """The samplers are built from the model's scheduler config, so a v-prediction model
+    is sampled as one; PTQD, whose noise model needs an epsilon prediction, refuses it."""
+    import dataclasses
+
+    from diffusers import DDIMScheduler
+
+    from baselines.ptqd.hook import PTQDSamplerHook, StepStats, sampler_key
+
+    pipe = _load(folders, "dit")
+    cfg = SamplerConfig(steps=3)
+    eps = sample(pipe, 2, seed=0, sampler=cfg)
+    v_sched = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    v_pipe = dataclasses.replace(pipe, scheduler=v_sched)
+    v = sample(v_pipe, 2, seed=0, sampler=cfg)
+    assert torch.isfinite(v).all() and not torch.equal(eps, v)
+    hook = PTQDSamplerHook([StepStats(t, 0.0, (0.0,) * 4, 0.1, 1) for t in (0, 500)],
+                           sampler_key(3, 0.0))
+    with pytest.raises(GaqError, match="epsilon"):
+        sample(v_pipe, 1, seed=0, sampler=cfg, hook=hook)
