@@ -96,7 +96,7 @@ class World:
 _WORLD: World | None = None
 
 
-def init(device: torch.device | str = "cpu") -> World:
+def init(device: torch.device | str) -> World:
     """Join the ``torchrun`` job if there is one (NCCL for CUDA devices, gloo otherwise);
     once per process. Each CUDA rank uses GPU ``LOCAL_RANK``."""
     global _WORLD

@@ -59,12 +59,12 @@ LDM_UNET_CONFIG: dict = {
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 1,
-    "block_out_channels": (48, 96),
+    "block_out_channels": (32, 64),
     "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
     "cross_attention_dim": CLASS_EMBEDDER_CONFIG["dim"],
-    "attention_head_dim": 8,
-    "norm_num_groups": 16,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
 }
 # DiT in miniature: 2x2 patches of the 8x8 latent -> 16 tokens; epsilon only (no learned
 # sigma); ``num_embeds_ada_norm`` = the number of classes, so row 10 is the null class.

@@ -28,8 +28,9 @@ def resolve(source: str) -> Path:
     if source in BUNDLED_MODELS:
         path = BUNDLED_MODELS[source]
         if not (path / "model_index.json").is_file():
-            raise GaqError(f"bundled model {source!r} is missing at {path}; "
-                           "train it with `gaq train-default` (or reinstall gaq)")
+            family = {"digits-ldm": " --family ldm", "digits-dit": " --family dit"}
+            raise GaqError(f"bundled model {source!r} is missing at {path}; train it with "
+                           f"`gaq train-default{family.get(source, '')}` (or reinstall gaq)")
         return path
     path = Path(source).expanduser()
     if path.exists():

@@ -49,7 +49,7 @@ NULL_CLASS = NUM_CLASSES  # the extra embedding row both denoisers keep for "no 
 
 @dataclass(frozen=True)
 class AutoencoderTrainConfig:
-    steps: int = 1200
+    steps: int = 400
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -74,7 +74,7 @@ class LatentDenoiserTrainConfig:
     log_every: int = 100
 
 
-LDM_TRAIN = LatentDenoiserTrainConfig()
+LDM_TRAIN = LatentDenoiserTrainConfig(steps=1500)
 DIT_TRAIN = LatentDenoiserTrainConfig(steps=4000, lr=5e-4)
 
 
