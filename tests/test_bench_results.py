@@ -370,3 +370,16 @@ def test_empty_results_still_write_tables(tmp_path):
     paths = tables.write_tables(tmp_path / "results", "micro", tmp_path / "tables")
     assert all(p.is_file() for p in paths)
     assert plots.write_plots(tmp_path / "results", "micro", tmp_path / "plots") == []
+
+
+def test_a_rerun_under_a_new_cell_id_supersedes_the_old_curves():
+    """After a code change the same (method, bits, seed) runs again under a new cell id;
+    curves and diagnostics must follow the newest run, as the metric summaries do."""
+    t0, t1 = pd.Timestamp("2026-01-01", tz="UTC"), pd.Timestamp("2026-02-01", tz="UTC")
+    base = {"benchmark": "b", "model": "m", "method": "rtn", "bits": "W4A8", "seed": 0}
+    metrics = pd.DataFrame([base | {"cell_id": "old", "timestamp": t0},
+                            base | {"cell_id": "new", "timestamp": t1},
+                            base | {"seed": 1, "cell_id": "other", "timestamp": t0}])
+    assert results.latest_cells(metrics) == {"new", "other"}
+    curves = pd.DataFrame({"cell_id": ["old", "new", "other"], "value": [1.0, 2.0, 3.0]})
+    assert list(results.current(curves, metrics)["value"]) == [2.0, 3.0]

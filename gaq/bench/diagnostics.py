@@ -22,9 +22,13 @@ _FILES = ("gaq_blocks", "gaq_conflict", "gaq_weights")
 
 
 def read(folder: Path) -> dict[str, pd.DataFrame]:
-    """The diagnostic tables present in a benchmark's result folder."""
-    return {n: pd.read_parquet(folder / f"{n}.parquet") for n in _FILES
-            if (folder / f"{n}.parquet").exists()}
+    """The diagnostic tables present in a benchmark's result folder, of the cells a rerun
+    has not superseded (:func:`gaq.bench.results.current`)."""
+    from gaq.bench import results
+
+    metrics = results.read(folder / "metrics.parquet")
+    return {n: results.current(pd.read_parquet(folder / f"{n}.parquet"), metrics)
+            for n in _FILES if (folder / f"{n}.parquet").exists()}
 
 
 def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:

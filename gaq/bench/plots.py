@@ -254,7 +254,7 @@ def write_plots(results_dir: Path, benchmark: str, out_dir: Path) -> list[Path]:
     folder = Path(results_dir) / benchmark
     out_dir = Path(out_dir)
     metrics = results.read(folder / "metrics.parquet")
-    curves = results.read(folder / "curves.parquet")
+    curves = results.current(results.read(folder / "curves.parquet"), metrics)
     models = sorted(set(metrics["model"].dropna()) | set(curves["model"].dropna()))
     written: list[Path] = []
     for model in models:

@@ -28,6 +28,8 @@ __all__ = [
     "SUMMARY_KEYS",
     "append",
     "ci_half_width",
+    "current",
+    "latest_cells",
     "read",
     "schema_for",
     "summarize",
@@ -219,6 +221,24 @@ def ci_half_width(values: list[float]) -> float:
     if n < 2:
         return math.nan
     return t_critical(n - 1) * statistics.stdev(values) / math.sqrt(n)
+
+
+def latest_cells(metrics: pd.DataFrame) -> set[str]:
+    """The cell id of the newest run of every (benchmark, model, method, bits, seed). A
+    rerun under a new cell id (after a code or config change) supersedes the old rows in
+    every table and plot, as :func:`summarize` does for the metrics."""
+    if metrics.empty:
+        return set()
+    data = metrics.sort_values("timestamp", kind="stable") if "timestamp" in metrics else metrics
+    keys = [c for c in ("benchmark", "model", "method", "bits", "seed") if c in data]
+    return set(data.drop_duplicates(keys, keep="last")["cell_id"])
+
+
+def current(rows: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    """The ``rows`` (curves, diagnostics) of the cells :func:`latest_cells` keeps."""
+    if rows.empty or "cell_id" not in rows:
+        return rows
+    return rows[rows["cell_id"].isin(latest_cells(metrics))]
 
 
 def summarize(df: pd.DataFrame, by: tuple[str, ...] = SUMMARY_KEYS) -> pd.DataFrame:

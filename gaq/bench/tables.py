@@ -294,8 +294,9 @@ def write_tables(
     from gaq.bench.diagnostics import cosine_table, read
     from gaq.bench.noise import noise_table
 
-    noise = noise_table(results.read(Path(results_dir) / benchmark / "curves.parquet"),
-                        benchmark)
+    folder = Path(results_dir) / benchmark
+    noise = noise_table(results.current(results.read(folder / "curves.parquet"),
+                                        results.read(folder / "metrics.parquet")), benchmark)
     if noise is not None:
         paths.append(out_dir / f"{benchmark}_noise.md")
         paths[-1].write_text(noise, encoding="utf-8")
