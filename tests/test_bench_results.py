@@ -383,3 +383,7 @@ def test_a_rerun_under_a_new_cell_id_supersedes_the_old_curves():
     assert results.latest_cells(metrics) == {"new", "other"}
     curves = pd.DataFrame({"cell_id": ["old", "new", "other"], "value": [1.0, 2.0, 3.0]})
     assert list(results.current(curves, metrics)["value"]) == [2.0, 3.0]
+    # A cell with curves but no metric rows yet (or no metrics at all) is not superseded.
+    orphan = pd.DataFrame({"cell_id": ["pending"], "value": [4.0]})
+    assert list(results.current(orphan, metrics)["value"]) == [4.0]
+    assert list(results.current(curves, metrics.iloc[0:0])["value"]) == [1.0, 2.0, 3.0]

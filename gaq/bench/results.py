@@ -235,10 +235,13 @@ def latest_cells(metrics: pd.DataFrame) -> set[str]:
 
 
 def current(rows: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
-    """The ``rows`` (curves, diagnostics) of the cells :func:`latest_cells` keeps."""
-    if rows.empty or "cell_id" not in rows:
+    """The ``rows`` (curves, diagnostics) less those of cells a newer run superseded
+    (:func:`latest_cells`). Rows of a cell with no metric rows yet are kept: nothing newer
+    is known to replace them."""
+    if rows.empty or "cell_id" not in rows or metrics.empty:
         return rows
-    return rows[rows["cell_id"].isin(latest_cells(metrics))]
+    superseded = set(metrics["cell_id"]) - latest_cells(metrics)
+    return rows[~rows["cell_id"].isin(superseded)]
 
 
 def summarize(df: pd.DataFrame, by: tuple[str, ...] = SUMMARY_KEYS) -> pd.DataFrame:
