@@ -78,7 +78,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(name="train-default", default=False)
 def train_default(session: nox.Session) -> None:
-    """Retrain the bundled digits diffusion model and classifier (about 25 min on 2 cores)."""
+    """Retrain a bundled model: the digits DDPM and classifier (default, about 45 min on 2
+    cores), or `-- --family ldm` (about 20 min) / `-- --family dit` (about 20 min, needs
+    the ldm family's VAE)."""
     _env(session)
     session.run(_bin("gaq"), "train-default", *session.posargs, external=True)
 

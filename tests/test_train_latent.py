@@ -19,11 +19,12 @@ from gaq.models.train_latent import (
     AutoencoderTrainConfig,
     LatentDenoiserTrainConfig,
     _disable_label_dropout,
-    sample_latent_pipeline,
+    _pipeline,
     train_autoencoder,
     train_dit,
     train_ldm,
 )
+from gaq.sampling import SamplerConfig, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,8 +123,9 @@ def test_ldm_learns_reloads_and_is_reproducible(tiny_vae, tmp_path):
     with torch.no_grad():
         out = unet(z, t, encoder_hidden_states=emb_a(labels)).sample
     assert out.shape == z.shape and torch.isfinite(out).all()
-    x1 = sample_latent_pipeline(a, torch.tensor([1, 7]), steps=3, seed=0)
-    x2 = sample_latent_pipeline(b, torch.tensor([1, 7]), steps=3, seed=0)
+    # the folder loads as the benchmarks load it and samples with guidance, reproducibly
+    x1 = sample(_pipeline(a), 2, seed=0, sampler=SamplerConfig(steps=3, guidance=3.0))
+    x2 = sample(_pipeline(b), 2, seed=0, sampler=SamplerConfig(steps=3, guidance=3.0))
     assert x1.shape == (2, 1, 16, 16) and torch.equal(x1, x2)
 
 
@@ -144,8 +146,10 @@ def test_dit_learns_reloads_and_is_reproducible(tiny_vae, tmp_path):
     with torch.no_grad():
         out = dit(z, timestep=torch.tensor([5, 700]), class_labels=torch.tensor([2, 10])).sample
     assert out.shape == z.shape and torch.isfinite(out).all()
-    x = sample_latent_pipeline(a, torch.tensor([4]), steps=3, seed=0)
-    assert x.shape == (1, 1, 16, 16) and x.abs().max() <= 1
+    guided = sample(_pipeline(a), 2, seed=0, sampler=SamplerConfig(steps=3, guidance=3.0))
+    null = sample(_pipeline(a, (10,)), 2, seed=0, sampler=SamplerConfig(steps=3))
+    assert guided.shape == (2, 1, 16, 16) and guided.abs().max() <= 1
+    assert not torch.equal(guided, null)  # the null class is a different conditioning
 
 
 def test_dit_label_dropout_is_left_to_the_training_loop():

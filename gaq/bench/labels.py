@@ -20,10 +20,11 @@ __all__ = [
 ]
 
 #: Metrics of the paper tables, in column order.
-TABLE_METRICS = ("fid", "sfid", "is", "precision", "recall", "kid", "psnr")
+TABLE_METRICS = ("fid", "sfid", "is", "precision", "recall", "kid", "psnr", "class_acc")
 LOWER_IS_BETTER = frozenset({"fid", "sfid", "kid", "eps_mse", "calibration_seconds",
                              "calibration_gpu_hours", "peak_memory_mb", "model_size_mb"})
-HIGHER_IS_BETTER = frozenset({"is", "precision", "recall", "psnr", "images_per_second"})
+HIGHER_IS_BETTER = frozenset({"is", "precision", "recall", "psnr", "images_per_second",
+                              "class_acc"})
 
 FP_METHODS = frozenset({"fp", "fp32", "fp16", "full_precision"})
 
@@ -44,9 +45,9 @@ _KNOWN_ORDER = ("brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq")
 _METRIC_LABELS = {
     "fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Prec.", "recall": "Rec.",
     "kid": "KID", "psnr": "PSNR", "eps_mse": "ε-MSE", "calibration_seconds": "Calib. time (s)",
-    "calibration_gpu_hours": "Calib. (GPU-h)",
+    "calibration_gpu_hours": "Calib. (GPU-h)", "class_acc": "Class acc.",
 }  # fmt: skip
-_DECIMALS = {"precision": 3, "recall": 3, "kid": 4, "eps_mse": 4}
+_DECIMALS = {"precision": 3, "recall": 3, "kid": 4, "eps_mse": 4, "class_acc": 3}
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 

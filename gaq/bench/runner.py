@@ -93,6 +93,12 @@ class _ModelContext:
             self.calibration = dataclasses.replace(bench.calibration, guidance=None)
         self.adapter = adapter_for(self.pipe.denoiser)
         self.digest = state_dict_digest(self.pipe.denoiser)
+        # class_acc needs a classifier of the model's classes: the bundled digit classifier
+        # for the bundled class-conditional models
+        from gaq.models.bundled import BUNDLED_MODELS
+
+        self.judges_classes = (model_id in BUNDLED_MODELS
+                               and self.pipe.conditioning.kind == "class")
         # a feature space only where image metrics are asked for: paired metrics alone
         # need no Inception weights
         needs_features = any(m in IMAGE_METRICS for m in bench.eval.metrics)
@@ -210,6 +216,15 @@ class Runner:
                            "the benchmark is conditional; remove the key")
         if unguided:
             self.log(f"unconditional, sampled without guidance: {', '.join(unguided)}")
+        if "class_acc" in self.bench.eval.metrics:
+            judged = [c.id for c in contexts if c.judges_classes]
+            if not judged:
+                raise GaqError(f"{self.bench.path}: key 'eval.metrics' asks for class_acc, "
+                               "which needs a bundled class-conditional model (digits-ldm, "
+                               "digits-dit); remove it")
+            if len(judged) < len(contexts):
+                self.log("class_acc only for the bundled class-conditional models: "
+                         f"{', '.join(judged)}")
         for model_id in self.bench.models:
             ref = self.bench.eval.reference
             if needs_reference and model_id not in BUNDLED_MODELS:
@@ -342,6 +357,11 @@ class Runner:
         if cell.method.name != FP and "psnr" in wanted:
             paired = paired_metrics(images, ctx._fp_images[cell.seed])
             metrics.update({k: float(v) for k, v in paired.items() if _is_number(v)})
+        if "class_acc" in wanted and ctx.judges_classes:
+            from gaq.eval.digits import digit_likeness
+
+            requested = ctx.pipe.conditioning.label_of(torch.arange(len(images)))
+            metrics["class_acc"] = digit_likeness(images, labels=requested)["class_accuracy"]
         curves: dict[str, pd.Series] = {}
         if "eps_mse" in wanted and self.bench.eval.heldout_trajectories > 0:
             curves = self._noise_curves(ctx, qmodel, cell.seed, hook)

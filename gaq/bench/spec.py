@@ -23,7 +23,9 @@ from gaq.sampling import SamplerConfig
 
 FP = "fp"  # the unquantized model: a row of every benchmark, measured in the same harness
 IMAGE_METRICS = ("fid", "kid", "precision", "recall", "is", "sfid")
-ALL_METRICS = IMAGE_METRICS + ("psnr", "eps_mse")
+# class_acc: share of class-conditional samples the bundled digit classifier reads as the
+# requested class (the bundled conditional models only; absent from other models' rows)
+ALL_METRICS = IMAGE_METRICS + ("psnr", "eps_mse", "class_acc")
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,11 @@ class LatentDenoiserTrainConfig:
     log_every: int = 100
 
 
-LDM_TRAIN = LatentDenoiserTrainConfig(steps=1500)
-DIT_TRAIN = LatentDenoiserTrainConfig(steps=4000, lr=5e-4)
+# 20 % label dropout: at 10 % (the usual CFG figure), the unconditional samples were digit-like
+# in only 70 % (UNet) and 43 % (DiT) of 500, against 98 % for the pixel model, while the
+# guided samples were all of the requested class.
+LDM_TRAIN = LatentDenoiserTrainConfig(steps=2200, label_dropout=0.2)
+DIT_TRAIN = LatentDenoiserTrainConfig(steps=4000, lr=5e-4, label_dropout=0.2)
 
 
 def _start_log(log_path: str | Path | None, record: dict) -> Path | None:
@@ -372,69 +375,67 @@ def train_dit(
     return out
 
 
-# --- sampling (for the sample grids) ---------------------------------------------------------
+# --- sampling and evaluation (through the suite's own pipeline and sampler) ----------------
 
 
-@torch.no_grad()
-def sample_latent_pipeline(folder: str | Path, labels: torch.Tensor, guidance: float = 3.0,
-                           steps: int = 50, seed: int = 0) -> torch.Tensor:
-    """Images in [-1, 1] for ``labels`` from a pipeline folder this module wrote: DDIM (eta 0)
-    with classifier-free guidance ``eps_null + guidance * (eps_label - eps_null)`` (guidance 0
-    samples the null class alone, i.e. unconditionally), decoded by the VAE. A minimal
-    sampler for the training grids; the suite's own sampler lives in :mod:`gaq.sampling`."""
-    from diffusers import AutoencoderKL, DDIMScheduler
+def _pipeline(folder: str | Path, labels: tuple[int, ...] | None = None):
+    """The pipeline folder loaded as the benchmarks load it; ``labels`` fixes the class
+    cycle (``(NULL_CLASS,)``: unconditional samples from the null class alone)."""
+    from dataclasses import replace
 
-    folder = Path(folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    vae = _load(AutoencoderKL, folder / "vae")
-    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    if "unet" in index:
-        from diffusers import UNet2DConditionModel
+    from gaq.models.conditioning import ClassConditioning
+    from gaq.models.loading import load_model
 
-        unet = _load(UNet2DConditionModel, folder / "unet")
-        embedder = ClassEmbedder.from_pretrained(folder / "class_embedder")
-
-        def eps(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return unet(z, t, encoder_hidden_states=embedder(y)).sample
-    else:
-        from diffusers import DiTTransformer2DModel
-
-        dit = _load(DiTTransformer2DModel, folder / "transformer")
-
-        def eps(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return dit(z, timestep=t, class_labels=y).sample
-
-    labels = labels.long()
-    n, null = len(labels), torch.full_like(labels, NULL_CLASS)
-    size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, vae.config.latent_channels, size, size, generator=gen)
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        tt = t.expand(n)
-        if guidance == 0:
-            e = eps(z, tt, null)
-        else:
-            both = eps(torch.cat([z, z]), tt.repeat(2), torch.cat([null, labels]))
-            e_null, e_label = both.chunk(2)
-            e = e_null + guidance * (e_label - e_null)
-        z = scheduler.step(e, t, z, eta=0.0).prev_sample
-    return _decode(vae, z / vae.config.scaling_factor)
+    pipe = load_model(str(folder))
+    if labels is None:
+        return pipe
+    c = pipe.conditioning
+    return replace(pipe, conditioning=ClassConditioning(c.num_classes, c.null_class,
+                                                        c.embedder, labels))
 
 
 def save_guided_grid(folder: str | Path, path: str | Path, rows: int = 6, guidance: float = 3.0,
                      steps: int = 50, seed: int = 0) -> torch.Tensor:
-    """A ``rows`` x 10 grid PNG, column c = class c, upscaled x4 like
-    :func:`gaq.models.train.save_sample_grid`."""
+    """A ``rows`` x 10 grid PNG of guided DDIM samples, column c = class c (image i has
+    class i mod 10), upscaled x4 like :func:`gaq.models.train.save_sample_grid`."""
     from torchvision.utils import save_image
 
-    labels = torch.arange(NUM_CLASSES).repeat(rows)
-    images = sample_latent_pipeline(folder, labels, guidance, steps, seed)
+    from gaq.sampling import SamplerConfig, sample
+
+    images = sample(_pipeline(folder), rows * NUM_CLASSES, seed=seed,
+                    sampler=SamplerConfig(steps=steps, guidance=guidance))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     big = F.interpolate((images + 1) / 2, scale_factor=4, mode="nearest")
     save_image(big, str(path), nrow=NUM_CLASSES, padding=2, pad_value=1.0)
     return images
+
+
+@torch.no_grad()
+def evaluate_family(folder: str | Path, num_images: int = 500, guidance: float = 3.0,
+                    steps: int = 50, seed: int = 0) -> dict:
+    """What a bundled latent model is shown to do, judged by the bundled classifier
+    (:func:`gaq.eval.digits.digit_likeness`), on DDIM samples where image i asks for class
+    i mod 10: ``guided_*`` with classifier-free guidance ``guidance``, ``conditional_*`` with
+    the conditional prediction alone, ``unconditional_*`` from the null class alone.
+    ``*_class_accuracy`` is the share classified as requested; ``*_confident_share`` the
+    digit-likeness score (confidence >= 0.8) used for the bundled pixel model."""
+    from gaq.eval.digits import digit_likeness
+    from gaq.models.bundled import load_classifier
+    from gaq.sampling import SamplerConfig, sample
+
+    classifier = load_classifier()
+    requested = torch.arange(num_images) % NUM_CLASSES
+    out: dict = {"num_images": num_images, "steps": steps, "guidance": guidance, "seed": seed}
+    for key, pipe, g in (("guided", _pipeline(folder), guidance),
+                         ("conditional", _pipeline(folder), None),
+                         ("unconditional", _pipeline(folder, (NULL_CLASS,)), None)):
+        images = sample(pipe, num_images, seed=seed, sampler=SamplerConfig(steps=steps, guidance=g),
+                        batch_size=250)
+        scores = digit_likeness(images, classifier=classifier,
+                                labels=None if key == "unconditional" else requested)
+        out.update({f"{key}_{k}": round(v, 4) for k, v in scores.items()})
+    return out
 
 
 # --- the bundled families --------------------------------------------------------------------
@@ -480,4 +481,6 @@ def train_latent_default(
             shutil.rmtree(out)
         train_dit(out, vae, cfg, log_dir / f"{name}_train.jsonl")
     save_guided_grid(out, log_dir / f"{name}_samples_guided.png")
+    quality = evaluate_family(out)
+    (log_dir / f"{name}_quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     return out
