@@ -74,11 +74,12 @@ class LatentDenoiserTrainConfig:
     log_every: int = 100
 
 
-# 20 % label dropout: at 10 % (the usual CFG figure), the unconditional samples were digit-like
-# in only 70 % (UNet) and 43 % (DiT) of 500, against 98 % for the pixel model, while the
-# guided samples were all of the requested class.
+# The UNet at 20 % label dropout: at 10 % (the usual CFG figure) its unconditional samples were
+# digit-like in 70 % of 500 (82.6 % at 20 %; the pixel model: 98 %), its guided ones all of
+# the requested class. The DiT keeps 10 %: at 20 % its unconditional share stayed at 43 %
+# (42.6 % against 43.2 %) and its conditional accuracy fell (83.2 % against 86.8 %).
 LDM_TRAIN = LatentDenoiserTrainConfig(steps=2200, label_dropout=0.2)
-DIT_TRAIN = LatentDenoiserTrainConfig(steps=4000, lr=5e-4, label_dropout=0.2)
+DIT_TRAIN = LatentDenoiserTrainConfig(steps=4000, lr=5e-4)
 
 
 def _start_log(log_path: str | Path | None, record: dict) -> Path | None:
