@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gaq.eval.digits import digit_likeness
-from gaq.models.bundled import BUNDLED_MODELS, load_classifier
+from gaq.models.bundled import BUNDLED_MODELS, DIT_CONFIG, LDM_UNET_CONFIG, load_classifier
 from gaq.models.loading import load_model
 from gaq.sampling import SamplerConfig, sample
 
@@ -43,6 +43,19 @@ def test_folder_is_small_safetensors_only_and_loads_offline(name, no_network):
     assert pipe.conditioning.kind == "class" and pipe.conditioning.supports_guidance
     assert pipe.conditioning.null_class == 10
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    # the shipped denoiser is the architecture the training code builds
+    denoiser = "unet" if name == "digits-ldm" else "transformer"
+    config = json.loads((folder / denoiser / "config.json").read_text())
+    expected = LDM_UNET_CONFIG if denoiser == "unet" else DIT_CONFIG
+    assert {k: config[k] for k in expected} == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()}
+
+
+def test_latent_models_share_one_autoencoder():
+    """digits-dit is trained on the digits-ldm latents: its VAE is a byte-identical copy."""
+    ldm, dit = (BUNDLED_MODELS[n] / "vae" for n in ("digits-ldm", "digits-dit"))
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (ldm / name).read_bytes() == (dit / name).read_bytes()
 
 
 @pytest.mark.parametrize("name", sorted(DENOISERS))

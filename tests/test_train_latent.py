@@ -35,7 +35,6 @@ TINY_UNET = {**LDM_UNET_CONFIG, "block_out_channels": (16, 32), "norm_num_groups
 TINY_DIT = {**DIT_CONFIG, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8}
 DENOISER_CFG = LatentDenoiserTrainConfig(steps=30, batch_size=16, lr=2e-3, warmup_steps=1,
                                          log_every=1)
-SIZE_LIMIT = 10 * 2**20  # bytes: what `du -sh` shows as 10M
 
 
 def _log(path):

@@ -266,8 +266,9 @@ def write_plots(results_dir: Path, benchmark: str, out_dir: Path) -> list[Path]:
                 written += save(metric_vs_bits(m, metric), f"{stem}_{metric}_vs_bits")
         if (quantized["metric"] == "calibration_seconds").any():
             written += save(calibration_cost(m), f"{stem}_calibration_cost")
-        c = curves[curves["model"] == model]  # none when heldout_trajectories = 0
-        c = c[~c["method"].map(labels.is_fp).astype(bool)] if not c.empty else c
+        # astype(bool): mapping an empty string column (no held-out trajectories) keeps
+        # its string dtype, which ~ and & refuse
+        c = curves[(curves["model"] == model) & ~curves["method"].map(labels.is_fp).astype(bool)]
         for curve in sorted(n for n in c["curve"].unique() if not n.endswith(UNCORRECTED)):
             for bits in labels.bits_order(c.loc[c["curve"] == curve, "bits"]):
                 part = c[c["curve"].isin([curve, curve + UNCORRECTED]) & (c["bits"] == bits)]
