@@ -75,7 +75,29 @@ class TimestepScaleMLP(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         """Step sizes ``(B,)`` or ``(B, C)`` for timesteps ``t`` of shape ``(B,)``."""
-        emb = sinusoidal_embedding(t, self.embed_dim, self.max_period)
-        emb = emb.to(self.net[0].weight.dtype)
-        scale = F.softplus(self.net(emb))
+        # Every row must come out the same whatever the batch size, so that Δ(t) for one
+        # timestep (conditioned mode) and for a thousand at once (freezing to a table) are
+        # bit-identical. Two things break that: a matrix product (its kernel depends on
+        # the row count), replaced by a broadcast product summed over the last dimension;
+        # and the scalar code path elementwise CPU kernels take for the elements past the
+        # last full SIMD vector (softplus, cos, sin), avoided by padding the batch to a
+        # multiple of ROW_PAD rows. The layers are 64 wide: neither costs what matters.
+        t = t.reshape(-1)
+        n = t.shape[0]
+        if n % ROW_PAD:
+            t = torch.cat([t, t[-1:].expand(ROW_PAD - n % ROW_PAD)])
+        h = sinusoidal_embedding(t, self.embed_dim, self.max_period)
+        h = h.to(self.net[0].weight.dtype)
+        for layer in self.net:
+            h = _rowwise_linear(h, layer) if isinstance(layer, nn.Linear) else layer(h)
+        scale = F.softplus(h)[:n]
         return scale if self.per_channel else scale[:, 0]
+
+
+#: Rows per padded provider batch: a multiple of the widest float32 SIMD vector (AVX-512).
+ROW_PAD = 16
+
+
+def _rowwise_linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``layer(x)``, each row reduced in the same order whatever the batch size."""
+    return (x.unsqueeze(-2) * layer.weight).sum(-1) + layer.bias

@@ -215,14 +215,15 @@ class FakeQuantizer(nn.Module):
     def freeze_to_table(self, timesteps: Tensor | list[int]) -> nn.Module:
         """Precompute ``Δ = provider(t)`` for the sampler's ``timesteps`` and switch to table mode.
 
-        Each row is computed with the same ``(1,)``-shaped provider call that a
-        scalar timestep makes in conditioned mode, so sampling outputs are
-        bit-identical before and after. Returns the detached provider.
+        The rows come from one batched provider call; sampling outputs are bit-identical
+        before and after only for a provider whose rows do not depend on the batch size
+        (:class:`~gaq.quant.providers.TimestepScaleMLP` is built that way). Returns the
+        detached provider.
         """
         if self.mode != "conditioned":
             raise RuntimeError(f"freeze_to_table needs conditioned mode; quantizer is {self.mode}")
         ts = torch.as_tensor(timesteps, dtype=torch.long).reshape(-1).tolist()
-        rows = torch.stack([self._provided_scale(torch.tensor([t]))[0] for t in ts])
+        rows = self._provided_scale(torch.tensor(ts, dtype=torch.long))
         zero_point = self.zero_point.expand_as(rows).clone()
         provider = self.provider
         self.set_table(ts, rows, zero_point)
