@@ -157,13 +157,22 @@ def _bench(args: argparse.Namespace) -> None:
     methods = args.methods.split(",") if args.methods else None
     bench = with_overrides(bench, num_images=args.num_images, seeds=seeds, methods=methods)
     runner = Runner(bench, args.results, force=args.force, device=args.device)
-    if args.engine == "ray":
+    # the flags win over the file's [setup]
+    engine = args.engine or bench.setup.get("engine", "local")
+    threads = args.threads or bench.setup.get("threads")
+    if args.threads is not None and args.threads < 1:
+        raise GaqError(f"--threads must be a positive integer, got {args.threads}")
+    if engine == "ray":
         from gaq.bench.ray_engine import run_ray
 
-        run_ray(runner, address=args.address, threads=args.threads)
+        run_ray(runner, address=args.address, threads=threads)
     else:
         if args.address:
             raise GaqError("--address is for --engine ray")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         runner.run()
     print(f"results: {Path(args.results) / bench.name}; tables: {Path(args.results) / 'tables'}")
 
@@ -290,13 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", help="run only these rows (FP always runs), e.g. rtn,brecq")
     b.add_argument("--force", action="store_true", help="re-run completed cells")
     b.add_argument("--device", help="cpu, cuda or cuda:N (default: the file's setup.device)")
-    b.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local (default; under torchrun, sampling is sharded across ranks) "
-                   "or ray (one Ray task per cell; needs gaq[ray])")
+    b.add_argument("--engine", choices=("local", "ray"),
+                   help="local (under torchrun, sampling is sharded across ranks) or ray (one "
+                   "Ray task per cell, as many at once as the CPUs or GPUs allow; needs "
+                   "gaq[ray]); default: the file's setup.engine, else local")
     b.add_argument("--address", help="--engine ray: the Ray cluster to join (default: start "
                    "a local runtime)")
-    b.add_argument("--threads", type=int, help="--engine ray: intra-op threads (and CPUs "
-                   "reserved) per cell (default: this process's torch thread count)")
+    b.add_argument("--threads", type=int, help="intra-op threads per cell (with --engine ray "
+                   "also the CPUs each task reserves); default: the file's setup.threads, else "
+                   "torch's own count")
     b.add_argument("--results", default=str(RESULTS))
     b.set_defaults(func=_bench)
 

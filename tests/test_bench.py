@@ -144,6 +144,19 @@ def test_malformed_benchmark_names_file_and_key(tmp_path, capsys):
         load_benchmark(bad)
 
 
+@pytest.mark.parametrize("setup, message", [
+    ('engine = "dask"', r"key 'setup\.engine' must be one of local, ray, got 'dask'"),
+    ("threads = 0", r"key 'setup\.threads' must be a positive integer, got 0"),
+    ('threads = "2"', r"key 'setup\.threads' must be a positive integer, got '2'"),
+    ("workers = 2", r"key 'setup\.workers' is not a known key"),
+])
+def test_bad_setup_keys_name_file_and_key(tmp_path, setup, message):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MICRO + f"\n[setup]\n{setup}\n")
+    with pytest.raises(GaqError, match=rf"bad\.toml: {message}"):
+        load_benchmark(bad)
+
+
 def test_every_shipped_benchmark_loads_and_feeds_gaq():
     """The shipped files validate, and any that runs GAQ records its validation rows."""
     import math

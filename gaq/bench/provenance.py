@@ -93,7 +93,8 @@ def _hardware() -> dict[str, str]:
     try:
         import torch
     except Exception:  # torch missing or broken: record that rather than fail
-        return {"device": "cpu", "gpu_model": "none", "gpu_count": "0", "cuda_version": "none"}
+        return {"device": "cpu", "gpu_model": "none", "gpu_count": "0", "cuda_version": "none",
+                "torch_threads": UNKNOWN}
     try:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         names = sorted({torch.cuda.get_device_name(i) for i in range(count)})
@@ -104,6 +105,8 @@ def _hardware() -> dict[str, str]:
         "gpu_model": ", ".join(names) if names else "none",
         "gpu_count": str(count),
         "cuda_version": torch.version.cuda or "none",
+        # CPU float results depend on the intra-op thread count (reduction order)
+        "torch_threads": str(torch.get_num_threads()),
     }
 
 
@@ -113,6 +116,7 @@ def provenance(seeds: list[int] | None = None) -> dict[str, str]:
     Keys: ``git_commit``, ``git_dirty`` ("true"/"false"/"unknown"), ``gaq_version``,
     ``<dist>_version`` for each of :data:`DISTRIBUTIONS`, ``python_version``, ``platform``,
     ``device`` ("cpu"/"cuda"), ``gpu_model``, ``gpu_count``, ``cuda_version``,
+    ``torch_threads``,
     ``world_size``, ``hostname``
     and ``seeds`` (comma separated, empty when none given).
     """

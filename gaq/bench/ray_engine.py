@@ -17,6 +17,8 @@ Ray is an optional extra (``pip install 'gaq[ray]'``); the local engine needs no
 from __future__ import annotations
 
 import os
+import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +55,27 @@ def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
     if crash_marker and not Path(crash_marker).exists():
         Path(crash_marker).touch()
         os._exit(1)  # a worker crash: Ray restarts the task elsewhere
-    runner = Runner(bench, results_dir, device=device, log=lambda _text: None)
-    runner.join_local()
+    # Ray reuses worker processes: one runner per benchmark and worker keeps each model's
+    # pipeline, reference features and FP samples across that worker's cells
+    key = (pickle.dumps(bench), results_dir, device)
+    runner = _RUNNERS.get(key)
+    if runner is None:
+        _RUNNERS.clear()
+        runner = _RUNNERS[key] = Runner(bench, results_dir, device=device,
+                                        log=lambda _text: None)
+        runner.join_local()
+        runner.engine = "ray"
     cell = cells(bench)[index]
     gpu_ids = _gpu_ids()
     if cid in set(results.read(runner.metrics_path)["cell_id"]):
         return {"index": index, "status": "skipped", "gpu_ids": gpu_ids}
-    runner.run_cell(cell, cid)
-    return {"index": index, "status": "done", "gpu_ids": gpu_ids, "threads": threads}
+    shown = runner.run_cell(cell, cid)
+    return {"index": index, "status": "done", "gpu_ids": gpu_ids, "threads": threads,
+            "shown": shown, "pid": os.getpid()}
+
+
+#: This worker process's runner (see _run_cell); one benchmark at a time.
+_RUNNERS: dict[tuple, Any] = {}
 
 
 def _gpu_ids() -> list:
@@ -104,14 +119,21 @@ def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
     crash = os.environ.get(CRASH_ONCE_ENV)
     pending = {task.remote(bench, str(runner.dir.parent), runner.device, i, cid, threads,
                            crash): i for i, cid in todo}
-    runner.log(f"ray: {len(pending)} cells as tasks ({threads} threads, {gpus:g} GPU each)")
+    slots = int(ray.cluster_resources().get("CPU", 1) // threads)
+    runner.log(f"ray: {len(pending)} cells as tasks ({threads} threads, {gpus:g} GPU each; "
+               f"{slots} at a time on this cluster's CPUs)")
     placed = []
+    start = time.perf_counter()
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(ready[0])
         out = ray.get(ready[0])
         placed.append(out)
-        runner.log(f"[{i + 1}/{len(grid)}] {grid[i].label}: {out['status']}")
+        minutes = (time.perf_counter() - start) / 60
+        runner.log(f"[{i + 1}/{len(grid)}] {grid[i].label}: {out['status']} "
+                   f"({minutes:.1f} min, {len(pending)} to go)")
+        if out.get("shown"):
+            runner.log(f"    {out['shown']}")
     runner.write_reports()
     runner.placements = placed
     return results.read(runner.metrics_path)

@@ -136,6 +136,7 @@ class Runner:
         self._log = log
         self._models: dict[str, _ModelContext] = {}
         self.world = None  # joined in preflight, after the device is checked
+        self.engine = "local"  # "ray" in a Ray engine worker; "torchrun" follows the world
 
     def log(self, text: str) -> None:
         if self.world is None or self.world.main:
@@ -288,7 +289,9 @@ class Runner:
                               hook)
         return {name: pd.Series(points) for name, points in curves.items()}
 
-    def run_cell(self, cell: Cell, cid: str) -> None:
+    def run_cell(self, cell: Cell, cid: str) -> dict[str, float] | None:
+        """Run one cell, log it to MLflow and append it to the results; returns the headline
+        metrics it logged (None on a non-main torchrun rank)."""
         from gaq.bench import results
         from gaq.bench.provenance import provenance
         from gaq.bench.tracking import log_run
@@ -394,7 +397,7 @@ class Runner:
                                     if cell.method.name != FP else {})}
         tags = provenance([cell.seed]) | {"gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
                                           "gaq.backend": "fake-quant (PyTorch)",
-                                          "gaq.engine": _engine(self.world.size),
+                                          "gaq.engine": _engine(self.engine, self.world.size),
                                           "gaq.dtype": str(ctx.pipe.dtype).replace("torch.", ""),
                                           "gaq.device": self.device}
         run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
@@ -422,10 +425,11 @@ class Runner:
         shown = {k: round(v, 4) for k, v in metrics.items()
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
         self.log(f"    {shown}")
+        return shown
 
 
-def _engine(world_size: int) -> str:
-    return "torchrun" if world_size > 1 else "local"
+def _engine(engine: str, world_size: int) -> str:
+    return "torchrun" if world_size > 1 else engine
 
 
 def _setup_label(device: str, dtype: torch.dtype, world_size: int) -> str:
@@ -436,7 +440,9 @@ def _setup_label(device: str, dtype: torch.dtype, world_size: int) -> str:
     if dev.type == "cuda":
         name += f" {torch.cuda.get_device_name(dev)}"
     dtype_name = str(dtype).replace("torch.", "")
-    return f"{name} x{world_size} {dtype_name} {_engine(world_size)}"
+    # a Ray task runs its cell exactly as the local engine does (identical results at the
+    # same thread count), so its rows pivot with the local ones; the run's tags name Ray
+    return f"{name} x{world_size} {dtype_name} {_engine('local', world_size)}"
 
 
 def _file_name(text: str) -> str:

@@ -142,7 +142,8 @@ _TOP = {"benchmark", "models", "sampler", "calibration", "eval", "bits", "method
         "method_overrides"}
 _BENCH = {"name", "description", "model_key", "model_help"}
 _METHOD = {"name", "preset", "config", "label"}
-_SETUP = {"device", "gpus"}
+_SETUP = {"device", "gpus", "engine", "threads"}
+ENGINES = ("local", "ray")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -273,6 +274,12 @@ def _parse(path: Path, raw: dict) -> Benchmark:
             raise ConfigError("bits", f"has {b!r}: {e}") from None
     setup = raw.get("setup", {})
     _unknown("setup.", setup, _SETUP)
+    if setup.get("engine", "local") not in ENGINES:
+        raise ConfigError("setup.engine", f"must be one of {', '.join(ENGINES)}, got "
+                          f"{setup['engine']!r}")
+    threads = setup.get("threads", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError("setup.threads", f"must be a positive integer, got {threads!r}")
     return Benchmark(
         name=bench.get("name", path.stem), path=path, description=bench.get("description", ""),
         models=tuple(models), model_key=bench.get("model_key", ""), sampler=sampler,
