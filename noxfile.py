@@ -47,8 +47,12 @@ def _env(session: nox.Session) -> None:
     session.env["VIRTUAL_ENV"] = str(ENV)
     session.env["PATH"] = os.pathsep.join([str(Path(_bin("python")).parent),
                                            os.environ.get("PATH", "")])
-    # Loading never downloads; this also stops the hub client's offline retry loop.
-    session.env.setdefault("HF_HUB_OFFLINE", "1")
+    # Loading never downloads; this also stops the hub client's offline retry loop. No usage
+    # reports leave the machine (MLflow's and Ray's telemetry). A value the user set wins.
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                       ("RAY_USAGE_STATS_ENABLED", "0")):
+        if key not in os.environ:
+            session.env[key] = value
 
 
 @nox.session(name="rebuild-env", default=False)

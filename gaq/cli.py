@@ -69,6 +69,7 @@ def _pipeline_and_sampler(args: argparse.Namespace):
 
 
 def _sample(args: argparse.Namespace) -> None:
+    import torch
     from torchvision.utils import save_image
 
     from gaq.sampling import sample
@@ -78,6 +79,10 @@ def _sample(args: argparse.Namespace) -> None:
     pipe, sampler = _pipeline_and_sampler(args)
     images = sample(pipe, args.num, seed=args.seed, sampler=sampler,
                     batch_size=args.batch_size, progress=True)
+    bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+    if bad:  # would save as black squares with exit 0
+        raise GaqError(f"model {args.model}: {bad} of {len(images)} samples are not finite "
+                       "(NaN or inf); check the model's weights (nothing was written)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image((images + 1) / 2, str(out), nrow=int(args.num**0.5) or 1)
@@ -151,11 +156,16 @@ def _benchmark_path(name: str) -> Path:
 def _bench(args: argparse.Namespace) -> None:
     from gaq.bench.runner import Runner
     from gaq.bench.spec import load_benchmark, with_overrides
+    from gaq.config import ConfigError
 
     bench = load_benchmark(_benchmark_path(args.file))
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    seeds = _int_list("--seeds", args.seeds) if args.seeds else None
     methods = args.methods.split(",") if args.methods else None
-    bench = with_overrides(bench, num_images=args.num_images, seeds=seeds, methods=methods)
+    try:
+        bench = with_overrides(bench, num_images=args.num_images, seeds=seeds, methods=methods)
+    except ConfigError as e:  # the flag, not the file, holds the bad value
+        flag = {"seeds": "--seeds", "num_images": "--num-images"}.get(".".join(e.path), "")
+        raise GaqError(f"{flag or 'flags'}: {e.reason}") from None
     runner = Runner(bench, args.results, force=args.force, device=args.device)
     # the flags win over the file's [setup]
     engine = args.engine or bench.setup.get("engine", "local")
@@ -175,6 +185,14 @@ def _bench(args: argparse.Namespace) -> None:
             torch.set_num_threads(threads)
         runner.run()
     print(f"results: {Path(args.results) / bench.name}; tables: {Path(args.results) / 'tables'}")
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise GaqError(f"{flag}: {text!r} is not a comma-separated list of integers, e.g. "
+                       f"{flag} 0,1,2") from None
 
 
 def _benchmarks_with_results(results: Path, name: str | None) -> list[str]:

@@ -601,12 +601,13 @@ def act_spec(bits: int | None, **overrides: Any) -> TensorQuantSpec:
 
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
-#: A bit-width at or above this means "floating point" in labels such as W4A32 or W4A16.
-_FP_BITS = 16
+#: The bit-widths that mean "floating point" in labels such as W4A32 or W4A16.
+_FP_BITS = (16, 32)
 
 
 def _label_bits(n: int) -> int | None:
-    return None if n >= _FP_BITS else n
+    # any other width goes on to the spec's own check (2..8), so W99A8 is refused there
+    return None if n in _FP_BITS else n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -647,7 +648,7 @@ class QuantConfig(Config):
         softmax_bits: int | None = 16,
         split_shortcut: bool = True,
     ) -> QuantConfig:
-        """Parse "W4A8"-style labels; 16 bits or more ("A32", "A16") means not quantized.
+        """Parse "W4A8"-style labels: 2..8 bits, or 16 or 32 ("A32", "A16") for not quantized.
 
         ``attention=None`` quantizes attention exactly when activations are quantized,
         which is the Q-Diffusion protocol the GAQ tables use.
@@ -656,7 +657,7 @@ class QuantConfig(Config):
         if m is None:
             raise ValueError(
                 f"invalid bit-width label {label!r}: expected 'W<bits>A<bits>' such as "
-                "'W4A8', 'W8A8' or 'W4A32' (16 or more bits means not quantized)"
+                "'W4A8', 'W8A8' or 'W4A32' (16 or 32 bits means not quantized)"
             )
         w_bits = _label_bits(int(m.group(1)))
         a_bits = _label_bits(int(m.group(2)))

@@ -98,9 +98,19 @@ def plan(model: nn.Module, adapter: ModelAdapter, quant: QuantConfig,
     return report
 
 
+def observer_kwargs(spec: TensorQuantSpec) -> dict:
+    """The range observer's own settings from ``spec``: the Lp norm and grid of the MSE
+    search, the EMA momentum; min/max takes none."""
+    if spec.range_init == "mse":
+        return {"p": spec.mse_p, "grid": spec.mse_grid}
+    if spec.range_init == "ema":
+        return {"momentum": spec.ema_momentum}
+    return {}
+
+
 def _act_kwargs(spec: TensorQuantSpec) -> dict:
     return {"act_symmetric": spec.symmetric, "act_observer": spec.range_init,
-            "act_per_timestep": spec.per_timestep}
+            "act_per_timestep": spec.per_timestep, "act_observer_kwargs": observer_kwargs(spec)}
 
 
 def build(model: nn.Module, report: LayerReport, quant: QuantConfig) -> nn.Module:
@@ -116,12 +126,13 @@ def build(model: nn.Module, report: LayerReport, quant: QuantConfig) -> nn.Modul
             processor = QuantAttnProcessor.build(
                 d.act_bits, quant.softmax_bits if d.status == "quantized" else W8A8,
                 symmetric=quant.act.symmetric, observer=quant.act.range_init,
-                per_timestep=quant.act.per_timestep)
+                per_timestep=quant.act.per_timestep, observer_kwargs=observer_kwargs(quant.act))
             module.set_processor(processor)
             continue
         layer = quantize_layer(
             module, d.weight_bits, d.act_bits, weight_symmetric=quant.weight.symmetric,
             weight_observer=quant.weight.range_init, split=d.split,
+            weight_observer_kwargs=observer_kwargs(quant.weight),
             weight_axis=None if quant.weight.granularity == "per_tensor" else 0,
             **_act_kwargs(quant.act))
         parent_name, _, child = d.name.rpartition(".")

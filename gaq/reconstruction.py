@@ -285,7 +285,7 @@ def adaround(quantizers: list, loss_fn: Callable[[], Tensor], cfg: ReconConfig,
     for step in steps:
         with torch.enable_grad():
             loss = loss_fn()
-            beta = annealed_beta(step, cfg.weight_iters, cfg.warmup, cfg.beta_start,
+            beta = annealed_beta(step + 1, cfg.weight_iters, cfg.warmup, cfg.beta_start,
                                  cfg.beta_end)
             if beta is not None:
                 loss = loss + cfg.reg_weight * sum(q.rounding_regularizer(beta)

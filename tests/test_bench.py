@@ -1,5 +1,7 @@
 """The benchmark end to end through the real CLI, on a 2-method micro benchmark."""
 
+import tempfile
+
 import pandas as pd
 import pytest
 
@@ -41,6 +43,8 @@ def micro_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mp.setenv("GAQ_CACHE", str(root / "cache"))
+    (root / "tmp").mkdir()
+    mp.setattr(tempfile, "tempdir", str(root / "tmp"))  # where cells keep their state files
     bench = root / "micro.toml"
     bench.write_text(MICRO)
     results = root / "results"
@@ -65,6 +69,11 @@ def test_parquet_schema_and_rows(micro_run):
     assert rtn["model_size_mb"] < fp["model_size_mb"] / 3  # 8-bit weights vs fp32
     curves = pd.read_parquet(results / "micro" / "curves.parquet")
     assert curves["timestep"].nunique() == 4  # one point per sampling step
+
+
+def test_cells_leave_no_temp_folders(micro_run):
+    root, _, _ = micro_run
+    assert not list((root / "tmp").iterdir())
 
 
 def test_noise_curves_measure_the_sampler_correction(micro_run):
@@ -139,6 +148,16 @@ def test_malformed_benchmark_names_file_and_key(tmp_path, capsys):
     assert main(["bench", str(bad), "--results", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "bad.toml" in err and "'bits'" in err and not (tmp_path / "r").exists()
+    bad.write_text(MICRO.replace('bits = ["W8A8"]', 'bits = ["W8A8", "w8a8"]'))
+    with pytest.raises(GaqError, match=r"bad\.toml: key 'bits' lists W8A8 more than once"):
+        load_benchmark(bad)
+    bad.write_text(MICRO.replace('bits = ["W8A8"]', 'bits = ["W99A8"]'))
+    with pytest.raises(GaqError, match=r"key 'bits' has 'W99A8'.*2\.\.8"):
+        load_benchmark(bad)
+    bad.write_text(MICRO.replace('name = "micro"', 'name = "../../escaped"'))
+    with pytest.raises(GaqError, match=r"key 'benchmark\.name' '\.\./\.\./escaped' is not a "
+                       "usable name"):
+        load_benchmark(bad)
     bad.write_text(MICRO.replace('name = "rtn"', 'name = "rtm"'))
     with pytest.raises(GaqError, match="did you mean 'rtn'"):
         load_benchmark(bad)
@@ -155,6 +174,23 @@ def test_bad_setup_keys_name_file_and_key(tmp_path, setup, message):
     bad.write_text(MICRO + f"\n[setup]\n{setup}\n")
     with pytest.raises(GaqError, match=rf"bad\.toml: {message}"):
         load_benchmark(bad)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "a,b"], "--seeds: 'a,b' is not a comma-separated list of integers"),
+    (["--seeds", "-1"], "--seeds: must be integers in 0..4294967295, got -1"),
+    (["--seeds", "1,1"], "--seeds: lists a seed more than once"),
+    (["--num-images", "0"], "--num-images: must be a positive integer"),
+    (["--num-images", "1000000000"], "--num-images: must be at most 1,000,000"),
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
+])
+def test_bad_flags_name_the_flag_before_any_work(tmp_path, capsys, flags, message):
+    path = tmp_path / "micro.toml"
+    path.write_text(MICRO)
+    assert main(["bench", str(path), "--results", str(tmp_path / "r"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "r").exists()
 
 
 def test_every_shipped_benchmark_loads_and_feeds_gaq():
@@ -191,3 +227,53 @@ def test_method_overrides_reach_every_method_that_has_the_key(tmp_path):
     path.write_text('methods = "all"\nmethod_overrides = { recno = { weight_iters = 7 } }\n')
     with pytest.raises(GaqError, match="method_overrides.recno"):
         load_benchmark(path)
+
+
+@pytest.mark.parametrize("broken", ["results_file", "store"])
+def test_unwritable_results_or_store_fail_before_any_cell(tmp_path, monkeypatch, capsys, broken):
+    path = tmp_path / "micro.toml"
+    path.write_text(MICRO)
+    results = tmp_path / "r"
+    monkeypatch.setenv("GAQ_CACHE", str(tmp_path / "cache"))
+    if broken == "results_file":
+        results.write_text("not a folder")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        expected = "--results: cannot write to"
+    else:
+        (tmp_path / "corrupt.db").write_bytes(b"this is not a sqlite database" * 100)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'corrupt.db'}")
+        expected = "corrupt.db cannot be used"
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert main(["bench", str(path), "--results", str(results)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "cache").exists()  # no calibration set was recorded
+    assert {p: p.read_bytes() for p in before} == before  # nothing damaged
+
+
+def test_a_cell_held_by_another_process_is_skipped_then_run(tmp_path, monkeypatch):
+    """Two sweeps on one results folder run each cell once: a cell whose lock another
+    process holds is skipped (flock locks conflict across open files, as across
+    processes), and runs once the lock is free."""
+    import fcntl
+
+    from gaq.bench.runner import Runner, cells
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("GAQ_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "micro.toml"
+    path.write_text(MICRO.replace('  { name = "ptqd"', '  # { name = "ptqd"'))
+    bench = load_benchmark(path)
+    logs = []
+    runner = Runner(bench, tmp_path / "r", log=logs.append)
+    rtn = next(c for c in cells(bench) if c.method.name == "rtn")
+    lock = runner.dir / ".running" / f"{runner.cell_id(rtn)}.lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        runner.run()
+    done = pd.read_parquet(runner.metrics_path)
+    assert set(done["method"]) == {"fp"}
+    assert any("rtn" in line and "running in another process" in line for line in logs)
+    Runner(bench, tmp_path / "r", log=logs.append).run()
+    assert set(pd.read_parquet(runner.metrics_path)["method"]) == {"fp", "rtn"}

@@ -516,6 +516,9 @@ def test_from_bits_rejects_malformed_labels(label: object) -> None:
         ("W9A8", "weight.bits must be an integer in 2..8 or None (off), got 9"),
         ("W4A12", "act.bits must be an integer in 2..8 or None (off), got 12"),
         ("W4A0", "act.bits must be an integer in 2..8 or None (off), got 0"),
+        # only 16 and 32 mean floating point; an absurd width is refused, not read as FP
+        ("W99A8", "weight.bits must be an integer in 2..8 or None (off), got 99"),
+        ("W4A64", "act.bits must be an integer in 2..8 or None (off), got 64"),
     ],
 )
 def test_from_bits_rejects_unsupported_widths(label: str, message: str) -> None:

@@ -45,3 +45,19 @@ def test_cli_sample_writes_grid(tiny_pipeline_dir, tmp_path, capsys):
     assert main(["sample", "--model", str(tiny_pipeline_dir), "--num", "4", "--steps", "2",
                  "--out", str(out)]) == 0
     assert out.stat().st_size > 0
+
+
+def test_cli_sample_refuses_non_finite_samples(tmp_path, tiny_unet, capsys):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    with torch.no_grad():
+        next(tiny_unet.parameters()).fill_(float("nan"))
+    path = tmp_path / "nan-ddpm"
+    DDPMPipeline(unet=tiny_unet, scheduler=DDPMScheduler(num_train_timesteps=1000)
+                 ).save_pretrained(path, safe_serialization=True)
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(path), "--num", "2", "--steps", "2",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("gaq: error:") and "2 of 2 samples are not finite" in err
+    assert not out.exists()

@@ -260,3 +260,42 @@ def test_unsupported_layer_is_refused(make_tiny_model):
     with pytest.raises(GaqError, match="Conv1d"):
         method("rtn").quantize(model, UNet2DAdapter(model), calib,
                                QuantConfig.from_bits("W8A8"))
+
+
+def test_range_settings_of_the_spec_reach_the_observers(make_tiny_model):
+    """mse_p, mse_grid and ema_momentum change what calibration computes: a one-point MSE
+    grid is min/max exactly, and the spec's values are what the quantizers hold."""
+    import dataclasses
+
+    from gaq.config import act_spec, weight_spec
+    from gaq.quant import FakeQuantizer
+    from gaq.quantize import freeze, quantize_model
+
+    def weight_quantizers(qmodel):
+        return [(n, m) for n, m in qmodel.named_modules()
+                if isinstance(m, FakeQuantizer) and ".weight_quantizers." in f".{n}."]
+
+    model = make_tiny_model("unet")
+    adapter = adapter_for(model)
+    base = QuantConfig.from_bits("W4A8")
+
+    def weight_scales(spec):
+        qmodel, _ = quantize_model(model, adapter, dataclasses.replace(base, weight=spec))
+        freeze(qmodel)
+        return {name: q.scale.clone() for name, q in weight_quantizers(qmodel)}
+
+    one_point = weight_scales(weight_spec(4, mse_grid=1))
+    minmax = weight_scales(weight_spec(4, range_init="max"))
+    searched = weight_scales(weight_spec(4))
+    assert one_point.keys() == minmax.keys()
+    assert all(torch.equal(one_point[n], minmax[n]) for n in minmax)
+    assert any(not torch.equal(searched[n], minmax[n]) for n in minmax)
+
+    qmodel, _ = quantize_model(model, adapter, dataclasses.replace(
+        base, weight=weight_spec(4, mse_p=3.0, mse_grid=7),
+        act=act_spec(8, range_init="ema", ema_momentum=0.5)))
+    kwargs = [q.observer_kwargs for _, q in weight_quantizers(qmodel)]
+    assert kwargs and all(k["p"] == 3.0 and k["grid"] == 7 for k in kwargs)
+    acts = [q for _, q in act_quantizers(qmodel) if not q.unsigned]  # softmax keeps min/max
+    assert acts and all(q.observer_name == "ema" and q.observer_kwargs == {"momentum": 0.5}
+                        for q in acts)

@@ -44,7 +44,8 @@ def _import_ray():
 
 
 def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
-              threads: int, crash_marker: str | None = None) -> dict[str, Any]:
+              threads: int, crash_marker: str | None = None,
+              force: bool = False) -> dict[str, Any]:
     """One cell in a Ray worker; returns what the driver logs and checks."""
     import torch
 
@@ -67,9 +68,12 @@ def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
         runner.engine = "ray"
     cell = cells(bench)[index]
     gpu_ids = _gpu_ids()
-    if cid in set(results.read(runner.metrics_path)["cell_id"]):
-        return {"index": index, "status": "skipped", "gpu_ids": gpu_ids}
-    shown = runner.run_cell(cell, cid)
+    with runner.claim(cid) as mine:
+        if not mine:  # another sweep on the same results folder is running it
+            return {"index": index, "status": "running elsewhere", "gpu_ids": gpu_ids}
+        if not force and cid in set(results.read(runner.metrics_path)["cell_id"]):
+            return {"index": index, "status": "skipped", "gpu_ids": gpu_ids}
+        shown = runner.run_cell(cell, cid)
     return {"index": index, "status": "done", "gpu_ids": gpu_ids, "threads": threads,
             "shown": shown, "pid": os.getpid()}
 
@@ -113,12 +117,13 @@ def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
         else:
             todo.append((i, cid))
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports by default
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     task = ray.remote(_run_cell).options(num_cpus=threads, num_gpus=gpus,
                                          max_retries=max_retries, retry_exceptions=True)
     crash = os.environ.get(CRASH_ONCE_ENV)
     pending = {task.remote(bench, str(runner.dir.parent), runner.device, i, cid, threads,
-                           crash): i for i, cid in todo}
+                           crash, runner.force): i for i, cid in todo}
     slots = int(ray.cluster_resources().get("CPU", 1) // threads)
     runner.log(f"ray: {len(pending)} cells as tasks ({threads} threads, {gpus:g} GPU each; "
                f"{slots} at a time on this cluster's CPUs)")

@@ -9,6 +9,7 @@ Parquet results is skipped, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,15 +180,49 @@ class Runner:
                 continue
             left = sum(1 for c in grid[i:] if self.cell_id(c) not in done)
             eta = f", ETA {(spent / ran) * (left + 1) / 60:.1f} min" if ran else ""
-            self.log(f"[{i}/{len(grid)}] {cell.label}{eta}")
-            start = time.perf_counter()
-            self.run_cell(cell, cid)
+            with self.claim(cid) as mine:
+                if not mine:
+                    self.log(f"[{i}/{len(grid)}] {cell.label}: running in another process, "
+                             "skipped")
+                    continue
+                if not self.force and cid in set(results.read(self.metrics_path)["cell_id"]):
+                    self.log(f"[{i}/{len(grid)}] {cell.label}: done by another process")
+                    continue
+                self.log(f"[{i}/{len(grid)}] {cell.label}{eta}")
+                start = time.perf_counter()
+                self.run_cell(cell, cid)
             spent += time.perf_counter() - start
             ran += 1
         if not self.world.main:
             return pd.DataFrame()
         self.write_reports()
         return results.read(self.metrics_path)
+
+    @contextlib.contextmanager
+    def claim(self, cid: str) -> Iterator[bool]:
+        """Hold cell ``cid`` for this process: yields False when another process (a second
+        sweep on the same results folder) is running it, so each cell runs once. An
+        advisory lock, released when the process ends however it ends; on Windows and
+        under torchrun (whose ranks must agree) every cell is claimed."""
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is None or (self.world is not None and self.world.distributed):
+            yield True
+            return
+        lock = self.dir / ".running" / f"{cid}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def join_local(self) -> None:
         """Run single cells in this process without a torchrun job (a Ray engine worker,
@@ -196,7 +232,8 @@ class Runner:
         self.world = World()
 
     def preflight(self) -> None:
-        """Fail before any work: every model loads, its feature space and reference exist."""
+        """Fail before any work: the device exists, every model loads, its feature space and
+        reference exist, the results folder and the MLflow store take writes."""
         from gaq import dist
         from gaq.bench.spec import IMAGE_METRICS
         from gaq.device import check_device
@@ -235,6 +272,23 @@ class Runner:
                 if not Path(ref).is_dir():
                     raise GaqError(f"{self.bench.path}: key 'eval.reference' names {ref}, "
                                    "which is not a folder")
+        if self.world.main:
+            self._check_writable()  # last: a failed check above leaves nothing behind
+
+    def _check_writable(self) -> None:
+        """The results folder and the MLflow store take writes, checked before any work
+        (a failure there would otherwise cost a cell's calibration and sampling)."""
+        from gaq.bench.tracking import check_store
+
+        folder = self.dir
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".gaq-write-check-"):
+                pass
+        except OSError as e:
+            raise GaqError(f"--results: cannot write to {folder} ({e.strerror or e}); choose "
+                           "a writable folder") from None
+        check_store(f"gaq-{self.bench.name}")
 
     @property
     def metrics_path(self) -> Path:
@@ -292,6 +346,15 @@ class Runner:
     def run_cell(self, cell: Cell, cid: str) -> dict[str, float] | None:
         """Run one cell, log it to MLflow and append it to the results; returns the headline
         metrics it logged (None on a non-main torchrun rank)."""
+        # the cell's state files live in a temp folder until MLflow has copied them; it goes
+        # however the cell ends
+        state_dir = Path(tempfile.mkdtemp(prefix="gaq-state-"))
+        try:
+            return self._run_cell(cell, cid, state_dir)
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+    def _run_cell(self, cell: Cell, cid: str, state_dir: Path) -> dict[str, float] | None:
         from gaq.bench import results
         from gaq.bench.provenance import provenance
         from gaq.bench.tracking import log_run
@@ -304,7 +367,6 @@ class Runner:
         metrics: dict[str, float] = {}
         report = None
         diagnostics: dict[str, pd.DataFrame] = {}
-        state_dir = Path(tempfile.mkdtemp(prefix="gaq-state-"))
         on_cuda = torch.device(self.device).type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -348,8 +410,7 @@ class Runner:
         elif "psnr" in wanted and ctx._fp_images.get(cell.seed) is None:
             ctx._fp_images[cell.seed] = self._sample(ctx, denoiser, cell.seed, None)[0]
         if not self.world.main:  # metrics, artifacts and results are rank 0's
-            shutil.rmtree(state_dir, ignore_errors=True)
-            return
+            return None
         from gaq.sampling import to_uint8
 
         gen = to_uint8(images)
@@ -409,9 +470,9 @@ class Runner:
                 "model": cell.model, "method": cell.method.row, "preset": cell.method.preset,
                 "bits": cell.bits, "w_bits": w_bits, "a_bits": a_bits, "seed": cell.seed,
                 "setup": setup}
-        rows = [base | {"metric": k, "value": float(v)} for k, v in metrics.items()]
-        results.append(self.metrics_path, pd.DataFrame(rows))
-        # the columns that tie a curve or diagnostic row to its cell
+        # the columns that tie a curve or diagnostic row to its cell; the metric rows go
+        # last: they mark the cell done, so a cell killed before them is re-run, and the
+        # rerun's rows replace what the killed attempt appended (same cell id)
         keys = ("run_id", "cell_id", "benchmark", "model", "method", "bits", "seed")
         for name, frame in diagnostics.items():
             for k in reversed(keys):
@@ -422,6 +483,8 @@ class Runner:
                     | {"curve": name, "timestep": int(t), "value": float(v)}
                     for name, curve in curves.items() for t, v in curve.items()]
             results.append(self.curves_path, pd.DataFrame(crow))
+        rows = [base | {"metric": k, "value": float(v)} for k, v in metrics.items()]
+        results.append(self.metrics_path, pd.DataFrame(rows))
         shown = {k: round(v, 4) for k, v in metrics.items()
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
         self.log(f"    {shown}")

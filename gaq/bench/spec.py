@@ -4,6 +4,7 @@ work starts. A malformed file is rejected naming the file, the key and the probl
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -70,6 +71,10 @@ class SamplerSpec(Config):
         return lines
 
 
+#: More images than any protocol asks for (FID-50k is the largest): a typo, not a plan.
+MAX_IMAGES = 1_000_000
+
+
 @dataclass(frozen=True)
 class EvalSpec(Config):
     VERSION: ClassVar[int] = 1
@@ -88,8 +93,16 @@ class EvalSpec(Config):
         positive_int("num_images", self.num_images)
         positive_int("batch_size", self.batch_size)
         non_negative_int("heldout_trajectories", self.heldout_trajectories)
+        if self.num_images > MAX_IMAGES:
+            raise ConfigError("num_images", f"must be at most {MAX_IMAGES:,}, got "
+                              f"{self.num_images:,}")
         if not self.seeds:
             raise ConfigError("seeds", "must list at least one seed")
+        for s in self.seeds:  # numpy and torch generators take 0..2^32-1
+            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**32:
+                raise ConfigError("seeds", f"must be integers in 0..{2**32 - 1}, got {s!r}")
+        if len(set(self.seeds)) < len(self.seeds):
+            raise ConfigError("seeds", f"lists a seed more than once: {list(self.seeds)}")
         for m in self.metrics:
             if m not in ALL_METRICS:
                 raise ConfigError("metrics",
@@ -245,6 +258,9 @@ def load_benchmark(path: str | Path) -> Benchmark:
         raise GaqError(f"{path}: {e}") from None
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 def _parse(path: Path, raw: dict) -> Benchmark:
     _unknown("", raw, _TOP)
     bench = raw.get("benchmark", {})
@@ -272,6 +288,10 @@ def _parse(path: Path, raw: dict) -> Benchmark:
             QuantConfig.from_bits(b)
         except (ConfigError, ValueError) as e:
             raise ConfigError("bits", f"has {b!r}: {e}") from None
+    for key, values in (("models", models), ("bits", [str(b).upper() for b in bits])):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ConfigError(key, f"lists {', '.join(twice)} more than once")
     setup = raw.get("setup", {})
     _unknown("setup.", setup, _SETUP)
     if setup.get("engine", "local") not in ENGINES:
@@ -280,8 +300,16 @@ def _parse(path: Path, raw: dict) -> Benchmark:
     threads = setup.get("threads", 1)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ConfigError("setup.threads", f"must be a positive integer, got {threads!r}")
+    name = bench.get("name", path.stem)
+    # the name is a folder under --results and a file stem under tables/ and plots/
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        default = "" if "name" in bench else " (by default the file name)"
+        raise ConfigError("benchmark.name",
+                          f"{name!r}{default} is not a usable name: letters, digits, '.', '_' "
+                          "and '-' only, starting with a letter or digit (it names a results "
+                          "folder)")
     return Benchmark(
-        name=bench.get("name", path.stem), path=path, description=bench.get("description", ""),
+        name=name, path=path, description=bench.get("description", ""),
         models=tuple(models), model_key=bench.get("model_key", ""), sampler=sampler,
         calibration=calibration, eval=ev, bits=tuple(bits),
         methods=_methods(raw.get("methods", "all"),

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CELL_ID_TAG",
     "artifact_root",
+    "check_store",
     "find_run",
     "flatten",
     "log_run",
@@ -80,6 +81,8 @@ def _quiet() -> None:
 
 
 def _client(uri: str) -> MlflowClient:
+    # no usage reports leave the machine unless the user asks for them
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
     _quiet()  # after the import: importing mlflow configures (and resets) its loggers
@@ -223,6 +226,35 @@ def log_run(
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def check_store(experiment: str) -> str:
+    """Open the tracking store and create ``experiment`` in it (idempotent), before any
+    work: a bad ``MLFLOW_TRACKING_URI``, an unreadable or corrupt database or a read-only
+    folder is one line here, not a traceback after the first cell's calibration. Returns
+    the experiment id."""
+    from gaq.errors import GaqError
+
+    uri = tracking_uri()
+    try:
+        exp_id = _experiment_id(_client(uri), uri, experiment, create=True)
+    except Exception as e:  # any store failure: name the store and how to fix it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GaqError(f"MLflow store {uri} cannot be used ({type(e).__name__}: "
+                       f"{first[:200]}); fix it or set MLFLOW_TRACKING_URI to another store, "
+                       "e.g. sqlite:///mlflow.db") from None
+    location = artifact_root(uri)
+    if location is not None:  # artifacts are copied there after every cell
+        folder = Path(unquote(urlparse(location).path))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".gaq-write-check-"):
+                pass
+        except OSError as e:
+            raise GaqError(f"MLflow artifact folder {folder} is not writable ({e.strerror}); "
+                           "fix its permissions or set MLFLOW_TRACKING_URI to another store"
+                           ) from None
+    return exp_id
 
 
 def find_run(experiment: str, cell_id: str) -> str | None:

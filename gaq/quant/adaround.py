@@ -135,14 +135,16 @@ class AdaRoundQuantizer(nn.Module):
 
 
 def annealed_beta(
-    step: int, total: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0
+    count: int, total: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0
 ) -> float | None:
-    """AdaRound's β schedule: ``None`` (no rounding term) during the first ``warmup`` fraction
-    of ``total`` steps, then linear decay from ``start`` to ``end``."""
+    """AdaRound's β schedule at iteration ``count`` of ``total``, counted from 1 as the
+    BRECQ / Q-Diffusion / TFMQ-DM loss counts its calls: ``None`` (no rounding term) while
+    ``count < warmup·total``, then linear decay from ``start`` to ``end``, reached at the
+    last iteration."""
     if total < 1:
         raise ValueError(f"total must be positive, got {total}")
     begin = warmup * total
-    if step < begin:
+    if count < begin:
         return None
-    progress = (step - begin) / max(total - begin, 1)
+    progress = (count - begin) / max(total - begin, 1)
     return end + (start - end) * max(0.0, 1.0 - progress)

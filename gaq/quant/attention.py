@@ -55,14 +55,17 @@ class QuantAttnProcessor(nn.Module):
         observer: str = "max",
         softmax_observer: str = "max",
         per_timestep: bool = False,
+        observer_kwargs: dict | None = None,
     ) -> QuantAttnProcessor:
-        """q/k/v at ``bits`` (per tensor), softmax output unsigned with ``z = 0`` at
-        ``softmax_bits``; ``None`` keeps the operand(s) in full precision."""
+        """q/k/v at ``bits`` (per tensor; ``observer`` with ``observer_kwargs``), softmax
+        output unsigned with ``z = 0`` at ``softmax_bits``; ``None`` keeps the operand(s) in
+        full precision."""
 
         def qkv() -> FakeQuantizer | None:
             if bits is None:
                 return None
-            return FakeQuantizer(bits, symmetric, observer=observer, per_timestep=per_timestep)
+            return FakeQuantizer(bits, symmetric, observer=observer, per_timestep=per_timestep,
+                                 observer_kwargs=observer_kwargs)
 
         probs = None
         if softmax_bits is not None:

@@ -310,31 +310,35 @@ def quantize_layer(
     act_per_timestep: bool = False,
     split: int | None = None,
     weight_axis: int | None = 0,
+    weight_observer_kwargs: dict | None = None,
+    act_observer_kwargs: dict | None = None,
 ) -> QuantLayer:
     """Wrap an ``nn.Linear``/``nn.Conv2d`` with fresh quantizers (``split``: a
     :class:`SplitQuantConv2d`).
 
     Weights: per output channel (``weight_axis=None``: per tensor, as PTQD's code);
-    inputs: per tensor (``act_bits=None``: FP input).
+    inputs: per tensor (``act_bits=None``: FP input). ``*_observer_kwargs`` go to the
+    range observers (``p`` and ``grid`` of ``mse``, ``momentum`` of ``ema``).
     """
 
     def act() -> FakeQuantizer | None:
         if act_bits is None:
             return None
         return FakeQuantizer(
-            act_bits, act_symmetric, None, observer=act_observer, per_timestep=act_per_timestep
+            act_bits, act_symmetric, None, observer=act_observer, per_timestep=act_per_timestep,
+            observer_kwargs=act_observer_kwargs,
         )
+
+    def weight() -> FakeQuantizer:
+        return make_weight_quantizer(weight_bits, weight_symmetric, weight_axis, weight_observer,
+                                     **(weight_observer_kwargs or {}))
 
     if split is not None:
         if not isinstance(module, nn.Conv2d):
             raise TypeError("only a Conv2d can be split")
         acts = None if act_bits is None else [act(), act()]
-        weights = [
-            make_weight_quantizer(weight_bits, weight_symmetric, weight_axis, weight_observer)
-            for _ in range(2)
-        ]
-        return SplitQuantConv2d(module, split, weights, acts)
-    weight_q = make_weight_quantizer(weight_bits, weight_symmetric, weight_axis, weight_observer)
+        return SplitQuantConv2d(module, split, [weight(), weight()], acts)
+    weight_q = weight()
     if isinstance(module, nn.Conv2d):
         return QuantConv2d(module, weight_q, act())
     if isinstance(module, nn.Linear):

@@ -56,11 +56,10 @@ def test_regulariser_decreases_with_beta_annealing() -> None:
     w, rtn = _weight_and_rtn()
     ada = AdaRoundQuantizer.from_quantizer(rtn, w)
     total = 100
-    betas = [annealed_beta(step, total) for step in range(total)]
-    assert betas[:20] == [None] * 20  # warm-up: no rounding term
+    betas = [annealed_beta(count, total) for count in range(1, total + 1)]
+    assert betas[:19] == [None] * 19  # warm-up: no rounding term before the 20th iteration
     decaying = [b for b in betas if b is not None]
-    assert decaying[0] == 20 and decaying[-1] > 2
-    assert annealed_beta(total, total) == 2
+    assert decaying[0] == 20 and decaying[-1] == 2
     assert all(a >= b for a, b in zip(decaying, decaying[1:], strict=False))
     with torch.no_grad():
         regs = [float(ada.rounding_regularizer(b)) for b in decaying]
@@ -108,3 +107,31 @@ def test_half_cast_keeps_grid_exact() -> None:
     assert ada.scale.dtype == ada.w_floor.dtype == torch.float32
     assert ada.alpha.dtype == torch.float16
     assert torch.equal(ada.fold(), folded)
+
+
+def _authors_beta(count: int, total: int, warmup: float, start: float, end: float):
+    """The released BRECQ/Q-Diffusion schedule, restated: their loss increments a counter
+    before each use (1-based), skips the rounding term while counter < warmup*total, and
+    decays β linearly from start to end between warmup*total and total."""
+    if count < total * warmup:
+        return None
+    rel = (count - total * warmup) / (total - total * warmup)
+    return end + (start - end) * max(0.0, 1 - rel)
+
+
+def test_reconstruction_anneals_beta_as_the_authors_count(monkeypatch) -> None:
+    import gaq.reconstruction as recon
+
+    seen = []
+
+    def recording(count, total, warmup, start, end):
+        seen.append(annealed_beta(count, total, warmup, start, end))
+        return seen[-1]
+
+    monkeypatch.setattr(recon, "annealed_beta", recording)
+    w, rtn = _weight_and_rtn()
+    ada = AdaRoundQuantizer.from_quantizer(rtn, w)
+    cfg = recon.ReconConfig(weight_iters=200, warmup=0.2, beta_start=20.0, beta_end=2.0)
+    recon.adaround([ada], lambda: (ada() - w).pow(2).sum(), cfg)
+    assert seen == [_authors_beta(c, 200, 0.2, 20.0, 2.0) for c in range(1, 201)]
+    assert seen[38] is None and seen[39] == 20.0 and seen[-1] == 2.0
