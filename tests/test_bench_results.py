@@ -387,3 +387,20 @@ def test_a_rerun_under_a_new_cell_id_supersedes_the_old_curves():
     orphan = pd.DataFrame({"cell_id": ["pending"], "value": [4.0]})
     assert list(results.current(orphan, metrics)["value"]) == [4.0]
     assert list(results.current(curves, metrics.iloc[0:0])["value"]) == [1.0, 2.0, 3.0]
+
+
+def test_noise_table_keeps_models_apart():
+    """Two models with different schedules: each gets its own table, its rows are its own
+    means, and its step count is its own (never the models' steps pooled)."""
+    from gaq.bench.noise import noise_table
+
+    rows = []
+    for model, steps, scale in (("pixel", 10, 1.0), ("latent", 4, 100.0)):
+        for t in range(steps):
+            for curve, value in (("eps_mse", scale * (t + 1)), ("noise_k", -0.01 * scale)):
+                rows.append({"model": model, "method": "rtn", "bits": "W4A8", "seed": 0,
+                             "curve": curve, "timestep": t * 100, "value": value})
+    md = noise_table(pd.DataFrame(rows), "micro")
+    pixel, latent = md.split("## pixel")[1], md.split("## latent")[1].split("## pixel")[0]
+    assert "| RTN | W4A8 | 5.50000 |" in pixel and "0/10 |" in pixel
+    assert "| RTN | W4A8 | 250.00000 |" in latent and "0/4 |" in latent

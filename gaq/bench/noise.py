@@ -23,15 +23,16 @@ def _row(label: str, bits: str, mse: pd.Series, k: pd.Series) -> str:
 
 
 def noise_table(curves: pd.DataFrame, benchmark: str) -> str | None:
-    """Markdown, or None when the curves hold no ``noise_k`` (results older than it)."""
+    """Markdown, or None when the curves hold no ``noise_k`` (results older than it). One
+    table per model: models differ in schedule and step count, so their steps never pool."""
     if curves.empty:
         return None
     quant = curves[~curves["method"].map(labels.is_fp)]
     if not (quant["curve"] == "noise_k").any():
         return None
-    # one value per (method, bits, curve, timestep): the mean over seeds
-    mean = quant.groupby(["method", "bits", "curve", "timestep"])["value"].mean()
-    measured = set(mean.index.droplevel("timestep"))
+    if "model" not in quant:
+        quant = quant.assign(model="")
+    models = sorted(quant["model"].unique())
     lines = [f"# {benchmark}: quantization noise against FP, per sampler step", "",
              "On held-out FP trajectories (every sampler step). k_t is the least-squares slope "
              "of the noise-prediction error ε_q − ε_FP on ε_FP at step t (PTQD's "
@@ -39,9 +40,19 @@ def noise_table(curves: pd.DataFrame, benchmark: str) -> str | None:
              "the ε the sampler uses, after the method's correction; \"before correction\" "
              "rows are the same model without it (shown where the correction changes ε). "
              "ε-MSE is the mean over steps; the last step (smallest t, where x_t holds almost "
-             "no noise) is shown apart because it can dominate that mean. Means over seeds.",
-             "",
-             "| method | bits | ε-MSE | ε-MSE, last step | mean k_t | min k_t | max k_t "
+             "no noise) is shown apart because it can dominate that mean. Means over seeds."]
+    for model in models:
+        if len(models) > 1:
+            lines += ["", f"## {model}"]
+        lines += ["", *_model_rows(quant[quant["model"] == model])]
+    return "\n".join(lines) + "\n"
+
+
+def _model_rows(quant: pd.DataFrame) -> list[str]:
+    # one value per (method, bits, curve, timestep): the mean over seeds
+    mean = quant.groupby(["method", "bits", "curve", "timestep"])["value"].mean()
+    measured = set(mean.index.droplevel("timestep"))
+    lines = ["| method | bits | ε-MSE | ε-MSE, last step | mean k_t | min k_t | max k_t "
              "| max \\|k_t\\| | steps with k_t > 0 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     methods = labels.method_order(quant["method"])
@@ -56,4 +67,4 @@ def noise_table(curves: pd.DataFrame, benchmark: str) -> str | None:
                 if suffix and mse.equals(mean.loc[(method, bits, "eps_mse")]):
                     continue  # the correction left eps as it was (e.g. switched off)
                 lines.append(_row(labels.method_label(method) + note, bits, mse, k))
-    return "\n".join(lines) + "\n"
+    return lines
