@@ -91,10 +91,11 @@ def train_default(session: nox.Session) -> None:
 
 @nox.session(name="bench-w4a8", default=False)
 def bench_w4a8(session: nox.Session) -> None:
-    """The main job: every registered method at W4A8 on the bundled model.
+    """The main job: every registered method at W4A8 on the three bundled models, computed
+    into runs/w4a8 and compared with the committed reference in results/w4a8.
 
     Runs benchmarks/w4a8.toml; extra arguments go to `gaq bench`
-    (e.g. `nox -s bench-w4a8 -- --num-images 128 --seeds 0`).
+    (e.g. `nox -s bench-w4a8 -- --methods rtn,gaq`).
     """
     _env(session)
     session.run(_bin("gaq"), "bench", "benchmarks/w4a8.toml", *session.posargs, external=True)
@@ -133,6 +134,15 @@ def perf(session: nox.Session) -> None:
     session.run(_bin("gaq"), "perf", *session.posargs, external=True)
 
 
+@nox.session(name="update-reference", default=False)
+def update_reference(session: nox.Session) -> None:
+    """Make a benchmark's run the committed reference (default: the main job):
+    nox -s update-reference -- benchmarks/gaq.toml."""
+    _env(session)
+    args = session.posargs or ["benchmarks/w4a8.toml"]
+    session.run(_bin("gaq"), "bench", *args, "--update-reference", external=True)
+
+
 @nox.session(name="gpu-smoke", default=False)
 def gpu_smoke(session: nox.Session) -> None:
     """Every registered method on each bundled model family on CUDA; skips without a GPU.
@@ -146,5 +156,4 @@ def gpu_smoke(session: nox.Session) -> None:
     if int(str(count).strip().splitlines()[-1]) == 0:
         session.skip("gpu-smoke: torch sees no CUDA GPU on this machine; run it where one is")
     args = session.posargs or ["--device", "cuda"]
-    session.run(_bin("gaq"), "bench", "benchmarks/gpu-smoke.toml", "--results", "runs/gpu-smoke",
-                *args, external=True)
+    session.run(_bin("gaq"), "bench", "benchmarks/gpu-smoke.toml", *args, external=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from gaq.errors import GaqError
 
-RESULTS = Path("results")
+RESULTS = Path("results")  # the committed reference
+WORKING = Path("runs")  # what benchmark runs write
 
 
 def _train_default(args: argparse.Namespace) -> None:
@@ -185,6 +186,45 @@ def _bench(args: argparse.Namespace) -> None:
             torch.set_num_threads(threads)
         runner.run()
     print(f"results: {Path(args.results) / bench.name}; tables: {Path(args.results) / 'tables'}")
+    _against_reference(args, runner)
+
+
+def _against_reference(args: argparse.Namespace, runner) -> None:
+    """Compare the run with the committed reference (the summary is the last line printed),
+    and with --update-reference make the run the reference."""
+    from gaq.bench import reproduce, results
+    from gaq.bench.plots import write_plots
+    from gaq.bench.tables import write_tables
+
+    if runner.world is not None and not runner.world.main:
+        return  # under torchrun, rank 0 reports
+    name = runner.bench.name
+    run_dir, ref_root = Path(args.results) / name, Path(args.reference)
+    ref_dir = ref_root / name
+    if run_dir.resolve() == ref_dir.resolve():
+        print("this run wrote into the reference itself; nothing to compare against")
+        return
+    if args.update_reference:
+        seeds = [max(runner.bench.eval.seeds) + 1 + i for i in range(reproduce.FLOOR_SEEDS)]
+        print(f"measuring the noise floor: FP at seeds {seeds[0]}..{seeds[-1]} per model")
+        floor = reproduce.noise_floor(runner, seeds)
+        reproduce.update_reference(run_dir, ref_dir, floor)
+        write_tables(ref_root, name, ref_root / "tables",
+                     model_key=runner.bench.model_key or None)
+        write_plots(ref_root, name, ref_root / "plots")
+        print(f"reference updated: {ref_dir} (tables and plots under {ref_root})")
+        return
+    reference = reproduce.reference_metrics(ref_dir)
+    if reference.empty:
+        print(f"no reference under {ref_dir}: nothing to compare against (make this run the "
+              "reference with --update-reference)")
+        return
+    table = reproduce.compare(results.read(runner.metrics_path), reference,
+                              reproduce.read_floor(ref_dir))
+    out = Path(args.results) / "tables" / f"{name}_reproduction.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(reproduce.report(table, name, ref_dir), encoding="utf-8")
+    print(f"{reproduce.summary(table)} ({out})")
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -326,7 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="intra-op threads per cell (with --engine ray "
                    "also the CPUs each task reserves); default: the file's setup.threads, else "
                    "torch's own count")
-    b.add_argument("--results", default=str(RESULTS))
+    b.add_argument("--results", default=str(WORKING),
+                   help="the working store this run writes and resumes from (default: runs)")
+    b.add_argument("--reference", default=str(RESULTS),
+                   help="the committed reference results the run is compared with at the end "
+                   "(default: results)")
+    b.add_argument("--update-reference", action="store_true",
+                   help="after the run, make it the reference: copy its results into "
+                   "--reference, measure the noise floor, regenerate the reference tables")
     b.set_defaults(func=_bench)
 
     for name, fn, what in (("tables", _tables, "Markdown and LaTeX tables"),

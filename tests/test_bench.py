@@ -277,3 +277,56 @@ def test_a_cell_held_by_another_process_is_skipped_then_run(tmp_path, monkeypatc
     assert any("rtn" in line and "running in another process" in line for line in logs)
     Runner(bench, tmp_path / "r", log=logs.append).run()
     assert set(pd.read_parquet(runner.metrics_path)["method"]) == {"fp", "rtn"}
+
+
+def test_a_run_reproduces_the_reference_it_made(tmp_path, monkeypatch, capsys):
+    """The committed results are the reference: a run writes only its working store; with
+    --update-reference it becomes the reference (with a measured noise floor); a second
+    run from scratch on this machine then reproduces every judged value exactly."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("GAQ_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "micro.toml"
+    path.write_text(MICRO.replace('  { name = "ptqd"', '  # { name = "ptqd"'))
+    ref = tmp_path / "reference"
+    args = ["bench", str(path), "--reference", str(ref)]
+    assert main([*args, "--results", str(tmp_path / "run1")]) == 0
+    assert "no reference under" in capsys.readouterr().out
+    assert not ref.exists()  # a run never writes into the reference
+    assert main([*args, "--results", str(tmp_path / "run1"), "--update-reference"]) == 0
+    assert (ref / "micro" / "metrics.parquet").exists()
+    floor = pd.read_parquet(ref / "micro" / "noise_floor.parquet")
+    assert set(floor["metric"]) >= {"fid", "kid", "precision", "recall"}
+    assert (floor["n"] == 6).all() and (floor.set_index("metric")["sd"]["fid"] > 0)
+    assert (ref / "tables" / "micro.md").exists()
+    before = (ref / "micro" / "metrics.parquet").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--results", str(tmp_path / "run2")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("reproduction against the reference:") and "differs" not in last
+    assert "identical" in last and "within noise" not in last, last
+    report = (tmp_path / "run2" / "tables" / "micro_reproduction.md").read_text()
+    assert "Every judged value is identical to the reference." in report
+    assert (ref / "micro" / "metrics.parquet").read_bytes() == before
+
+
+def test_reproduction_verdicts_follow_the_noise_floor():
+    from gaq.bench import reproduce
+
+    base = {"model": "m", "method": "rtn", "bits": "W4A8", "seed": 0}
+    ref = pd.DataFrame([base | {"metric": "fid", "value": 10.0},
+                        base | {"metric": "kid", "value": 1.0},
+                        base | {"metric": "psnr", "value": 30.0},
+                        base | {"metric": "calibration_seconds", "value": 5.0}])
+    run = ref.copy()
+    run["value"] = [10.5, 3.0, 30.0, 9.0]
+    new = pd.DataFrame([base | {"method": "gaq", "metric": "fid", "value": 8.0}])
+    floor = pd.DataFrame({"model": ["m", "m"], "metric": ["fid", "kid"], "n": [6, 6],
+                          "sd": [0.4, 0.2]})
+    table = reproduce.compare(pd.concat([run, new]), ref, floor).set_index(["method", "metric"])
+    assert table.loc[("rtn", "fid"), "verdict"] == "within noise"  # 0.5 <= 2 x 0.4
+    assert table.loc[("rtn", "kid"), "verdict"] == "differs"  # 2.0 > 2 x 0.2
+    assert table.loc[("rtn", "psnr"), "verdict"] == "identical"
+    assert table.loc[("rtn", "calibration_seconds"), "verdict"] == "cost"
+    assert table.loc[("gaq", "fid"), "verdict"] == "new"
+    line = reproduce.summary(table.reset_index())
+    assert "1 identical, 1 within noise, 1 differs, 1 new" in line

@@ -197,12 +197,16 @@ def sample_grids(paths: Mapping[str, Path], out: str | Path) -> list[Path]:
         raise ValueError("sample_grids needs at least one image")
     images = [mpimg.imread(p) for _, p in items]
     n = len(images)
-    width = COLUMN_WIDTH if n <= 3 else PAGE_WIDTH
+    # at most four grids a row, so each stays large enough to read a digit and each title
+    # has a quarter of the page; more methods wrap onto further rows
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    width = COLUMN_WIDTH if n <= 2 else PAGE_WIDTH
     aspect = max(img.shape[0] / img.shape[1] for img in images)
     with _style():
-        fig = _figure(width, width / n * aspect + 0.25)
+        fig = _figure(width, rows * (width / cols * aspect + 0.3))
         for i, ((method, _), img) in enumerate(zip(items, images, strict=True)):
-            ax = fig.add_subplot(1, n, i + 1)
+            ax = fig.add_subplot(rows, cols, i + 1)
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
             ax.set_title(labels.method_label(method))
             ax.set_axis_off()

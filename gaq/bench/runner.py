@@ -320,6 +320,14 @@ class Runner:
         images = self.world.gather_batches(local, len(layout))
         return images, time.perf_counter() - start
 
+    def class_accuracy(self, ctx: _ModelContext, images: torch.Tensor) -> float:
+        """The share of ``images`` the bundled classifier reads as the class each was asked
+        for (image ``i`` is asked for the class the conditioning assigns to index ``i``)."""
+        from gaq.eval.digits import digit_likeness
+
+        requested = ctx.pipe.conditioning.label_of(torch.arange(len(images)))
+        return float(digit_likeness(images, labels=requested)["class_accuracy"])
+
     def _heldout(self, ctx: _ModelContext, seed: int):
         from gaq.calibration import CalibrationSpec, record_calibration
 
@@ -422,10 +430,7 @@ class Runner:
             paired = paired_metrics(images, ctx._fp_images[cell.seed])
             metrics.update({k: float(v) for k, v in paired.items() if _is_number(v)})
         if "class_acc" in wanted and ctx.judges_classes:
-            from gaq.eval.digits import digit_likeness
-
-            requested = ctx.pipe.conditioning.label_of(torch.arange(len(images)))
-            metrics["class_acc"] = digit_likeness(images, labels=requested)["class_accuracy"]
+            metrics["class_acc"] = self.class_accuracy(ctx, images)
         curves: dict[str, pd.Series] = {}
         if "eps_mse" in wanted and self.bench.eval.heldout_trajectories > 0:
             curves = self._noise_curves(ctx, qmodel, cell.seed, hook)

@@ -167,8 +167,35 @@ def _number(metric: str, mean: float, ci: float, pm: str) -> str:
     return f"{mean:.{d}f}" if math.isnan(ci) else f"{mean:.{d}f}{pm}{ci:.{d}f}"
 
 
+def _floor_markdown(folder: Path) -> str:
+    """The reference's noise floor (FP's standard deviation across seeds), so a reader
+    sees which differences in the tables above can be resolved at all."""
+    from gaq.bench.reproduce import FLOOR_SDS, read_floor
+
+    floor = read_floor(folder)
+    if floor is None or floor.empty:
+        return ""
+    shown = [m for m in ("fid", "kid", "precision", "recall", "class_acc")
+             if m in set(floor["metric"])]
+    wide = floor.pivot(index="model", columns="metric", values="sd")
+    n = int(floor["n"].max())
+    lines = ["", f"Noise floor: FP's standard deviation across {n} further seeds at this image "
+             f"count. A gap between two one-seed rows is resolved only above about "
+             f"{FLOOR_SDS * 2 ** 0.5:.1f}× it (two values, 95 %); rows sampled from the same "
+             "noise are correlated, so this is conservative.", "",
+             "| model | " + " | ".join(labels.metric_label(m) for m in shown) + " |",
+             "|---|" + "---:|" * len(shown)]
+    for model, row in wide.iterrows():
+        cells = ["–" if pd.isna(row.get(m)) else f"{row[m]:.{labels.decimals(m)}f}"
+                 for m in shown]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _seeds_note(t: TableData) -> str:
     lo, hi = t.seeds
+    if hi == 1:  # nothing to average: say so instead of "over n = 1 seeds"
+        return "one seed per value, no interval"
     n = f"{lo}" if lo == hi else f"{lo}–{hi}"
     return f"mean ± 95 % CI half-width over n = {n} seeds (Student t); a bare number is n = 1"
 
@@ -288,6 +315,7 @@ def write_tables(
     else:
         md = f"## {benchmark}\n\nNo results with table metrics yet.\n"
         tex = f"% {benchmark}: no results with table metrics yet\n"
+    md += _floor_markdown(Path(results_dir) / benchmark)
     paths = [out_dir / f"{benchmark}.md", out_dir / f"{benchmark}.tex"]
     paths[0].write_text(md, encoding="utf-8")
     paths[1].write_text(tex, encoding="utf-8")
