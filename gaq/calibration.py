@@ -546,8 +546,12 @@ def _scheduler_json(scheduler: Any) -> str:
 
 def calibration_key(pipe: Pipeline, spec: CalibrationSpec, *, model_id: str) -> str:
     """Content hash naming a calibration set: model id, denoiser weights, schedule, spec,
-    and the conditioning source (its description and the weights of its encoders)."""
+    the conditioning source (its description and the weights of its encoders), and where it
+    is computed: on the CPU the recorded floats depend on the intra-op thread count, so a
+    set recorded at two threads never stands in for one a one-thread run would record."""
     cond = pipe.conditioning
+    device = next(pipe.denoiser.parameters()).device.type
+    compute = f"cpu x{torch.get_num_threads()}" if device == "cpu" else device
     encoders = [m for m in (getattr(cond, "embedder", None), getattr(cond, "text_encoder", None))
                 if m is not None]
     identity = {
@@ -558,6 +562,7 @@ def calibration_key(pipe: Pipeline, spec: CalibrationSpec, *, model_id: str) -> 
         "spec": spec.data_fingerprint(),
         "conditioning": cond.identity(),
         "conditioning_weights": [state_dict_digest(m) for m in encoders],
+        "compute": compute,
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]

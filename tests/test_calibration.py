@@ -122,6 +122,20 @@ def test_batch_size_does_not_change_the_set(tiny_unet, sched):
     assert a == b
 
 
+def test_cpu_thread_count_names_a_different_set(tiny_unet, sched):
+    # the recorded floats depend on the thread count: a set recorded at 2 threads must not
+    # be reused by a 1-thread run that is compared bit for bit with a 1-thread reference
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = calibration_key(Pipeline(tiny_unet, sched), spec(), model_id=MODEL_ID)
+        torch.set_num_threads(2)
+        two = calibration_key(Pipeline(tiny_unet, sched), spec(), model_id=MODEL_ID)
+    finally:
+        torch.set_num_threads(before)
+    assert one != two
+
+
 # ------------------------------------------------------------------- gaussian protocol
 
 
