@@ -632,6 +632,15 @@ class QuantConfig(Config):
 
     def validate(self) -> None:
         _check_bits("softmax_bits", self.softmax_bits, 16)
+        if self.weight.bits is None and self.act.bits is not None:
+            # every quantized layer quantizes its weights (QuantConv2d/QuantLinear): refuse
+            # here, not with a TypeError after the calibration set is recorded
+            raise ConfigError(
+                "weight.bits",
+                f"is None (floating point) while act.bits is {self.act.bits}: activation-only "
+                "quantization (e.g. W32A8) is not supported; quantize weights too (W8A8) or "
+                "keep activations in floating point (W4A32)",
+            )
         if self.attention and self.act.bits is None:
             raise ConfigError(
                 "attention",

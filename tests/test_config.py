@@ -519,6 +519,9 @@ def test_from_bits_rejects_malformed_labels(label: object) -> None:
         # only 16 and 32 mean floating point; an absurd width is refused, not read as FP
         ("W99A8", "weight.bits must be an integer in 2..8 or None (off), got 99"),
         ("W4A64", "act.bits must be an integer in 2..8 or None (off), got 64"),
+        ("W32A8", "weight.bits is None (floating point) while act.bits is 8: activation-only "
+                  "quantization (e.g. W32A8) is not supported; quantize weights too (W8A8) or "
+                  "keep activations in floating point (W4A32)"),
     ],
 )
 def test_from_bits_rejects_unsupported_widths(label: str, message: str) -> None:

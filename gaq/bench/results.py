@@ -162,6 +162,14 @@ def _write_atomic(df: pd.DataFrame, path: Path) -> None:
         raise
 
 
+def probe_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and write (and remove) a probe file in it; raises
+    ``OSError`` when it cannot take writes (checked in preflight, before any work)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".gaq-write-check-"):
+        pass
+
+
 def append(
     path: str | Path,
     df: pd.DataFrame,

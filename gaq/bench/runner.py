@@ -278,15 +278,13 @@ class Runner:
     def _check_writable(self) -> None:
         """The results folder and the MLflow store take writes, checked before any work
         (a failure there would otherwise cost a cell's calibration and sampling)."""
+        from gaq.bench.results import probe_writable
         from gaq.bench.tracking import check_store
 
-        folder = self.dir
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".gaq-write-check-"):
-                pass
+            probe_writable(self.dir)
         except OSError as e:
-            raise GaqError(f"--results: cannot write to {folder} ({e.strerror or e}); choose "
+            raise GaqError(f"--results: cannot write to {self.dir} ({e.strerror or e}); choose "
                            "a writable folder") from None
         check_store(f"gaq-{self.bench.name}")
 

@@ -245,11 +245,11 @@ def check_store(experiment: str) -> str:
                        "e.g. sqlite:///mlflow.db") from None
     location = artifact_root(uri)
     if location is not None:  # artifacts are copied there after every cell
+        from gaq.bench.results import probe_writable
+
         folder = Path(unquote(urlparse(location).path))
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".gaq-write-check-"):
-                pass
+            probe_writable(folder)
         except OSError as e:
             raise GaqError(f"MLflow artifact folder {folder} is not writable ({e.strerror}); "
                            "fix its permissions or set MLFLOW_TRACKING_URI to another store"
