@@ -193,8 +193,6 @@ def _against_reference(args: argparse.Namespace, runner) -> None:
     """Compare the run with the committed reference (the summary is the last line printed),
     and with --update-reference make the run the reference."""
     from gaq.bench import reproduce, results
-    from gaq.bench.plots import write_plots
-    from gaq.bench.tables import write_tables
 
     if runner.world is not None and not runner.world.main:
         return  # under torchrun, rank 0 reports
@@ -209,9 +207,7 @@ def _against_reference(args: argparse.Namespace, runner) -> None:
         print(f"measuring the noise floor: FP at seeds {seeds[0]}..{seeds[-1]} per model")
         floor = reproduce.noise_floor(runner, seeds)
         reproduce.update_reference(run_dir, ref_dir, floor)
-        write_tables(ref_root, name, ref_root / "tables",
-                     model_key=runner.bench.model_key or None)
-        write_plots(ref_root, name, ref_root / "plots")
+        runner.write_reports(ref_root)
         print(f"reference updated: {ref_dir} (tables and plots under {ref_root})")
         return
     reference = reproduce.reference_metrics(ref_dir)

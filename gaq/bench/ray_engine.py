@@ -75,7 +75,7 @@ def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
             return {"index": index, "status": "skipped", "gpu_ids": gpu_ids}
         shown = runner.run_cell(cell, cid)
     return {"index": index, "status": "done", "gpu_ids": gpu_ids, "threads": threads,
-            "shown": shown, "pid": os.getpid()}
+            "shown": shown}
 
 
 #: This worker process's runner (see _run_cell); one benchmark at a time.

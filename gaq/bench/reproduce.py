@@ -25,11 +25,8 @@ import pandas as pd
 
 from gaq.bench import results
 
-__all__ = ["COST_METRICS", "REFERENCE", "WORKING", "compare", "noise_floor", "report",
-           "update_reference"]
+__all__ = ["COST_METRICS", "compare", "noise_floor", "report", "update_reference"]
 
-REFERENCE = Path("results")
-WORKING = Path("runs")
 #: What the machine, not the method, decides: never judged.
 COST_METRICS = frozenset({"calibration_seconds", "images_per_second", "peak_memory_mb",
                           "diagnostics_seconds", "meta_seconds"})
@@ -45,8 +42,7 @@ FLOOR_SEEDS = 6
 
 
 def _latest(metrics: pd.DataFrame) -> pd.DataFrame:
-    data = metrics.sort_values("timestamp", kind="stable") if "timestamp" in metrics else metrics
-    return data.drop_duplicates(_KEYS, keep="last")[[*_KEYS, "value"]]
+    return results.newest(metrics, _KEYS)[[*_KEYS, "value"]]
 
 
 def compare(run: pd.DataFrame, reference: pd.DataFrame,

@@ -237,9 +237,15 @@ def latest_cells(metrics: pd.DataFrame) -> set[str]:
     every table and plot, as :func:`summarize` does for the metrics."""
     if metrics.empty:
         return set()
-    data = metrics.sort_values("timestamp", kind="stable") if "timestamp" in metrics else metrics
-    keys = [c for c in ("benchmark", "model", "method", "bits", "seed") if c in data]
-    return set(data.drop_duplicates(keys, keep="last")["cell_id"])
+    keys = [c for c in ("benchmark", "model", "method", "bits", "seed") if c in metrics]
+    return set(newest(metrics, keys)["cell_id"])
+
+
+def newest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per combination of ``keys``: the newest by ``timestamp`` (without one, the
+    last written)."""
+    data = df.sort_values("timestamp", kind="stable") if "timestamp" in df else df
+    return data.drop_duplicates(keys, keep="last")
 
 
 def current(rows: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
@@ -262,10 +268,7 @@ def summarize(df: pd.DataFrame, by: tuple[str, ...] = SUMMARY_KEYS) -> pd.DataFr
     if df.empty:
         return pd.DataFrame({c: pd.Series(dtype="float64" if c in cols[-3:] else "object")
                              for c in cols}).astype({"n": "int64"})
-    data = df.dropna(subset=["value"])
-    if "timestamp" in data:
-        data = data.sort_values("timestamp", kind="stable")
-    data = data.drop_duplicates([*by, "seed"], keep="last")
+    data = newest(df.dropna(subset=["value"]), [*by, "seed"])
     rows = []
     for keys, group in data.groupby(list(by), sort=True, dropna=False):
         if "ci_group" in group and group["ci_group"].nunique() > 1:

@@ -296,13 +296,16 @@ class Runner:
     def curves_path(self) -> Path:
         return self.dir / "curves.parquet"
 
-    def write_reports(self) -> list[Path]:
+    def write_reports(self, root: Path | None = None) -> list[Path]:
+        """Tables and plots of this benchmark from the results under ``root`` (default: the
+        folder this runner writes), into ``root/tables`` and ``root/plots``."""
         from gaq.bench.plots import write_plots
         from gaq.bench.tables import write_tables
 
-        return (write_tables(self.dir.parent, self.bench.name, self.dir.parent / "tables",
+        root = self.dir.parent if root is None else Path(root)
+        return (write_tables(root, self.bench.name, root / "tables",
                              model_key=self.bench.model_key or None)
-                + write_plots(self.dir.parent, self.bench.name, self.dir.parent / "plots"))
+                + write_plots(root, self.bench.name, root / "plots"))
 
     def _sample(self, ctx: _ModelContext, model: torch.nn.Module, seed: int, hook) -> tuple:
         """All images of the cell, on rank 0 (under torchrun each rank samples its share of
