@@ -251,11 +251,14 @@ def _tables(args: argparse.Namespace) -> None:
 
 
 def _plots(args: argparse.Namespace) -> None:
-    from gaq.bench.plots import write_plots
+    from gaq.bench.plots import default_workers, write_plots
 
     results = Path(args.results)
+    if args.workers is not None and args.workers < 1:
+        raise GaqError(f"--workers must be a positive integer, got {args.workers}")
+    workers = args.workers or default_workers()
     for name in _benchmarks_with_results(results, args.benchmark):
-        for path in write_plots(results, name, results / "plots"):
+        for path in write_plots(results, name, results / "plots", workers=workers):
             print(path)
 
 
@@ -379,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "alone; nothing is re-run.")
         c.add_argument("--benchmark", help="one benchmark (default: every one with results)")
         c.add_argument("--results", default=str(RESULTS))
+        if name == "plots":
+            c.add_argument("--workers", type=int, default=None,
+                           help="processes rendering figures (default: the cores, at most 4)")
         c.set_defaults(func=fn)
 
     ls = sub.add_parser("ls", help="list benchmarks and stored results",

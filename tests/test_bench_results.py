@@ -353,6 +353,25 @@ def test_plots_regenerate_from_parquet(tmp_path):
         assert im.size[0] == pytest.approx(plots.COLUMN_WIDTH * 200, abs=2)
 
 
+def test_plots_rendered_in_parallel_are_the_serial_files(tmp_path):
+    """Figures rendered by two child processes are byte for byte the serial ones (the
+    PDFs carry no dates), and the same paths come back in the same order."""
+    _write_results(tmp_path / "results", _metric_rows())
+    serial = plots.write_plots(tmp_path / "results", "micro", tmp_path / "serial")
+    parallel = plots.write_plots(tmp_path / "results", "micro", tmp_path / "par", workers=2)
+    assert [p.name for p in parallel] == [p.name for p in serial] and len(serial) >= 8
+    for a, b in zip(serial, parallel, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_a_failing_render_child_fails_the_plots(tmp_path, monkeypatch):
+    _write_results(tmp_path / "results", _metric_rows())
+    # a child that exits non-zero with nothing on stderr (as one killed for memory would)
+    monkeypatch.setattr(plots.sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match="rendering figures failed"):
+        plots.write_plots(tmp_path / "results", "micro", tmp_path / "par", workers=2)
+
+
 def test_plot_functions_return_figures(tmp_path):
     df = _metric_rows()
     fig = plots.metric_vs_bits(df, "fid")

@@ -299,13 +299,13 @@ class Runner:
     def write_reports(self, root: Path | None = None) -> list[Path]:
         """Tables and plots of this benchmark from the results under ``root`` (default: the
         folder this runner writes), into ``root/tables`` and ``root/plots``."""
-        from gaq.bench.plots import write_plots
+        from gaq.bench.plots import default_workers, write_plots
         from gaq.bench.tables import write_tables
 
         root = self.dir.parent if root is None else Path(root)
         return (write_tables(root, self.bench.name, root / "tables",
                              model_key=self.bench.model_key or None)
-                + write_plots(root, self.bench.name, root / "plots"))
+                + write_plots(root, self.bench.name, root / "plots", workers=default_workers()))
 
     def _sample(self, ctx: _ModelContext, model: torch.nn.Module, seed: int, hook) -> tuple:
         """All images of the cell, on rank 0 (under torchrun each rank samples its share of
