@@ -159,21 +159,30 @@ class MSEObserver(Observer):
     def _compute(self, bits: int, symmetric: bool, unsigned: bool) -> tuple[Tensor, Tensor]:
         qmin, qmax = qrange(bits, symmetric)
         lo, hi = self._range.min, self._range.max
-        x = self._sample
-        best_err = torch.full((x.shape[0],), math.inf, device=x.device)
-        best_scale, best_zp = qparams_from_range(lo, hi, bits, symmetric, unsigned)
-        for i in range(self.grid):
-            f = 1.0 - i / self.grid
-            scale, zp = qparams_from_range(lo * f, hi * f, bits, symmetric, unsigned)
-            scale_rows, zp_rows = scale.reshape(-1, 1), zp.reshape(-1, 1)
-            err = (x - fake_quantize(x, scale_rows, zp_rows, qmin, qmax)).abs().pow(self.p)
-            err = err.mean(dim=1)
-            # Strict '<': on ties keep the wider range found first.
-            better = (err < best_err).reshape(scale.shape)
-            best_err = torch.minimum(err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zp = torch.where(better, zp, best_zp)
-        return best_scale, best_zp
+        x = self._sample  # (C, n)
+        channels = x.shape[0]
+        # every candidate range at once: (G, C); candidate i shrinks the range by 1 - i/G
+        # (computed in float64 and rounded once, as the Python scalar it replaces)
+        f = (1.0 - torch.arange(self.grid, dtype=torch.float64) / self.grid).float()
+        f = f.to(x.device).reshape(-1, 1)
+        scale, zp = qparams_from_range(lo.reshape(1, -1) * f, hi.reshape(1, -1) * f, bits,
+                                       symmetric, unsigned)
+        scale, zp = scale.expand(-1, channels), zp.expand(-1, channels)
+        # candidates in chunks of at most ~4M elements, so per-channel weight searches
+        # (max_samples=None: the whole tensor) stay small in memory
+        chunk = max(1, (1 << 22) // max(1, x.numel()))
+        errs = []
+        for i in range(0, self.grid, chunk):
+            s, z = scale[i:i + chunk, :, None], zp[i:i + chunk, :, None]
+            err = (x - fake_quantize(x, s, z, qmin, qmax)).abs_().pow_(self.p)
+            errs.append(err.mean(dim=2))
+        err = torch.nan_to_num(torch.cat(errs), nan=math.inf)  # (G, C)
+        # argmin takes the first minimum: on ties the widest range wins, and where every
+        # error is infinite the full range (candidate 0)
+        best = err.argmin(dim=0)
+        cols = torch.arange(channels, device=x.device)
+        return (scale[best, cols].reshape(lo.shape).contiguous(),
+                zp[best, cols].reshape(lo.shape).contiguous())
 
 
 def make_observer(name: str, axis: int | None = None, **kwargs: object) -> Observer:

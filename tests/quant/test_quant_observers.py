@@ -59,6 +59,35 @@ def test_mse_error_not_above_max(symmetric: bool, axis: int | None) -> None:
     assert errors["mse"] < errors["max"]  # outliers make clipping pay off
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_mse_search_matches_a_plain_loop_over_candidates(symmetric: bool, axis) -> None:
+    """The batched search against the textbook loop: for each channel, try every
+    shrunken range lo·(1 - i/G), hi·(1 - i/G) and keep the lowest mean |e|^p (pow here)."""
+    from gaq.quant.fake import qparams_from_range
+
+    x = _heavy_tailed(3, 5, 40, seed=3)
+    obs = MSEObserver(axis=axis, grid=50, max_samples=None)
+    obs.observe(x)
+    scale, zp = obs.compute(4, symmetric)
+    rows = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(5, -1)
+    qmin, qmax = qrange(4, symmetric)
+    for c, row in enumerate(rows):
+        errs = []
+        for i in range(50):
+            f = 1.0 - i / 50
+            s, z = qparams_from_range(row.min() * f, row.max() * f, 4, symmetric)
+            errs.append(((row - fake_quantize(row, s, z, qmin, qmax)).abs().pow(2.4).mean(),
+                         s, z))
+        best_err = min(e for e, _, _ in errs)
+        got_s = scale if axis is None else scale[c]
+        got_z = zp if axis is None else zp[c]
+        got_err = (row - fake_quantize(row, got_s, got_z, qmin, qmax)).abs().pow(2.4).mean()
+        # the same candidate, or one whose error ties it to float precision
+        assert got_err <= best_err * (1 + 1e-5)
+        assert any(torch.equal(got_s, s) and torch.equal(got_z, z) for _, s, z in errs)
+
+
 def test_mse_respects_symmetric() -> None:
     # Mostly positive data: an asymmetric grid fits it better, but a symmetric
     # search must still return a symmetric grid (Q-Diffusion's search ignored this).
