@@ -116,11 +116,36 @@ def test_tfmq_end_to_end_on_tiny_models(make_tiny_model, kind):
     assert not torch.equal(out, calib.eps_fp)
     assert seen_blocks and "temporal" not in seen_blocks
     temporal = result.state["temporal"]
-    assert temporal["layers"] > 0 and {"rtn_error", "adaround_error", "act_after"} <= set(temporal)
+    assert temporal["layers"] > 0 and {"rtn_error", "adaround_error"} <= set(temporal)
+    # the authors' pipeline: activation ranges are only initialised, never learned
+    assert "act_after" not in temporal
     assert result.state["quant"]["act"]["per_timestep"] is True
     tables = [q for _, q in act_quantizers(result.model) if q.calibrated]
     assert tables and all(q.mode == "table" for q in tables)
     assert sorted(tables[0].timesteps.tolist()) == [0, 333, 666, 999]
+
+
+def test_activation_step_learning_is_the_named_variant_only(make_tiny_model):
+    """Default TFMQ-DM leaves every activation table at its calibrated initialisation; the
+    suite's variant (learn_act_steps=True) moves them, temporal layers included."""
+    model = make_tiny_model("unet")
+    calib = random_calibration("unet", model)
+
+    def act_tables(cfg):
+        result = TFMQ(cfg).quantize(model, adapter_for(model), calib, W4A8)
+        return {n: q.scale.detach().clone() for n, q in act_quantizers(result.model)
+                if q.calibrated}, result
+
+    torch.manual_seed(0)
+    faithful, r0 = act_tables(TFMQConfig(recon=TINY))
+    torch.manual_seed(0)
+    lsq, r1 = act_tables(TFMQConfig(recon=TINY, learn_act_steps=True))
+    assert faithful.keys() == lsq.keys() and faithful
+    assert any(not torch.equal(faithful[n], lsq[n]) for n in faithful)
+    assert "act_after" in r1.state["temporal"] and "act_after" not in r0.state["temporal"]
+    assert len(r1.state["blocks"]) > len(r0.state["blocks"])  # the activation phase ran
+    assert TFMQConfig.from_dict(TFMQConfig(learn_act_steps=True).to_dict() | {"_version": 1}
+                                ).learn_act_steps  # a version-1 dict reads unchanged
 
 
 # -- the bundled trained model ---------------------------------------------------------

@@ -34,7 +34,7 @@ _METHOD_LABELS = {
     "gaq-uniform": "GAQ (uniform ω)", "gaq-timestep": "GAQ (ω per t)",
     "gaq-mse": "GAQ (no L_GM)",
     "ptqd-base": "PTQD base PTQ (no correction)", "ptqd-no-vsc": "PTQD (no VSC)",
-    "ptqd-negk": "PTQD (k < 0 corrected too)",
+    "ptqd-negk": "PTQD (k < 0 corrected too)", "tfmq-lsq": "TFMQ-DM + LSQ acts",
 }  # fmt: skip
 # ablations first, the full method last, as the paper's ablation tables list them
 _GAQ_ORDER = ("gaq-uniform", "gaq-timestep", "gaq-mse", "gaq")

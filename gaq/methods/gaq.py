@@ -42,7 +42,7 @@ __all__ = ["GAQ", "GAQConfig", "GAQMSE", "GAQTimestep", "GAQUniform", "validatio
 
 @dataclass(frozen=True)
 class GAQConfig(TFMQConfig):
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # follows TFMQConfig (learn_act_steps off by default)
     meta: MetaConfig = field(default_factory=MetaConfig)
     # "uniform": the identical pipeline and validation split with uniform weights
     weights: Literal["meta", "uniform"] = "meta"
