@@ -133,7 +133,7 @@ def _quantize(args: argparse.Namespace) -> None:
                            holdout_per_step=holdout)
     calib = record_calibration(model, spec, model_id=args.model, progress=True)
     result = method.quantize(model.denoiser, adapter_for(model.denoiser), calib, quant)
-    out = save_state(result.model, result.report, quant, args.out,
+    out = save_state(result.model, result.report, result.quant, args.out,
                      meta={**result.state, "model": args.model, "calibration": spec.to_dict(),
                            "stats": result.stats})
     (out / "layers.md").write_text(result.report.to_markdown())
@@ -141,6 +141,25 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _perf(args: argparse.Namespace) -> None:
+    if args.paper_scale:
+        from gaq.device import check_device
+        from gaq.perf_paper import ARCHITECTURES, paper_scale, write_report
+        from gaq.registry import get_method
+
+        if args.paper_scale not in ARCHITECTURES:
+            raise GaqError(f"--paper-scale: unknown architecture {args.paper_scale!r}; choose "
+                           f"one of {', '.join(ARCHITECTURES)}")
+        methods = tuple(args.methods.split(",")) if args.methods else ("rtn", "qdiffusion",
+                                                                       "tfmq", "gaq")
+        for m in methods:  # before minutes of measuring; names the close matches
+            get_method(m)
+        if args.batch < 1:
+            raise GaqError(f"--batch must be a positive integer, got {args.batch}")
+        device = str(check_device(args.device))
+        report = paper_scale(args.paper_scale, methods, device=device, batch=args.batch)
+        for path in write_report(report, args.out):
+            print(path)
+        return
     from gaq.perf import run
 
     print(json.dumps(run(args.out), indent=2))
@@ -397,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Speed and memory figures on the bundled model, written "
                        "to results/perf (fake quantization on this CPU).")
     f.add_argument("--out", default=str(RESULTS / "perf"))
+    f.add_argument("--paper-scale", metavar="ARCH",
+                   help="instead: measure a randomly initialised model of a paper's size "
+                   "(ddpm-cifar10, ldm4-lsun) and project the full protocol's cost")
+    f.add_argument("--methods", help="with --paper-scale: comma-separated methods "
+                   "(default rtn,qdiffusion,tfmq,gaq)")
+    f.add_argument("--device", default="cpu", help="with --paper-scale: e.g. cuda, cuda:1")
+    f.add_argument("--batch", type=int, default=8,
+                   help="with --paper-scale: sampling batch size for the timing")
     f.set_defaults(func=_perf)
     return p
 

@@ -124,6 +124,22 @@ def test_resume_skips_completed_cells(micro_run, capsys):
     pd.testing.assert_frame_equal(before, after)
 
 
+def test_per_image_psnr_is_stored_and_averages_to_the_cell_psnr(micro_run):
+    import pandas as pd
+
+    _, _, results = micro_run
+    per = pd.read_parquet(results / "micro" / "per_image.parquet")
+    metrics = pd.read_parquet(results / "micro" / "metrics.parquet")
+    for method in ("rtn", "ptqd"):
+        rows = per[per["method"] == method]
+        assert sorted(rows["image"]) == list(range(48))
+        cell = metrics[(metrics["method"] == method) & (metrics["metric"] == "psnr")]
+        assert rows["value"].mean() == pytest.approx(float(cell["value"].iloc[0]), rel=1e-12)
+    assert "fp" not in set(per["method"])  # FP is what PSNR is measured against
+    md = (results / "tables" / "micro_paired.md").read_text()
+    assert "bootstrap over 48 images" in md and "| RTN |" in md
+
+
 def test_tables_and_plots_regenerate_from_parquet_alone(micro_run):
     _, _, results = micro_run
     for d in ("tables", "plots"):

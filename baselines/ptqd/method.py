@@ -73,6 +73,10 @@ class PTQD(Method):
             quant = replace(quant, weight=replace(quant.weight, granularity="per_tensor"))
         return quant
 
+    @classmethod
+    def restore_hook(cls, state) -> PTQDSamplerHook:
+        return PTQDSamplerHook.from_dict(state["ptqd"])
+
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         require_calibration_set(self, calib)
         key = _calibration_sampler(calib)

@@ -402,7 +402,7 @@ class Runner:
                            for name, records in result.diagnostics.items() if records}
             for name, frame in diagnostics.items():
                 frame.to_csv(state_dir / f"{name}.csv", index=False)
-            save_state(qmodel, report, quant, state_dir, meta=result.state)
+            save_state(qmodel, report, result.quant, state_dir, meta=result.state)
             (state_dir / "layers.md").write_text(report.to_markdown()
                                                  + _components_markdown(ctx.pipe))
         # the device actually used (cuda:1 included); on the CPU, the process's peak RSS
@@ -427,9 +427,13 @@ class Runner:
         if image_keys:
             metrics.update(image_metrics(gen, ctx.reference(), ctx.space, image_keys,
                                          seed=cell.seed))
+        per_image = None
         if cell.method.name != FP and "psnr" in wanted:
             paired = paired_metrics(images, ctx._fp_images[cell.seed])
             metrics.update({k: float(v) for k, v in paired.items() if _is_number(v)})
+            # image i of every row comes from the same noise: kept for paired differences
+            per_image = pd.DataFrame({"image": range(len(images)), "metric": "psnr",
+                                      "value": paired["psnr_per_image"]})
         if "class_acc" in wanted and ctx.judges_classes:
             metrics["class_acc"] = self.class_accuracy(ctx, images)
         curves: dict[str, pd.Series] = {}
@@ -484,6 +488,10 @@ class Runner:
             for k in reversed(keys):
                 frame.insert(0, k, base[k])
             results.append(self.dir / f"{name}.parquet", frame)
+        if per_image is not None:
+            for k in reversed(keys):
+                per_image.insert(0, k, base[k])
+            results.append(self.dir / "per_image.parquet", per_image)
         if curves:
             crow = [{k: base[k] for k in keys}
                     | {"curve": name, "timestep": int(t), "value": float(v)}

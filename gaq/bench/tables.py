@@ -329,6 +329,17 @@ def write_tables(
         paths.append(out_dir / f"{benchmark}_noise.md")
         paths[-1].write_text(noise, encoding="utf-8")
 
+    per_image = folder / "per_image.parquet"
+    if per_image.exists():
+        from gaq.bench.paired import paired_table
+
+        rows = results.current(pd.read_parquet(per_image),
+                               results.read(folder / "metrics.parquet"))
+        paired = paired_table(rows, benchmark)
+        if paired is not None:
+            paths.append(out_dir / f"{benchmark}_paired.md")
+            paths[-1].write_text(paired, encoding="utf-8")
+
     blocks = read(Path(results_dir) / benchmark).get("gaq_blocks")
     if blocks is not None and len(blocks):
         paths.append(out_dir / f"{benchmark}_gaq_diagnostics.md")

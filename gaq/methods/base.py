@@ -23,7 +23,7 @@ from gaq.errors import GaqError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ForwardLoop", "Method", "QuantResult", "UnknownPresetError"]
+__all__ = ["ForwardLoop", "Method", "QuantResult", "UnknownPresetError", "restore"]
 
 M = TypeVar("M", bound="Method")
 
@@ -62,6 +62,13 @@ class QuantResult:
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
     # named tables of per-block findings (lists of flat records): Parquet + MLflow artifacts
     diagnostics: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def quant(self) -> QuantConfig:
+        """The config the model was actually quantized with: methods adapt the run's config
+        (TFMQ-DM's per-timestep tables, PTQD's per-tensor weights), and a saved state must
+        rebuild exactly those quantizers."""
+        return QuantConfig.from_dict(self.state["quant"])
 
 
 class Method(abc.ABC):
@@ -132,6 +139,12 @@ class Method(abc.ABC):
         be swept over bit-widths without creating new configs.
         """
 
+    @classmethod
+    def restore_hook(cls, state: Mapping[str, Any]) -> Any | None:
+        """The sampler hook of a saved quantization (``state``: the ``QuantResult.state``
+        saved with it); None for methods that correct nothing in the sampler."""
+        return None
+
     def skip(self, module: torch.nn.Module, name: str, role: str | None) -> Any:
         """Extra skip rule (a :class:`~gaq.models.adapters.SkipRule` or None) on top of the
         model's policy; methods can only add restrictions, never lift the model's. ``role``
@@ -145,3 +158,17 @@ class Method(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__qualname__}({self.config!r})"
+
+
+def restore(model: torch.nn.Module, folder: Any) -> QuantResult:
+    """A saved quantization (``gaq.quantize.save_state``) rebuilt on a fresh FP ``model``,
+    with everything the method needs at sampling time: the quantized layers and, for
+    methods that correct the sampler (PTQD), their sampler hook."""
+    from gaq.quantize import load_state
+    from gaq.registry import get_method
+
+    qmodel, report, meta = load_state(model, folder)
+    hook = None
+    if "method" in meta:
+        hook = get_method(meta["method"]).restore_hook(meta)
+    return QuantResult(model=qmodel, state=meta, sampler_hook=hook, report=report)

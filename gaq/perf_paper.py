@@ -1,0 +1,343 @@
+"""The cost of the papers' protocols, measured on models of the real size and projected.
+
+``gaq perf --paper-scale`` builds a randomly initialised model with the real architecture
+and size (the 35.7 M-parameter CIFAR-10 DDPM UNet; the LDM-4 LSUN-Bedroom UNet with its
+VQ-f4 autoencoder), measures a few small runs of every phase on this machine, and projects
+them to the full protocol (5,120 calibration rows, 20,000 AdaRound iterations, 50,000
+images). Random weights cost the same time and memory as trained ones.
+
+How each phase is projected:
+
+- **Sampling**: one denoiser call at batch ``B`` is timed (median of repeats, after a
+  warm-up); the protocol needs ``images × steps`` image-steps (twice that with guidance),
+  plus one autoencoder decode per image for latent models. Sampling is sharded over GPUs
+  by torchrun, so ``g`` GPUs divide it by ``g``.
+- **Calibration recording**: ``trajectories × steps`` image-steps of the FP sampler.
+- **Each method's calibration** is timed in a fresh process at two calibration-set sizes
+  ``n`` and two iteration budgets ``k`` (``weight_iters = k``, ``act_iters = k / 4``, the
+  papers' 20k : 5k) and fitted as ``a + c·n + b·k``: block capture grows with the rows,
+  AdaRound and activation-step learning with the iterations. A fourth run at (larger n,
+  larger k) checks the fit; its error is reported. Calibration runs on one rank, so it
+  does not shrink with more GPUs.
+- **Peak memory** of each of those processes (RSS on the CPU, ``max_memory_allocated``
+  on a GPU): the same block-streaming engine at every ``n`` shows whether memory stays
+  bounded as the calibration set grows.
+
+Inception features for FID are not included (one small network per image, far below
+the denoiser's cost at these step counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+
+__all__ = ["ARCHITECTURES", "Protocol", "build_pipeline", "paper_scale", "write_report"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The full protocol a paper runs on this architecture."""
+
+    paper: str
+    steps: int
+    images: int
+    calibration_rows: int  # trajectories x kept steps (both guidance halves count as rows)
+    trajectories: int
+    weight_iters: int = 20_000
+    act_iters: int = 5_000
+    guidance: bool = False
+
+
+@dataclass(frozen=True)
+class Architecture:
+    description: str
+    unet: dict[str, Any]
+    protocol: Protocol
+    vq: dict[str, Any] | None = None
+    scaling_factor: float = 1.0
+
+
+# google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 model as diffusers converts it): 35.7 M
+# parameters; attention at 16x16; the GAQ/Q-Diffusion CIFAR-10 protocol: DDIM 100 steps,
+# every 5th step x 256 trajectories = 5,120 rows, 50,000 images.
+_DDPM_CIFAR10 = Architecture(
+    description="DDPM CIFAR-10 UNet (google/ddpm-cifar10-32 architecture), 32x32x3",
+    unet={"sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+          "block_out_channels": (128, 256, 256, 256),
+          "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+          "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+          "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1,
+          "norm_eps": 1e-6, "attention_head_dim": None},
+    protocol=Protocol("GAQ / Q-Diffusion CIFAR-10, DDIM 100", steps=100, images=50_000,
+                      calibration_rows=5_120, trajectories=256),
+)
+
+# CompVis LDM-4 LSUN-Bedroom: UNet on 64x64x3 latents (model channels 224, multipliers
+# 1-2-3-4, attention at 32, 16 and 8, 32 channels per head), VQ-f4 autoencoder with 8,192
+# codes; DDIM 200 steps (eta 1), every 10th step x 256 trajectories.
+_LDM4_LSUN = Architecture(
+    description="LDM-4 LSUN-Bedroom UNet on 64x64x3 latents + VQ-f4 autoencoder (256x256)",
+    unet={"sample_size": 64, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+          "block_out_channels": (224, 448, 672, 896),
+          "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D",
+                               "AttnDownBlock2D"),
+          "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+          "attention_head_dim": 32},
+    vq={"in_channels": 3, "out_channels": 3, "latent_channels": 3, "num_vq_embeddings": 8192,
+        "block_out_channels": (128, 256, 512), "layers_per_block": 2, "sample_size": 256,
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3},
+    protocol=Protocol("GAQ / Q-Diffusion LSUN-Bedroom, DDIM 200", steps=200, images=50_000,
+                      calibration_rows=5_120, trajectories=256),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {"ddpm-cifar10": _DDPM_CIFAR10,
+                                          "ldm4-lsun": _LDM4_LSUN}
+
+
+def build_pipeline(name: str, device: str = "cpu", seed: int = 0):
+    """A :class:`~gaq.models.pipeline.Pipeline` around a randomly initialised model of
+    architecture ``name`` and a DDIM scheduler."""
+    from diffusers import DDIMScheduler, UNet2DModel, VQModel
+
+    from gaq.models.pipeline import Pipeline
+
+    arch = ARCHITECTURES[name]
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**arch.unet).eval()
+    vq = VQModel(**arch.vq).eval() if arch.vq is not None else None
+    return Pipeline(unet, DDIMScheduler(num_train_timesteps=1000), vq, name=f"{name}-random"
+                    ).to(device)
+
+
+def _seconds_per_call(pipe, denoiser, batch: int, repeats: int) -> float:
+    c, h, w = pipe.latent_shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c, h, w, generator=g).to(pipe.device)
+    t = torch.full((batch,), 500, device=pipe.device)
+    times = []
+    with torch.no_grad():
+        denoiser(x, t)  # warm-up (allocator, kernels, lazy tables)
+        for _ in range(repeats):
+            _sync(pipe.device)
+            start = time.perf_counter()
+            denoiser(x, t)
+            _sync(pipe.device)
+            times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def _decode_seconds(pipe, batch: int, repeats: int) -> float:
+    if pipe.autoencoder is None:
+        return 0.0
+    c, h, w = pipe.latent_shape
+    z = torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(0)).to(pipe.device)
+    times = []
+    pipe.decode(z)
+    for _ in range(repeats):
+        _sync(pipe.device)
+        start = time.perf_counter()
+        pipe.decode(z)
+        _sync(pipe.device)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _calibration_spec(rows: int):
+    """``rows`` training rows over 2 timesteps (DDIM 10, every 5th step), plus one
+    held-out trajectory per step for GAQ's validation set."""
+    from gaq.calibration import CalibrationSpec
+
+    return CalibrationSpec(steps=10, interval=5, samples_per_step=max(1, rows // 2),
+                           holdout_per_step=1, batch_size=max(1, rows // 2))
+
+
+def measure_method(arch: str, method: str, rows: int, iters: int, bits: str,
+                   device: str) -> dict[str, float]:
+    """One timed calibration of ``method`` (its ``paper`` preset with ``iters`` weight and
+    ``iters/4`` activation iterations, block data streamed from disk) on ``rows`` rows;
+    call in a fresh process so the peak memory is this run's."""
+    import resource
+
+    from gaq.calibration import record_calibration
+    from gaq.config import QuantConfig
+    from gaq.models.adapters import adapter_for
+    from gaq.registry import get_method
+
+    pipe = build_pipeline(arch, device)
+    calib = record_calibration(pipe, _calibration_spec(rows), cache=False)
+    cls = get_method(method)
+    cfg = cls.from_preset("paper").config
+    if hasattr(cfg, "recon"):
+        cfg = replace(cfg, recon=replace(cfg.recon, weight_iters=iters,
+                                         act_iters=max(1, iters // 4), cache="disk"))
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(torch.device(device))
+    start = time.perf_counter()
+    cls(cfg).quantize(pipe.denoiser, adapter_for(pipe.denoiser), calib,
+                      QuantConfig.from_bits(bits))
+    _sync(torch.device(device))
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"seconds": seconds, "peak_memory_mb": peak, "rows": len(calib.train())}
+
+
+def _measure_in_child(arch: str, method: str, rows: int, iters: int, bits: str,
+                      device: str, threads: int) -> dict[str, float]:
+    code = ("import json, torch\n"
+            f"torch.set_num_threads({threads})\n"
+            "from gaq.perf_paper import measure_method\n"
+            f"print(json.dumps(measure_method({arch!r}, {method!r}, {rows}, {iters}, "
+            f"{bits!r}, {device!r})))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fit(points: dict[tuple[int, int], float], n: tuple[int, int], k: tuple[int, int]
+         ) -> tuple[float, float, float]:
+    """``(a, c, b)`` of ``seconds = a + c·rows + b·iters`` through the three runs at
+    (n0, k0), (n0, k1), (n1, k0)."""
+    base = points[(n[0], k[0])]
+    b = (points[(n[0], k[1])] - base) / (k[1] - k[0])
+    c = (points[(n[1], k[0])] - base) / (n[1] - n[0])
+    return base - c * n[0] - b * k[0], c, b
+
+
+def paper_scale(arch: str = "ddpm-cifar10", methods: tuple[str, ...] = ("rtn", "qdiffusion",
+                "tfmq", "gaq"), bits: str = "W4A8", device: str = "cpu", batch: int = 8,
+                repeats: int = 5, rows: tuple[int, int] = (16, 32), iters: tuple[int, int] = (2, 6),
+                gpus: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
+    """Measure and project (see the module docstring); returns the report as a dict."""
+    from gaq.config import QuantConfig
+    from gaq.methods.rtn import RTN
+    from gaq.models.adapters import adapter_for
+
+    if rows[0] >= rows[1] or iters[0] >= iters[1]:
+        raise ValueError("rows and iters must each be two increasing values")
+    spec = ARCHITECTURES[arch]
+    proto = spec.protocol
+    threads = torch.get_num_threads()
+    pipe = build_pipeline(arch, device)
+    params = sum(p.numel() for p in pipe.denoiser.parameters())
+    fp_call = _seconds_per_call(pipe, pipe.denoiser, batch, repeats)
+    from gaq.calibration import record_calibration
+
+    calib = record_calibration(pipe, _calibration_spec(rows[0]), cache=False)
+    rtn = RTN(RTN.Config()).quantize(pipe.denoiser, adapter_for(pipe.denoiser), calib,
+                                     QuantConfig.from_bits(bits)).model
+    q_call = _seconds_per_call(pipe, rtn, batch, repeats)
+    decode = _decode_seconds(pipe, batch, repeats)
+    per_image_step = fp_call / batch
+    halves = 2 if proto.guidance else 1
+    sampling_fp = proto.images * (proto.steps * halves * per_image_step + decode / batch)
+    sampling_q = proto.images * (proto.steps * halves * q_call / batch + decode / batch)
+    recording = proto.trajectories * proto.steps * halves * per_image_step
+
+    method_rows = []
+    for method in methods:
+        points, peaks = {}, {}
+        grid = [(rows[0], iters[0]), (rows[0], iters[1]), (rows[1], iters[0]),
+                (rows[1], iters[1])]
+        for n, k in grid:
+            out = _measure_in_child(arch, method, n, k, bits, device, threads)
+            points[(n, k)], peaks[(n, k)] = out["seconds"], out["peak_memory_mb"]
+        a, c, b = _fit(points, rows, iters)
+        check = a + c * rows[1] + b * iters[1]
+        measured = points[(rows[1], iters[1])]
+        full = a + c * proto.calibration_rows + b * proto.weight_iters
+        method_rows.append({
+            "method": method, "runs": {f"{n}x{k}": s for (n, k), s in points.items()},
+            "peak_memory_mb": {f"{n}x{k}": m for (n, k), m in peaks.items()},
+            "fixed_seconds": a, "seconds_per_row": c, "seconds_per_iteration": b,
+            "fit_check_error": (check - measured) / measured if measured else math.nan,
+            "projected_hours": full / 3600,
+        })
+    return {
+        "architecture": arch, "description": spec.description, "parameters": params,
+        "protocol": vars(proto), "bits": bits, "device": _device_name(device),
+        "threads": threads, "batch": batch, "repeats": repeats,
+        "fp_seconds_per_call": fp_call, "quant_seconds_per_call": q_call,
+        "fake_quant_ratio": q_call / fp_call, "decode_seconds_per_batch": decode,
+        "projected_hours": {
+            "recording": recording / 3600,
+            "sampling_fp": {g: sampling_fp / g / 3600 for g in gpus},
+            "sampling_quantized": {g: sampling_q / g / 3600 for g in gpus},
+        },
+        "methods": method_rows, "rows": list(rows), "iters": list(iters),
+    }
+
+
+def _device_name(device: str) -> str:
+    d = torch.device(device)
+    if d.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(d)}"
+    import platform
+
+    return f"cpu {platform.processor() or platform.machine()}"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """``paper_scale_<arch>.json`` and a Markdown table next to it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"paper_scale_{report['architecture']}"
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    p, h = report["protocol"], report["projected_hours"]
+    gpus = list(h["sampling_fp"])
+    lines = [
+        f"# Paper-scale cost: {report['description']}",
+        "",
+        f"{report['parameters'] / 1e6:.1f} M denoiser parameters, randomly initialised; "
+        f"measured on {report['device']} ({report['threads']} threads), batch "
+        f"{report['batch']}, {report['bits']}. Protocol: {p['paper']}, {p['images']:,} "
+        f"images, {p['calibration_rows']:,} calibration rows, {p['weight_iters']:,} AdaRound "
+        f"iterations per block. Hours are projections from the measured unit costs "
+        "(`gaq/perf_paper.py` says how).",
+        "",
+        f"- one denoiser call at batch {report['batch']}: FP "
+        f"{report['fp_seconds_per_call']:.3f} s, fake-quantized (RTN) "
+        f"{report['quant_seconds_per_call']:.3f} s ({report['fake_quant_ratio']:.2f}x)",
+        f"- calibration recording ({p['trajectories']} trajectories x {p['steps']} steps): "
+        f"{h['recording']:.2f} h",
+        "",
+        "| phase | " + " | ".join(f"{g} GPU{'s' if g > 1 else ''}" for g in gpus) + " |",
+        "|---|" + "---:|" * len(gpus),
+        "| sampling, FP | " + " | ".join(f"{h['sampling_fp'][g]:.1f} h" for g in gpus) + " |",
+        "| sampling, fake-quantized | "
+        + " | ".join(f"{h['sampling_quantized'][g]:.1f} h" for g in gpus) + " |",
+    ]
+    for m in report["methods"]:
+        lines.append(f"| calibration, {m['method']} (one rank) | "
+                     + " | ".join(f"{m['projected_hours']:.1f} h" for _ in gpus) + " |")
+    lines += ["", "Calibration fits (seconds = fixed + per row x rows + per iteration x "
+              "iterations) and the peak memory of each run, by rows x iterations:", "",
+              "| method | fixed (s) | per row (s) | per iteration (s) | fit check | "
+              "peak memory (MB) |", "|---|---:|---:|---:|---:|---|"]
+    for m in report["methods"]:
+        mem = ", ".join(f"{k}: {v:.0f}" for k, v in m["peak_memory_mb"].items())
+        lines.append(f"| {m['method']} | {m['fixed_seconds']:.1f} | {m['seconds_per_row']:.3f} "
+                     f"| {m['seconds_per_iteration']:.3f} | {m['fit_check_error']:+.0%} | "
+                     f"{mem} |")
+    md = stem.with_suffix(".md")
+    md.write_text("\n".join(lines) + "\n")
+    return [json_path, md]

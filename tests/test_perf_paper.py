@@ -1,0 +1,81 @@
+"""Paper-scale cost projection: the real architectures' sizes, the fit, and the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel, VQModel
+
+from gaq import perf_paper
+from gaq.perf_paper import ARCHITECTURES, Architecture, Protocol
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_architectures_have_the_papers_sizes():
+    # built on the meta device: no memory, no time
+    with torch.device("meta"):
+        cifar = UNet2DModel(**ARCHITECTURES["ddpm-cifar10"].unet)
+        ldm = UNet2DModel(**ARCHITECTURES["ldm4-lsun"].unet)
+        vq = VQModel(**ARCHITECTURES["ldm4-lsun"].vq)
+    assert _params(cifar) == 35_746_307  # Ho et al.'s CIFAR-10 model
+    assert _params(ldm) == pytest.approx(274e6, rel=0.01)  # LDM paper: 274 M
+    assert _params(vq) == pytest.approx(55e6, rel=0.02)  # VQ-f4
+    assert ARCHITECTURES["ldm4-lsun"].protocol.steps == 200
+
+
+def test_fit_recovers_a_linear_cost_model():
+    a, c, b = 3.0, 0.25, 1.5
+    points = {(n, k): a + c * n + b * k for n in (16, 32) for k in (2, 6)}
+    assert perf_paper._fit(points, (16, 32), (2, 6)) == pytest.approx((a, c, b))
+
+
+_TINY = Architecture(
+    description="tiny test UNet + VQ",
+    unet={"sample_size": 8, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
+          "block_out_channels": (8, 16), "norm_num_groups": 4,
+          "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+          "up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "attention_head_dim": 4},
+    vq={"in_channels": 3, "out_channels": 3, "latent_channels": 3, "num_vq_embeddings": 16,
+        "block_out_channels": (8, 8), "layers_per_block": 1, "norm_num_groups": 4,
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2},
+    protocol=Protocol("test", steps=10, images=100, calibration_rows=40, trajectories=8),
+)
+
+
+def test_paper_scale_report_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, "tiny", _TINY)
+    calls = []
+
+    def in_process(arch, method, rows, iters, bits, device, threads):
+        calls.append((method, rows, iters))
+        return perf_paper.measure_method(arch, method, rows, iters, bits, device)
+
+    # the child process would not see the monkeypatched architecture
+    monkeypatch.setattr(perf_paper, "_measure_in_child", in_process)
+    report = perf_paper.paper_scale("tiny", ("rtn",), batch=2, repeats=1, rows=(2, 4),
+                                    iters=(1, 2), gpus=(1, 4))
+    assert sorted(calls) == [("rtn", 2, 1), ("rtn", 2, 2), ("rtn", 4, 1), ("rtn", 4, 2)]
+    h = report["projected_hours"]
+    assert h["sampling_fp"][1] == pytest.approx(4 * h["sampling_fp"][4])  # sharded sampling
+    assert h["sampling_fp"][1] > 0 and report["decode_seconds_per_batch"] > 0
+    assert report["fake_quant_ratio"] > 0
+    (m,) = report["methods"]
+    # tiny runs are noise-dominated: the fit exists, its sign is not asserted
+    assert np.isfinite(m["projected_hours"]) and len(m["peak_memory_mb"]) == 4
+    assert all(v > 0 for v in m["peak_memory_mb"].values())
+    json_path, md = perf_paper.write_report(report, tmp_path)
+    assert json.loads(json_path.read_text())["architecture"] == "tiny"
+    text = md.read_text()
+    assert "| sampling, FP |" in text and "| calibration, rtn (one rank) |" in text
+
+
+def test_paper_scale_refuses_a_bad_grid():
+    with pytest.raises(ValueError, match="increasing"):
+        perf_paper.paper_scale("ddpm-cifar10", rows=(32, 16))
