@@ -105,13 +105,38 @@ def test_mlflow_runs_carry_provenance(micro_run):
     root, _, _ = micro_run
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("gaq-micro")
-    runs = client.search_runs([exp.experiment_id])
+    everything = client.search_runs([exp.experiment_id])
+    runs = [r for r in everything if "gaq.sweep" not in r.data.tags]
     assert len(runs) == 3
+    (sweep,) = [r for r in everything if r.data.tags.get("gaq.sweep") == "1"]
+    assert sweep.info.status == "FINISHED" and sweep.data.params["cells"] == "3"
     for run in runs:
         tags = run.data.tags
         for key in ("git_commit", "git_dirty", "torch_version", "device", "gaq.cell_id", "seeds"):
             assert key in tags, key
         assert "fid" in run.data.metrics
+        assert tags["mlflow.parentRunId"] == sweep.info.run_id  # nested under the sweep
+        # the run spans its cell (sampling, metrics, ...), not just the logging at its end
+        assert run.info.end_time - run.info.start_time > 1000
+        assert sweep.info.start_time <= run.info.start_time <= sweep.info.end_time
+        assert not any(k.startswith("_") or "._" in k for k in run.data.params)
+
+
+def test_a_killed_sweep_is_marked_killed_by_the_next(tmp_path, monkeypatch):
+    import mlflow
+
+    from gaq.bench import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dead = tracking.open_sweep("gaq-x", "x sweep", {}, {})
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    client.set_tag(dead, "gaq.pid", "999999999")  # a process that no longer exists
+    alive = tracking.open_sweep("gaq-x", "x sweep", {}, {})  # this process: still running
+    assert tracking.mark_stale_sweeps("gaq-x") == []  # the first was marked by open_sweep
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(alive).info.status == "RUNNING"
+    tracking.close_sweep(alive)
+    assert client.get_run(alive).info.status == "FINISHED"
 
 
 def test_resume_skips_completed_cells(micro_run, capsys):

@@ -45,7 +45,7 @@ def _import_ray():
 
 def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
               threads: int, crash_marker: str | None = None,
-              force: bool = False) -> dict[str, Any]:
+              force: bool = False, sweep_run: str | None = None) -> dict[str, Any]:
     """One cell in a Ray worker; returns what the driver logs and checks."""
     import torch
 
@@ -66,6 +66,7 @@ def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
                                         log=lambda _text: None)
         runner.join_local()
         runner.engine = "ray"
+    runner.sweep_run = sweep_run  # the driver's MLflow parent run
     cell = cells(bench)[index]
     gpu_ids = _gpu_ids()
     with runner.claim(cid) as mine:
@@ -122,8 +123,16 @@ def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
     task = ray.remote(_run_cell).options(num_cpus=threads, num_gpus=gpus,
                                          max_retries=max_retries, retry_exceptions=True)
     crash = os.environ.get(CRASH_ONCE_ENV)
-    pending = {task.remote(bench, str(runner.dir.parent), runner.device, i, cid, threads,
-                           crash, runner.force): i for i, cid in todo}
+    with runner.sweep():
+        return _run_tasks(ray, runner, task, todo, grid, threads, gpus, crash)
+
+
+def _run_tasks(ray, runner, task, todo, grid, threads, gpus, crash) -> pd.DataFrame:
+    from gaq.bench import results
+
+    pending = {task.remote(runner.bench, str(runner.dir.parent), runner.device, i, cid,
+                           threads, crash, runner.force, runner.sweep_run): i
+               for i, cid in todo}
     slots = int(ray.cluster_resources().get("CPU", 1) // threads)
     runner.log(f"ray: {len(pending)} cells as tasks ({threads} threads, {gpus:g} GPU each; "
                f"{slots} at a time on this cluster's CPUs)")

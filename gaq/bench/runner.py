@@ -139,6 +139,7 @@ class Runner:
         self._models: dict[str, _ModelContext] = {}
         self.world = None  # joined in preflight, after the device is checked
         self.engine = "local"  # "ray" in a Ray engine worker; "torchrun" follows the world
+        self.sweep_run: str | None = None  # MLflow parent run of this invocation's cells
 
     def log(self, text: str) -> None:
         if self.world is None or self.world.main:
@@ -167,9 +168,14 @@ class Runner:
 
     # -- running ----------------------------------------------------------------------
     def run(self) -> pd.DataFrame:
-        from gaq.bench import results
 
         self.preflight()
+        with self.sweep():
+            return self._run_grid()
+
+    def _run_grid(self) -> pd.DataFrame:
+        from gaq.bench import results
+
         grid = cells(self.bench)
         done = set(results.read(self.metrics_path)["cell_id"]) if not self.force else set()
         spent, ran = 0.0, 0
@@ -197,6 +203,37 @@ class Runner:
             return pd.DataFrame()
         self.write_reports()
         return results.read(self.metrics_path)
+
+    @contextlib.contextmanager
+    def sweep(self) -> Iterator[None]:
+        """One MLflow parent run for this invocation (rank 0), its cells' runs nested under
+        it; closed FINISHED, FAILED on an error, KILLED on an interrupt. Sweeps a killed
+        process left RUNNING are marked KILLED when the next one opens."""
+        from gaq.bench.provenance import provenance
+        from gaq.bench.tracking import close_sweep, open_sweep
+
+        if not self.world.main:
+            yield
+            return
+        b = self.bench
+        self.sweep_run = open_sweep(
+            f"gaq-{b.name}", f"{b.name} sweep",
+            {"models": list(b.models), "bits": list(b.bits),
+             "methods": [m.row for m in b.methods], "cells": len(cells(b)),
+             "sampler": b.sampler.to_dict(), "calibration": b.calibration.to_dict(),
+             "eval": b.eval.to_dict()},
+            provenance(list(b.eval.seeds)) | {"gaq.benchmark": b.name,
+                                              "gaq.engine": _engine(self.engine, self.world.size),
+                                              "gaq.device": self.device})
+        status = "FAILED"
+        try:
+            yield
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            close_sweep(self.sweep_run, status)
 
     @contextlib.contextmanager
     def claim(self, cid: str) -> Iterator[bool]:
@@ -364,6 +401,7 @@ class Runner:
             shutil.rmtree(state_dir, ignore_errors=True)
 
     def _run_cell(self, cell: Cell, cid: str, state_dir: Path) -> dict[str, float] | None:
+        started = time.time()  # the MLflow run's start: its duration in the UI is the cell's
         from gaq.bench import results
         from gaq.bench.provenance import provenance
         from gaq.bench.tracking import log_run
@@ -474,7 +512,8 @@ class Runner:
         run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
                          params, metrics, tags, artifacts,
                          {f"{name}_by_timestep": list(curve.items())
-                          for name, curve in curves.items()})
+                          for name, curve in curves.items()},
+                         start_time=started, parent=self.sweep_run)
         setup = _setup_label(self.device, ctx.pipe.dtype, self.world.size)
         base = {"run_id": run_id, "cell_id": cid, "benchmark": self.bench.name,
                 "model": cell.model, "method": cell.method.row, "preset": cell.method.preset,

@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CELL_ID_TAG",
+    "SWEEP_TAG",
     "artifact_root",
     "check_store",
+    "close_sweep",
+    "mark_stale_sweeps",
+    "open_sweep",
     "find_run",
     "flatten",
     "log_run",
@@ -33,6 +37,7 @@ __all__ = [
 ]
 
 CELL_ID_TAG = "gaq.cell_id"
+SWEEP_TAG = "gaq.sweep"  # on the parent run of one `gaq bench` invocation
 
 # MLflow's own limits (mlflow.utils.validation); copied so importing this module stays cheap.
 _MAX_PARAM_VAL = 6000
@@ -128,6 +133,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dicts become dotted keys (``sampler.steps``); values become (truncated) strings."""
     out: dict[str, str] = {}
     for key, value in params.items():
+        if str(key).startswith("_"):  # serializer internals (_type, _version), not settings
+            continue
         full = f"{prefix}{key}"
         if isinstance(value, Mapping):
             if value:
@@ -174,6 +181,8 @@ def log_run(
     curves: Mapping[str, list[tuple[int, float]]] | None = None,
     *,
     cell_id: str | None = None,
+    start_time: float | None = None,
+    parent: str | None = None,
 ) -> str:
     """Log one finished cell as an MLflow run and return its run id.
 
@@ -181,6 +190,9 @@ def log_run(
     file (or a directory, logged whole); ``curves`` maps a name to ``(step, value)`` points,
     logged as the metric history ``curve.<name>`` and as ``curves/<name>.csv``. ``cell_id``
     is a shortcut for the :data:`CELL_ID_TAG` tag that :func:`find_run` looks up.
+    ``start_time`` (seconds since the epoch) is when the cell started, so the run's
+    duration in the UI is the cell's, though it is logged once the cell is done (a killed
+    cell leaves no half-logged run); ``parent`` nests it under its sweep's run.
     """
     from mlflow.entities import Metric, Param, RunTag
 
@@ -192,11 +204,14 @@ def log_run(
     all_tags = {str(k): _truncate(str(v), _MAX_TAG_VAL) for k, v in tags.items()}
     if cell_id is not None:
         all_tags[CELL_ID_TAG] = cell_id
+    if parent is not None:
+        all_tags["mlflow.parentRunId"] = parent
 
     uri = tracking_uri()
     client = _client(uri)
     exp_id = _experiment_id(client, uri, experiment, create=True)
-    run = client.create_run(exp_id, run_name=run_name)
+    run = client.create_run(exp_id, run_name=run_name,
+                            start_time=None if start_time is None else int(start_time * 1000))
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
@@ -273,3 +288,65 @@ def find_run(experiment: str, cell_id: str) -> str | None:
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def open_sweep(experiment: str, run_name: str, params: Mapping[str, Any],
+               tags: Mapping[str, str]) -> str:
+    """The parent run of one benchmark invocation, RUNNING until :func:`close_sweep`; its
+    cells' runs nest under it. It records this process's host and pid, so a sweep that
+    was killed is recognised later (:func:`mark_stale_sweeps`)."""
+    import socket
+
+    from mlflow.entities import Param, RunTag
+
+    uri = tracking_uri()
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, experiment, create=True)
+    mark_stale_sweeps(experiment)
+    run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+    all_tags = {**{str(k): _truncate(str(v), _MAX_TAG_VAL) for k, v in tags.items()},
+                SWEEP_TAG: "1", "gaq.host": socket.gethostname(), "gaq.pid": str(os.getpid())}
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
+    for batch in _chunks([Param(k[:_MAX_KEY], v) for k, v in flatten(params).items()],
+                         _PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=batch)
+    return run_id
+
+
+def close_sweep(run_id: str, status: str = "FINISHED") -> None:
+    """End a sweep's parent run: FINISHED, FAILED (an error) or KILLED (interrupted)."""
+    _client(tracking_uri()).set_terminated(run_id, status)
+
+
+def mark_stale_sweeps(experiment: str) -> list[str]:
+    """Sweep runs of ``experiment`` still RUNNING although the process that opened them
+    (on this host) is gone, e.g. killed: marked KILLED, so the UI does not show them as
+    running forever. Sweeps of other hosts are left alone. Returns their run ids."""
+    import socket
+
+    uri = tracking_uri()
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, experiment, create=False)
+    if exp_id is None:
+        return []
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '1' and "
+                              "attributes.status = 'RUNNING'")
+    host, stale = socket.gethostname(), []
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get("gaq.pid", "")
+        if tags.get("gaq.host") != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        stale.append(run.info.run_id)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
