@@ -252,23 +252,34 @@ def paper_scale(arch: str = "ddpm-cifar10", methods: tuple[str, ...] = ("rtn", "
     sampling_q = proto.images * (proto.steps * halves * q_call / batch + decode / batch)
     recording = proto.trajectories * proto.steps * halves * per_image_step
 
+    from gaq.registry import get_method
+
     method_rows = []
     for method in methods:
         points, peaks = {}, {}
-        grid = [(rows[0], iters[0]), (rows[0], iters[1]), (rows[1], iters[0]),
-                (rows[1], iters[1])]
-        for n, k in grid:
+        # a method without reconstruction (RTN) has no iterations: rows only, b = 0
+        iterative = hasattr(get_method(method).from_preset("paper").config, "recon")
+        ks = iters if iterative else (iters[0], iters[0])
+        grid = [(rows[0], ks[0]), (rows[0], ks[1]), (rows[1], ks[0]), (rows[1], ks[1])]
+        for n, k in dict.fromkeys(grid):
             out = _measure_in_child(arch, method, n, k, bits, device, threads)
             points[(n, k)], peaks[(n, k)] = out["seconds"], out["peak_memory_mb"]
-        a, c, b = _fit(points, rows, iters)
-        check = a + c * rows[1] + b * iters[1]
-        measured = points[(rows[1], iters[1])]
+        if iterative:
+            a, c, b = _fit(points, rows, iters)
+            check = a + c * rows[1] + b * iters[1]
+            measured = points[(rows[1], iters[1])]
+        else:  # the two sizes determine the line; there is no run left to check it with
+            b = 0.0
+            c = (points[(rows[1], ks[0])] - points[(rows[0], ks[0])]) / (rows[1] - rows[0])
+            a = points[(rows[0], ks[0])] - c * rows[0]
+            check = measured = math.nan
         full = a + c * proto.calibration_rows + b * proto.weight_iters
         method_rows.append({
             "method": method, "runs": {f"{n}x{k}": s for (n, k), s in points.items()},
             "peak_memory_mb": {f"{n}x{k}": m for (n, k), m in peaks.items()},
             "fixed_seconds": a, "seconds_per_row": c, "seconds_per_iteration": b,
             "fit_check_error": (check - measured) / measured if measured else math.nan,
+            "iterative": iterative,
             "projected_hours": full / 3600,
         })
     return {
@@ -304,6 +315,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     p, h = report["protocol"], report["projected_hours"]
     gpus = list(h["sampling_fp"])
+    unit = "GPU" if report["device"].startswith("cuda") else "device"
     lines = [
         f"# Paper-scale cost: {report['description']}",
         "",
@@ -320,7 +332,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         f"- calibration recording ({p['trajectories']} trajectories x {p['steps']} steps): "
         f"{h['recording']:.2f} h",
         "",
-        "| phase | " + " | ".join(f"{g} GPU{'s' if g > 1 else ''}" for g in gpus) + " |",
+        "| phase | " + " | ".join(f"{g} × {unit}" for g in gpus) + " |",
         "|---|" + "---:|" * len(gpus),
         "| sampling, FP | " + " | ".join(f"{h['sampling_fp'][g]:.1f} h" for g in gpus) + " |",
         "| sampling, fake-quantized | "
@@ -335,9 +347,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
               "peak memory (MB) |", "|---|---:|---:|---:|---:|---|"]
     for m in report["methods"]:
         mem = ", ".join(f"{k}: {v:.0f}" for k, v in m["peak_memory_mb"].items())
+        check = "–" if math.isnan(m["fit_check_error"]) else f"{m['fit_check_error']:+.0%}"
+        per_iter = f"{m['seconds_per_iteration']:.3f}" if m["iterative"] else "– (none)"
         lines.append(f"| {m['method']} | {m['fixed_seconds']:.1f} | {m['seconds_per_row']:.3f} "
-                     f"| {m['seconds_per_iteration']:.3f} | {m['fit_check_error']:+.0%} | "
-                     f"{mem} |")
+                     f"| {per_iter} | {check} | {mem} |")
     md = stem.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     return [json_path, md]

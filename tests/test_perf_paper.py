@@ -59,21 +59,26 @@ def test_paper_scale_report_end_to_end(tmp_path, monkeypatch):
 
     # the child process would not see the monkeypatched architecture
     monkeypatch.setattr(perf_paper, "_measure_in_child", in_process)
-    report = perf_paper.paper_scale("tiny", ("rtn",), batch=2, repeats=1, rows=(2, 4),
-                                    iters=(1, 2), gpus=(1, 4))
-    assert sorted(calls) == [("rtn", 2, 1), ("rtn", 2, 2), ("rtn", 4, 1), ("rtn", 4, 2)]
+    report = perf_paper.paper_scale("tiny", ("rtn", "brecq"), batch=2, repeats=1,
+                                    rows=(2, 4), iters=(1, 2), gpus=(1, 4))
+    assert sorted(calls) == [("brecq", 2, 1), ("brecq", 2, 2), ("brecq", 4, 1),
+                             ("brecq", 4, 2), ("rtn", 2, 1), ("rtn", 4, 1)]
     h = report["projected_hours"]
     assert h["sampling_fp"][1] == pytest.approx(4 * h["sampling_fp"][4])  # sharded sampling
     assert h["sampling_fp"][1] > 0 and report["decode_seconds_per_batch"] > 0
     assert report["fake_quant_ratio"] > 0
-    (m,) = report["methods"]
+    m, recon = report["methods"]
     # tiny runs are noise-dominated: the fit exists, its sign is not asserted
-    assert np.isfinite(m["projected_hours"]) and len(m["peak_memory_mb"]) == 4
+    assert np.isfinite(m["projected_hours"]) and len(m["peak_memory_mb"]) == 2
+    assert m["seconds_per_iteration"] == 0.0 and not m["iterative"]  # no iterations to vary
+    assert recon["iterative"] and len(recon["peak_memory_mb"]) == 4
+    assert np.isfinite(recon["fit_check_error"])
     assert all(v > 0 for v in m["peak_memory_mb"].values())
     json_path, md = perf_paper.write_report(report, tmp_path)
     assert json.loads(json_path.read_text())["architecture"] == "tiny"
     text = md.read_text()
-    assert "| sampling, FP |" in text and "| calibration, rtn (one rank) |" in text
+    assert "| sampling, FP |" in text and "| calibration, brecq (one rank) |" in text
+    assert "1 × device" in text
 
 
 def test_paper_scale_refuses_a_bad_grid():
