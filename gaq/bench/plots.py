@@ -234,7 +234,8 @@ def _shade(i: int, n: int) -> tuple[float, ...]:
 
 
 def calibration_cost(df: pd.DataFrame) -> Figure:
-    """Calibration time per method (bars, mean ± 95 % CI), grouped by bit-width."""
+    """Calibration time per method (horizontal bars, so every method's name stays readable;
+    95 % CI whiskers where there are several seeds), grouped by bit-width."""
     metric = "calibration_seconds"
     summary = results.summarize(df[df["metric"] == metric])
     summary = summary[~summary["method"].map(labels.is_fp)]
@@ -242,20 +243,22 @@ def calibration_cost(df: pd.DataFrame) -> Figure:
     order = labels.bits_order(summary["bits"])
     scale, unit = (60.0, "min") if len(summary) and summary["mean"].max() > 600 else (1.0, "s")
     with _style():
-        fig = _figure()
+        fig = _figure(height=0.9 + 0.22 * max(1, len(methods)) * max(1, len(order)) ** 0.5)
         ax = fig.add_subplot()
-        width = 0.8 / max(1, len(order))
+        height = 0.8 / max(1, len(order))
         for j, bits in enumerate(order):
             part = summary[summary["bits"] == bits].set_index("method")
-            xs = [i + (j - (len(order) - 1) / 2) * width for i, m in enumerate(methods)
+            ys = [i + (j - (len(order) - 1) / 2) * height for i, m in enumerate(methods)
                   if m in part.index]
             rows = part.loc[[m for m in methods if m in part.index]]
-            ax.bar(xs, rows["mean"] / scale, width, yerr=np.nan_to_num(rows["ci95"]) / scale,
-                   capsize=2, label=bits, color=_shade(j, len(order)))
-        ax.set_xticks(range(len(methods)), [labels.method_label(m) for m in methods])
-        ax.set_ylabel(f"calibration time ({unit}) ↓")
+            ci = rows["ci95"].to_numpy(dtype=float) / scale
+            ax.barh(ys, rows["mean"] / scale, height, label=bits, color=_shade(j, len(order)),
+                    xerr=None if np.isnan(ci).all() else np.nan_to_num(ci), capsize=2)
+        ax.set_yticks(range(len(methods)), [labels.method_label(m) for m in methods])
+        ax.invert_yaxis()  # the first method on top, as in the tables
+        ax.set_xlabel(f"calibration time ({unit}) ↓")
         if len(order) > 1:
-            ax.legend(frameon=False)
+            ax.legend(frameon=False, loc="lower right")
     return fig
 
 
