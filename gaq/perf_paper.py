@@ -105,7 +105,7 @@ ARCHITECTURES: dict[str, Architecture] = {"ddpm-cifar10": _DDPM_CIFAR10,
                                           "ldm4-lsun": _LDM4_LSUN}
 
 
-def build_pipeline(name: str, device: str = "cpu", seed: int = 0):
+def build_pipeline(name: str, device: str, seed: int = 0):
     """A :class:`~gaq.models.pipeline.Pipeline` around a randomly initialised model of
     architecture ``name`` and a DDIM scheduler."""
     from diffusers import DDIMScheduler, UNet2DModel, VQModel
@@ -222,8 +222,8 @@ def _fit(points: dict[tuple[int, int], float], n: tuple[int, int], k: tuple[int,
     return base - c * n[0] - b * k[0], c, b
 
 
-def paper_scale(arch: str = "ddpm-cifar10", methods: tuple[str, ...] = ("rtn", "qdiffusion",
-                "tfmq", "gaq"), bits: str = "W4A8", device: str = "cpu", batch: int = 8,
+def paper_scale(arch: str, methods: tuple[str, ...] = ("rtn", "qdiffusion", "tfmq", "gaq"),
+                *, device: str, bits: str = "W4A8", batch: int = 8,
                 repeats: int = 5, rows: tuple[int, int] = (16, 32), iters: tuple[int, int] = (2, 6),
                 gpus: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
     """Measure and project (see the module docstring); returns the report as a dict."""

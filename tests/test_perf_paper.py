@@ -59,7 +59,7 @@ def test_paper_scale_report_end_to_end(tmp_path, monkeypatch):
 
     # the child process would not see the monkeypatched architecture
     monkeypatch.setattr(perf_paper, "_measure_in_child", in_process)
-    report = perf_paper.paper_scale("tiny", ("rtn", "brecq"), batch=2, repeats=1,
+    report = perf_paper.paper_scale("tiny", ("rtn", "brecq"), device="cpu", batch=2, repeats=1,
                                     rows=(2, 4), iters=(1, 2), gpus=(1, 4))
     assert sorted(calls) == [("brecq", 2, 1), ("brecq", 2, 2), ("brecq", 4, 1),
                              ("brecq", 4, 2), ("rtn", 2, 1), ("rtn", 4, 1)]
@@ -83,4 +83,4 @@ def test_paper_scale_report_end_to_end(tmp_path, monkeypatch):
 
 def test_paper_scale_refuses_a_bad_grid():
     with pytest.raises(ValueError, match="increasing"):
-        perf_paper.paper_scale("ddpm-cifar10", rows=(32, 16))
+        perf_paper.paper_scale("ddpm-cifar10", device="cpu", rows=(32, 16))
