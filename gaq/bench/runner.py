@@ -168,7 +168,6 @@ class Runner:
 
     # -- running ----------------------------------------------------------------------
     def run(self) -> pd.DataFrame:
-
         self.preflight()
         with self.sweep():
             return self._run_grid()
