@@ -34,7 +34,7 @@ import math
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -177,15 +177,13 @@ def measure_method(arch: str, method: str, rows: int, iters: int, bits: str,
     from gaq.calibration import record_calibration
     from gaq.config import QuantConfig
     from gaq.models.adapters import adapter_for
+    from gaq.perf import streamed_config
     from gaq.registry import get_method
 
     pipe = build_pipeline(arch, device)
     calib = record_calibration(pipe, _calibration_spec(rows), cache=False)
     cls = get_method(method)
-    cfg = cls.from_preset("paper").config
-    if hasattr(cfg, "recon"):
-        cfg = replace(cfg, recon=replace(cfg.recon, weight_iters=iters,
-                                         act_iters=max(1, iters // 4), cache="disk"))
+    cfg = streamed_config(cls.from_preset("paper").config, iters)
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)

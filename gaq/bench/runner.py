@@ -522,14 +522,11 @@ class Runner:
         # last: they mark the cell done, so a cell killed before them is re-run, and the
         # rerun's rows replace what the killed attempt appended (same cell id)
         keys = ("run_id", "cell_id", "benchmark", "model", "method", "bits", "seed")
-        for name, frame in diagnostics.items():
+        tables = diagnostics | ({"per_image": per_image} if per_image is not None else {})
+        for name, frame in tables.items():
             for k in reversed(keys):
                 frame.insert(0, k, base[k])
             results.append(self.dir / f"{name}.parquet", frame)
-        if per_image is not None:
-            for k in reversed(keys):
-                per_image.insert(0, k, base[k])
-            results.append(self.dir / "per_image.parquet", per_image)
         if curves:
             crow = [{k: base[k] for k in keys}
                     | {"curve": name, "timestep": int(t), "value": float(v)}
