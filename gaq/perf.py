@@ -31,7 +31,7 @@ def _sampling_seconds(pipe, model, num: int, steps: int, batch_size: int) -> flo
 
 
 def sampling_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 256,
-                      steps: int = 50, batch_sizes: tuple[int, ...] = (128, 64),
+                      steps: int = 50, batch_sizes: tuple[int, ...] = (128, 64, 32),
                       repeats: int = 5) -> list[dict]:
     """FP vs fake-quantized (RTN, weights frozen) DDIM sampling time, same CPU, same images;
     the first batch size is the shipped benchmarks' ``eval.batch_size``.
