@@ -108,7 +108,12 @@ def test_statistics_recover_a_synthetic_noise_model():
     s = fit_stats(7, 1.15 * fp + delta, fp)
     assert s.k == pytest.approx(0.15, abs=0.01)
     assert s.mu == pytest.approx((0.1, -0.2, 0.0), abs=0.02)
-    assert s.sigma == pytest.approx(0.2, abs=0.01)
+    # The centred RMS removes the per-channel bias: the noise's own std. The authors'
+    # per-sample std keeps the spread of the channel biases: sqrt(0.2² + var(0.1, −0.2, 0)).
+    assert fit_stats(7, 1.15 * fp + delta, fp, sigma_of="centred_rms").sigma == pytest.approx(
+        0.2, abs=0.01)
+    assert s.sigma == pytest.approx((0.04 + torch.tensor([0.1, -0.2, 0.0]).var(
+        unbiased=False).item()) ** 0.5, abs=0.01)
     assert fit_stats(7, 0.9 * fp, fp).k == 0.0  # negative slope: not used
     hook = PTQDSamplerHook([s, StepStats(9, 0.35, (0.3, 0.0, 0.0), 0.4)], hook_with(0).key)
     k, mu, sigma = hook.at(8)  # interpolated halfway
@@ -275,3 +280,39 @@ def test_k_refitted_on_held_out_trajectories_digits(digits_ptqd):
     hook = PTQDSamplerHook(stats, faithful.key)
     k_neg = refit_k(result.model, hook, held)
     assert max(abs(k) for k in k_neg.values()) <= 0.02, k_neg
+
+
+def test_sigma_q_is_the_authors_mean_of_per_sample_stds():
+    """The authors' estimator, written out: per sample, the unbiased std of the residual
+    eps_q − (1+k)·eps_fp over its elements; then the mean over samples. A per-sample offset
+    separates it from the centred RMS (which removes per-channel means pooled over samples)."""
+    gen = torch.Generator().manual_seed(3)
+    fp = torch.randn(32, 3, 8, 8, generator=gen)
+    offset = torch.linspace(-0.5, 0.5, 32).view(32, 1, 1, 1)  # differs per sample
+    eps_q = 1.1 * fp + 0.3 * torch.randn(fp.shape, generator=gen) * (1 + offset) + offset
+    s = fit_stats(4, eps_q, fp)
+    k = s.k
+    stds = [float(torch.std(eps_q[i].double() - (1 + k) * fp[i].double())) for i in range(32)]
+    assert s.sigma == pytest.approx(sum(stds) / len(stds), rel=1e-9)
+    rms = fit_stats(4, eps_q, fp, sigma_of="centred_rms").sigma
+    resid = (eps_q - fp).double() - k * fp.double()
+    centred = resid - resid.mean(dim=(0, 2, 3), keepdim=True)
+    assert rms == pytest.approx(float(centred.pow(2).mean().sqrt()), rel=1e-9)
+    assert abs(rms - s.sigma) > 0.01  # the offsets stay in the pooled estimate only
+    with pytest.raises(ValueError, match="sigma_of"):
+        fit_stats(4, eps_q, fp, sigma_of="mad")
+
+
+def test_vsc_needs_the_correction_as_in_the_authors_sampler():
+    """The authors' sampler sets sigma_q to 0 with the correction off, so VSC cannot act:
+    the config refuses the combination instead of running a pipeline they never ran."""
+    with pytest.raises(ValueError, match="vsc = true needs correct = true"):
+        PTQDConfig(correct=False)
+    assert PTQDConfig(correct=False, vsc=False).vsc is False
+
+
+def test_a_version_1_config_keeps_its_sigma_estimator():
+    old = {k: v for k, v in PTQDConfig().to_dict().items() if k != "sigma_of"}
+    old["_version"] = 1
+    assert PTQDConfig.from_dict(old).sigma_of == "centred_rms"
+    assert PTQDConfig.from_dict(PTQDConfig().to_dict()).sigma_of == "per_sample_std"

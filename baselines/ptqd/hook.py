@@ -20,6 +20,9 @@ from gaq.errors import GaqError
 from gaq.eval.eps import correlation_slope
 
 
+SIGMA_ESTIMATORS = ("per_sample_std", "centred_rms")
+
+
 @dataclass(frozen=True)
 class StepStats:
     """Noise statistics of one timestep: correlation ``k``, per-channel bias ``mu`` and the
@@ -34,7 +37,7 @@ class StepStats:
 
 @torch.no_grad()
 def fit_stats(t: int, eps_q: Tensor, eps_fp: Tensor, bias_of: str = "raw",
-              negative_k: bool = False) -> StepStats:
+              negative_k: bool = False, sigma_of: str = "per_sample_std") -> StepStats:
     """PTQD's per-step statistics from paired predictions (N, C, ...) at timestep ``t``.
 
     ``k``: least-squares slope (with intercept) of the error on eps_fp over all elements,
@@ -42,8 +45,14 @@ def fit_stats(t: int, eps_q: Tensor, eps_fp: Tensor, bias_of: str = "raw",
     ``negative_k=True`` keeps a negative slope too (not PTQD's rule; floored at -0.5).
     ``mu``: per-channel mean of the raw error (``bias_of="raw"``, METHODS.md) or of the
     residual δ = error − k·eps_fp (``"residual"``, what the noise model implies).
-    ``sigma``: RMS of δ around its per-channel mean — the noise left after correction.
+    ``sigma``, the std of the noise left after correction, two estimators:
+    ``"per_sample_std"`` (the authors' ``analyze_error.py``): the unbiased std of δ over each
+    sample's elements, averaged over the samples; ``"centred_rms"`` (this suite's earlier
+    default): the RMS of δ around its per-channel mean over all samples. They differ by
+    the spread of per-sample means and by the per-channel bias, which the former keeps.
     """
+    if sigma_of not in SIGMA_ESTIMATORS:
+        raise ValueError(f"sigma_of must be one of {SIGMA_ESTIMATORS}, got {sigma_of!r}")
     fp = eps_fp.double()
     err = eps_q.double() - fp
     k = correlation_slope(err, fp)
@@ -51,8 +60,11 @@ def fit_stats(t: int, eps_q: Tensor, eps_fp: Tensor, bias_of: str = "raw",
     resid = err - k * fp
     dims = [0] + list(range(2, err.ndim))
     mu = (err if bias_of == "raw" else resid).mean(dim=dims)
-    centred = resid - resid.mean(dim=dims).view(1, -1, *[1] * (err.ndim - 2))
-    sigma = float(centred.pow(2).mean().sqrt())
+    if sigma_of == "per_sample_std":
+        sigma = float(resid.flatten(1).std(dim=1).mean())
+    else:
+        centred = resid - resid.mean(dim=dims).view(1, -1, *[1] * (err.ndim - 2))
+        sigma = float(centred.pow(2).mean().sqrt())
     return StepStats(int(t), k, tuple(float(v) for v in mu), sigma, int(err.shape[0]))
 
 

@@ -11,7 +11,13 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from baselines.ptqd.hook import PTQDSamplerHook, StepStats, fit_stats, sampler_key
+from baselines.ptqd.hook import (
+    SIGMA_ESTIMATORS,
+    PTQDSamplerHook,
+    StepStats,
+    fit_stats,
+    sampler_key,
+)
 from gaq.config import MethodConfig, QuantConfig, positive_int
 from gaq.errors import GaqError
 from gaq.methods.base import Method, QuantResult
@@ -24,13 +30,18 @@ from gaq.sampling import _noise_prediction
 
 @dataclass(frozen=True)
 class PTQDConfig(MethodConfig):
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     recon: ReconConfig = field(default_factory=ReconConfig)
     learn_act_steps: bool = True
     per_tensor_weights: bool = True  # PTQD's code quantizes weights per tensor
     correct: bool = True  # divide out k_t and remove the bias mu_t
-    vsc: bool = True  # variance schedule calibration
+    # variance schedule calibration; needs the correction (the authors' sampler sets
+    # sigma_q to 0 when the correction is off, so VSC never acts without it)
+    vsc: bool = True
     bias_of: Literal["raw", "residual"] = "raw"
+    # the residual noise std sigma_q: the authors' mean of per-sample stds, or the RMS
+    # around the per-channel mean (version 1 of this config; 0.2-3.6 % apart here)
+    sigma_of: Literal["per_sample_std", "centred_rms"] = "per_sample_std"
     # PTQD only corrects a positive correlation (k > 0); True also divides out a negative
     # one (eps shrunk by the quantized model). Not in the paper or its code.
     negative_k: bool = False
@@ -44,6 +55,18 @@ class PTQDConfig(MethodConfig):
         positive_int("stats_batch", self.stats_batch)
         if self.bias_of not in ("raw", "residual"):
             raise ValueError(f"bias_of must be 'raw' or 'residual', got {self.bias_of!r}")
+        if self.sigma_of not in SIGMA_ESTIMATORS:
+            raise ValueError(f"sigma_of must be one of {', '.join(SIGMA_ESTIMATORS)}, got "
+                             f"{self.sigma_of!r}")
+        if self.vsc and not self.correct:
+            raise ValueError("vsc = true needs correct = true (PTQD's variance schedule "
+                             "calibration uses the corrected residual noise); set vsc = false")
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        if version == 1:  # version 1 estimated sigma_q as the centred RMS
+            return {"sigma_of": "centred_rms", **data}
+        return super().upgrade(data, version)
 
 
 class PTQD(Method):
@@ -88,7 +111,8 @@ class PTQD(Method):
             qmodel, report, blocks = reconstruct_model(self, model, adapter, calib, quant, cfg,
                                                        self.config.learn_act_steps)
             stats = noise_stats(qmodel, calib.train(), self.config.stats_batch,
-                                self.config.bias_of, self.config.negative_k)
+                                self.config.bias_of, self.config.negative_k,
+                                self.config.sigma_of)
             hook = PTQDSamplerHook(stats, key, correct=self.config.correct, vsc=self.config.vsc)
         result = finish(self, qmodel, report, quant, timer.seconds, sampler_hook=hook,
                         mean_k=sum(s.k for s in stats) / len(stats))
@@ -124,7 +148,7 @@ def _require_every_step(calib) -> None:
 
 @torch.no_grad()
 def noise_stats(qmodel: nn.Module, calib, batch_size: int, bias_of: str = "raw",
-                negative_k: bool = False) -> list[StepStats]:
+                negative_k: bool = False, sigma_of: str = "per_sample_std") -> list[StepStats]:
     """PTQD's statistics for every timestep of ``calib``: the quantized model is run on the
     FP trajectory's inputs x_t and compared with the recorded eps_fp. With classifier-free
     guidance both are the guided prediction (the authors' code fits on the guided eps, the
@@ -143,5 +167,6 @@ def noise_stats(qmodel: nn.Module, calib, batch_size: int, bias_of: str = "raw",
             eps_q.append(_noise_prediction(pred, x.shape[1]).float().cpu())
         eps_fp = _noise_prediction(rows.eps_fp, rows.x.shape[1])
         out.append(fit_stats(t, combine_guidance(torch.cat(eps_q), calib.guidance),
-                             combine_guidance(eps_fp, calib.guidance), bias_of, negative_k))
+                             combine_guidance(eps_fp, calib.guidance), bias_of, negative_k,
+                             sigma_of))
     return out
