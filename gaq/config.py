@@ -610,6 +610,10 @@ def _label_bits(n: int) -> int | None:
     return None if n in _FP_BITS else n
 
 
+#: How the first and last layer are quantized (:attr:`QuantConfig.first_last`).
+FIRST_LAST = ("w8a8", "fp", "quantized")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig(Config):
     """What gets quantized and how: the part of a run shared by every method.
@@ -629,9 +633,16 @@ class QuantConfig(Config):
         default=16, metadata={"expects": "an integer in 2..16 or None (off)"}
     )
     split_shortcut: bool = True
+    # The first and last layer (conv_in / conv_out, DiT's patch embedding and output
+    # projection): "w8a8" (BRECQ's convention, the suite's default), "fp" (TFMQ-DM's code)
+    # or "quantized" at the run's bits like every other layer (Q-Diffusion's code).
+    first_last: str = "w8a8"
 
     def validate(self) -> None:
         _check_bits("softmax_bits", self.softmax_bits, 16)
+        if self.first_last not in FIRST_LAST:
+            raise ConfigError("first_last", f"must be one of {', '.join(FIRST_LAST)}, got "
+                              f"{self.first_last!r}")
         if self.weight.bits is None and self.act.bits is not None:
             # every quantized layer quantizes its weights (QuantConv2d/QuantLinear): refuse
             # here, not with a TypeError after the calibration set is recorded

@@ -66,8 +66,9 @@ class LayerReport(list):
 
 def plan(model: nn.Module, adapter: ModelAdapter, quant: QuantConfig,
          extra_skip: SkipFilter | None = None) -> LayerReport:
-    """Decide each layer's fate: the model's skip policy first, then the method's rules
-    (which may only add restrictions), else the configured bits."""
+    """Decide each layer's fate: the model's skip policy and the run's first/last-layer
+    rule first, then the method's rules (which may only add restrictions), else the
+    configured bits."""
     adapter.check_supported(extra_skip)
     splits = adapter.shortcut_splits() if quant.split_shortcut else {}
     wb, ab = quant.weight.bits, quant.act.bits
@@ -76,7 +77,7 @@ def plan(model: nn.Module, adapter: ModelAdapter, quant: QuantConfig,
         attention = quant.attention and type(mod).__name__ == "Attention"
         if not isinstance(mod, QUANTIZABLE) and not attention:
             continue
-        rule = adapter.skip(mod, name)
+        rule = adapter.skip(mod, name) or adapter.first_last_rule(name, quant.first_last)
         extra = extra_skip(mod, name) if extra_skip is not None else None
         # a method rule applies where the model has none, or where it is stricter
         # ("fp" over the model's "w8a8": TDQ keeps conv_in/conv_out FP)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from gaq.config import MethodConfig, non_negative_int, positive_float, positive_int
 from gaq.models.adapters import Block, ModelAdapter
-from gaq.quant import QuantLayer, annealed_beta, timestep_context
+from gaq.quant import QuantLayer, SplitQuantConv2d, annealed_beta, timestep_context
 from gaq.quant.quantizer import FakeQuantizer
 
 
@@ -32,7 +32,7 @@ from gaq.quant.quantizer import FakeQuantizer
 class ReconConfig(MethodConfig):
     """AdaRound + activation-step hyper-parameters (paper defaults; presets shrink them)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     weight_iters: int = 20000
     act_iters: int = 5000
@@ -48,6 +48,20 @@ class ReconConfig(MethodConfig):
     eval_samples: int = 256
     cache: Literal["disk", "memory"] = "disk"
     seed: int = 0
+    # Minibatch rows: "all_rows" draws them from every cached row, as the authors' code does
+    # (a random permutation of the cached set each iteration); "one_record" from one
+    # captured batch (version 1 of this config; cheaper with the disk cache).
+    minibatch: Literal["all_rows", "one_record"] = "all_rows"
+    # The rounding regulariser of a split shortcut conv's two weight halves: "sum" (both
+    # in full), "first" (only the first half, as Q-Diffusion's code does) or "channels"
+    # (each half weighted by its share of the input channels, as TFMQ-DM's code does).
+    split_reg: Literal["sum", "first", "channels"] = "sum"
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        if version == 1:  # version 1: one-record minibatches, both split halves in full
+            return {"minibatch": "one_record", "split_reg": "sum", **data}
+        return super().upgrade(data, version)
 
     def validate(self) -> None:
         for name in ("weight_iters", "act_iters", "seed"):
@@ -58,6 +72,12 @@ class ReconConfig(MethodConfig):
             positive_float(name, getattr(self, name))
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must lie in [0, 1), got {self.warmup}")
+        if self.minibatch not in ("all_rows", "one_record"):
+            raise ValueError(f"minibatch must be 'all_rows' or 'one_record', got "
+                             f"{self.minibatch!r}")
+        if self.split_reg not in ("sum", "first", "channels"):
+            raise ValueError(f"split_reg must be 'sum', 'first' or 'channels', got "
+                             f"{self.split_reg!r}")
 
 
 # A calibration batch as the engine sees it: (x, t, cond kwargs, row indices).
@@ -173,13 +193,24 @@ class BlockData:
                 break
         return _concat(recs, sizes)
 
-    def sample(self, size: int, gen: torch.Generator) -> dict:
-        """A random minibatch from one random captured batch (rows drawn without replacement)."""
-        i = int(torch.randint(len(self._sizes), (1,), generator=gen))
-        rec = self.record(i)
-        n = self._sizes[i]
-        idx = torch.randperm(n, generator=gen)[: min(size, n)]
-        return select_rows(rec, idx, n) | {"n": len(idx)}
+    def sample(self, size: int, gen: torch.Generator,
+               over: Literal["all_rows", "one_record"] = "one_record") -> dict:
+        """A random minibatch of ``size`` rows drawn without replacement from every captured
+        row (``"all_rows"``) or from one random captured batch (``"one_record"``)."""
+        if over == "one_record":
+            i = int(torch.randint(len(self._sizes), (1,), generator=gen))
+            n = self._sizes[i]
+            idx = torch.randperm(n, generator=gen)[: min(size, n)]
+            return select_rows(self.record(i), idx, n) | {"n": len(idx)}
+        rows = torch.randperm(len(self), generator=gen)[: min(size, len(self))]
+        starts = torch.tensor([0] + self._sizes).cumsum(0)
+        which = torch.bucketize(rows, starts[1:], right=True)
+        recs, sizes = [], []
+        for i in which.unique().tolist():  # each record read once, in storage order
+            local = rows[which == i] - starts[i]
+            recs.append(select_rows(self.record(i), local, self._sizes[i]))
+            sizes.append(len(local))
+        return _concat(recs, sizes) | {"n": len(rows)}
 
     def close(self) -> None:
         if self._dir is not None:
@@ -269,11 +300,33 @@ def _lookup(weights: Tensor | None, index: Tensor) -> Tensor | None:
     return None if weights is None else weights.to(index.device)[index]
 
 
+def split_reg_scales(layers: list[QuantLayer], rule: str) -> list[float]:
+    """The rounding-regulariser weight of each AdaRound quantizer of ``layers`` (in
+    ``use_adaround`` order): 1 everywhere, except the two halves of a split shortcut conv
+    under ``rule`` (see :attr:`ReconConfig.split_reg`)."""
+    scales: list[float] = []
+    for lay in layers:
+        n = len(lay.weight_quantizers)
+        if isinstance(lay, SplitQuantConv2d) and rule != "sum":
+            c_in = lay.fp.in_channels
+            scales += [1.0, 0.0] if rule == "first" else [lay.split / c_in,
+                                                          (c_in - lay.split) / c_in]
+        else:
+            scales += [1.0] * n
+    return scales
+
+
 def adaround(quantizers: list, loss_fn: Callable[[], Tensor], cfg: ReconConfig,
-             progress: bool = False, desc: str = "  adaround") -> None:
+             progress: bool = False, desc: str = "  adaround",
+             reg_scales: list[float] | None = None) -> None:
     """Optimise the AdaRound variables of ``quantizers`` on ``loss_fn()`` (a fresh minibatch
-    loss per call) plus the rounding regulariser, annealed after the warm-up; ends with
-    hard rounding. Shared by block and temporal reconstruction."""
+    loss per call) plus the rounding regulariser, annealed after the warm-up and weighted
+    per quantizer by ``reg_scales`` (default 1); ends with hard rounding. Shared by block
+    and temporal reconstruction."""
+    scales = [1.0] * len(quantizers) if reg_scales is None else reg_scales
+    if len(scales) != len(quantizers):
+        raise ValueError(f"{len(scales)} regulariser weights for {len(quantizers)} quantizers")
+    regularised = [(s, q) for s, q in zip(scales, quantizers, strict=True) if s != 0]
     opt = torch.optim.Adam([q.alpha for q in quantizers], lr=cfg.weight_lr)
     steps = range(cfg.weight_iters)
     if progress:
@@ -288,8 +341,8 @@ def adaround(quantizers: list, loss_fn: Callable[[], Tensor], cfg: ReconConfig,
             beta = annealed_beta(step + 1, cfg.weight_iters, cfg.warmup, cfg.beta_start,
                                  cfg.beta_end)
             if beta is not None:
-                loss = loss + cfg.reg_weight * sum(q.rounding_regularizer(beta)
-                                                   for q in quantizers)
+                loss = loss + cfg.reg_weight * sum(s * q.rounding_regularizer(beta)
+                                                   for s, q in regularised)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
@@ -311,11 +364,11 @@ def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def loss() -> Tensor:
-        rec = data.sample(cfg.batch_size, gen)
+        rec = data.sample(cfg.batch_size, gen, cfg.minibatch)
         return weighted_error(block_forward(block, rec), rec["target"],
                               _lookup(weights, rec["index"]))
 
-    adaround(quantizers, loss, cfg, progress)
+    adaround(quantizers, loss, cfg, progress, reg_scales=split_reg_scales(layers, cfg.split_reg))
     after = block_error(block, data, cfg.eval_samples)
     for lay in layers:
         lay.freeze_weights()
@@ -362,7 +415,7 @@ def learn_act_steps(block: nn.Module, data: BlockData, cfg: ReconConfig,
     gen = torch.Generator().manual_seed(cfg.seed + 1)
 
     def loss() -> Tensor:
-        rec = data.sample(cfg.batch_size, gen)
+        rec = data.sample(cfg.batch_size, gen, cfg.minibatch)
         return weighted_error(block_forward(block, rec), rec["target"],
                               _lookup(weights, rec["index"]), p=cfg.act_p)
 

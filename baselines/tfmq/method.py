@@ -36,9 +36,12 @@ from gaq.temporal import (
 @dataclass(frozen=True)
 class TFMQConfig(MethodConfig):
     # 2: learn_act_steps defaults to False (the authors' released calibration never
-    # learns activation steps); version-1 files spell every field, so they read unchanged
-    VERSION: ClassVar[int] = 2
-    recon: ReconConfig = field(default_factory=ReconConfig)
+    # learns activation steps); version-1 files spell every field, so they read unchanged.
+    # 3: first and last layer FP, as the authors' code keeps them (versions 1-2: W8A8)
+    VERSION: ClassVar[int] = 3
+    # the authors' code weights a split shortcut conv's two rounding regularisers by their
+    # shares of the input channels
+    recon: ReconConfig = field(default_factory=lambda: ReconConfig(split_reg="channels"))
     # AdaRound the temporal layers on the temporal features (off: they stay in their
     # blocks and are reconstructed by block replay, i.e. plain BRECQ with per-t acts)
     temporal_recon: bool = True
@@ -56,11 +59,16 @@ class TFMQConfig(MethodConfig):
     # sampler timesteps between the calibrated ones (interval calibration keeps every
     # n-th step) use the nearest calibrated timestep's activation parameters
     fill_timesteps: bool = True
+    # first and last layer: the authors' code keeps them FP (disable_out_quantization);
+    # "w8a8" is the suite's convention, "quantized" the run's bits
+    first_last: Literal["w8a8", "fp", "quantized"] = "fp"
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> dict:
-        if version == 1:  # explicit learn_act_steps in every version-1 dict: same meaning
-            return data
+        # explicit learn_act_steps in every version-1 dict: same meaning; versions 1-2 kept
+        # the first and last layer at W8A8
+        if version in (1, 2):
+            return {"first_last": "w8a8", **data}
         return super().upgrade(data, version)
 
 
@@ -70,7 +78,8 @@ class TFMQ(Method):
     presets = {
         "paper": TFMQConfig(),
         # sized for the bundled 16x16 digits model on one CPU core (< 2 min)
-        "cpu": TFMQConfig(recon=ReconConfig(weight_iters=200, act_iters=50)),
+        "cpu": TFMQConfig(recon=ReconConfig(weight_iters=200, act_iters=50,
+                                            split_reg="channels")),
     }
 
     def __init__(self, config: TFMQConfig, sample_weights: WeightFn | None = None) -> None:
@@ -103,7 +112,9 @@ class TFMQ(Method):
         return None
 
     def tfmq_quant(self, quant: QuantConfig) -> QuantConfig:
-        """``quant`` with TFMQ-DM's activation calibration (per timestep, EMA min/max)."""
+        """``quant`` with TFMQ-DM's first/last-layer rule and activation calibration (per
+        timestep, EMA min/max)."""
+        quant = replace(quant, first_last=self.config.first_last)
         if quant.act.bits is None:
             return quant
         act = replace(quant.act, range_init=self.config.act_range_init,

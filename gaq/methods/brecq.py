@@ -10,7 +10,7 @@ options that default to off.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from torch import nn
 
@@ -29,6 +29,8 @@ class BRECQConfig(MethodConfig):
     quantize_attention: bool = False
     split_shortcut: bool = False
     softmax_bits: int | None = 16
+    # first and last layer: "w8a8" (BRECQ's convention), "fp" or "quantized"
+    first_last: Literal["w8a8", "fp", "quantized"] = "w8a8"
 
 
 class BRECQ(Method):
@@ -44,7 +46,8 @@ class BRECQ(Method):
         """The run's quantization config with this method's own choices applied."""
         cfg = self.config
         return replace(quant, attention=cfg.quantize_attention and quant.act.bits is not None,
-                       split_shortcut=cfg.split_shortcut, softmax_bits=cfg.softmax_bits)
+                       split_shortcut=cfg.split_shortcut, softmax_bits=cfg.softmax_bits,
+                       first_last=cfg.first_last)
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         require_calibration_set(self, calib)

@@ -42,7 +42,7 @@ __all__ = ["GAQ", "GAQConfig", "GAQMSE", "GAQTimestep", "GAQUniform", "validatio
 
 @dataclass(frozen=True)
 class GAQConfig(TFMQConfig):
-    VERSION: ClassVar[int] = 2  # follows TFMQConfig (learn_act_steps off by default)
+    VERSION: ClassVar[int] = 3  # follows TFMQConfig (its upgrades apply unchanged)
     meta: MetaConfig = field(default_factory=MetaConfig)
     # "uniform": the identical pipeline and validation split with uniform weights
     weights: Literal["meta", "uniform"] = "meta"
@@ -101,7 +101,7 @@ class GAQ(TFMQ):
         "paper": GAQConfig(),
         # bundled 16x16 digits model on a laptop CPU: TFMQ-DM's cpu budget, and few
         # enough meta-iterations to stay near the paper's calibration-time overhead
-        "cpu": GAQConfig(recon=ReconConfig(weight_iters=200, act_iters=50),
+        "cpu": GAQConfig(recon=ReconConfig(weight_iters=200, act_iters=50, split_reg="channels"),
                          meta=MetaConfig(iters=8, batch_size=32, diagnostic_rows=96)),
     }
 

@@ -74,12 +74,22 @@ class ModelAdapter:
 
     # -- skip policy -----------------------------------------------------------------
     def skip(self, module: nn.Module, name: str) -> SkipRule | None:
-        """The model's policy: first and last layer at 8 bits (the convention of every
-        method in the suite's papers; the methods' own rules add to it)."""
-        role = self.role(name)
-        if role in ("input", "output"):
-            return SkipRule("w8a8", f"model policy: {ROLES[role].split(' (')[0]} at 8 bits")
+        """The model's own policy: layers this architecture needs kept out of low-bit
+        quantization (none in the bundled families). The precision of the first and last
+        layer is the run's choice (:attr:`gaq.config.QuantConfig.first_last`), not the
+        model's: the methods' authors differ on it."""
         return None
+
+    def first_last_rule(self, name: str, first_last: str) -> SkipRule | None:
+        """The rule ``first_last`` (a :data:`gaq.config.FIRST_LAST` value) gives the layer
+        ``name`` if it is this model's first or last layer."""
+        role = self.role(name)
+        if role not in ("input", "output") or first_last == "quantized":
+            return None
+        what = ROLES[role].split(" (")[0]
+        if first_last == "fp":
+            return SkipRule("fp", f"first_last = fp: {what} kept FP")
+        return SkipRule("w8a8", f"first_last = w8a8: {what} at 8 bits")
 
     # -- structure -------------------------------------------------------------------
     def temporal_layers(self) -> list[str]:

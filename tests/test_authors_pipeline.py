@@ -1,0 +1,145 @@
+"""Pipeline settings that follow the authors' released code: minibatches drawn from every
+cached row, the split-shortcut rounding regulariser, the first and last layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from baselines.qdiffusion import QDiffusion
+from baselines.tfmq import TFMQ
+from gaq.quant import quantize_layer
+from gaq.reconstruction import BlockData, ReconConfig, adaround, split_reg_scales
+from gaq.registry import get_method
+
+
+def _records(sizes: list[int]) -> list[dict]:
+    out, start = [], 0
+    for n in sizes:
+        idx = torch.arange(start, start + n)
+        out.append({"args": (idx.float().view(n, 1).repeat(1, 3),), "kwargs": {"scale": 2.0},
+                    "target": idx.float().view(n, 1), "t": idx * 10, "index": idx})
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_all_rows_minibatch_is_a_permutation_of_the_whole_cache(where):
+    """The authors draw each minibatch as the first rows of a fresh random permutation of
+    every cached row: the same rows here, from the same generator state, with every
+    per-row tensor (inputs, target, timesteps, index) kept aligned."""
+    sizes = [5, 7, 4, 6]
+    data = BlockData(where)
+    try:
+        for r in _records(sizes):
+            data.add(r)
+        gen, ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+        seen_records = set()
+        for _ in range(20):
+            batch = data.sample(6, gen, "all_rows")
+            expected = torch.randperm(sum(sizes), generator=ref)[:6]
+            assert sorted(batch["index"].tolist()) == sorted(expected.tolist())
+            assert batch["n"] == 6 and batch["kwargs"] == {"scale": 2.0}
+            assert torch.equal(batch["target"].view(-1), batch["index"].float())
+            assert torch.equal(batch["args"][0][:, 2], batch["index"].float())
+            assert torch.equal(batch["t"], batch["index"] * 10)
+            bounds = torch.tensor(sizes).cumsum(0)
+            seen_records.add(len(torch.bucketize(batch["index"], bounds, right=True).unique()))
+        assert max(seen_records) > 1  # rows of several captured batches in one minibatch
+        whole = data.sample(100, gen, "all_rows")  # more than cached: every row once
+        assert sorted(whole["index"].tolist()) == list(range(sum(sizes)))
+        one = data.sample(6, torch.Generator().manual_seed(0), "one_record")
+        assert len(torch.bucketize(one["index"], torch.tensor(sizes).cumsum(0),
+                                   right=True).unique()) == 1
+    finally:
+        data.close()
+
+
+def _split_layer() -> nn.Module:
+    torch.manual_seed(0)
+    layer = quantize_layer(nn.Conv2d(12, 4, 1), 4, None, split=8, weight_observer="max")
+    for q, w in zip(layer.weight_quantizers, layer.weight_parts(), strict=True):
+        q.calibrate(w)
+        q.finalize()
+    return layer
+
+
+def test_split_regulariser_weights_follow_each_authors_rule():
+    layer = _split_layer()
+    assert split_reg_scales([layer], "sum") == [1.0, 1.0]
+    assert split_reg_scales([layer], "first") == [1.0, 0.0]  # Q-Diffusion
+    assert split_reg_scales([layer], "channels") == [8 / 12, 4 / 12]  # TFMQ-DM
+    plain = quantize_layer(nn.Conv2d(12, 4, 1), 4, None)
+    assert split_reg_scales([plain, layer], "first") == [1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("rule, second_moves", [("first", False), ("sum", True)])
+def test_an_unregularised_half_gets_no_rounding_gradient(rule, second_moves):
+    """With a zero reconstruction loss only the regulariser moves the rounding variables:
+    under Q-Diffusion's rule the second half of a split conv must not move at all."""
+    layer = _split_layer()
+    quantizers = layer.use_adaround()
+    before = [q.alpha.detach().clone() for q in quantizers]
+    cfg = ReconConfig(weight_iters=3, warmup=0.0)
+    zero = lambda: sum(q.alpha.sum() for q in quantizers) * 0.0  # noqa: E731
+    adaround(quantizers, zero, cfg, reg_scales=split_reg_scales([layer], rule))
+    assert not torch.equal(before[0], quantizers[0].alpha)
+    assert (not torch.equal(before[1], quantizers[1].alpha)) is second_moves
+
+
+def test_presets_follow_the_authors_and_version_1_keeps_its_meaning():
+    assert QDiffusion.from_preset("cpu").config.recon.split_reg == "first"
+    assert QDiffusion.Config().recon.split_reg == "first"
+    for name in ("tfmq", "gaq", "gaq-uniform"):
+        method = get_method(name)
+        assert method.from_preset("cpu").config.recon.split_reg == "channels"
+        assert method.from_preset("paper").config.recon.split_reg == "channels"
+    assert TFMQ.Config().recon.minibatch == "all_rows"
+    old = {k: v for k, v in ReconConfig().to_dict().items()
+           if k not in ("minibatch", "split_reg")} | {"_version": 1}
+    upgraded = ReconConfig.from_dict(old)
+    assert (upgraded.minibatch, upgraded.split_reg) == ("one_record", "sum")
+    with pytest.raises(ValueError, match="split_reg"):
+        ReconConfig(split_reg="half")
+
+
+def _first_last(method_name: str, tiny_unet) -> dict[str, tuple[str, int | None]]:
+    from gaq.config import QuantConfig
+    from gaq.models.adapters import adapter_for
+    from gaq.quantize import plan
+
+    method = get_method(method_name).from_preset("cpu")
+    quant = QuantConfig.from_bits("W4A8")
+    if hasattr(method, "method_quant"):
+        quant = method.method_quant(quant)
+    elif hasattr(method, "tfmq_quant"):
+        quant = method.tfmq_quant(quant)
+    adapter = adapter_for(tiny_unet)
+    report = plan(tiny_unet, adapter, quant, method.skip_filter(adapter))
+    return {d.name: (d.status, d.weight_bits) for d in report
+            if d.name in ("conv_in", "conv_out")}
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("qdiffusion", ("quantized", 4)),  # the authors' QuantModel has no first/last exception
+    ("tfmq", ("fp", None)),  # disable_out_quantization
+    ("gaq", ("fp", None)),  # TFMQ-DM's pipeline
+    ("brecq", ("w8a8", 8)),  # BRECQ's convention, the suite's default
+    ("rtn", ("w8a8", 8)),
+])
+def test_first_and_last_layer_follow_each_authors_code(name, expected, tiny_unet):
+    got = _first_last(name, tiny_unet)
+    assert got == {"conv_in": expected, "conv_out": expected}
+
+
+def test_old_configs_keep_the_8_bit_first_and_last_layer():
+    from baselines.qdiffusion import QDiffusionConfig
+    from baselines.tfmq import TFMQConfig
+
+    for cls, version in ((QDiffusionConfig, 1), (TFMQConfig, 1), (TFMQConfig, 2)):
+        old = {k: v for k, v in cls().to_dict().items() if k != "first_last"}
+        old["_version"] = version
+        assert cls.from_dict(old).first_last == "w8a8"
+    with pytest.raises(Exception, match="first_last"):
+        TFMQConfig(first_last="int8")
