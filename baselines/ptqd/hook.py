@@ -19,7 +19,6 @@ from torch import Tensor
 from gaq.errors import GaqError
 from gaq.eval.eps import correlation_slope
 
-
 SIGMA_ESTIMATORS = ("per_sample_std", "centred_rms")
 
 
