@@ -201,3 +201,46 @@ def test_inception_layers_with_stand_in_weights(tmp_path, monkeypatch):
     assert out[SPATIAL].shape == (2, 7 * 17 * 17)
     # grey is repeated to RGB: same features as the explicit 3-channel image
     torch.testing.assert_close(space.features(grey.expand(-1, 3, -1, -1)), out[FEATURES])
+
+
+class _Payload:
+    """Unpickling this writes a marker file: the code a hostile weights file would run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_inception_weights_never_unpickle_code(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"fc.weight": torch.zeros(1), "x": _Payload(str(marker))}, evil)
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(evil))
+    with pytest.raises(GaqError) as err:
+        InceptionFeatures(device="cpu")
+    assert not marker.exists()  # the payload never ran
+    msg = str(err.value)
+    assert "\n" not in msg and str(evil) in msg and "safely" in msg
+    # a plain list is not a state dict either
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(GaqError, match="no state dict"):
+        InceptionFeatures(tmp_path / "list.pth", device="cpu")
+
+
+def test_inception_weights_load_from_safetensors(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from safetensors.torch import save_file
+
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        torch.manual_seed(0)
+        stand_in = fe.FeatureExtractorInceptionV3("x", ["2048"]).state_dict()
+    save_file({k: v.contiguous() for k, v in stand_in.items()}, tmp_path / "inception.safetensors")
+    torch.save(stand_in, tmp_path / "inception.pth")
+    grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    a = InceptionFeatures(tmp_path / "inception.safetensors", device="cpu").features(grey)
+    b = InceptionFeatures(tmp_path / "inception.pth", device="cpu").features(grey)
+    assert torch.equal(a, b)

@@ -17,6 +17,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -162,6 +163,31 @@ def find_inception_weights(weights_path: str | os.PathLike | None = None) -> Pat
     )
 
 
+def load_inception_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Inception weights as a state dict, without running pickled code: a ``.safetensors``
+    file, or a PyTorch file read with ``torch.load(weights_only=True)`` (torch-fidelity's
+    ``.pth`` is a plain state dict and loads so). Anything else is one clear GaqError."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every failure gets the same one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise GaqError(
+            f"Inception weights {path} cannot be loaded safely ({first}); use torch-fidelity's "
+            f"{INCEPTION_WEIGHTS_FILE} (a plain state dict) or a .safetensors copy of it"
+        ) from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise GaqError(f"Inception weights {path} hold no state dict of tensors; use "
+                       f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} or a .safetensors copy")
+    return state
+
+
 class InceptionFeatures(FeatureSpace):
     """torch-fidelity's ``inception-v3-compat`` (TF-2015 Inception, bit-compatible resize):
     ``features`` = 2048-d pool3, ``logits`` = the 1008 ``logits_unbiased`` torch-fidelity
@@ -181,14 +207,19 @@ class InceptionFeatures(FeatureSpace):
         batch_size: int = 64,
     ) -> None:
         super().__init__(device=device, batch_size=batch_size)
-        # find the weights before importing/building the network: a missing file fails fast
+        # find and load the weights before building the network: a missing or unsafe file
+        # fails fast
         self.weights_path = find_inception_weights(weights_path)
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        state = load_inception_state(self.weights_path)
+        import torch_fidelity.feature_extractor_inceptionv3 as fe
 
-        self.model = FeatureExtractorInceptionV3(
-            self.name, ["2048", "logits_unbiased"],
-            feature_extractor_weights_path=str(self.weights_path), verbose=False,
-        ).to(self.device)
+        # torch-fidelity would unpickle the file itself (torch.load, weights_only=False),
+        # which runs any code a pickle carries: it gets the state loaded above through its
+        # URL loader instead, so it neither unpickles nor downloads anything.
+        with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: state):
+            self.model = fe.FeatureExtractorInceptionV3(
+                self.name, ["2048", "logits_unbiased"], verbose=False,
+            ).to(self.device)
         self._spatial: torch.Tensor | None = None
         # torch-fidelity exposes no spatial layer, so a hook reads mixed_6/conv on the way
         self.model.Mixed_6d.branch1x1.register_forward_hook(self._grab_spatial)
