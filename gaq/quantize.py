@@ -243,27 +243,65 @@ def save_state(model: nn.Module, report: LayerReport, quant: QuantConfig, folder
 
 
 def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerReport, dict]:
-    """Rebuild the quantized model on a fresh FP ``model`` and load a saved state into it."""
+    """Rebuild the quantized model on a fresh FP ``model`` and load a saved state into it.
+
+    Every way a folder can be wrong (missing, not a folder, truncated or malformed files,
+    a state of another model, non-finite values) is one :class:`GaqError` naming the
+    folder and what to do, never a raw parser or safetensors exception."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    doc = json.loads((folder / "state.json").read_text())
-    if doc.get("format") != STATE_FORMAT:
-        raise GaqError(f"{folder}: quantization state format {doc.get('format')} is not "
+    redo = "re-run `gaq quantize` to write it again"
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise GaqError(f"quantization state {folder} {what}; pass the folder `gaq quantize "
+                       "--out` wrote (it holds state.json and state.safetensors)")
+    for name in ("state.json", "state.safetensors"):
+        if not (folder / name).is_file():
+            raise GaqError(f"quantization state {folder} has no {name}; {redo}")
+    try:
+        doc = json.loads((folder / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GaqError(f"{folder / 'state.json'} is not valid JSON ({err}); {redo}") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise GaqError(f"{folder}: quantization state format {found} is not "
                        f"{STATE_FORMAT}; re-run the quantization with this version of gaq")
+    absent = [k for k in ("quant", "layers", "meta") if k not in doc]
+    if absent:
+        raise GaqError(f"{folder / 'state.json'} lacks {', '.join(absent)}; {redo}")
     quant = QuantConfig.from_dict(doc["quant"])
     report = LayerReport.from_rows(doc["layers"])
+    names = {n for n, _ in model.named_modules()}
+    foreign = [d.name for d in report if d.name not in names]
+    if foreign:
+        raise GaqError(f"{folder}: the state was saved for another model (no layer "
+                       f"{foreign[0]!r} here); load it onto the model it was made for")
     qmodel = build(model, report, quant)
     for _, layer in quant_layers(qmodel):
         # allocate the buffer so load_state_dict can fill it
         layer.frozen_weight = torch.empty_like(layer.fp.weight)
-    tensors = load_file(str(folder / "state.safetensors"))
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise GaqError(f"{folder / 'state.safetensors'} cannot be read ({err}); "
+                       f"{redo}") from None
     missing = set(_state_tensors(qmodel)) - set(tensors)
     unexpected = set(tensors) - set(qmodel.state_dict())
     if missing or unexpected:
         raise GaqError(f"{folder}: state does not match the model "
                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    qmodel.load_state_dict(tensors, strict=False)
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise GaqError(f"{folder}: tensor {key} holds NaN or infinite values; {redo} "
+                           "(and check the model's weights are finite)")
+    try:
+        qmodel.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # size mismatches: a state of a same-named other model
+        first = str(err).strip().splitlines()[-1].strip()[:200]
+        raise GaqError(f"{folder}: the state does not fit this model ({first}); load it onto "
+                       "the model it was made for") from None
     return qmodel, report, doc["meta"]
 
 

@@ -5,6 +5,7 @@ save/load of a quantization state, and refusal of what gaq cannot quantize."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -299,3 +300,52 @@ def test_range_settings_of_the_spec_reach_the_observers(make_tiny_model):
     acts = [q for _, q in act_quantizers(qmodel) if not q.unsigned]  # softmax keeps min/max
     assert acts and all(q.observer_name == "ema" and q.observer_kwargs == {"momentum": 0.5}
                         for q in acts)
+
+
+def _truncate(folder):
+    p = folder / "state.safetensors"
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+
+
+def _nan_tensor(folder):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "state.safetensors"))
+    key = next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(folder / "state.safetensors"))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda f: shutil.rmtree(f), "does not exist"),
+    (lambda f: (shutil.rmtree(f), f.write_text("x")), "is not a folder"),
+    (lambda f: (f / "state.json").unlink(), "has no state.json"),
+    (lambda f: (f / "state.safetensors").unlink(), "has no state.safetensors"),
+    (lambda f: (f / "state.json").write_text("{not json"), "not valid JSON"),
+    (lambda f: (f / "state.json").write_text("[1, 2]"), "format list"),
+    (_truncate, "cannot be read"),
+    (_nan_tensor, "NaN or infinite"),
+], ids=["missing", "file", "no-json", "no-tensors", "bad-json", "json-list", "truncated",
+        "nan"])
+def test_a_damaged_state_is_one_clear_line(fp_case, make_tiny_model, tmp_path, damage,
+                                           expected):
+    model, calib, _ = fp_case("unet")
+    result = method("rtn").quantize(model, adapter_for(model), calib,
+                                    QuantConfig.from_bits("W8A8"))
+    folder = save_state(result.model, result.report, QuantConfig.from_bits("W8A8"),
+                        tmp_path / "state")
+    damage(folder)
+    with pytest.raises(GaqError) as err:
+        load_state(make_tiny_model("unet"), folder)
+    msg = str(err.value)
+    assert expected in msg and "\n" not in msg and str(folder) in msg
+
+
+def test_a_state_of_another_model_is_refused(fp_case, make_tiny_model, tmp_path):
+    model, calib, _ = fp_case("unet")
+    result = method("rtn").quantize(model, adapter_for(model), calib,
+                                    QuantConfig.from_bits("W8A8"))
+    folder = save_state(result.model, result.report, QuantConfig.from_bits("W8A8"),
+                        tmp_path / "state")
+    with pytest.raises(GaqError, match="another model|does not match|shape"):
+        load_state(make_tiny_model("dit"), folder)
