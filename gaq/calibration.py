@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from gaq.config import Config, ConfigError, non_negative_int, positive_float, positive_int
+from gaq.finite import first_non_finite, require_finite_tensors
 from gaq.sampling import SamplerConfig, batch_ranges, sample_batch, sampler_kind, sampling_timesteps
 
 if TYPE_CHECKING:
@@ -486,6 +487,10 @@ def record_calibration(
     horizon = int(pipe.scheduler.config.num_train_timesteps)
     plan = _recording_plan(spec, timesteps, horizon)
     rows = _record(pipe, spec, plan, progress)
+    require_finite_tensors({"x_t": rows["x"], "the FP noise prediction": rows["eps_fp"]},
+                           f"calibration recorded from {model_id!r}",
+                           "the FP model diverges on its own trajectories: check its weights, "
+                           "scheduler and dtype (float16 overflow)")
     calib = CalibrationSet(
         x=rows["x"],
         t=rows["t"],
@@ -646,6 +651,9 @@ def _load(folder: Path, key: str) -> CalibrationSet | None:
         )
         if len(calib) != meta.get("rows"):
             raise ValueError(f"{len(calib)} rows on disk, metadata says {meta.get('rows')}")
+        bad = first_non_finite(tensors.items())
+        if bad is not None:
+            raise ValueError(f"tensor {bad} holds NaN or infinite values")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         warnings.warn(
             f"ignoring unreadable calibration cache entry {data_path} ({e}); recomputing",

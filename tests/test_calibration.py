@@ -19,6 +19,7 @@ from gaq.calibration import (
     record_calibration,
 )
 from gaq.config import ConfigError
+from gaq.errors import GaqError
 from gaq.models.conditioning import ClassConditioning
 from gaq.models.pipeline import Pipeline
 from gaq.sampling import (
@@ -356,3 +357,24 @@ def test_spec_round_trips_and_fingerprints_only_what_determines_the_data():
     assert {x.data_fingerprint() for x in same} == {s.data_fingerprint()}
     assert spec(num_samples=3).data_fingerprint() == spec().data_fingerprint()  # interval
     assert spec(seed=1).data_fingerprint() != spec().data_fingerprint()
+
+
+def test_a_nan_in_a_cached_set_is_recomputed_with_a_warning(tiny_unet, sched, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    a = record(tiny_unet, sched, spec(), cache=True, cache_dir=tmp_path)
+    path = tmp_path / f"{a.meta['key']}.safetensors"
+    tensors = load_file(path)
+    tensors["eps_fp"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, path)
+    with pytest.warns(CalibrationCacheWarning, match="eps_fp holds NaN"):
+        b = record(tiny_unet, sched, spec(), cache=True, cache_dir=tmp_path)
+    assert bool(torch.isfinite(b.eps_fp).all())
+
+
+def test_a_diverging_fp_model_is_named_while_recording(tiny_unet, sched):
+    with torch.no_grad():
+        tiny_unet.conv_out.bias.fill_(float("inf"))
+    with pytest.raises(GaqError, match="(x_t|FP noise prediction) holds NaN or infinite") as err:
+        record(tiny_unet, sched, spec())
+    assert "\n" not in str(err.value)

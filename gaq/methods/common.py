@@ -10,6 +10,7 @@ from torch import nn
 
 from gaq.config import QuantConfig
 from gaq.errors import GaqError
+from gaq.finite import require_finite_module
 from gaq.methods.base import Method, QuantResult
 from gaq.quantize import LayerReport, freeze
 
@@ -41,8 +42,12 @@ class Timer:
 
 def finish(method: Method, qmodel: nn.Module, report: LayerReport, quant: QuantConfig,
            seconds: float, **extra) -> QuantResult:
-    """Freeze weights (sampling then pays only for activation fake-quant) and pack the result."""
+    """Freeze weights (sampling then pays only for activation fake-quant), check that the
+    calibration did not diverge, and pack the result."""
     freeze(qmodel)
+    require_finite_module(qmodel, f"{method.name} calibration",
+                          "it diverged: lower its learning rates (weight_lr, act_lr) or check "
+                          "the calibration set")
     state = {"method": method.name, "config": method.config.to_dict(), "quant": quant.to_dict()}
     stats = {"calibration_seconds": seconds}
     stats.update({k: v for k, v in extra.items() if isinstance(v, (int, float))})

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gaq.errors import GaqError
+from gaq.finite import require_finite_module
 from gaq.models.bundled import BUNDLED_MODELS
 from gaq.models.conditioning import Conditioning
 from gaq.models.pipeline import Pipeline
@@ -91,6 +92,12 @@ def load_model(source: str, device: str | torch.device = "cpu",
     ae_key = next((k for k in _AUTOENCODER_KEYS if isinstance(index.get(k), list)), None)
     autoencoder = None if ae_key is None else _component(index, ae_key, path, dtype).eval()
     conditioning = _conditioning(index, path, denoiser, dtype, prompts)
+    for part, module in ((key, denoiser), (ae_key, autoencoder),
+                         ("text_encoder", getattr(conditioning, "text_encoder", None)),
+                         ("class embedder", getattr(conditioning, "embedder", None))):
+        if isinstance(module, torch.nn.Module):
+            require_finite_module(module, f"pipeline {source!r}, component {part!r}",
+                                  "the checkpoint is damaged: restore or re-train it")
     name = source if source in BUNDLED_MODELS else path.name
     return Pipeline(denoiser, scheduler, autoencoder, conditioning, name=name,
                     path=path).to(device)
