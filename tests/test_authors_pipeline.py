@@ -111,10 +111,7 @@ def _first_last(method_name: str, tiny_unet) -> dict[str, tuple[str, int | None]
 
     method = get_method(method_name).from_preset("cpu")
     quant = QuantConfig.from_bits("W4A8")
-    if hasattr(method, "method_quant"):
-        quant = method.method_quant(quant)
-    elif hasattr(method, "tfmq_quant"):
-        quant = method.tfmq_quant(quant)
+    quant = method.effective_quant(quant)
     adapter = adapter_for(tiny_unet)
     report = plan(tiny_unet, adapter, quant, method.skip_filter(adapter))
     return {d.name: (d.status, d.weight_bits) for d in report

@@ -216,7 +216,7 @@ def test_skip_rules(make_tiny_model):
     assert rules["down_blocks.0.downsamplers.0.conv"].precision == "fp"
     assert rules["up_blocks.0.resnets.0.conv_shortcut"].precision == "fp"
     assert rules["down_blocks.0.resnets.0.conv1"] is None
-    assert m.quant_config(QuantConfig.from_bits("W4A8")).attention is False
+    assert m.effective_quant(QuantConfig.from_bits("W4A8")).attention is False
 
 
 # -- the bundled digits model at W4A8 ----------------------------------------------------

@@ -88,7 +88,7 @@ class PTQD(Method):
             return SkipRule("fp", "ptqd: downsample conv kept FP")
         return None
 
-    def quant_config(self, quant: QuantConfig) -> QuantConfig:
+    def effective_quant(self, quant: QuantConfig) -> QuantConfig:
         """PTQD's variant of the run's config: attention matmuls unquantized and, by
         default, per-tensor weights."""
         quant = replace(quant, attention=False)
@@ -106,7 +106,7 @@ class PTQD(Method):
         if self.config.every_step:
             _require_every_step(calib)
         cfg = self.config.recon
-        quant = self.quant_config(quant)
+        quant = self.effective_quant(quant)
         with Timer() as timer:
             qmodel, report, blocks = reconstruct_model(self, model, adapter, calib, quant, cfg,
                                                        self.config.learn_act_steps)

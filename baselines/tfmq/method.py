@@ -111,7 +111,7 @@ class TFMQ(Method):
             return SkipRule("fp", "TFMQ-DM: first time-embedding layer FP (authors' code)")
         return None
 
-    def tfmq_quant(self, quant: QuantConfig) -> QuantConfig:
+    def effective_quant(self, quant: QuantConfig) -> QuantConfig:
         """``quant`` with TFMQ-DM's first/last-layer rule and activation calibration (per
         timestep, EMA min/max)."""
         quant = replace(quant, first_last=self.config.first_last)
@@ -124,7 +124,7 @@ class TFMQ(Method):
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         require_calibration_set(self, calib)
         cfg = self.config.recon
-        quant = self.tfmq_quant(quant)
+        quant = self.effective_quant(quant)
         temporal: dict[str, float] = {}
         with Timer() as timer:
             qmodel, report = quantize_model(model, adapter, quant, self.skip_filter(adapter))

@@ -139,6 +139,12 @@ class Method(abc.ABC):
         be swept over bit-widths without creating new configs.
         """
 
+    def effective_quant(self, quant: QuantConfig) -> QuantConfig:
+        """The config this method actually quantizes with, given the run's ``quant``: its
+        own choices applied (attention, shortcut splitting, first/last layer, activation
+        calibration). The runner and ``gaq quantize`` record this one with the results."""
+        return quant
+
     @classmethod
     def restore_hook(cls, state: Mapping[str, Any]) -> Any | None:
         """The sampler hook of a saved quantization (``state``: the ``QuantResult.state``

@@ -42,7 +42,7 @@ class BRECQ(Method):
         "cpu": BRECQConfig(recon=ReconConfig(weight_iters=200, act_iters=50)),
     }
 
-    def method_quant(self, quant: QuantConfig) -> QuantConfig:
+    def effective_quant(self, quant: QuantConfig) -> QuantConfig:
         """The run's quantization config with this method's own choices applied."""
         cfg = self.config
         return replace(quant, attention=cfg.quantize_attention and quant.act.bits is not None,
@@ -51,7 +51,7 @@ class BRECQ(Method):
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         require_calibration_set(self, calib)
-        quant = self.method_quant(quant)
+        quant = self.effective_quant(quant)
         with Timer() as timer:
             qmodel, report, blocks = reconstruct_model(self, model, adapter, calib, quant,
                                                        self.config.recon,
