@@ -103,9 +103,12 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _methods(args: argparse.Namespace) -> None:
-    from gaq.registry import get_method, list_methods
+    from gaq.registry import get_method, usable_methods
 
-    for name in list_methods():
+    names, problems = usable_methods(preset=None)
+    for line in problems:
+        print(f"skipped: {line}", file=sys.stderr)
+    for name in names:
         cls = get_method(name)
         # the class's own summary line, else its module's
         own = cls.__dict__.get("__doc__")

@@ -28,6 +28,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "register_method",
+    "usable_methods",
 ]
 
 ENTRY_POINT_GROUP = "gaq.methods"
@@ -68,6 +69,14 @@ class UnknownMethodError(GaqError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the repr of the message
         return self.message
+
+
+class BrokenMethodError(GaqError, ImportError):
+    """A registered method (typically a plugin's entry point) that cannot be imported."""
+
+
+class NotAMethodError(GaqError, TypeError):
+    """A registered target that is not a :class:`gaq.methods.base.Method` subclass."""
 
 
 def _import_target(spec: str) -> Any:
@@ -180,14 +189,17 @@ class MethodRegistry:
                 obj = target.load()
             else:
                 obj = _import_target(target)
-        except (ImportError, AttributeError) as e:
-            raise ImportError(
-                f"method {name!r} is registered as {_describe(target)} but could not be loaded: {e}"
+        except Exception as e:  # noqa: BLE001 - a plugin's import may raise anything
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise BrokenMethodError(
+                f"method {name!r} is registered as {_describe(target)} but could not be "
+                f"loaded: {type(e).__name__}: {first}; fix or uninstall the package that "
+                "provides it"
             ) from e
         from gaq.methods.base import Method  # torch-free; deferred to keep imports lazy
 
         if not (isinstance(obj, type) and issubclass(obj, Method)):
-            raise TypeError(
+            raise NotAMethodError(
                 f"method {name!r} ({_describe(target)}) must be a subclass of "
                 f"gaq.methods.base.Method, got {obj!r}"
             )
@@ -227,3 +239,22 @@ def get_method(name: str) -> type[Method]:
 def list_methods() -> list[str]:
     """All registered method names (built-in, registered and entry points), sorted."""
     return _DEFAULT.names()
+
+
+def usable_methods(preset: str | None = "cpu") -> tuple[list[str], list[str]]:
+    """The registered methods that load (and have ``preset``, unless None), and one line
+    for each that does not: a broken plugin must not take ``methods = "all"`` or
+    ``gaq methods`` down."""
+    usable, problems = [], []
+    for name in list_methods():
+        try:
+            cls = get_method(name)
+        except GaqError as e:
+            problems.append(str(e))
+            continue
+        if preset is not None and preset not in cls.presets:
+            problems.append(f"method {name!r} has no {preset!r} preset (it has "
+                            f"{', '.join(sorted(cls.presets)) or 'none'}); skipped")
+            continue
+        usable.append(name)
+    return usable, problems

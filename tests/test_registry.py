@@ -247,3 +247,40 @@ def test_importing_the_registry_does_not_import_torch() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "clean"
+
+
+def test_a_broken_plugin_is_one_line_and_skipped_by_methods_all(
+    monkeypatch: pytest.MonkeyPatch, make_module: Callable[[str, str], str], tmp_path: Path
+) -> None:
+    """A plugin that raises at import, and one without a ``cpu`` preset, are reported in
+    one line each; ``gaq methods`` and a ``methods = "all"`` benchmark go on without them."""
+    from gaq.bench.spec import load_benchmark
+
+    # no entry points read (patching importlib's would break torch's own plugin lookup)
+    fresh_default = MethodRegistry(BUILTIN_METHODS, entry_point_group=None)
+    monkeypatch.setattr(registry, "_DEFAULT", fresh_default)
+
+    crash = make_module("gaq_test_plugin_crash", "raise RuntimeError('half-installed')\n")
+    no_cpu = make_module("gaq_test_plugin_nocpu",
+                         plugin("Paper").replace('{"cpu": PaperConfig(iters=1)}',
+                                                 '{"paper": PaperConfig()}'))
+    fresh_default.register("crashy", f"{crash}:Cls")
+    fresh_default.register("paperonly", f"{no_cpu}:Paper")
+    with pytest.raises(GaqError) as err:
+        registry.get_method("crashy")
+    assert "RuntimeError: half-installed" in str(err.value) and "\n" not in str(err.value)
+    names, problems = registry.usable_methods("cpu")
+    assert "crashy" not in names and "paperonly" not in names and "rtn" in names
+    assert len(problems) == 2 and any("no 'cpu' preset" in p for p in problems)
+    bench = tmp_path / "all.toml"
+    bench.write_text(textwrap.dedent("""
+        models = ["digits"]
+        bits = ["W8A8"]
+        methods = "all"
+        [benchmark]
+        name = "all"
+    """))
+    with pytest.warns(UserWarning, match="crashy"):
+        spec = load_benchmark(bench)
+    rows = {m.name for m in spec.methods}
+    assert "rtn" in rows and "crashy" not in rows and "paperonly" not in rows

@@ -110,6 +110,34 @@ def _hardware() -> dict[str, str]:
     }
 
 
+#: Top-level packages whose methods gaq's own version identifies.
+_BUILTIN_PACKAGES = ("gaq", "baselines")
+
+
+def method_code(cls: type) -> dict[str, str] | None:
+    """What identifies a plugin method's code: its distribution and version (if installed
+    from one) and a hash of its module's source. None for the methods gaq ships, which
+    its version and their config versions identify. Part of a cell's identity, so editing
+    and reinstalling a plugin re-runs its cells instead of reporting them done."""
+    import hashlib
+    import inspect
+
+    top = cls.__module__.split(".")[0]
+    if top in _BUILTIN_PACKAGES:
+        return None
+    out = {"module": cls.__module__}
+    dists = metadata.packages_distributions().get(top, [])
+    if dists:
+        out["distribution"] = dists[0]
+        out["version"] = _version(dists[0])
+    try:
+        source = inspect.getsource(sys.modules[cls.__module__])
+        out["source_sha256"] = hashlib.sha256(source.encode()).hexdigest()[:16]
+    except (OSError, TypeError, KeyError):
+        out["source_sha256"] = "unavailable"
+    return out
+
+
 def provenance(seeds: list[int] | None = None) -> dict[str, str]:
     """Provenance of a run as flat string key/values (MLflow tags).
 

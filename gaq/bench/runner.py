@@ -159,6 +159,9 @@ class Runner:
             "calibration": ctx.calibration.data_fingerprint(),
             "sampler": ctx.sampler.to_dict(), "eval": b.eval.to_dict(), "seed": cell.seed,
         }
+        code = _method_code(cell.method.name)
+        if code is not None:  # plugins only: the ids of gaq's own methods stay as they were
+            doc["method_code"] = code
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
     def model(self, model_id: str) -> _ModelContext:
@@ -503,11 +506,13 @@ class Runner:
                   "eval": self.bench.eval.to_dict(),
                   "method_config": (cell.method.config().to_dict()
                                     if cell.method.name != FP else {})}
-        tags = provenance([cell.seed]) | {"gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
-                                          "gaq.backend": "fake-quant (PyTorch)",
-                                          "gaq.engine": _engine(self.engine, self.world.size),
-                                          "gaq.dtype": str(ctx.pipe.dtype).replace("torch.", ""),
-                                          "gaq.device": self.device}
+        code = _method_code(cell.method.name) or {}
+        tags = provenance([cell.seed]) | {f"gaq.method_code.{k}": v for k, v in code.items()}
+        tags = tags | {"gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
+                       "gaq.backend": "fake-quant (PyTorch)",
+                       "gaq.engine": _engine(self.engine, self.world.size),
+                       "gaq.dtype": str(ctx.pipe.dtype).replace("torch.", ""),
+                       "gaq.device": self.device}
         run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
                          params, metrics, tags, artifacts,
                          {f"{name}_by_timestep": list(curve.items())
@@ -542,6 +547,14 @@ class Runner:
 
 def _engine(engine: str, world_size: int) -> str:
     return "torchrun" if world_size > 1 else engine
+
+
+def _method_code(name: str) -> dict[str, str] | None:
+    from gaq.bench.provenance import method_code
+    from gaq.bench.spec import FP
+    from gaq.registry import get_method
+
+    return None if name == FP else method_code(get_method(name))
 
 
 def _setup_label(device: str, dtype: torch.dtype, world_size: int) -> str:

@@ -192,14 +192,14 @@ def _section(cls: type[Config], data: Any, name: str) -> Any:
 def _common_overrides(raw: Any) -> dict[str, dict]:
     """``method_overrides``: config keys set for every method that has them (e.g. a main
     job's smaller reconstruction budget), per method name. A key no method has is an error."""
-    from gaq.registry import get_method, list_methods
+    from gaq.registry import get_method
 
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError("method_overrides", "must be a table of method config keys")
     per_method, used = {}, set()
-    for name in list_methods():
+    for name in _usable():
         fields = set(get_method(name).from_preset("cpu").config.to_dict())
         per_method[name] = {k: v for k, v in raw.items() if k in fields}
         used |= set(per_method[name])
@@ -209,14 +209,26 @@ def _common_overrides(raw: Any) -> dict[str, dict]:
     return per_method
 
 
+def _usable() -> list[str]:
+    """Registered methods with a ``cpu`` preset that load; each other one is one warning."""
+    import warnings
+
+    from gaq.registry import usable_methods
+
+    names, problems = usable_methods("cpu")
+    for line in problems:
+        warnings.warn(line, stacklevel=3)
+    return names
+
+
 def _methods(raw: Any, common: dict[str, dict] | None = None) -> tuple[MethodEntry, ...]:
-    from gaq.registry import get_method, list_methods
+    from gaq.registry import get_method
 
     common = common or {}
     if raw == "all":
         # every registered method at its CPU preset: new methods join with no edit here
         return (MethodEntry(FP),) + tuple(MethodEntry(n, overrides=common.get(n, {}))
-                                          for n in list_methods())
+                                          for n in _usable())
     if not isinstance(raw, list) or not raw:
         raise ConfigError("methods", 'must be "all" or a non-empty array of tables')
     entries = []
