@@ -157,12 +157,6 @@ def _admits_str(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, enum.Enum)
 
 
-def _admits_none(tp: Any) -> bool:
-    if tp is Any or tp is None or tp is _NONE_TYPE:
-        return True
-    return _is_union(tp) and _NONE_TYPE in typing.get_args(tp)
-
-
 def _describe(tp: Any) -> str:
     if tp is None or tp is _NONE_TYPE:
         return "None"

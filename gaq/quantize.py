@@ -22,7 +22,6 @@ from gaq.config import QuantConfig, TensorQuantSpec
 from gaq.errors import GaqError
 from gaq.models.adapters import QUANTIZABLE, ModelAdapter, SkipFilter
 from gaq.quant import FakeQuantizer, QuantLayer, attach_timestep_context, quantize_layer
-from gaq.quant.adaround import AdaRoundQuantizer
 
 STATE_FORMAT = 1
 W8A8 = 8
@@ -304,6 +303,3 @@ def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerRe
                        "the model it was made for") from None
     return qmodel, report, doc["meta"]
 
-
-def is_adaround(layer: QuantLayer) -> bool:
-    return any(isinstance(q, AdaRoundQuantizer) for q in layer.weight_quantizers)

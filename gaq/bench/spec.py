@@ -147,9 +147,6 @@ class Benchmark:
     # how to get the models when they are not on this machine (said with a loading error)
     model_help: str = ""
 
-    def quant(self, bits: str) -> QuantConfig:
-        return QuantConfig.from_bits(bits)
-
 
 _TOP = {"benchmark", "models", "sampler", "calibration", "eval", "bits", "methods", "setup",
         "method_overrides"}
