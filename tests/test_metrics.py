@@ -93,10 +93,10 @@ def test_fid_kid_match_a_direct_torch_fidelity_call(space, digits_u8):
     _DirectDigits.classifier = space.model
     direct = torch_fidelity.calculate_metrics(
         input1=_Images(gen), input2=_Images(real), feature_extractor="test-direct-digits",
-        fid=True, kid=True, prc=True, kid_subset_size=150, rng_seed=3,
+        fid=True, kid=True, prc=True, kid_subset_size=75, rng_seed=3,
         cuda=False, cache=False, verbose=False, save_cpu_ram=True,
     )
-    assert ours["kid_subset_size"] == 150  # min(1000, n) for small sets
+    assert ours["kid_subset_size"] == 75  # min(1000, n // 2): subsets resample both sets
     assert ours["fid"] == pytest.approx(direct[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
     assert ours["kid"] == pytest.approx(direct[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-6)
     assert ours["kid_std"] == pytest.approx(direct[torch_fidelity.KEY_METRIC_KID_STD], rel=1e-6)
@@ -244,3 +244,42 @@ def test_inception_weights_load_from_safetensors(tmp_path, monkeypatch):
     a = InceptionFeatures(tmp_path / "inception.safetensors", device="cpu").features(grey)
     b = InceptionFeatures(tmp_path / "inception.pth", device="cpu").features(grey)
     assert torch.equal(a, b)
+
+
+def test_fid_and_kid_match_an_independent_numpy_scipy_computation(space, digits_u8):
+    """FID as the Fréchet distance with scipy's matrix square root, KID as the unbiased
+    MMD² with the cubic polynomial kernel k(x, y) = (x·y/d + 1)³, written here from their
+    definitions on the same features, against torch-fidelity's values."""
+    import numpy as np
+    from scipy import linalg
+
+    from gaq.eval.backends import torch_fidelity_metrics
+    from gaq.eval.features import FEATURES
+
+    gen = space.extract(_noisy(digits_u8[:120], 15.0))[FEATURES].double().numpy()
+    real = space.extract(digits_u8[120:400])[FEATURES].double().numpy()
+    mu1, mu2 = gen.mean(0), real.mean(0)
+    s1, s2 = np.cov(gen, rowvar=False), np.cov(real, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    fid = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+    def kernel(a, b):
+        return (a @ b.T / a.shape[1] + 1) ** 3
+
+    m = len(gen)
+    kxx = kernel(gen, gen)
+    # torch-fidelity averages MMD² over random subsets; with equal set sizes and subsets
+    # of that size every subset holds every row, so its value is the full-set estimate
+    real_m = real[:m]
+    kyy_m, kxy_m = kernel(real_m, real_m), kernel(gen, real_m)
+    mmd_m = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+             + (kyy_m.sum() - np.trace(kyy_m)) / (m * (m - 1)) - 2 * kxy_m.mean())
+    ours = torch_fidelity_metrics(torch.from_numpy(gen).float(), torch.from_numpy(real).float(),
+                                  FEATURES, seed=0, fid=True)
+    assert ours[torch_fidelity.KEY_METRIC_FID] == pytest.approx(fid, rel=1e-4)
+    same = torch_fidelity_metrics(torch.from_numpy(gen).float(),
+                                  torch.from_numpy(real_m).float(), FEATURES, seed=0, kid=True,
+                                  kid_subset_size=m, kid_subsets=3)
+    assert same[torch_fidelity.KEY_METRIC_KID_MEAN] == pytest.approx(mmd_m, rel=1e-4, abs=1e-7)
+    # float32 summation order only
+    assert same[torch_fidelity.KEY_METRIC_KID_STD] < 1e-3 * abs(mmd_m)

@@ -127,8 +127,17 @@ def _best(rows: list[Row], groups: list[str], metrics: list[str]) -> set[tuple[i
                      and (g, metric) in r.values and not math.isnan(r.values[(g, metric)][0])]
             if len(cands) < 2:  # a lone quantized row is not "best" of anything
                 continue
-            target = (min if lower else max)(v for _, v in cands)
-            best |= {(i, (g, metric)) for i, v in cands if v == target}
+            # Bold only a best that is resolved: its 95 % interval clear of every other
+            # row's. Without intervals (one seed) nothing is bold: the tables never rank
+            # on noise (a "most negative" KID is estimator noise around 0, not a result).
+            ci = {i: rows[i].values[(g, metric)][1] for i, _ in cands}
+            sign = 1 if lower else -1
+            order = sorted(cands, key=lambda c: sign * c[1])
+            (i0, v0), others = order[0], order[1:]
+            if math.isnan(ci[i0]) or any(math.isnan(ci[i]) for i, _ in others):
+                continue
+            if all(sign * (v - v0) > ci[i] + ci[i0] for i, v in others):
+                best.add((i0, (g, metric)))
     return best
 
 
@@ -158,6 +167,11 @@ def build_tables(
 # --------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------
+
+
+BOLD_NOTE = ("bold: the best quantized method where its interval is clear of every other "
+             "row's (none at one seed)")
+KID_NOTE = "KID: unbiased MMD² (cubic kernel), raw, on the evaluation features"
 
 
 def _number(metric: str, mean: float, ci: float, pm: str) -> str:
@@ -227,7 +241,8 @@ def to_markdown(t: TableData) -> str:
                     text = f"**{text}**"
                 cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Values: {_seeds_note(t)}; bold: best quantized method."]
+    kid = f" {KID_NOTE}." if "kid" in t.metrics else ""
+    lines += ["", f"Values: {_seeds_note(t)}; {BOLD_NOTE}.{kid}"]
     if any(r.reference for r in t.rows):
         lines.append(f"Italic rows: published numbers for `{t.model_key}`, not measured here. "
                      "Sources: " + "; ".join(_sources(t)) + ".")
@@ -239,8 +254,42 @@ _LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$"
                    "^": r"\textasciicircum{}"}
 
 
+# Text that pdflatex cannot typeset from UTF-8 with a plain article + booktabs preamble:
+# math-mode symbols instead (applied after escaping, so their backslashes survive).
+_TEX_SYMBOLS = {"L\\_GM": r"$\mathcal{L}_{\mathrm{GM}}$", "ω": r"$\omega$", "ε": r"$\epsilon$",
+                "Δ": r"$\Delta$", "σ": r"$\sigma$", "×": r"$\times$", "±": r"$\pm$",
+                "−": r"$-$", "–": "--", "≤": r"$\leq$", "≥": r"$\geq$", "·": r"$\cdot$",
+                "²": r"$^2$"}
+
+
 def _tex(text: str) -> str:
-    return "".join(_LATEX_SPECIALS.get(c, c) for c in text)
+    out = "".join(_LATEX_SPECIALS.get(c, c) for c in text)
+    for plain, symbol in _TEX_SYMBOLS.items():
+        out = out.replace(plain, symbol)
+    return out
+
+
+def _tex_number(text: str) -> str:
+    """A formatted number with a true minus sign (a hyphen is not one in LaTeX)."""
+    return text.replace("-", "$-$").replace("–", "--")
+
+
+# Rough widths (pt) of \small text, to choose between a column-wide table and a table*
+# spanning both columns of a two-column paper; COLUMN is a typical two-column \columnwidth.
+_PT_PER_CHAR, _PT_PER_COLUMN, _COLUMN = 5.0, 12.0, 240.0
+
+
+def _width_pt(rows: list[list[str]]) -> float:
+    """Estimated width of a tabular whose cells are ``rows`` (LaTeX markup stripped)."""
+    import re
+
+    def visible(cell: str) -> int:
+        cell = re.sub(r"\\(textbf|textit)\{(.*)\}", r"\2", cell)
+        cell = re.sub(r"\$[^$]*\$", "x", cell)
+        return len(cell.replace("--", "-"))
+
+    widths = [max(visible(r[j]) for r in rows) for j in range(len(rows[0]))]
+    return sum(w * _PT_PER_CHAR + _PT_PER_COLUMN for w in widths)
 
 
 def _tex_arrow(metric: str) -> str:
@@ -249,47 +298,68 @@ def _tex_arrow(metric: str) -> str:
 
 
 def _tex_metric(metric: str) -> str:
-    return _tex(labels.metric_label(metric)).replace("ε", r"$\epsilon$")
+    return _tex(labels.metric_label(metric))
 
 
-def to_latex(t: TableData) -> str:
+def _latex_block(t: TableData, groups: list[str]) -> tuple[list[str], float]:
+    """One tabular for ``groups`` (all the table's rows) and its estimated width."""
     k = len(t.metrics)
-    spec = "l" + " ".join("c" * k for _ in t.groups)
-    group_head = " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{_tex(g)}}}" for g in t.groups)
+    spec = "l" + " ".join("c" * k for _ in groups)
+    group_head = " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{_tex(g)}}}" for g in groups)
     rules = " ".join(rf"\cmidrule(lr){{{2 + j * k}-{1 + (j + 1) * k}}}"
-                     for j in range(len(t.groups)))
-    metric_head = " & ".join(f"{_tex_metric(m)}{_tex_arrow(m)}" for _ in t.groups
-                             for m in t.metrics)
-    caption = _tex(f"{t.benchmark} ({t.model}): {_seeds_note(t)}")
-    caption = caption.replace("±", r"$\pm$").replace("–", "--")
-    if any(r.reference for r in t.rows):
-        caption += r"; italic rows: published numbers, not measured here"
-    lines = [
-        "% generated by gaq.bench.tables from metrics.parquet; do not edit by hand",
-        r"\begin{table}[t]", r"\centering", r"\small",
-        rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-        rf" & {group_head} \\", rules,
-        rf"Method & {metric_head} \\", r"\midrule",
-    ]
+                     for j in range(len(groups)))
+    heads = [f"{_tex_metric(m)}{_tex_arrow(m)}" for _ in groups for m in t.metrics]
+    body: list[list[str]] = []
+    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", rf" & {group_head} \\", rules,
+             "Method & " + " & ".join(heads) + r" \\", r"\midrule"]
     for i, row in enumerate(t.rows):
         cells = [rf"\textit{{{_tex(row.label)}}}" if row.reference else _tex(row.label)]
-        for g in t.groups:
+        for g in groups:
             for m in t.metrics:
                 if (g, m) not in row.values:
                     cells.append("--")
                     continue
-                text = _number(m, *row.values[(g, m)], r" $\pm$ ")
+                text = _tex_number(_number(m, *row.values[(g, m)], " ± ")).replace(
+                    " ± ", r" $\pm$ ")
                 if row.reference:
                     text = rf"\textit{{{text}}}"
                 elif (i, (g, m)) in t.best:
                     text = rf"\textbf{{{text}}}"
                 cells.append(text)
+        body.append(cells)
         lines.append(" & ".join(cells) + r" \\")
         if labels.is_fp(row.method) and i + 1 < len(t.rows) \
                 and not labels.is_fp(t.rows[i + 1].method):
             lines.append(r"\midrule")  # FP rows apart from the quantized ones, as in papers
-    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{caption}.}}",
-              rf"\label{{tab:{_label(t.benchmark)}-{_label(t.model)}}}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return lines, _width_pt([["Method", *heads], *body])
+
+
+def to_latex(t: TableData) -> str:
+    """A booktabs table that compiles with a plain ``article`` + ``booktabs`` preamble
+    (math-mode symbols, true minus signs). It takes one column when it fits one, both
+    columns (``table*``) when not, and stacks one tabular per bit-width when even that is
+    too narrow for all of them side by side."""
+    whole, width = _latex_block(t, t.groups)
+    blocks = [whole]
+    if width > 2 * _COLUMN and len(t.groups) > 1:
+        blocks = [_latex_block(t, [g])[0] for g in t.groups]
+        width = max(_latex_block(t, [g])[1] for g in t.groups)
+    env = "table" if width <= _COLUMN else "table*"
+    kid = f"; {KID_NOTE}" if "kid" in t.metrics else ""
+    caption = _tex(f"{t.benchmark} ({t.model}): {_seeds_note(t)}; {BOLD_NOTE}{kid}")
+    if any(r.reference for r in t.rows):
+        caption += r"; italic rows: published numbers, not measured here"
+    lines = ["% generated by gaq.bench.tables from metrics.parquet; do not edit by hand",
+             rf"\begin{{{env}}}[t]", r"\centering", r"\small"]
+    if width > 2 * _COLUMN:  # still too wide for the text width: tighter columns
+        lines += [r"\footnotesize", r"\setlength{\tabcolsep}{3pt}"]
+    for j, block in enumerate(blocks):
+        if j:
+            lines += [r"\par\medskip"]
+        lines += block
+    lines += [rf"\caption{{{caption}.}}",
+              rf"\label{{tab:{_label(t.benchmark)}-{_label(t.model)}}}", rf"\end{{{env}}}"]
     return "\n".join(lines) + "\n"
 
 
