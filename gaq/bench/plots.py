@@ -53,17 +53,35 @@ _RC = {
 # Fixed colours per known method, so a method looks the same in every figure.
 _PALETTE = mpl.colormaps["tab10"].colors
 _WIDE_PALETTE = mpl.colormaps["tab20b"].colors + mpl.colormaps["tab20c"].colors
-_COLOR_SLOTS = ("fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq", "gaq")
+_COLOR_SLOTS = ("fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq", "gaq",
+                "gaq-uniform")
+# The suite's other rows, each a colour of its own that no tab10 slot uses (dark tab20b
+# tones and black), so no two shipped rows ever share one.
+_OWN_COLORS = {"gaq-timestep": (0.0, 0.0, 0.0), "gaq-mse": _WIDE_PALETTE[0],
+               "tfmq-lsq": _WIDE_PALETTE[12], "ptqd-base": _WIDE_PALETTE[8],
+               "ptqd-no-vsc": _WIDE_PALETTE[16], "ptqd-negk": _WIDE_PALETTE[4]}
 
 
 def _color(method: str) -> tuple[float, ...]:
     m = method.lower()
     if m in _COLOR_SLOTS:
         return _PALETTE[_COLOR_SLOTS.index(m) % len(_PALETTE)]
-    if m.startswith(("gaq-", "gaq_")):
-        return _PALETTE[(len(_COLOR_SLOTS) + zlib.crc32(m.encode())) % len(_PALETTE)]
-    # other rows (new methods, variants such as "ptqd-base"): 40 colours, none of tab10
+    if m in _OWN_COLORS:
+        return _OWN_COLORS[m]
+    # other rows (new methods and variants): 40 colours, none of tab10 (a hash can still
+    # collide with another unknown row; the legend tells them apart by marker order)
     return _WIDE_PALETTE[zlib.crc32(m.encode()) % len(_WIDE_PALETTE)]
+
+
+def _legend_below(ax, n: int) -> None:
+    """The legend under the axes, never over the data: the figure keeps its width (one
+    paper column) and grows in height by the legend's rows."""
+    ncol = 3 if n > 4 else max(n, 1)
+    fig = ax.figure
+    fig.set_figheight(fig.get_figheight() + 0.13 * -(-n // ncol) + 0.05)
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", frameon=False, ncol=ncol,
+               handlelength=1.5, columnspacing=1.0)
 
 
 @contextlib.contextmanager
@@ -154,8 +172,13 @@ def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+_UNITS = {"psnr": "dB", "kid": "raw MMD²", "calibration_seconds": "", "eps_mse": ""}
+
+
 def _ylabel(metric: str) -> str:
-    return f"{labels.metric_label(metric)} {labels.arrow(metric)}".strip()
+    unit = _UNITS.get(metric, "")
+    name = labels.metric_label(metric) + (f" ({unit})" if unit else "")
+    return f"{name} {labels.arrow(metric)}".strip()
 
 
 def metric_vs_bits(df: pd.DataFrame, metric: str) -> Figure:
@@ -168,6 +191,10 @@ def metric_vs_bits(df: pd.DataFrame, metric: str) -> Figure:
         quant = summary[~summary["method"].map(labels.is_fp)]
         order = labels.bits_order(quant["bits"])
         x = {b: i for i, b in enumerate(order)}
+        methods = [m for m in labels.method_order(summary["method"]) if not labels.is_fp(m)]
+        # dodge: methods side by side around each bit-width, so equal values stay visible
+        step = min(0.5 / max(len(methods), 1), 0.08)
+        offset = {m: (k - (len(methods) - 1) / 2) * step for k, m in enumerate(methods)}
         for method in labels.method_order(summary["method"]):
             part = summary[summary["method"] == method]
             if labels.is_fp(method):
@@ -176,16 +203,18 @@ def metric_vs_bits(df: pd.DataFrame, metric: str) -> Figure:
                 if ci > 0:
                     ax.axhspan(mean - ci, mean + ci, color=_color(method), alpha=0.15, lw=0)
                 continue
-            part = part.assign(x=part["bits"].map(x)).sort_values("x")
+            part = part.assign(x=part["bits"].map(x) + offset[method]).sort_values("x")
             ax.errorbar(part["x"], part["mean"], yerr=np.nan_to_num(part["ci95"]),
-                        color=_color(method), marker="o", capsize=2,
+                        color=_color(method), marker="o", ms=3, capsize=2,
                         label=labels.method_label(method))
         ax.set_xticks(range(len(order)), order)
         ax.set_xlim(-0.5, max(len(order), 1) - 0.5)
-        ax.set_xlabel("bit-width")
+        n_max = int(summary["n"].max()) if len(summary) else 0
+        ax.set_xlabel("bit-width" + (f"  (bars: 95 % CI over {n_max} seeds)" if n_max > 1
+                                     else "  (one seed: no interval)"))
         ax.set_ylabel(_ylabel(metric))
         if len(summary):
-            ax.legend(frameon=False)
+            _legend_below(ax, summary["method"].nunique())
     return fig
 
 
@@ -224,7 +253,7 @@ def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse") -> Figure:
         ax.set_xlabel("timestep t")
         ax.set_ylabel(_CURVE_LABELS.get(curve, _ylabel(curve)))
         if len(data):
-            ax.legend(frameon=False)
+            _legend_below(ax, len(ax.get_lines()))
     return fig
 
 
