@@ -104,13 +104,28 @@ def _experiment_id(client: MlflowClient, uri: str, name: str, create: bool) -> s
     if location is not None:
         location = f"{location}/{_safe_folder(name)}"
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags=_experiment_tags(name))
     except Exception:
         # Another process created it between our lookup and create: use theirs.
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def _experiment_tags(name: str) -> dict[str, str]:
+    """MLflow 3 opens an untyped experiment in its GenAI view (traces); these runs are model
+    evaluations, so the experiment says so and the UI lands on the runs table. The note is
+    the experiment's description in the UI."""
+    bench = name.removeprefix("gaq-")
+    return {"mlflow.experimentKind": "custom_model_development",
+            "mlflow.note.content": (
+                f"gaq benchmark `{bench}`: one run per cell (model x method x bit-width x "
+                "seed) nested under one parent run per `gaq bench` invocation. Metrics are "
+                "the cell's image and paired metrics; per-timestep curves are artifacts "
+                "(curves/*.csv and *.png); the layer report, sample grid and quantization "
+                "state are artifacts too.")}
 
 
 def _safe_folder(name: str) -> str:
@@ -166,8 +181,29 @@ def _write_curve_csv(folder: Path, name: str, points: list[tuple[int, float]]) -
     path = folder / f"{_safe_folder(name)}.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", name])
-        writer.writerows((int(s), float(v)) for s, v in points)
+        writer.writerow(["timestep", name])
+        writer.writerows(sorted((int(s), float(v)) for s, v in points))
+    return path
+
+
+def _write_curve_png(folder: Path, name: str, points: list[tuple[int, float]]) -> Path:
+    """A small plot of one per-timestep curve, for the run page (MLflow's metric charts
+    plot against a step and show a curve over t as a spike)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 2.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ordered = sorted((int(s), float(v)) for s, v in points)
+    steps, values = [s for s, _ in ordered], [v for _, v in ordered]
+    ax.plot(steps, values, marker="o", ms=2)
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel(name)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=120)
     return path
 
 
@@ -187,8 +223,8 @@ def log_run(
     """Log one finished cell as an MLflow run and return its run id.
 
     ``params`` may nest (flattened with dots); ``artifacts`` maps an artifact folder to a
-    file (or a directory, logged whole); ``curves`` maps a name to ``(step, value)`` points,
-    logged as the metric history ``curve.<name>`` and as ``curves/<name>.csv``. ``cell_id``
+    file (or a directory, logged whole); ``curves`` maps a name to ``(timestep, value)``
+    points, logged as ``curves/<name>.csv`` and ``curves/<name>.png``. ``cell_id``
     is a shortcut for the :data:`CELL_ID_TAG` tag that :func:`find_run` looks up.
     ``start_time`` (seconds since the epoch) is when the cell started, so the run's
     duration in the UI is the cell's, though it is logged once the cell is done (a killed
@@ -222,8 +258,6 @@ def log_run(
         for batch in _chunks([RunTag(k, v) for k, v in all_tags.items()], _PARAMS_TAGS_PER_BATCH):
             client.log_batch(run_id, tags=batch)
         points = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        for name, curve in (curves or {}).items():
-            points += [Metric(f"curve.{name}", float(v), now, int(s)) for s, v in curve]
         for batch in _chunks(points, _METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=batch)
         for key, path in artifacts.items():
@@ -234,8 +268,9 @@ def log_run(
         if curves:
             with tempfile.TemporaryDirectory(prefix="gaq-curves-") as tmp:
                 for name, curve in curves.items():
-                    client.log_artifact(run_id, str(_write_curve_csv(Path(tmp), name, curve)),
-                                        "curves")
+                    for path in (_write_curve_csv(Path(tmp), name, curve),
+                                 _write_curve_png(Path(tmp), name, curve)):
+                        client.log_artifact(run_id, str(path), "curves")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
