@@ -490,11 +490,7 @@ class Runner:
         stem = _file_name(f"{ctx.pipe.name}_{cell.method.row}_{cell.bits}_seed{cell.seed}")
         grid_path = self.dir / "grids" / f"{stem}.png"
         _save_grid(images[:64], grid_path)
-        artifacts = {"samples": grid_path}
-        if curves:
-            curve_csv = state_dir / "noise_curves.csv"
-            pd.DataFrame(curves).rename_axis("timestep").to_csv(curve_csv)
-            artifacts["noise_curves"] = curve_csv
+        artifacts = {"samples": grid_path}  # the noise curves go as curves/*.csv and *.png
         for f in state_dir.iterdir():
             artifacts[f"state/{f.name}"] = f
 
