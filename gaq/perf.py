@@ -14,6 +14,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -143,6 +144,18 @@ def memory_scaling(sizes: tuple[int, ...] = (32, 128, 512), method: str = "brecq
     return [calibration_peak_memory(method, samples_per_step=n, iters=iters) for n in sizes]
 
 
+def overhead_calibration_spec(loaded):
+    """The ``w4a8`` benchmark's calibration spec as the runner applies it to ``loaded``
+    (guidance off for an unconditional model)."""
+    from gaq.bench.provenance import repo_root
+    from gaq.bench.spec import load_benchmark
+
+    spec = load_benchmark(repo_root() / "benchmarks" / "w4a8.toml").calibration
+    if not loaded.conditioning.supports_guidance:
+        spec = replace(spec, guidance=None)
+    return spec
+
+
 def gaq_overhead(bits: str = "W4A8", model_id: str = "digits", preset: str = "cpu",
                  repeats: int = 2) -> dict:
     """GAQ's calibration time over gaq-uniform's (the identical pipeline with uniform
@@ -151,16 +164,13 @@ def gaq_overhead(bits: str = "W4A8", model_id: str = "digits", preset: str = "cp
     ``calibration_seconds``)."""
     from statistics import median
 
-    from gaq.bench.provenance import repo_root
-    from gaq.bench.spec import load_benchmark
     from gaq.calibration import record_calibration
     from gaq.models.adapters import adapter_for
     from gaq.models.loading import load_model
     from gaq.registry import get_method
 
     loaded = load_model(model_id)
-    spec = load_benchmark(repo_root() / "benchmarks" / "w4a8.toml")
-    calib = record_calibration(loaded, spec.calibration, model_id=model_id)
+    calib = record_calibration(loaded, overhead_calibration_spec(loaded), model_id=model_id)
     seconds: dict[str, list[float]] = {"gaq-uniform": [], "gaq": [], "meta": []}
     for _ in range(repeats):
         for name in ("gaq-uniform", "gaq"):
@@ -181,17 +191,25 @@ def gaq_overhead(bits: str = "W4A8", model_id: str = "digits", preset: str = "cp
 def run(out_dir: str | Path = "results/perf") -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {
+    from gaq.models.loading import load_model
+
+    # preflight: what the last section needs, before the first one spends minutes
+    overhead_calibration_spec(load_model("digits"))
+    report: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "cores": len(__import__("os").sched_getaffinity(0))},
-        "sampling": sampling_overhead(),
-        "calibration_memory": calibration_peak_memory(),
-        "memory_scaling": memory_scaling(),
-        "gaq_overhead": gaq_overhead(),
-        "parent_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    partial = out / "perf.partial.json"
+    for key, measure in (("sampling", sampling_overhead),
+                         ("calibration_memory", calibration_peak_memory),
+                         ("memory_scaling", memory_scaling), ("gaq_overhead", gaq_overhead)):
+        report[key] = measure()
+        # each section as it completes: a later failure keeps what was measured
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+    report["parent_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "perf.json").write_text(json.dumps(report, indent=2) + "\n")
+    partial.unlink()
     m = report["calibration_memory"]
     md = ["| figure | value | target |", "|---|---|---|"]
     for s in report["sampling"]:

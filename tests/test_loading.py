@@ -47,7 +47,7 @@ def test_cli_sample_writes_grid(tiny_pipeline_dir, tmp_path, capsys):
     assert out.stat().st_size > 0
 
 
-def test_cli_sample_refuses_non_finite_samples(tmp_path, tiny_unet, capsys):
+def test_cli_sample_refuses_a_non_finite_model(tmp_path, tiny_unet, capsys):
     from diffusers import DDPMPipeline, DDPMScheduler
 
     with torch.no_grad():
@@ -59,5 +59,23 @@ def test_cli_sample_refuses_non_finite_samples(tmp_path, tiny_unet, capsys):
     assert main(["sample", "--model", str(path), "--num", "2", "--steps", "2",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    # refused at load, before sampling: the tensor is named
+    assert err.startswith("gaq: error:") and "tensor" in err and "NaN or infinite" in err
+    assert not out.exists()
+
+
+def test_cli_sample_refuses_non_finite_samples(tmp_path, tiny_unet, capsys):
+    """Finite weights whose samples overflow (a diverging model) are caught after sampling."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    with torch.no_grad():
+        tiny_unet.conv_out.bias.fill_(3e38)  # finite, but the sampler's update overflows
+    path = tmp_path / "huge-ddpm"
+    DDPMPipeline(unet=tiny_unet, scheduler=DDPMScheduler(num_train_timesteps=1000)
+                 ).save_pretrained(path, safe_serialization=True)
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(path), "--num", "2", "--steps", "2",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("gaq: error:") and "2 of 2 samples are not finite" in err
     assert not out.exists()
