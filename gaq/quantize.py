@@ -20,6 +20,7 @@ from torch import nn
 
 from gaq.config import QuantConfig, TensorQuantSpec
 from gaq.errors import GaqError
+from gaq.finite import first_non_finite
 from gaq.models.adapters import QUANTIZABLE, ModelAdapter, SkipFilter
 from gaq.quant import FakeQuantizer, QuantLayer, attach_timestep_context, quantize_layer
 
@@ -291,10 +292,10 @@ def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerRe
     if missing or unexpected:
         raise GaqError(f"{folder}: state does not match the model "
                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise GaqError(f"{folder}: tensor {key} holds NaN or infinite values; {redo} "
-                           "(and check the model's weights are finite)")
+    bad = first_non_finite(tensors.items())
+    if bad is not None:
+        raise GaqError(f"{folder}: tensor {bad} holds NaN or infinite values; {redo} "
+                       "(and check the model's weights are finite)")
     try:
         qmodel.load_state_dict(tensors, strict=False)
     except RuntimeError as err:  # size mismatches: a state of a same-named other model

@@ -47,18 +47,24 @@ def test_cli_sample_writes_grid(tiny_pipeline_dir, tmp_path, capsys):
     assert out.stat().st_size > 0
 
 
-def test_cli_sample_refuses_a_non_finite_model(tmp_path, tiny_unet, capsys):
+def _sample_exits_2(path, unet, out, capsys) -> str:
+    """Save ``unet`` as a DDPM pipeline at ``path``, run ``gaq sample`` on it (expecting
+    exit code 2) and return the last stderr line (after the progress bar)."""
     from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)
+                 ).save_pretrained(path, safe_serialization=True)
+    assert main(["sample", "--model", str(path), "--num", "2", "--steps", "2",
+                 "--out", str(out)]) == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_cli_sample_refuses_a_non_finite_model(tmp_path, tiny_unet, capsys):
 
     with torch.no_grad():
         next(tiny_unet.parameters()).fill_(float("nan"))
-    path = tmp_path / "nan-ddpm"
-    DDPMPipeline(unet=tiny_unet, scheduler=DDPMScheduler(num_train_timesteps=1000)
-                 ).save_pretrained(path, safe_serialization=True)
     out = tmp_path / "grid.png"
-    assert main(["sample", "--model", str(path), "--num", "2", "--steps", "2",
-                 "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    err = _sample_exits_2(tmp_path / "nan-ddpm", tiny_unet, out, capsys)
     # refused at load, before sampling: the tensor is named
     assert err.startswith("gaq: error:") and "tensor" in err and "NaN or infinite" in err
     assert not out.exists()
@@ -66,16 +72,9 @@ def test_cli_sample_refuses_a_non_finite_model(tmp_path, tiny_unet, capsys):
 
 def test_cli_sample_refuses_non_finite_samples(tmp_path, tiny_unet, capsys):
     """Finite weights whose samples overflow (a diverging model) are caught after sampling."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-
     with torch.no_grad():
         tiny_unet.conv_out.bias.fill_(3e38)  # finite, but the sampler's update overflows
-    path = tmp_path / "huge-ddpm"
-    DDPMPipeline(unet=tiny_unet, scheduler=DDPMScheduler(num_train_timesteps=1000)
-                 ).save_pretrained(path, safe_serialization=True)
     out = tmp_path / "grid.png"
-    assert main(["sample", "--model", str(path), "--num", "2", "--steps", "2",
-                 "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = _sample_exits_2(tmp_path / "huge-ddpm", tiny_unet, out, capsys)
     assert err.startswith("gaq: error:") and "2 of 2 samples are not finite" in err
     assert not out.exists()

@@ -181,8 +181,8 @@ def test_inception_without_weights_fails_fast_and_says_where(tmp_path, monkeypat
         InceptionFeatures(tmp_path / "nowhere.pth", device="cpu")
 
 
-def test_inception_layers_with_stand_in_weights(tmp_path, monkeypatch):
-    # real weights cannot be downloaded here: random ones exercise loading and the layers
+def _stand_in_inception(monkeypatch) -> dict[str, torch.Tensor]:
+    """Random Inception weights (real ones cannot be downloaded here)."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
     with monkeypatch.context() as m:
@@ -190,6 +190,12 @@ def test_inception_layers_with_stand_in_weights(tmp_path, monkeypatch):
         m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
         torch.manual_seed(0)
         stand_in = fe.FeatureExtractorInceptionV3("x", ["2048"]).state_dict()
+    return stand_in
+
+
+def test_inception_layers_with_stand_in_weights(tmp_path, monkeypatch):
+    # random weights exercise loading and the layers
+    stand_in = _stand_in_inception(monkeypatch)
     path = tmp_path / "inception.pth"
     torch.save(stand_in, path)
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(path))
@@ -230,14 +236,9 @@ def test_inception_weights_never_unpickle_code(tmp_path, monkeypatch):
 
 
 def test_inception_weights_load_from_safetensors(tmp_path, monkeypatch):
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
     from safetensors.torch import save_file
 
-    with monkeypatch.context() as m:
-        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-        torch.manual_seed(0)
-        stand_in = fe.FeatureExtractorInceptionV3("x", ["2048"]).state_dict()
+    stand_in = _stand_in_inception(monkeypatch)
     save_file({k: v.contiguous() for k, v in stand_in.items()}, tmp_path / "inception.safetensors")
     torch.save(stand_in, tmp_path / "inception.pth")
     grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)

@@ -4,7 +4,9 @@ work starts. A malformed file is rejected naming the file, the key and the probl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -186,7 +188,7 @@ def _section(cls: type[Config], data: Any, name: str) -> Any:
         raise ConfigError(f"{name}.{'.'.join(e.path)}" if e.path else name, e.reason) from None
 
 
-def _common_overrides(raw: Any) -> dict[str, dict]:
+def _common_overrides(raw: Any, usable: Callable[[], list[str]]) -> dict[str, dict]:
     """``method_overrides``: config keys set for every method that has them (e.g. a main
     job's smaller reconstruction budget), per method name. A key no method has is an error."""
     from gaq.registry import get_method
@@ -196,7 +198,7 @@ def _common_overrides(raw: Any) -> dict[str, dict]:
     if not isinstance(raw, dict):
         raise ConfigError("method_overrides", "must be a table of method config keys")
     per_method, used = {}, set()
-    for name in _usable():
+    for name in usable():
         fields = set(get_method(name).from_preset("cpu").config.to_dict())
         per_method[name] = {k: v for k, v in raw.items() if k in fields}
         used |= set(per_method[name])
@@ -218,14 +220,14 @@ def _usable() -> list[str]:
     return names
 
 
-def _methods(raw: Any, common: dict[str, dict] | None = None) -> tuple[MethodEntry, ...]:
+def _methods(raw: Any, common: dict[str, dict], usable: Callable[[], list[str]],
+             ) -> tuple[MethodEntry, ...]:
     from gaq.registry import get_method
 
-    common = common or {}
     if raw == "all":
         # every registered method at its CPU preset: new methods join with no edit here
         return (MethodEntry(FP),) + tuple(MethodEntry(n, overrides=common.get(n, {}))
-                                          for n in _usable())
+                                          for n in usable())
     if not isinstance(raw, list) or not raw:
         raise ConfigError("methods", 'must be "all" or a non-empty array of tables')
     entries = []
@@ -301,6 +303,8 @@ def _parse(path: Path, raw: dict) -> Benchmark:
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise ConfigError(key, f"lists {', '.join(twice)} more than once")
+    # the loadable methods, looked up (and broken plugins warned about) once per file
+    usable = functools.cache(_usable)
     setup = raw.get("setup", {})
     _unknown("setup.", setup, _SETUP)
     if setup.get("engine", "local") not in ENGINES:
@@ -322,7 +326,8 @@ def _parse(path: Path, raw: dict) -> Benchmark:
         models=tuple(models), model_key=bench.get("model_key", ""), sampler=sampler,
         calibration=calibration, eval=ev, bits=tuple(bits),
         methods=_methods(raw.get("methods", "all"),
-                         _common_overrides(raw.get("method_overrides"))), setup=setup,
+                         _common_overrides(raw.get("method_overrides"), usable), usable),
+        setup=setup,
         model_help=bench.get("model_help", ""),
     )
 

@@ -343,8 +343,9 @@ def to_latex(t: TableData) -> str:
     whole, width = _latex_block(t, t.groups)
     blocks = [whole]
     if width > 2 * _COLUMN and len(t.groups) > 1:
-        blocks = [_latex_block(t, [g])[0] for g in t.groups]
-        width = max(_latex_block(t, [g])[1] for g in t.groups)
+        per_group = [_latex_block(t, [g]) for g in t.groups]
+        blocks = [lines for lines, _ in per_group]
+        width = max(w for _, w in per_group)
     env = "table" if width <= _COLUMN else "table*"
     kid = f"; {KID_NOTE}" if "kid" in t.metrics else ""
     caption = _tex(f"{t.benchmark} ({t.model}): {_seeds_note(t)}; {BOLD_NOTE}{kid}")
