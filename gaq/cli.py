@@ -189,7 +189,8 @@ def _bench(args: argparse.Namespace) -> None:
     except ConfigError as e:  # the flag, not the file, holds the bad value
         flag = {"seeds": "--seeds", "num_images": "--num-images"}.get(".".join(e.path), "")
         raise GaqError(f"{flag or 'flags'}: {e.reason}") from None
-    runner = Runner(bench, args.results, force=args.force, device=args.device)
+    runner = Runner(bench, args.results, force=args.force, retry_failed=args.retry_failed,
+                    device=args.device)
     # the flags win over the file's [setup]
     engine = args.engine or bench.setup.get("engine", "local")
     threads = args.threads or bench.setup.get("threads")
@@ -209,6 +210,11 @@ def _bench(args: argparse.Namespace) -> None:
         runner.run()
     print(f"results: {Path(args.results) / bench.name}; tables: {Path(args.results) / 'tables'}")
     _against_reference(args, runner)
+    if runner.failures:  # after the tables and the report, which show them as failed
+        names = "; ".join(label for label, _ in runner.failures)
+        raise GaqError(f"{len(runner.failures)} cell(s) failed and were recorded as failed in "
+                       f"{Path(args.results) / bench.name / 'failures.parquet'} ({names}); "
+                       "the others ran. After a fix, --retry-failed runs them again")
 
 
 def _against_reference(args: argparse.Namespace, runner) -> None:
@@ -377,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", help="override eval.seeds, e.g. 0,1")
     b.add_argument("--methods", help="run only these rows (FP always runs), e.g. rtn,brecq")
     b.add_argument("--force", action="store_true", help="re-run completed cells")
+    b.add_argument("--retry-failed", action="store_true",
+                   help="run again the cells an earlier sweep recorded as failed (diverged); "
+                   "by default they are skipped")
     b.add_argument("--device", help="cpu, cuda or cuda:N (default: the file's setup.device)")
     b.add_argument("--engine", choices=("local", "ray"),
                    help="local (under torchrun, sampling is sharded across ranks) or ray (one "

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as tdist
 
-from gaq.errors import GaqError
+from gaq.errors import DivergedError, GaqError
 
 __all__ = ["World", "init", "world"]
 
@@ -74,14 +74,26 @@ class World:
             try:
                 box[0] = ("ok", make())
             except BaseException as e:  # shared so the other ranks stop too
-                box[0] = ("error", f"{type(e).__name__}: {e}")
+                # a diverged cell stays a diverged cell on every rank: all skip to the next
+                status = "diverged" if isinstance(e, DivergedError) else "error"
+                box[0] = (status, f"{type(e).__name__}: {e}")
                 tdist.broadcast_object_list(box, src=0, device=self.device)
                 raise
         tdist.broadcast_object_list(box, src=0, device=self.device)
         status, value = box[0]
+        if status == "diverged":
+            raise DivergedError(f"rank 0: {value}")
         if status != "ok":
             raise GaqError(f"rank 0 failed: {value}")
         return value
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        tdist.all_reduce(t)
+        return bool(int(t))
 
     def check(self, ok: bool, what: str) -> None:
         """All ranks agree that ``what`` succeeded everywhere, or all raise."""

@@ -21,11 +21,13 @@ def first_non_finite(tensors: Iterable[tuple[str, Tensor]]) -> str | None:
     return None
 
 
-def require_finite_module(module: nn.Module, what: str, fix: str) -> None:
-    """Raise one :class:`GaqError` if any parameter or buffer of ``module`` is non-finite."""
+def require_finite_module(module: nn.Module, what: str, fix: str,
+                          error: type[GaqError] = GaqError) -> None:
+    """Raise one ``error`` if any parameter or buffer of ``module`` is non-finite (a
+    :class:`DivergedError` where the values were computed, not loaded)."""
     bad = first_non_finite(list(module.named_parameters()) + list(module.named_buffers()))
     if bad is not None:
-        raise GaqError(f"{what}: tensor {bad} holds NaN or infinite values; {fix}")
+        raise error(f"{what}: tensor {bad} holds NaN or infinite values; {fix}")
 
 
 def require_finite_tensors(tensors: dict[str, Tensor], what: str, fix: str) -> None:

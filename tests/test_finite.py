@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gaq.config import QuantConfig
-from gaq.errors import GaqError
+from gaq.errors import DivergedError, GaqError
 from gaq.methods.common import finish
 from gaq.models.adapters import adapter_for
 from gaq.models.loading import load_model
@@ -37,7 +37,7 @@ def test_a_diverged_calibration_fails_with_the_method_and_tensor_named(tiny_unet
     calibrate_activations(qmodel, lambda m: m(x, t))
     name, q = next(iter(act_quantizers(qmodel)))
     q.scale.fill_(float("nan"))  # what a diverged step-size update leaves
-    with pytest.raises(GaqError) as err:
+    with pytest.raises(DivergedError) as err:  # a cell's failure: a sweep goes on
         finish(get_method("rtn").from_preset("cpu"), qmodel, report,
                QuantConfig.from_bits("W8A8"), 0.0)
     msg = str(err.value)

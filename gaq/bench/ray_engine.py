@@ -45,7 +45,8 @@ def _import_ray():
 
 def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
               threads: int, crash_marker: str | None = None,
-              force: bool = False, sweep_run: str | None = None) -> dict[str, Any]:
+              force: bool = False, sweep_run: str | None = None,
+              retry_failed: bool = False) -> dict[str, Any]:
     """One cell in a Ray worker; returns what the driver logs and checks."""
     import torch
 
@@ -63,7 +64,7 @@ def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
     if runner is None:
         _RUNNERS.clear()
         runner = _RUNNERS[key] = Runner(bench, results_dir, device=device,
-                                        log=lambda _text: None)
+                                        retry_failed=retry_failed, log=lambda _text: None)
         runner.join_local()
         runner.engine = "ray"
     runner.sweep_run = sweep_run  # the driver's MLflow parent run
@@ -74,7 +75,12 @@ def _run_cell(bench: Any, results_dir: str, device: str, index: int, cid: str,
             return {"index": index, "status": "running elsewhere", "gpu_ids": gpu_ids}
         if not force and cid in set(results.read(runner.metrics_path)["cell_id"]):
             return {"index": index, "status": "skipped", "gpu_ids": gpu_ids}
-        shown = runner.run_cell(cell, cid)
+        # a diverged cell is recorded as failed by the worker and not retried by Ray
+        runner.failures.clear()
+        shown = runner.attempt_cell(cell, cid)
+    if runner.failures:
+        return {"index": index, "status": "failed", "error": runner.failures[0][1],
+                "gpu_ids": gpu_ids}
     return {"index": index, "status": "done", "gpu_ids": gpu_ids, "threads": threads,
             "shown": shown}
 
@@ -110,11 +116,15 @@ def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
     gpus = float(bench.setup.get("gpus", 1 if on_cuda else 0))
     grid = cells(bench)
     done = set() if runner.force else set(results.read(runner.metrics_path)["cell_id"])
+    failed = runner.failed_earlier()
     todo = []
     for i, cell in enumerate(grid):
         cid = runner.cell_id(cell)
         if cid in done:
             runner.log(f"[{i + 1}/{len(grid)}] {cell.label}: done earlier, skipped")
+        elif cid in failed:
+            runner.log(f"[{i + 1}/{len(grid)}] {cell.label}: failed earlier, skipped "
+                       "(--retry-failed runs it again)")
         else:
             todo.append((i, cid))
     if not ray.is_initialized():
@@ -131,7 +141,8 @@ def _run_tasks(ray, runner, task, todo, grid, threads, gpus, crash) -> pd.DataFr
     from gaq.bench import results
 
     pending = {task.remote(runner.bench, str(runner.dir.parent), runner.device, i, cid,
-                           threads, crash, runner.force, runner.sweep_run): i
+                           threads, crash, runner.force, runner.sweep_run,
+                           runner.retry_failed): i
                for i, cid in todo}
     slots = int(ray.cluster_resources().get("CPU", 1) // threads)
     runner.log(f"ray: {len(pending)} cells as tasks ({threads} threads, {gpus:g} GPU each; "
@@ -148,6 +159,9 @@ def _run_tasks(ray, runner, task, todo, grid, threads, gpus, crash) -> pd.DataFr
                    f"({minutes:.1f} min, {len(pending)} to go)")
         if out.get("shown"):
             runner.log(f"    {out['shown']}")
+        if out["status"] == "failed":
+            runner.failures.append((grid[i].label, out["error"]))
+            runner.log(f"    FAILED: {out['error']}; the sweep goes on")
     runner.write_reports()
     runner.placements = placed
     return results.read(runner.metrics_path)

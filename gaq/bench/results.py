@@ -24,11 +24,13 @@ import pandas as pd
 
 __all__ = [
     "CURVES_SCHEMA",
+    "FAILURES_SCHEMA",
     "METRICS_SCHEMA",
     "SUMMARY_KEYS",
     "append",
     "ci_half_width",
     "current",
+    "failed_cells",
     "latest_cells",
     "read",
     "schema_for",
@@ -71,7 +73,24 @@ CURVES_SCHEMA: dict[str, str] = {
     "value": "float64",
 }
 
-_SCHEMAS = {"metrics.parquet": METRICS_SCHEMA, "curves.parquet": CURVES_SCHEMA}
+#: Column -> pandas dtype of ``failures.parquet``: cells that ran and failed (a diverged
+#: calibration, NaN images). A cell here and not in ``metrics.parquet`` is failed; a later
+#: successful run of it (``--retry-failed``, ``--force``) wins.
+FAILURES_SCHEMA: dict[str, str] = {
+    "run_id": "string",
+    "cell_id": "string",
+    "benchmark": "string",
+    "model": "string",
+    "method": "string",
+    "preset": "string",
+    "bits": "string",
+    "seed": "int64",
+    "error": "string",
+    "timestamp": _TS,
+}
+
+_SCHEMAS = {"metrics.parquet": METRICS_SCHEMA, "curves.parquet": CURVES_SCHEMA,
+            "failures.parquet": FAILURES_SCHEMA}
 
 #: What a confidence interval is computed over (the seeds of one configuration).
 SUMMARY_KEYS = ("benchmark", "model", "method", "bits", "metric")
@@ -130,6 +149,15 @@ def read(path: str | Path, schema: Mapping[str, str] | None = None) -> pd.DataFr
         return _empty(schema or METRICS_SCHEMA)
     df = pd.read_parquet(path, engine="pyarrow")
     return _conform(df, schema, str(path)) if schema else df
+
+
+def failed_cells(folder: str | Path) -> pd.DataFrame:
+    """The failures of a benchmark's results folder whose cell has no metrics (a cell that
+    failed and later succeeded is not failed)."""
+    folder = Path(folder)
+    failures = read(folder / "failures.parquet")
+    done = set(read(folder / "metrics.parquet")["cell_id"])
+    return failures[~failures["cell_id"].isin(done)].reset_index(drop=True)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import torch
 import gaq
 from gaq.bench.spec import FP, IMAGE_METRICS, Benchmark, MethodEntry
 from gaq.config import QuantConfig, fingerprint
-from gaq.errors import GaqError
+from gaq.errors import DivergedError, GaqError
 
 RESULTS_FORMAT = 2  # 2: eps_mse after the sampler hook; noise_k curves
 HELDOUT_SEED_OFFSET = 10_000  # held-out trajectories never share noise with calibration
@@ -129,7 +129,8 @@ def _feature_space(model_id: str, kind: str, weights: str | None, device: str):
 
 class Runner:
     def __init__(self, bench: Benchmark, results_dir: str | Path = "results", *,
-                 force: bool = False, device: str | None = None, log=print) -> None:
+                 force: bool = False, retry_failed: bool = False, device: str | None = None,
+                 log=print) -> None:
         self.bench = bench
         self.dir = Path(results_dir) / bench.name
         self.force = force
@@ -140,6 +141,8 @@ class Runner:
         self.world = None  # joined in preflight, after the device is checked
         self.engine = "local"  # "ray" in a Ray engine worker; "torchrun" follows the world
         self.sweep_run: str | None = None  # MLflow parent run of this invocation's cells
+        self.retry_failed = retry_failed
+        self.failures: list[tuple[str, str]] = []  # (cell label, error) of this invocation
 
     def log(self, text: str) -> None:
         if self.world is None or self.world.main:
@@ -180,11 +183,16 @@ class Runner:
 
         grid = cells(self.bench)
         done = set(results.read(self.metrics_path)["cell_id"]) if not self.force else set()
+        failed = self.failed_earlier()
         spent, ran = 0.0, 0
         for i, cell in enumerate(grid, 1):
             cid = self.cell_id(cell)
             if cid in done:
                 self.log(f"[{i}/{len(grid)}] {cell.label}: done earlier, skipped")
+                continue
+            if cid in failed:
+                self.log(f"[{i}/{len(grid)}] {cell.label}: failed earlier, skipped "
+                         "(--retry-failed runs it again)")
                 continue
             left = sum(1 for c in grid[i:] if self.cell_id(c) not in done)
             eta = f", ETA {(spent / ran) * (left + 1) / 60:.1f} min" if ran else ""
@@ -198,7 +206,7 @@ class Runner:
                     continue
                 self.log(f"[{i}/{len(grid)}] {cell.label}{eta}")
                 start = time.perf_counter()
-                self.run_cell(cell, cid)
+                self.attempt_cell(cell, cid)
             spent += time.perf_counter() - start
             ran += 1
         if not self.world.main:
@@ -357,6 +365,11 @@ class Runner:
             local = [sample_batch(ctx.pipe, layout[b], seed=seed, sampler=ctx.sampler.config(),
                                   hook=hook, denoiser=model)
                      for b in self.world.shard(len(layout))]
+        # every rank agrees, so under torchrun all of them move on to the next cell
+        if self.world.any(any(not bool(torch.isfinite(x).all()) for x in local)):
+            what = "the FP model" if model is ctx.pipe.denoiser else "the quantized model"
+            raise DivergedError(f"sampling {ctx.id} with {what} produced NaN or infinite "
+                                "images")
         images = self.world.gather_batches(local, len(layout))
         return images, time.perf_counter() - start
 
@@ -391,6 +404,64 @@ class Runner:
                               hook)
         return {name: pd.Series(points) for name, points in curves.items()}
 
+    def failed_earlier(self) -> set[str]:
+        """Cells an earlier sweep recorded as failed: skipped (a diverged cell diverges
+        again: its id fixes the code, the config and the seed) unless --retry-failed or
+        --force."""
+        from gaq.bench import results
+
+        if self.force or self.retry_failed:
+            return set()
+        return set(results.failed_cells(self.dir)["cell_id"])
+
+    def attempt_cell(self, cell: Cell, cid: str) -> dict[str, float] | None:
+        """:meth:`run_cell`, except that a cell which diverges is recorded as failed (in
+        ``failures.parquet`` and as a FAILED MLflow run) and the sweep goes on; any other
+        error still stops the sweep."""
+        try:
+            return self.run_cell(cell, cid)
+        except DivergedError as e:
+            self.failures.append((cell.label, str(e)))
+            self.log(f"    FAILED: {e}; recorded in {self.dir / 'failures.parquet'}, the "
+                     "sweep goes on")
+            if self.world.main:
+                self.record_failure(cell, cid, str(e))
+            return None
+
+    def record_failure(self, cell: Cell, cid: str, error: str) -> None:
+        from gaq.bench import results
+        from gaq.bench.tracking import log_run
+
+        ctx = self.model(cell.model)
+        run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
+                         self._params(cell, ctx), {},
+                         self._tags(cell, cid, ctx) | {"gaq.error": error},
+                         start_time=time.time(), parent=self.sweep_run, status="FAILED")
+        row = {"run_id": run_id, "cell_id": cid, "benchmark": self.bench.name,
+               "model": cell.model, "method": cell.method.row, "preset": cell.method.preset,
+               "bits": cell.bits, "seed": cell.seed, "error": error}
+        results.append(self.dir / "failures.parquet", pd.DataFrame([row]))
+
+    def _params(self, cell: Cell, ctx: _ModelContext) -> dict:
+        return {"model": cell.model, "method": cell.method.name, "row": cell.method.row,
+                "preset": cell.method.preset, "bits": cell.bits, "seed": cell.seed,
+                "sampler": ctx.sampler.to_dict(),
+                "calibration": ctx.calibration.to_dict(),
+                "eval": self.bench.eval.to_dict(),
+                "method_config": (cell.method.config().to_dict()
+                                  if cell.method.name != FP else {})}
+
+    def _tags(self, cell: Cell, cid: str, ctx: _ModelContext) -> dict[str, str]:
+        from gaq.bench.provenance import provenance
+
+        code = _method_code(cell.method.name) or {}
+        tags = provenance([cell.seed]) | {f"gaq.method_code.{k}": v for k, v in code.items()}
+        return tags | {"gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
+                       "gaq.backend": "fake-quant (PyTorch)",
+                       "gaq.engine": _engine(self.engine, self.world.size),
+                       "gaq.dtype": str(ctx.pipe.dtype).replace("torch.", ""),
+                       "gaq.device": self.device}
+
     def run_cell(self, cell: Cell, cid: str) -> dict[str, float] | None:
         """Run one cell, log it to MLflow and append it to the results; returns the headline
         metrics it logged (None on a non-main torchrun rank)."""
@@ -405,7 +476,6 @@ class Runner:
     def _run_cell(self, cell: Cell, cid: str, state_dir: Path) -> dict[str, float] | None:
         started = time.time()  # the MLflow run's start: its duration in the UI is the cell's
         from gaq.bench import results
-        from gaq.bench.provenance import provenance
         from gaq.bench.tracking import log_run
         from gaq.calibration import record_calibration
         from gaq.eval.metrics import image_metrics, paired_metrics
@@ -495,22 +565,8 @@ class Runner:
             artifacts[f"state/{f.name}"] = f
 
         w_bits, a_bits = _bits(cell.bits)
-        params = {"model": cell.model, "method": cell.method.name, "row": cell.method.row,
-                  "preset": cell.method.preset, "bits": cell.bits, "seed": cell.seed,
-                  "sampler": ctx.sampler.to_dict(),
-                  "calibration": ctx.calibration.to_dict(),
-                  "eval": self.bench.eval.to_dict(),
-                  "method_config": (cell.method.config().to_dict()
-                                    if cell.method.name != FP else {})}
-        code = _method_code(cell.method.name) or {}
-        tags = provenance([cell.seed]) | {f"gaq.method_code.{k}": v for k, v in code.items()}
-        tags = tags | {"gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
-                       "gaq.backend": "fake-quant (PyTorch)",
-                       "gaq.engine": _engine(self.engine, self.world.size),
-                       "gaq.dtype": str(ctx.pipe.dtype).replace("torch.", ""),
-                       "gaq.device": self.device}
         run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
-                         params, metrics, tags, artifacts,
+                         self._params(cell, ctx), metrics, self._tags(cell, cid, ctx), artifacts,
                          {f"{name}_by_timestep": list(curve.items())
                           for name, curve in curves.items()},
                          start_time=started, parent=self.sweep_run)

@@ -29,6 +29,7 @@ class Row:
     values: dict[Cell, tuple[float, float]] = field(default_factory=dict)  # (mean, ci95)
     reference: bool = False  # a published number, not measured here
     sources: list[str] = field(default_factory=list)
+    diverged: dict[str, int] = field(default_factory=dict)  # bits group -> failed seeds
 
 
 @dataclass
@@ -73,6 +74,22 @@ def _measured_rows(summary: pd.DataFrame, groups: list[str], metrics: list[str])
                         row.values[(r["bits"], metric)] = (r["mean"], r["ci95"])
         rows.append(row)
     return rows
+
+
+def _mark_diverged(rows: list[Row], failures: pd.DataFrame, groups: list[str]) -> list[Row]:
+    """Note on each row the seeds of each bit-width that diverged (``failures.parquet``);
+    a method whose every cell diverged gets a row of its own, so no failure goes unseen."""
+    by_method = {r.method: r for r in rows}
+    for (method, bits), part in failures.groupby(["method", "bits"]):
+        if bits not in groups:
+            continue
+        row = by_method.get(method)
+        if row is None:
+            row = by_method[method] = Row(method, labels.method_label(method))
+            rows.append(row)
+        row.diverged[bits] = int(part["seed"].nunique())
+    order = labels.method_order([r.method for r in rows])
+    return sorted(rows, key=lambda r: order.index(r.method))
 
 
 def _reference_rows(key: str, groups: list[str], metrics: list[str]) -> list[Row]:
@@ -147,13 +164,15 @@ def build_tables(
     """One table per model of the benchmark, from ``metrics.parquet`` only."""
     df = _metric_frame(results_dir, benchmark)
     df = df[df["metric"].isin(labels.TABLE_METRICS)]
+    failures = results.failed_cells(Path(results_dir) / benchmark)
     tables = []
     for model in sorted(df["model"].dropna().unique()):
         summary = results.summarize(df[df["model"] == model])
         metrics = [m for m in labels.TABLE_METRICS if m in set(summary["metric"])]
         quantized = summary[~summary["method"].map(labels.is_fp)]
-        groups = labels.bits_order(quantized["bits"]) or [FP_BITS]
-        rows = _measured_rows(summary, groups, metrics)
+        failed = failures[failures["model"] == model]
+        groups = labels.bits_order(pd.concat([quantized["bits"], failed["bits"]])) or [FP_BITS]
+        rows = _mark_diverged(_measured_rows(summary, groups, metrics), failed, groups)
         key = _reference_key(model, model_key)
         if key is not None:
             rows = _interleave(rows, _reference_rows(key, groups, metrics))
@@ -172,6 +191,19 @@ def build_tables(
 BOLD_NOTE = ("bold: the best quantized method where its interval is clear of every other "
              "row's (none at one seed)")
 KID_NOTE = "KID: unbiased MMD² (cubic kernel), raw, on the evaluation features"
+DIVERGED = "diverged"
+DIVERGED_NOTE = ("diverged: every seed's calibration or sampling produced NaN or infinite "
+                 "values; ‡: some seeds did, and the value is over the others only (the "
+                 "failures and their errors are in failures.parquet)")
+
+
+def _cell_text(row: Row, g: str, m: str, pm: str) -> str | None:
+    """A measured cell's number, ``diverged``, or None where there is nothing."""
+    n_bad = row.diverged.get(g, 0)
+    if (g, m) not in row.values:
+        return DIVERGED if n_bad else None
+    text = _number(m, *row.values[(g, m)], pm)
+    return f"{text} ‡" if n_bad else text
 
 
 def _number(metric: str, mean: float, ci: float, pm: str) -> str:
@@ -231,10 +263,10 @@ def to_markdown(t: TableData) -> str:
         cells = [f"*{row.label}*" if row.reference else row.label]
         for g in t.groups:
             for m in t.metrics:
-                if (g, m) not in row.values:
+                text = _cell_text(row, g, m, " ± ")
+                if text is None:
                     cells.append("–")
                     continue
-                text = _number(m, *row.values[(g, m)], " ± ")
                 if row.reference:
                     text = f"*{text}*"
                 elif (i, (g, m)) in t.best:
@@ -243,6 +275,8 @@ def to_markdown(t: TableData) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     kid = f" {KID_NOTE}." if "kid" in t.metrics else ""
     lines += ["", f"Values: {_seeds_note(t)}; {BOLD_NOTE}.{kid}"]
+    if any(r.diverged for r in t.rows):
+        lines.append(f"{DIVERGED_NOTE[0].upper()}{DIVERGED_NOTE[1:]}.")
     if any(r.reference for r in t.rows):
         lines.append(f"Italic rows: published numbers for `{t.model_key}`, not measured here. "
                      "Sources: " + "; ".join(_sources(t)) + ".")
@@ -316,11 +350,11 @@ def _latex_block(t: TableData, groups: list[str]) -> tuple[list[str], float]:
         cells = [rf"\textit{{{_tex(row.label)}}}" if row.reference else _tex(row.label)]
         for g in groups:
             for m in t.metrics:
-                if (g, m) not in row.values:
+                plain = _cell_text(row, g, m, " ± ")
+                if plain is None:
                     cells.append("--")
                     continue
-                text = _tex_number(_number(m, *row.values[(g, m)], " ± ")).replace(
-                    " ± ", r" $\pm$ ")
+                text = _tex_number(plain).replace(" ± ", r" $\pm$ ").replace(" ‡", r"$^\ddagger$")
                 if row.reference:
                     text = rf"\textit{{{text}}}"
                 elif (i, (g, m)) in t.best:
@@ -351,7 +385,10 @@ def to_latex(t: TableData) -> str:
     caption = _tex(f"{t.benchmark} ({t.model}): {_seeds_note(t)}; {BOLD_NOTE}{kid}")
     if any(r.reference for r in t.rows):
         caption += r"; italic rows: published numbers, not measured here"
-    lines = ["% generated by gaq.bench.tables from metrics.parquet; do not edit by hand",
+    if any(r.diverged for r in t.rows):
+        caption += "; " + _tex(DIVERGED_NOTE).replace("‡", r"$^\ddagger$")
+    lines = ["% generated by gaq.bench.tables from metrics.parquet and failures.parquet; "
+             "do not edit by hand",
              rf"\begin{{{env}}}[t]", r"\centering", r"\small"]
     if width > 2 * _COLUMN:  # still too wide for the text width: tighter columns
         lines += [r"\footnotesize", r"\setlength{\tabcolsep}{3pt}"]

@@ -219,8 +219,9 @@ def log_run(
     cell_id: str | None = None,
     start_time: float | None = None,
     parent: str | None = None,
+    status: str = "FINISHED",
 ) -> str:
-    """Log one finished cell as an MLflow run and return its run id.
+    """Log one cell as an MLflow run and return its run id.
 
     ``params`` may nest (flattened with dots); ``artifacts`` maps an artifact folder to a
     file (or a directory, logged whole); ``curves`` maps a name to ``(timestep, value)``
@@ -228,7 +229,8 @@ def log_run(
     is a shortcut for the :data:`CELL_ID_TAG` tag that :func:`find_run` looks up.
     ``start_time`` (seconds since the epoch) is when the cell started, so the run's
     duration in the UI is the cell's, though it is logged once the cell is done (a killed
-    cell leaves no half-logged run); ``parent`` nests it under its sweep's run.
+    cell leaves no half-logged run); ``parent`` nests it under its sweep's run. A cell that
+    failed is logged with ``status="FAILED"`` (and its error as a tag).
     """
     from mlflow.entities import Metric, Param, RunTag
 
@@ -274,7 +276,7 @@ def log_run(
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, status)
     return run_id
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from torch import nn
 
 from gaq.config import QuantConfig
-from gaq.errors import GaqError
+from gaq.errors import DivergedError, GaqError
 from gaq.finite import require_finite_module
 from gaq.methods.base import Method, QuantResult
 from gaq.quantize import LayerReport, freeze
@@ -47,7 +47,7 @@ def finish(method: Method, qmodel: nn.Module, report: LayerReport, quant: QuantC
     freeze(qmodel)
     require_finite_module(qmodel, f"{method.name} calibration",
                           "it diverged: lower its learning rates (weight_lr, act_lr) or check "
-                          "the calibration set")
+                          "the calibration set", error=DivergedError)
     state = {"method": method.name, "config": method.config.to_dict(), "quant": quant.to_dict()}
     stats = {"calibration_seconds": seconds}
     stats.update({k: v for k, v in extra.items() if isinstance(v, (int, float))})
