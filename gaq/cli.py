@@ -42,6 +42,14 @@ def _train_default(args: argparse.Namespace) -> None:
         print(f"diffusion model -> {out}; samples -> {log_dir / 'samples_64.png'}")
 
 
+def _convert_ldm(args: argparse.Namespace) -> None:
+    from gaq.models.convert_ldm import convert_ldm
+
+    out = convert_ldm(args.checkpoint, args.out, preset=args.preset, config=args.config,
+                      ema=args.ema)
+    print(f"converted: {out} (load it as a model: models = [\"{out}\"])")
+
+
 def _fetch(args: argparse.Namespace) -> None:
     from gaq.models.loading import fetch
 
@@ -334,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="diffusion training steps (default: the recipe's)")
     t.add_argument("--results", default=str(RESULTS), help="where logs and the sample grid go")
     t.set_defaults(func=_train_default)
+
+    cv = sub.add_parser("convert-ldm", help="convert a CompVis LDM checkpoint to a pipeline "
+                        "folder", description="Convert a CompVis latent-diffusion checkpoint "
+                        "with a VQ autoencoder (LDM-4 LSUN-Bedroom, cin256-v2) into a diffusers "
+                        "pipeline folder (safetensors) that benchmarks load.")
+    cv.add_argument("checkpoint", help="the .ckpt (read with weights_only=True) or .safetensors")
+    cv.add_argument("--out", required=True, help="the new pipeline folder (must not exist)")
+    cv.add_argument("--preset", help="the original config: lsun-bedroom or cin256-v2")
+    cv.add_argument("--config", help="instead of --preset: the original YAML config")
+    cv.add_argument("--ema", action="store_true", help="take the UNet's EMA weights")
+    cv.set_defaults(func=_convert_ldm)
 
     f = sub.add_parser("fetch", help="download a hub pipeline into the local cache",
                        description="Download a diffusers pipeline (e.g. google/ddpm-cifar10-32) "

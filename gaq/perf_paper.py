@@ -41,6 +41,9 @@ from typing import Any
 
 import torch
 
+from gaq.models.convert_ldm import PRESETS as LDM_PRESETS
+from gaq.models.convert_ldm import uncond_unet_config
+
 __all__ = ["ARCHITECTURES", "Protocol", "build_pipeline", "paper_scale", "write_report"]
 
 
@@ -87,12 +90,8 @@ _DDPM_CIFAR10 = Architecture(
 # codes; DDIM 200 steps (eta 1), every 10th step x 256 trajectories.
 _LDM4_LSUN = Architecture(
     description="LDM-4 LSUN-Bedroom UNet on 64x64x3 latents + VQ-f4 autoencoder (256x256)",
-    unet={"sample_size": 64, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
-          "block_out_channels": (224, 448, 672, 896),
-          "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D",
-                               "AttnDownBlock2D"),
-          "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-          "attention_head_dim": 32},
+    # the UNet the converter builds from CompVis' config (274.1 M parameters)
+    unet=uncond_unet_config(LDM_PRESETS["lsun-bedroom"]["unet_config"]["params"]),
     vq={"in_channels": 3, "out_channels": 3, "latent_channels": 3, "num_vq_embeddings": 8192,
         "block_out_channels": (128, 256, 512), "layers_per_block": 2, "sample_size": 256,
         "down_block_types": ("DownEncoderBlock2D",) * 3,
