@@ -47,7 +47,7 @@ class ResBlock(nn.Module):
                                         nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip_connection = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, ctx=None):
         h = self.in_layers(x) + self.emb_layers(emb)[..., None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
@@ -60,7 +60,7 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv1d(c, 3 * c, 1)
         self.proj_out = nn.Conv1d(c, c, 1)
 
-    def forward(self, x, emb=None):
+    def forward(self, x, emb=None, ctx=None):
         b, c, hh, ww = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))
@@ -78,7 +78,7 @@ class Down(nn.Module):
         super().__init__()
         self.op = nn.Conv2d(c, c, 3, stride=2, padding=1)
 
-    def forward(self, x, emb=None):
+    def forward(self, x, emb=None, ctx=None):
         return self.op(x)
 
 
@@ -87,14 +87,77 @@ class Up(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
-    def forward(self, x, emb=None):
+    def forward(self, x, emb=None, ctx=None):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, ctx_dim: int | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(ctx_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(ctx_dim or dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x, ctx=None):
+        ctx = x if ctx is None else ctx
+        b, h = x.shape[0], self.heads
+
+        def split(t):  # b n (h d) -> (b h) n d
+            return t.reshape(b, t.shape[1], h, -1).transpose(1, 2).reshape(b * h, t.shape[1], -1)
+
+        q, k, v = split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx))
+        attn = (q @ k.transpose(1, 2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        out = (attn @ v).reshape(b, h, x.shape[1], -1).transpose(1, 2).reshape(b, x.shape[1], -1)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, ctx_dim: int) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads)
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
+        self.attn2 = CrossAttention(dim, heads, ctx_dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, ctx):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), ctx) + x
+        return self.ff.net(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, c: int, heads: int, ctx_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(32, c, eps=1e-6)
+        self.proj_in = nn.Conv2d(c, c, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(c, heads, ctx_dim)])
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x, emb=None, ctx=None):
+        b, c, hh, ww = x.shape
+        h = self.proj_in(self.norm(x)).reshape(b, c, -1).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, ctx)
+        return self.proj_out(h.transpose(1, 2).reshape(b, c, hh, ww)) + x
+
+
 class Seq(nn.ModuleList):
-    def forward(self, x, emb):
+    def forward(self, x, emb, ctx=None):
         for layer in self:
-            x = layer(x, emb) if not isinstance(layer, nn.Conv2d) else layer(x)
+            x = layer(x, emb, ctx) if not isinstance(layer, nn.Conv2d) else layer(x)
         return x
 
 
@@ -104,8 +167,14 @@ class RefUNet(nn.Module):
     def __init__(self, p: dict) -> None:
         super().__init__()
         mc, mults, n = p["model_channels"], p["channel_mult"], p["num_res_blocks"]
-        head, emb = p["num_head_channels"], 4 * p["model_channels"]
+        head, emb = p.get("num_head_channels", -1), 4 * p["model_channels"]
         self.mc = mc
+
+        def attention(c: int) -> nn.Module:
+            if p.get("use_spatial_transformer"):  # cin256-v2: num_heads heads of c // heads
+                return SpatialTransformer(c, p["num_heads"], p["context_dim"])
+            return AttentionBlock(c, head)
+
         self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.input_blocks = nn.ModuleList([Seq([nn.Conv2d(p["in_channels"], mc, 3, padding=1)])])
         chans, ch, ds = [mc], mc, 1
@@ -114,40 +183,39 @@ class RefUNet(nn.Module):
                 layers = [ResBlock(ch, emb, m * mc)]
                 ch = m * mc
                 if ds in p["attention_resolutions"]:
-                    layers.append(AttentionBlock(ch, head))
+                    layers.append(attention(ch))
                 self.input_blocks.append(Seq(layers))
                 chans.append(ch)
             if level != len(mults) - 1:
                 self.input_blocks.append(Seq([Down(ch)]))
                 chans.append(ch)
                 ds *= 2
-        self.middle_block = Seq([ResBlock(ch, emb, ch), AttentionBlock(ch, head),
-                                 ResBlock(ch, emb, ch)])
+        self.middle_block = Seq([ResBlock(ch, emb, ch), attention(ch), ResBlock(ch, emb, ch)])
         self.output_blocks = nn.ModuleList()
         for level, m in list(enumerate(mults))[::-1]:
             for i in range(n + 1):
                 layers = [ResBlock(ch + chans.pop(), emb, mc * m)]
                 ch = mc * m
                 if ds in p["attention_resolutions"]:
-                    layers.append(AttentionBlock(ch, head))
+                    layers.append(attention(ch))
                 if level and i == n:
                     layers.append(Up(ch))
                     ds //= 2
                 self.output_blocks.append(Seq(layers))
         self.out = nn.Sequential(_gn(ch), nn.SiLU(), nn.Conv2d(mc, p["out_channels"], 3, padding=1))
 
-    def forward(self, x, t):
+    def forward(self, x, t, ctx=None):
         half = self.mc // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
         args = t[:, None].float() * freqs[None]
         emb = self.time_embed(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
         hs, h = [], x
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb, ctx)
             hs.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, ctx)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, ctx)
         return self.out(h)
 
 
@@ -245,6 +313,43 @@ def test_the_converted_folder_loads_and_samples_like_the_compvis_sampler(ldm_che
     with torch.no_grad():
         want = vq.decode(z).sample.clamp(-1, 1)
     torch.testing.assert_close(pipe.decode(z), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_the_cross_attention_unet_computes_the_compvis_function(ldm_checkpoint, tmp_path,
+                                                                heads):
+    """cin256-v2's UNet: spatial transformers (one head there) attending to the class
+    embedding."""
+    from diffusers import UNet2DConditionModel
+
+    _, ckpt, _, _, _ = ldm_checkpoint
+    p = {k: v for k, v in UNET.items() if k != "num_head_channels"}
+    p |= {"num_heads": heads, "use_spatial_transformer": True, "transformer_depth": 1,
+          "context_dim": 8}
+    torch.manual_seed(1)
+    ref = RefUNet(p).eval()
+    for prm in ref.parameters():
+        prm.data.normal_(0, 0.2)
+    state = {k: v for k, v in load_checkpoint(ckpt).items() if not k.startswith(UNET_PREFIX)}
+    state |= {UNET_PREFIX + k: v for k, v in ref.state_dict().items()}
+    state[COND_PREFIX + "embedding.weight"] = torch.randn(11, 8)
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["model"]["params"]["unet_config"]["params"] = p
+    cfg["model"]["params"]["cond_stage_config"] = {
+        "target": "ldm.modules.encoders.modules.ClassEmbedder", "params": {"n_classes": 11}}
+    (tmp_path / "cross.yaml").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "cross.safetensors"))
+    out = convert_ldm(tmp_path / "cross.safetensors", tmp_path / "x",
+                      config=tmp_path / "cross.yaml")
+    unet = UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    assert unet.config.sample_size == 8
+    x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([1, 700]), torch.randn(2, 1, 8)
+    with torch.no_grad():
+        want, got = ref(x, t, ctx), unet(x, t, encoder_hidden_states=ctx).sample
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_class_embedder_becomes_the_suites(ldm_checkpoint, tmp_path):
