@@ -158,6 +158,14 @@ def test_log_run_and_find_run(tmp_path, monkeypatch):
 
     assert tracking.find_run("gaq-micro", "cell-123") == run_id
     assert tracking.find_run("gaq-micro", "cell-999") is None
+
+    # an experiment an older gaq created without the tags gets them on its next run, and
+    # a tag the user set is left alone
+    old = client.create_experiment("gaq-old", tags={"mlflow.note.content": "mine"})
+    tracking.log_run("gaq-old", "r", {}, {}, {})
+    tags = client.get_experiment(old).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.note.content"] == "mine"
     assert tracking.find_run("no-such-experiment", "cell-123") is None
     with pytest.raises(FileNotFoundError):
         tracking.log_run("gaq-micro", "bad", {}, {}, {}, {"x": tmp_path / "missing.png"})

@@ -97,6 +97,10 @@ def _client(uri: str) -> MlflowClient:
 def _experiment_id(client: MlflowClient, uri: str, name: str, create: bool) -> str | None:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if create:  # a store written by an older gaq: its experiment gets the tags it lacks
+            for key, value in _experiment_tags(name).items():
+                if key not in exp.tags:
+                    client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     if not create:
         return None
