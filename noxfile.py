@@ -123,8 +123,15 @@ def ui(session: nox.Session) -> None:
     """Browse the runs: MLflow UI on http://127.0.0.1:5000 over the repo's mlflow.db."""
     _env(session)
     session.chdir(ROOT)
-    session.run(_bin("mlflow"), "ui", "--backend-store-uri", f"sqlite:///{ROOT / 'mlflow.db'}",
-                "--host", "127.0.0.1", *session.posargs, external=True)
+    store = f"sqlite:///{ROOT / 'mlflow.db'}"
+    args = list(session.posargs)
+    port = args[args.index("--port") + 1] if "--port" in args[:-1] else "5000"
+    # links straight to each benchmark's runs table (MLflow 3 starts in its GenAI view)
+    session.run(_bin("python"), "-c", "import sys; from gaq.bench.tracking import ui_links; "
+                "print('\n'.join(ui_links(sys.argv[1], sys.argv[2])) or 'no gaq runs yet')",
+                f"http://127.0.0.1:{port}", store, external=True)
+    session.run(_bin("mlflow"), "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
+                *args, external=True)
 
 
 @nox.session(default=False)

@@ -166,6 +166,10 @@ def test_log_run_and_find_run(tmp_path, monkeypatch):
     tags = client.get_experiment(old).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert tags["mlflow.note.content"] == "mine"
+    # nox -s ui prints links that open the runs table, not MLflow 3's GenAI view
+    links = tracking.ui_links("http://h:5000/")
+    assert f"gaq-micro: http://h:5000/#/experiments/{run.info.experiment_id}" \
+        "?workflowType=machine_learning" in links
     assert tracking.find_run("no-such-experiment", "cell-123") is None
     with pytest.raises(FileNotFoundError):
         tracking.log_run("gaq-micro", "bad", {}, {}, {}, {"x": tmp_path / "missing.png"})

@@ -284,6 +284,16 @@ def log_run(
     return run_id
 
 
+def ui_links(base_url: str, uri: str | None = None) -> list[str]:
+    """``name: link`` for each gaq experiment in the store. The links open the runs table:
+    MLflow 3's UI otherwise starts in its GenAI view (traces), whatever the experiment's
+    kind, until "Model training" is chosen once at its top left."""
+    client = _client(uri or tracking_uri())
+    return [f"{e.name}: {base_url.rstrip('/')}/#/experiments/{e.experiment_id}"
+            "?workflowType=machine_learning"
+            for e in client.search_experiments() if e.name.startswith("gaq-")]
+
+
 def check_store(experiment: str) -> str:
     """Open the tracking store and create ``experiment`` in it (idempotent), before any
     work: a bad ``MLFLOW_TRACKING_URI``, an unreadable or corrupt database or a read-only
