@@ -76,16 +76,17 @@ def sampling_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 2
 
 def calibration_peak_memory(method: str = "brecq", preset: str = "cpu", bits: str = "W4A8",
                             model_id: str = "digits", samples_per_step: int = 64,
-                            iters: int | None = None) -> dict:
+                            iters: int | None = None, minibatch: str | None = None) -> dict:
     """Peak RSS of a fresh process that records calibration data (DDIM 50, every 5th step
     x ``samples_per_step`` trajectories) and runs ``method`` on it, block data streamed
     from disk; ``iters`` overrides the preset's AdaRound iterations (activation steps get a
-    quarter), to measure memory at large sets without their full time."""
+    quarter), to measure memory at large sets without their full time; ``minibatch``
+    overrides the AdaRound minibatch draw (``all_rows`` or ``one_record``)."""
     code = (
         "import json, resource, time\n"
         "from gaq.perf import _calibrate_only\n"
         f"s = _calibrate_only({method!r}, {preset!r}, {bits!r}, {model_id!r}, "
-        f"{samples_per_step}, {iters!r})\n"
+        f"{samples_per_step}, {iters!r}, {minibatch!r})\n"
         "s['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "print(json.dumps(s))\n"
     )
@@ -95,7 +96,8 @@ def calibration_peak_memory(method: str = "brecq", preset: str = "cpu", bits: st
 
 
 def _calibrate_only(method: str, preset: str, bits: str, model_id: str,
-                    samples_per_step: int = 64, iters: int | None = None) -> dict:
+                    samples_per_step: int = 64, iters: int | None = None,
+                    minibatch: str | None = None) -> dict:
     from gaq.calibration import CalibrationSpec, record_calibration
     from gaq.models.adapters import adapter_for
     from gaq.models.loading import load_model
@@ -106,10 +108,13 @@ def _calibrate_only(method: str, preset: str, bits: str, model_id: str,
     calib = record_calibration(loaded, spec, model_id=model_id)
     cls = get_method(method)
     cfg = streamed_config(cls.from_preset(preset).config, iters)
+    if minibatch is not None and hasattr(cfg, "recon"):
+        cfg = replace(cfg, recon=replace(cfg.recon, minibatch=minibatch))
     start = time.perf_counter()
     cls(cfg).quantize(loaded.denoiser, adapter_for(loaded.denoiser), calib,
                       QuantConfig.from_bits(bits))
     return {"method": method, "preset": preset, "bits": bits, "model": model_id,
+            "minibatch": getattr(getattr(cfg, "recon", None), "minibatch", None),
             "calibration_rows": len(calib), "calibration_mb": _set_mb(calib),
             "seconds": time.perf_counter() - start}
 
