@@ -219,6 +219,9 @@ def append(
     if schema:
         new = _conform(_fill_defaults(df, schema), schema, f"rows for {path}")
     with _locked(path):
+        # a temp file present while we hold the lock is a dead writer's (killed mid-write)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         old = read(path, schema) if path.exists() else None
         if old is not None and len(old):
             old = old[~old[key].isin(set(new[key]))]
