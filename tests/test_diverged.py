@@ -111,3 +111,56 @@ def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(bench, tmp_path, monk
     assert ("rtn", "W4A8") in set(zip(metrics["method"], metrics["bits"], strict=True))
     assert "diverged" not in (results / "tables" / "div.md").read_text()
     assert torch.isfinite(torch.tensor(metrics["value"].to_numpy())).all()
+
+
+class _FakeRay:
+    """Runs Ray tasks synchronously in this process (what matters here is how the engine
+    handles a task's result, not Ray's scheduling, which tests/test_ray_engine.py covers)."""
+
+    def __init__(self):
+        self.results = {}
+
+    def cluster_resources(self):
+        return {"CPU": 2}
+
+    def wait(self, refs, num_returns=1):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return self.results[ref]
+
+    def task(self, fn):
+        fake = self
+
+        class Task:
+            @staticmethod
+            def remote(*args):
+                ref = object()
+                fake.results[ref] = fn(*args)
+                return ref
+
+        return Task
+
+
+def test_the_ray_engine_records_a_diverged_cell_and_goes_on(bench, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    from gaq.bench import ray_engine
+    from gaq.bench.runner import Runner, cells
+    from gaq.bench.spec import load_benchmark
+
+    _poison_w4(monkeypatch)
+    spec = load_benchmark(bench)
+    runner = Runner(spec, tmp_path / "results", log=lambda _t: None)
+    runner.preflight()
+    grid = cells(spec)
+    todo = [(i, runner.cell_id(c)) for i, c in enumerate(grid)]
+    fake = _FakeRay()
+    monkeypatch.setattr(ray_engine, "_RUNNERS", {})
+    ray_engine._run_tasks(fake, runner, fake.task(ray_engine._run_cell), todo, grid, 1, 0,
+                          None)
+    assert [label for label, _ in runner.failures] == ["digits / rtn / W4A8 / seed 0"]
+    failures = pd.read_parquet(tmp_path / "results" / "div" / "failures.parquet")
+    assert list(failures["bits"]) == ["W4A8"] and "NaN" in failures["error"][0]
+    metrics = pd.read_parquet(tmp_path / "results" / "div" / "metrics.parquet")
+    assert set(zip(metrics["method"], metrics["bits"], strict=True)) == {
+        ("fp", "FP"), ("rtn", "W8A8")}
