@@ -1,7 +1,8 @@
 """A sweep killed (SIGKILL) at each phase of a cell loses nothing and resumes to the same
 numbers: the results already written stay readable, the killed cell is re-run from the
-start, its rows appear once, a temp file left by a write cut short is cleaned up, and the
-killed sweep's MLflow run is marked KILLED by the next one."""
+start, its rows appear once, a temp file left by a write cut short and the killed cell's
+temp folder are cleaned up, and the killed sweep's MLflow run (and a cell run cut short
+while being logged) is marked KILLED by the next one."""
 
 from __future__ import annotations
 
@@ -73,6 +74,15 @@ KILLER = textwrap.dedent("""
                 die()
             return run_id
         t.log_run = log_run
+    elif phase == "logging":
+        import mlflow
+        orig_artifact = mlflow.MlflowClient.log_artifact
+        def log_artifact(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:  # fp logged one (its grid): the rtn cell's run is RUNNING
+                die()
+            return orig_artifact(self, *a, **k)
+        mlflow.MlflowClient.log_artifact = log_artifact
     elif phase == "writing":
         import gaq.bench.results as r
         orig_write = r._write_atomic
@@ -114,17 +124,19 @@ def clean(tmp_path_factory):
     return _values(root / "results")
 
 
-@pytest.mark.parametrize("phase", ["calibrating", "sampling", "logged", "writing"])
+@pytest.mark.parametrize("phase", ["calibrating", "sampling", "logging", "logged", "writing"])
 def test_a_sweep_killed_at_each_phase_resumes_to_the_same_numbers(clean, tmp_path,
                                                                   monkeypatch, phase):
     (tmp_path / "kill.toml").write_text(BENCH)
     results = tmp_path / "results"
     args = ["bench", str(tmp_path / "kill.toml"), "--results", str(results),
             "--reference", str(tmp_path / "none")]
-    env = {**os.environ, **_env(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **_env(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", KILLER, phase, *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
+    left = list(tmp_path.glob("gaq-state-*"))  # the killed cell's temp folder, if it had one
 
     # what was written before the kill is intact: the fp cell, readable, once
     metrics = pd.read_parquet(results / "kill" / "metrics.parquet")
@@ -139,11 +151,14 @@ def test_a_sweep_killed_at_each_phase_resumes_to_the_same_numbers(clean, tmp_pat
     assert metrics.groupby(["cell_id", "metric"]).size().max() == 1  # no duplicate rows
     pd.testing.assert_series_equal(_values(results), clean)
     assert not list((results / "kill").glob(".*.tmp"))
+    assert not [p for p in left if p.exists()]  # removed by the next start
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     sweeps = [r for r in client.search_runs(
         [client.get_experiment_by_name("gaq-kill").experiment_id])
         if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.info.status for r in sweeps) == ["FINISHED", "KILLED"]
+    runs = client.search_runs([client.get_experiment_by_name("gaq-kill").experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # none left running
     for run_id in metrics["run_id"].unique():  # every stored row points at a finished run
         assert client.get_run(run_id).info.status == "FINISHED"

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import resource
 import shutil
@@ -32,6 +33,7 @@ from gaq.errors import DivergedError, GaqError
 
 RESULTS_FORMAT = 2  # 2: eps_mse after the sampler hook; noise_k curves
 HELDOUT_SEED_OFFSET = 10_000  # held-out trajectories never share noise with calibration
+STATE_PREFIX = "gaq-state-"  # a cell's temp folder: gaq-state-<pid>-<random>
 
 
 @dataclass(frozen=True)
@@ -321,6 +323,7 @@ class Runner:
                                    "which is not a folder")
         if self.world.main:
             self._check_writable()  # last: a failed check above leaves nothing behind
+        _remove_dead_state_dirs()
 
     def _check_writable(self) -> None:
         """The results folder and the MLflow store take writes, checked before any work
@@ -466,8 +469,8 @@ class Runner:
         """Run one cell, log it to MLflow and append it to the results; returns the headline
         metrics it logged (None on a non-main torchrun rank)."""
         # the cell's state files live in a temp folder until MLflow has copied them; it goes
-        # however the cell ends
-        state_dir = Path(tempfile.mkdtemp(prefix="gaq-state-"))
+        # however the cell ends (a killed process's: at the next start, see preflight)
+        state_dir = Path(tempfile.mkdtemp(prefix=f"{STATE_PREFIX}{os.getpid()}-"))
         try:
             return self._run_cell(cell, cid, state_dir)
         finally:
@@ -595,6 +598,17 @@ class Runner:
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
         self.log(f"    {shown}")
         return shown
+
+
+def _remove_dead_state_dirs() -> None:
+    """Cell temp folders of processes that no longer exist (killed before their cleanup
+    ran): removed, so kills do not fill the temp directory."""
+    from gaq.bench.tracking import _alive
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{STATE_PREFIX}*-*"):
+        pid = folder.name[len(STATE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _engine(engine: str, world_size: int) -> str:

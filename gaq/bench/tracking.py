@@ -371,8 +371,9 @@ def close_sweep(run_id: str, status: str = "FINISHED") -> None:
 
 def mark_stale_sweeps(experiment: str) -> list[str]:
     """Sweep runs of ``experiment`` still RUNNING although the process that opened them
-    (on this host) is gone, e.g. killed: marked KILLED, so the UI does not show them as
-    running forever. Sweeps of other hosts are left alone. Returns their run ids."""
+    (on this host) is gone, e.g. killed: marked KILLED with any cell run of theirs still
+    RUNNING, so the UI does not show them as running forever. Sweeps of other hosts are
+    left alone. Returns their run ids."""
     import socket
 
     uri = tracking_uri()
@@ -390,6 +391,11 @@ def mark_stale_sweeps(experiment: str) -> list[str]:
             continue
         client.set_terminated(run.info.run_id, "KILLED")
         stale.append(run.info.run_id)
+        # a cell killed while its run was being logged: that run ends KILLED too
+        for child in client.search_runs([exp_id], filter_string=(
+                f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and "
+                "attributes.status = 'RUNNING'")):
+            client.set_terminated(child.info.run_id, "KILLED")
     return stale
 
 
