@@ -270,7 +270,7 @@ def test_method_overrides_reach_every_method_that_has_the_key(tmp_path):
         load_benchmark(path)
 
 
-@pytest.mark.parametrize("broken", ["results_file", "store"])
+@pytest.mark.parametrize("broken", ["results_file", "store", "disk_full"])
 def test_unwritable_results_or_store_fail_before_any_cell(tmp_path, monkeypatch, capsys, broken):
     path = tmp_path / "micro.toml"
     path.write_text(MICRO)
@@ -280,10 +280,18 @@ def test_unwritable_results_or_store_fail_before_any_cell(tmp_path, monkeypatch,
         results.write_text("not a folder")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
         expected = "--results: cannot write to"
-    else:
+    elif broken == "store":
         (tmp_path / "corrupt.db").write_bytes(b"this is not a sqlite database" * 100)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'corrupt.db'}")
         expected = "corrupt.db cannot be used"
+    else:  # 2 quantized cells keep a state of the model's size each: more than is free
+        import shutil
+        from collections import namedtuple
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**9, 10**9, 10**5))
+        expected = "MB free for the MLflow artifact store"
     before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert main(["bench", str(path), "--results", str(results)]) == 2
     err = capsys.readouterr().err.strip()

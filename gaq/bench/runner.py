@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import resource
@@ -337,6 +338,44 @@ class Runner:
             raise GaqError(f"--results: cannot write to {self.dir} ({e.strerror or e}); choose "
                            "a writable folder") from None
         check_store(f"gaq-{self.bench.name}")
+        self._check_free_space()
+
+    def _check_free_space(self) -> None:
+        """Enough free disk for what the sweep keeps: each quantized cell's state in the
+        MLflow artifact store (about the denoiser's size: real models reach GBs per cell)
+        and each model's calibration sets in the cache. Block caches streamed during
+        reconstruction are transient and not counted."""
+        from gaq.bench.tracking import artifact_root
+        from gaq.calibration import default_cache_dir
+
+        grid = cells(self.bench)
+        artifacts = cache = 0
+        for model_id in self.bench.models:
+            ctx = self.model(model_id)
+            model_bytes = sum(p.numel() * p.element_size()
+                              for p in ctx.pipe.denoiser.parameters())
+            quantized = sum(1 for c in grid if c.model == model_id and c.method.name != FP)
+            artifacts += quantized * model_bytes
+            cal = ctx.calibration
+            rows = -(-ctx.sampler.steps // max(1, getattr(cal, "interval", 1) or 1)) * (
+                cal.samples_per_step + (getattr(cal, "holdout_per_step", 0) or 0))
+            rows *= 2 if cal.guidance else 1
+            per_row = 2 * math.prod(ctx.pipe.latent_shape) * 4  # x_t and the FP noise
+            cache += len(self.bench.eval.seeds) * rows * per_row
+        root = artifact_root()
+        places = [(Path(root[len("file://"):]) if root else self.dir, artifacts,
+                   "the MLflow artifact store (a quantized state per cell)"),
+                  (default_cache_dir(), cache, "the calibration cache ($GAQ_CACHE)")]
+        for folder, need, what in places:
+            probe = next((p for p in (folder, *folder.parents) if p.exists()), None)
+            if probe is None or need == 0:
+                continue
+            free = shutil.disk_usage(probe).free
+            if need * 1.1 > free:
+                raise GaqError(f"{self.bench.path}: this sweep needs about {_size(need)} "
+                               f"free for {what} under {folder}, but {_size(free)} are free; "
+                               "free some space, or move the store "
+                               "(MLFLOW_TRACKING_URI, GAQ_CACHE)")
 
     @property
     def metrics_path(self) -> Path:
@@ -598,6 +637,10 @@ class Runner:
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
         self.log(f"    {shown}")
         return shown
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
 def _remove_dead_state_dirs() -> None:
