@@ -74,6 +74,15 @@ KILLER = textwrap.dedent("""
                 die()
             return run_id
         t.log_run = log_run
+    elif phase == "metrics":
+        import gaq.eval.metrics as m
+        orig_metrics = m.image_metrics
+        def image_metrics(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the rtn cell's FID
+                die()
+            return orig_metrics(*a, **k)
+        m.image_metrics = image_metrics
     elif phase == "logging":
         import mlflow
         orig_artifact = mlflow.MlflowClient.log_artifact
@@ -124,7 +133,8 @@ def clean(tmp_path_factory):
     return _values(root / "results")
 
 
-@pytest.mark.parametrize("phase", ["calibrating", "sampling", "logging", "logged", "writing"])
+@pytest.mark.parametrize("phase", ["calibrating", "sampling", "metrics", "logging", "logged",
+                                   "writing"])
 def test_a_sweep_killed_at_each_phase_resumes_to_the_same_numbers(clean, tmp_path,
                                                                   monkeypatch, phase):
     (tmp_path / "kill.toml").write_text(BENCH)
