@@ -46,6 +46,7 @@ def _install(site: Path, version: str) -> None:
 
         class MyRTN(RTN):
             name = "myrtn"
+            label = "My RTN"  # how tables and plots name it
     '''))
     (site / "gaqbroken.py").write_text("raise RuntimeError('half-installed plugin')\n")
     for old in site.glob("gaqplug-*.dist-info"):
@@ -89,3 +90,6 @@ def test_a_plugin_runs_beside_a_baseline_and_a_version_bump_reruns_it(tmp_path):
     skipped = [line for line in log.splitlines() if "done earlier, skipped" in line]
     assert any("rtn" in line and "myrtn" not in line for line in skipped)
     assert not any("myrtn" in line for line in skipped)  # its code changed: it re-ran
+    # the tables name the plugin as it declares itself, beside the baseline
+    table = (results / "tables" / "plug.md").read_text()
+    assert "| My RTN |" in table and "| RTN |" in table

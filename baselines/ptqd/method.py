@@ -71,6 +71,7 @@ class PTQDConfig(MethodConfig):
 
 class PTQD(Method):
     name = "ptqd"
+    label = "PTQD"
     Config = PTQDConfig
     presets = {
         "paper": PTQDConfig(),

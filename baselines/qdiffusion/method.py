@@ -35,6 +35,7 @@ class QDiffusionConfig(BRECQConfig):
 
 class QDiffusion(BRECQ):
     name = "qdiffusion"
+    label = "Q-Diffusion"
     Config = QDiffusionConfig
     presets = {
         # paper: 20k AdaRound iterations, batch 32, Adam 1e-3; 5k activation iterations, 4e-4

@@ -160,6 +160,7 @@ def freeze_providers(qmodel: nn.Module, timesteps: list[int]) -> int:
 
 class TDQ(Method):
     name = "tdq"
+    label = "TDQ"
     Config = TDQConfig
     presets = {
         # AdaRound as BRECQ/Q-Diffusion (20k iterations); MLP as the authors' layout.

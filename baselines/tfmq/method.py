@@ -74,6 +74,7 @@ class TFMQConfig(MethodConfig):
 
 class TFMQ(Method):
     name = "tfmq"
+    label = "TFMQ-DM"
     Config = TFMQConfig
     presets = {
         "paper": TFMQConfig(),

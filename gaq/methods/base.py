@@ -75,14 +75,16 @@ class Method(abc.ABC):
     """Base class of quantization methods.
 
     Subclasses set ``name``, ``Config`` (their :class:`~gaq.config.MethodConfig` subclass)
-    and optionally ``presets``. Presets are frozen config instances behind a read-only
-    mapping, so a run can never alter a preset another run relies on; derive variants with
-    ``dataclasses.replace``.
+    and optionally ``presets`` and ``label``. Presets are frozen config instances behind a
+    read-only mapping, so a run can never alter a preset another run relies on; derive
+    variants with ``dataclasses.replace``.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
     presets: ClassVar[Mapping[str, MethodConfig]] = MappingProxyType({})
+    #: the method's name in tables, plots and figure legends (default: ``name``)
+    label: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -35,6 +35,7 @@ class BRECQConfig(MethodConfig):
 
 class BRECQ(Method):
     name = "brecq"
+    label = "BRECQ"
     Config = BRECQConfig
     presets = {
         "paper": BRECQConfig(),

@@ -96,6 +96,7 @@ class GAQ(TFMQ):
     """GAQ (Hoang et al., ICLR 2026), TFMQ-DM with meta-learned calibration-sample weights."""
 
     name = "gaq"
+    label = "GAQ"
     Config = GAQConfig
     presets = {
         "paper": GAQConfig(),
@@ -224,6 +225,7 @@ class GAQUniform(GAQ):
     """GAQ ablation, the same pipeline and validation split with uniform sample weights."""
 
     name = "gaq-uniform"
+    label = "GAQ (uniform ω)"
     presets = _presets(weights="uniform")
 
 
@@ -231,6 +233,7 @@ class GAQMSE(GAQ):
     """GAQ ablation, weights meta-learned on the validation loss alone (no gradient matching)."""
 
     name = "gaq-mse"
+    label = "GAQ (no L_GM)"
     presets = _presets(matching=False)
 
 
@@ -238,4 +241,5 @@ class GAQTimestep(GAQ):
     """GAQ ablation, one learned weight per timestep instead of per sample."""
 
     name = "gaq-timestep"
+    label = "GAQ (ω per t)"
     presets = _presets(granularity="timestep")

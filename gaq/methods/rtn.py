@@ -26,6 +26,7 @@ class RTNConfig(MethodConfig):
 
 class RTN(Method):
     name = "rtn"
+    label = "RTN"
     Config = RTNConfig
     presets = {"paper": RTNConfig(), "cpu": RTNConfig()}
 
