@@ -475,7 +475,7 @@ class Runner:
         from gaq.bench.tracking import log_run
 
         ctx = self.model(cell.model)
-        run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
+        run_id = log_run(f"gaq-{self.bench.name}", _run_name(cell),
                          self._params(cell, ctx), {},
                          self._tags(cell, cid, ctx) | {"gaq.error": error},
                          start_time=time.time(), parent=self.sweep_run, status="FAILED")
@@ -607,7 +607,7 @@ class Runner:
             artifacts[f"state/{f.name}"] = f
 
         w_bits, a_bits = _bits(cell.bits)
-        run_id = log_run(f"gaq-{self.bench.name}", f"{cell.method.row} {cell.bits} s{cell.seed}",
+        run_id = log_run(f"gaq-{self.bench.name}", _run_name(cell),
                          self._params(cell, ctx), metrics, self._tags(cell, cid, ctx), artifacts,
                          {f"{name}_by_timestep": list(curve.items())
                           for name, curve in curves.items()},
@@ -637,6 +637,12 @@ class Runner:
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
         self.log(f"    {shown}")
         return shown
+
+
+def _run_name(cell: Cell) -> str:
+    """A cell's MLflow run name: model, method row, bit-width and seed (one experiment
+    holds every model of a benchmark, so the model must be in the name)."""
+    return f"{cell.model} · {cell.method.row} {cell.bits} s{cell.seed}"
 
 
 def _size(n: float) -> str:

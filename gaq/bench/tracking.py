@@ -190,22 +190,27 @@ def _write_curve_csv(folder: Path, name: str, points: list[tuple[int, float]]) -
     return path
 
 
-def _write_curve_png(folder: Path, name: str, points: list[tuple[int, float]]) -> Path:
+def _write_curve_png(folder: Path, name: str, points: list[tuple[int, float]],
+                     title: str = "") -> Path:
     """A small plot of one per-timestep curve, for the run page (MLflow's metric charts
     plot against a step and show a curve over t as a spike)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4, 2.6), layout="constrained")
+    from gaq.eval.curve_names import curve_label
+
+    fig = Figure(figsize=(4.8, 3.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ordered = sorted((int(s), float(v)) for s, v in points)
     steps, values = [s for s, _ in ordered], [v for _, v in ordered]
     ax.plot(steps, values, marker="o", ms=2)
-    if values and min(values) > 0:
-        ax.set_yscale("log")
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel(name)
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")  # spans orders of magnitude (ε-MSE from t = 0 to T)
+    label, what = curve_label(name)
+    ax.set_xlabel("timestep t (sampling runs from right to left)")
+    ax.set_ylabel(label)
+    ax.set_title("\n".join(x for x in (title, what) if x), fontsize=8)
     path = folder / f"{name}.png"
     fig.savefig(path, dpi=120)
     return path
@@ -275,7 +280,7 @@ def log_run(
             with tempfile.TemporaryDirectory(prefix="gaq-curves-") as tmp:
                 for name, curve in curves.items():
                     for path in (_write_curve_csv(Path(tmp), name, curve),
-                                 _write_curve_png(Path(tmp), name, curve)):
+                                 _write_curve_png(Path(tmp), name, curve, run_name)):
                         client.log_artifact(run_id, str(path), "curves")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
