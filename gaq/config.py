@@ -631,6 +631,9 @@ class QuantConfig(Config):
     # projection): "w8a8" (BRECQ's convention, the suite's default), "fp" (TFMQ-DM's code)
     # or "quantized" at the run's bits like every other layer (Q-Diffusion's code).
     first_last: str = "w8a8"
+    # The softmax output's grid: unsigned (z = 0, all 2^b levels on [0, max]), or symmetric
+    # (2^(b-1) of them used): what Q-Diffusion's DDPM attention block does with --a_sym.
+    softmax_symmetric: bool = False
 
     def validate(self) -> None:
         _check_bits("softmax_bits", self.softmax_bits, 16)

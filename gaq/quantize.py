@@ -127,7 +127,8 @@ def build(model: nn.Module, report: LayerReport, quant: QuantConfig) -> nn.Modul
             processor = QuantAttnProcessor.build(
                 d.act_bits, quant.softmax_bits if d.status == "quantized" else W8A8,
                 symmetric=quant.act.symmetric, observer=quant.act.range_init,
-                per_timestep=quant.act.per_timestep, observer_kwargs=observer_kwargs(quant.act))
+                per_timestep=quant.act.per_timestep, observer_kwargs=observer_kwargs(quant.act),
+                softmax_symmetric=quant.softmax_symmetric)
             module.set_processor(processor)
             continue
         layer = quantize_layer(

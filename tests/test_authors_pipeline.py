@@ -140,3 +140,84 @@ def test_old_configs_keep_the_8_bit_first_and_last_layer():
         assert cls.from_dict(old).first_last == "w8a8"
     with pytest.raises(Exception, match="first_last"):
         TFMQConfig(first_last="int8")
+
+
+def _authors_max_quantizer(x: torch.Tensor, n_bits: int, sym: bool) -> torch.Tensor:
+    """Q-Diffusion's UniformAffineQuantizer with scale_method 'max', per tensor, written
+    from qdiff/quant_layer.py (Xiuyu-Li/q-diffusion, 715783d): init on ``x``, then
+    quantize-dequantize ``x``."""
+    n_levels = 2 ** n_bits if not sym else 2 ** (n_bits - 1) - 1
+    x_min, x_max = min(x.min().item(), 0), max(x.max().item(), 0)
+    if sym:
+        delta = max(abs(x_min), x_max) / n_levels
+    else:
+        delta = float(x.max().item() - x.min().item()) / (n_levels - 1)
+    delta = max(delta, 1e-8)
+    zero_point = 0 if sym else round(-x_min / delta)
+    x_int = torch.round(x / delta) + zero_point
+    low, high = (-n_levels - 1, n_levels) if sym else (0, n_levels - 1)
+    return (torch.clamp(x_int, low, high) - zero_point) * delta
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_suites_max_quantizer_is_the_authors(sym, signed):
+    """The authors' --a_sym activation quantizer (and its asymmetric form) with a min/max
+    init: the suite's FakeQuantizer with range_init "max" gives the same values, on signed
+    tensors (post-SiLU-like) and non-negative ones (softmax-like)."""
+    from gaq.quant import FakeQuantizer
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, generator=gen) * 2.0
+    x = torch.nn.functional.silu(x) if signed else torch.softmax(x.view(64, 64), -1).view(-1)
+    q = FakeQuantizer(8, symmetric=sym, observer="max")
+    q.observing = True
+    q(x)
+    q.finalize()
+    with torch.no_grad():
+        ours, theirs = q(x), _authors_max_quantizer(x, 8, sym)
+    # their asymmetric step spans [min x, max x], the suite's [0, max x] (zero exactly on
+    # the grid): the same up to 1 % of a step when min x is a hair above 0 (softmax)
+    tol = 1e-6 if sym or signed else 0.01 * float(q.scale)
+    torch.testing.assert_close(ours, theirs, atol=tol, rtol=0)
+
+
+def test_per_setting_presets_follow_the_authors_commands(tiny_unet):
+    """paper-cifar10: max inits, symmetric activations and softmax output; paper-lsun:
+    symmetric EMA-initialised activations, no split; paper-sd: EMA, softmax at 16 bits; the
+    built model carries those quantizers."""
+    from gaq.config import QuantConfig
+    from gaq.models.adapters import adapter_for
+    from gaq.quant import FakeQuantizer
+    from gaq.quantize import quantize_model
+
+    def effective(preset: str) -> QuantConfig:
+        method = QDiffusion(QDiffusion.presets[preset])
+        return method.effective_quant(QuantConfig.from_bits("W4A8"))
+
+    cifar = effective("paper-cifar10")
+    assert (cifar.weight.range_init, cifar.act.range_init) == ("max", "max")
+    assert cifar.act.symmetric and cifar.softmax_symmetric and cifar.softmax_bits == 8
+    lsun = effective("paper-lsun")
+    assert (lsun.weight.range_init, lsun.act.range_init) == ("mse", "ema")
+    assert lsun.act.symmetric and not lsun.softmax_symmetric and not lsun.split_shortcut
+    sd = effective("paper-sd")
+    assert sd.act.range_init == "ema" and not sd.act.symmetric and sd.softmax_bits == 16
+    assert effective("paper") == effective("cpu")  # the quantizers; iterations differ
+
+    qmodel, _ = quantize_model(tiny_unet, adapter_for(tiny_unet), cifar)
+    quantizers = [m for m in qmodel.modules()  # activations: per tensor (weights: channel)
+                  if isinstance(m, FakeQuantizer) and m.axis is None]
+    probs = [m for n, m in qmodel.named_modules() if n.endswith("probs_quantizer")]
+    assert probs and all(p.symmetric and p.bits == 8 for p in probs)
+    assert quantizers and all(q.symmetric for q in quantizers)
+
+
+def test_version_2_qdiffusion_configs_read_unchanged():
+    from baselines.qdiffusion.method import QDiffusionConfig
+
+    data = QDiffusionConfig().to_dict()
+    for key in ("weight_range_init", "act_range_init", "act_symmetric", "softmax_symmetric"):
+        data.pop(key)
+    data["_version"] = 2
+    assert QDiffusionConfig.from_dict(data) == QDiffusionConfig()

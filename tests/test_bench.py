@@ -120,6 +120,11 @@ def test_mlflow_runs_carry_provenance(micro_run):
         assert run.info.end_time - run.info.start_time > 1000
         assert sweep.info.start_time <= run.info.start_time <= sweep.info.end_time
         assert not any(k.startswith("_") or "._" in k for k in run.data.params)
+        # named and described for a reader of the UI: the model is in both
+        method, cell = run.data.params["row"], tags["gaq.cell_id"]
+        assert tags["mlflow.runName"].startswith(f"digits · {method} ")
+        assert "model `digits`" in tags["mlflow.note.content"]
+        assert cell in tags["mlflow.note.content"]
 
 
 def test_a_killed_sweep_is_marked_killed_by_the_next(tmp_path, monkeypatch):

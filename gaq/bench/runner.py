@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 import gaq
+from gaq.bench import labels
 from gaq.bench.spec import FP, IMAGE_METRICS, Benchmark, MethodEntry
 from gaq.config import QuantConfig, fingerprint
 from gaq.errors import DivergedError, GaqError
@@ -498,7 +499,13 @@ class Runner:
 
         code = _method_code(cell.method.name) or {}
         tags = provenance([cell.seed]) | {f"gaq.method_code.{k}": v for k, v in code.items()}
-        return tags | {"gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
+        what = ("the full-precision model" if cell.method.name == FP else
+                f"{labels.method_label(cell.method.row)} (`{cell.method.row}`, preset "
+                f"`{cell.method.preset}`) at {cell.bits}")
+        note = (f"Benchmark `{self.bench.name}`, model `{cell.model}`: {what}, seed "
+                f"{cell.seed}. Its rows in Parquet carry cell id `{cid}`.")
+        return tags | {"mlflow.note.content": note,
+                       "gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
                        "gaq.backend": "fake-quant (PyTorch)",
                        "gaq.engine": _engine(self.engine, self.world.size),
                        "gaq.dtype": str(ctx.pipe.dtype).replace("torch.", ""),

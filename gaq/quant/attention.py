@@ -56,10 +56,11 @@ class QuantAttnProcessor(nn.Module):
         softmax_observer: str = "max",
         per_timestep: bool = False,
         observer_kwargs: dict | None = None,
+        softmax_symmetric: bool = False,
     ) -> QuantAttnProcessor:
         """q/k/v at ``bits`` (per tensor; ``observer`` with ``observer_kwargs``), softmax
-        output unsigned with ``z = 0`` at ``softmax_bits``; ``None`` keeps the operand(s) in
-        full precision."""
+        output unsigned with ``z = 0`` (or symmetric, ``softmax_symmetric``) at
+        ``softmax_bits``; ``None`` keeps the operand(s) in full precision."""
 
         def qkv() -> FakeQuantizer | None:
             if bits is None:
@@ -70,7 +71,8 @@ class QuantAttnProcessor(nn.Module):
         probs = None
         if softmax_bits is not None:
             probs = FakeQuantizer(
-                softmax_bits, unsigned=True, observer=softmax_observer, per_timestep=per_timestep
+                softmax_bits, softmax_symmetric, unsigned=not softmax_symmetric,
+                observer=softmax_observer, per_timestep=per_timestep,
             )
         return cls(qkv(), qkv(), qkv(), probs)
 
