@@ -177,17 +177,41 @@ def set_mode(model: nn.Module, mode: str) -> None:
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> int:
+def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], None],
+                          upstream: str = "fp") -> int:
     """Range-initialise every activation quantizer from one pass of calibration data
-    (weights already quantized, as they will be at inference); returns how many."""
+    (weights already quantized, as they will be at inference); returns how many.
+
+    ``upstream="fp"``: every quantizer observes the whole pass with full-precision
+    activations upstream of it. ``upstream="quantized"``: the initialisation of BRECQ's and
+    Q-Diffusion's code, where a quantizer sets its range on the first batch it sees and
+    quantizes that batch at once, so each later quantizer is initialised on inputs the
+    earlier ones already quantized (pass one batch: later batches only run quantized)."""
+    if upstream not in ("fp", "quantized"):
+        raise ValueError(f"upstream must be 'fp' or 'quantized', got {upstream!r}")
     quantizers = [q for _, q in act_quantizers(model)]
     set_mode(model, "weight")
     for q in quantizers:
         q.reset_observer()
         q.observe(True)
-    forward_loop(model)
+    hooks = []
+    if upstream == "quantized":
+        def init_then_quantize(module: nn.Module, inputs: tuple, output: torch.Tensor):
+            if not module.observing:
+                return None
+            module.finalize()  # observed this batch: set the range from it
+            module.enable()
+            return module(inputs[0])
+
+        hooks = [q.register_forward_hook(init_then_quantize) for q in quantizers]
+    try:
+        forward_loop(model)
+    finally:
+        for h in hooks:
+            h.remove()
     for q in quantizers:
-        q.finalize()
+        if q.observing:
+            q.finalize()
     set_mode(model, "full")
     return len(quantizers)
 

@@ -221,3 +221,29 @@ def test_version_2_qdiffusion_configs_read_unchanged():
         data.pop(key)
     data["_version"] = 2
     assert QDiffusionConfig.from_dict(data) == QDiffusionConfig()
+
+
+@pytest.mark.parametrize("upstream", ["fp", "quantized"])
+def test_activation_init_sees_the_upstream_the_protocol_says(upstream):
+    """upstream="quantized" (BRECQ's and Q-Diffusion's code): the second layer's input
+    quantizer is initialised on what the first layer computes from its *quantized* input;
+    "fp" (the suite's): from its full-precision input. Checked against both computed here."""
+    from gaq.quant.fake import qparams_from_range
+    from gaq.quantize import act_quantizers, calibrate_activations
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(8, 8), nn.Linear(8, 4)
+    model = nn.Sequential(quantize_layer(first, 8, 3, act_observer="max"),
+                          quantize_layer(second, 8, 3, act_observer="max"))
+    x = torch.randn(64, 8)
+    calibrate_activations(model, lambda m: m(x), upstream=upstream)
+    (_, q1), (_, q2) = act_quantizers(model)
+    with torch.no_grad():
+        w1 = model[0].weight_quantizer(first.weight) if hasattr(model[0], "weight_quantizer") \
+            else first.weight
+        fp_in = torch.nn.functional.linear(x, w1, first.bias)
+        q_in = torch.nn.functional.linear(q1(x), w1, first.bias)
+    expect = {"fp": fp_in, "quantized": q_in}
+    for name, y in expect.items():
+        scale, _ = qparams_from_range(y.min(), y.max(), 3, False)
+        assert torch.isclose(q2.scale, scale).item() == (name == upstream), name

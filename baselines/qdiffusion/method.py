@@ -60,10 +60,11 @@ class QDiffusion(BRECQ):
         # The authors' released commands per setting (README of Xiuyu-Li/q-diffusion):
         # CIFAR-10 (scripts/sample_diffusion_ddim.py --split --a_sym): weights and
         # activations "max", activations symmetric, the DDPM attention block's softmax
-        # output symmetric too (it inherits --a_sym), softmax 8 bits
+        # output symmetric too (it inherits --a_sym), softmax 8 bits; activation ranges
+        # set on 64 random rows with the upstream layers quantized
         "paper-cifar10": QDiffusionConfig(weight_range_init="max", act_range_init="max",
                                           act_symmetric=True, softmax_bits=8,
-                                          softmax_symmetric=True),
+                                          softmax_symmetric=True, act_init_rows=64),
         # LSUN-Bedroom (scripts/sample_diffusion_ldm.py --a_sym --a_min_max --running_stat,
         # no --split): "mse" weights; symmetric activations from a min/max init followed by
         # a running-statistics pass (EMA of min/max, momentum 0.95): "ema" here; softmax

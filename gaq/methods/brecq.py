@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
+import torch
 from torch import nn
 
-from gaq.config import MethodConfig, QuantConfig
+from gaq.config import ConfigError, MethodConfig, QuantConfig
 from gaq.methods.base import Method, QuantResult
 from gaq.methods.common import Timer, as_forward_loop, finish, require_calibration_set
 from gaq.quantize import calibrate_activations, quantize_model
@@ -31,6 +32,17 @@ class BRECQConfig(MethodConfig):
     softmax_bits: int | None = 16
     # first and last layer: "w8a8" (BRECQ's convention), "fp" or "quantized"
     first_last: Literal["w8a8", "fp", "quantized"] = "w8a8"
+    # activation range init: None = every training row with full-precision activations
+    # upstream (the suite's); N = one batch of N random training rows, each quantizer
+    # initialised on inputs the earlier ones already quantize (BRECQ's and Q-Diffusion's
+    # code: 64)
+    act_init_rows: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.act_init_rows is not None and self.act_init_rows < 1:
+            raise ConfigError("act_init_rows", f"must be a positive integer or None, got "
+                              f"{self.act_init_rows}")
 
 
 class BRECQ(Method):
@@ -56,14 +68,27 @@ class BRECQ(Method):
         with Timer() as timer:
             qmodel, report, blocks = reconstruct_model(self, model, adapter, calib, quant,
                                                        self.config.recon,
-                                                       self.config.learn_act_steps)
+                                                       self.config.learn_act_steps,
+                                                       self.config.act_init_rows)
         result = finish(self, qmodel, report, quant, timer.seconds)
         result.state["blocks"] = blocks
         return result
 
 
+def init_rows_loop(calib, rows: int, seed: int):
+    """One batch of ``rows`` training rows drawn at random (without replacement, from
+    ``seed``), as BRECQ's and Q-Diffusion's code initialise activation ranges."""
+    from gaq.calibration import forward_loop
+
+    train = calib.train()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=gen)[: min(rows, len(train))]
+    return forward_loop(train.subset(idx), len(idx))
+
+
 def reconstruct_model(method: Method, model: nn.Module, adapter, calib, quant: QuantConfig,
-                      cfg: ReconConfig, learn_act_steps: bool = True):
+                      cfg: ReconConfig, learn_act_steps: bool = True,
+                      act_init_rows: int | None = None):
     """The BRECQ pipeline every reconstruction-based method shares: quantize with the
     method's skip rules, AdaRound the weights block by block, initialise activation ranges
     from calibration data, then learn the activation steps block by block. Returns the
@@ -72,7 +97,11 @@ def reconstruct_model(method: Method, model: nn.Module, adapter, calib, quant: Q
     batches = calib_batches(calib, cfg.capture_batch, next(model.parameters()).device)
     results = reconstruct(qmodel, model, adapter, batches, cfg, phase="weights")
     if quant.act.bits is not None:
-        calibrate_activations(qmodel, as_forward_loop(calib, cfg.capture_batch))
+        if act_init_rows is None:
+            calibrate_activations(qmodel, as_forward_loop(calib, cfg.capture_batch))
+        else:
+            calibrate_activations(qmodel, init_rows_loop(calib, act_init_rows, cfg.seed),
+                                  upstream="quantized")
         if learn_act_steps:
             results += reconstruct(qmodel, model, adapter, batches, cfg, phase="activations")
     return qmodel, report, [vars(r) for r in results]
