@@ -156,6 +156,8 @@ def test_the_ray_engine_records_a_diverged_cell_and_goes_on(bench, tmp_path, mon
     todo = [(i, runner.cell_id(c)) for i, c in enumerate(grid)]
     fake = _FakeRay()
     monkeypatch.setattr(ray_engine, "_RUNNERS", {})
+    # outside a Ray worker, ray.get_gpu_ids() would start a Ray runtime in this process
+    monkeypatch.setattr(ray_engine, "_gpu_ids", lambda: [])
     ray_engine._run_tasks(fake, runner, fake.task(ray_engine._run_cell), todo, grid, 1, 0,
                           None)
     assert [label for label, _ in runner.failures] == ["digits / rtn / W4A8 / seed 0"]

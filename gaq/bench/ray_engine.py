@@ -92,6 +92,8 @@ _RUNNERS: dict[tuple, Any] = {}
 def _gpu_ids() -> list:
     import ray
 
+    if not ray.is_initialized():  # outside Ray: asking would start a Ray runtime here
+        return []
     try:
         return list(ray.get_gpu_ids())
     except Exception:  # outside a Ray worker
