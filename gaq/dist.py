@@ -97,11 +97,7 @@ class World:
 
     def check(self, ok: bool, what: str) -> None:
         """All ranks agree that ``what`` succeeded everywhere, or all raise."""
-        if not self.distributed:
-            return
-        flag = torch.tensor([0 if ok else 1], device=self.device)
-        tdist.all_reduce(flag)
-        if int(flag) and ok:
+        if self.any(not ok) and ok:
             raise GaqError(f"{what} failed on another rank")
 
 

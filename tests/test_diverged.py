@@ -2,12 +2,12 @@
 the tables say "diverged", MLflow has a FAILED run with the error, the command exits
 non-zero in one line at the end, a rerun skips the failed cell, --retry-failed reruns it."""
 
-import tempfile
 
 import mlflow
 import pandas as pd
 import pytest
 import torch
+from isolation import isolate_stores
 
 from gaq.cli import main
 from gaq.methods.rtn import RTN
@@ -37,10 +37,7 @@ metrics = ["fid", "psnr"]
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("GAQ_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    isolate_stores(monkeypatch, tmp_path)
     path = tmp_path / "div.toml"
     path.write_text(BENCH)
     return path

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import mlflow
 import pandas as pd
 import pytest
+from isolation import isolate_stores
 
 from gaq.cli import main
 
@@ -107,11 +107,6 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def _env(root):
-    return {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-            "GAQ_CACHE": str(root / "cache")}
-
-
 def _values(results) -> pd.Series:
     df = pd.read_parquet(results / "kill" / "metrics.parquet")
     df = df[~df["metric"].isin(TIMING)]
@@ -124,9 +119,7 @@ def clean(tmp_path_factory):
     root = tmp_path_factory.mktemp("clean")
     (root / "kill.toml").write_text(BENCH)
     mp = pytest.MonkeyPatch()
-    for k, v in _env(root).items():
-        mp.setenv(k, v)
-    mp.setattr(tempfile, "tempdir", str(root))
+    isolate_stores(mp, root)
     assert main(["bench", str(root / "kill.toml"), "--results", str(root / "results"),
                  "--reference", str(root / "none")]) == 0
     mp.undo()
@@ -141,8 +134,8 @@ def test_a_sweep_killed_at_each_phase_resumes_to_the_same_numbers(clean, tmp_pat
     results = tmp_path / "results"
     args = ["bench", str(tmp_path / "kill.toml"), "--results", str(results),
             "--reference", str(tmp_path / "none")]
-    env = {**os.environ, **_env(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TMPDIR": str(tmp_path)}
+    env = {**os.environ, **isolate_stores(monkeypatch, tmp_path), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", KILLER, phase, *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -152,9 +145,6 @@ def test_a_sweep_killed_at_each_phase_resumes_to_the_same_numbers(clean, tmp_pat
     metrics = pd.read_parquet(results / "kill" / "metrics.parquet")
     assert set(metrics["method"]) == {"fp"} and metrics["cell_id"].nunique() == 1
 
-    for k, v in _env(tmp_path).items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert main(args) == 0
 
     metrics = pd.read_parquet(results / "kill" / "metrics.parquet")

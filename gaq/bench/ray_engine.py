@@ -106,8 +106,7 @@ def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
     ``ray://head:10001`` or ``auto``; None starts a local runtime)."""
     import torch
 
-    from gaq.bench import results
-    from gaq.bench.runner import cells
+    from gaq.bench.runner import cells, skip_reason
 
     ray = _import_ray()
     runner.preflight()  # everything that can fail, before any task is submitted
@@ -117,16 +116,13 @@ def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
     # GPUs per cell: the benchmark's [setup] gpus, else one on a CUDA device
     gpus = float(bench.setup.get("gpus", 1 if on_cuda else 0))
     grid = cells(bench)
-    done = set() if runner.force else set(results.read(runner.metrics_path)["cell_id"])
-    failed = runner.failed_earlier()
+    done, failed = runner.earlier()
     todo = []
     for i, cell in enumerate(grid):
         cid = runner.cell_id(cell)
-        if cid in done:
-            runner.log(f"[{i + 1}/{len(grid)}] {cell.label}: done earlier, skipped")
-        elif cid in failed:
-            runner.log(f"[{i + 1}/{len(grid)}] {cell.label}: failed earlier, skipped "
-                       "(--retry-failed runs it again)")
+        skip = skip_reason(cid, done, failed)
+        if skip:
+            runner.log(f"[{i + 1}/{len(grid)}] {cell.label}: {skip}")
         else:
             todo.append((i, cid))
     if not ray.is_initialized():

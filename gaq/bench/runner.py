@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import torch
@@ -186,17 +187,13 @@ class Runner:
         from gaq.bench import results
 
         grid = cells(self.bench)
-        done = set(results.read(self.metrics_path)["cell_id"]) if not self.force else set()
-        failed = self.failed_earlier()
+        done, failed = self.earlier()
         spent, ran = 0.0, 0
         for i, cell in enumerate(grid, 1):
             cid = self.cell_id(cell)
-            if cid in done:
-                self.log(f"[{i}/{len(grid)}] {cell.label}: done earlier, skipped")
-                continue
-            if cid in failed:
-                self.log(f"[{i}/{len(grid)}] {cell.label}: failed earlier, skipped "
-                         "(--retry-failed runs it again)")
+            skip = skip_reason(cid, done, failed)
+            if skip:
+                self.log(f"[{i}/{len(grid)}] {cell.label}: {skip}")
                 continue
             left = sum(1 for c in grid[i:] if self.cell_id(c) not in done)
             eta = f", ETA {(spent / ran) * (left + 1) / 60:.1f} min" if ran else ""
@@ -358,13 +355,13 @@ class Runner:
             quantized = sum(1 for c in grid if c.model == model_id and c.method.name != FP)
             artifacts += quantized * model_bytes
             cal = ctx.calibration
-            rows = -(-ctx.sampler.steps // max(1, getattr(cal, "interval", 1) or 1)) * (
-                cal.samples_per_step + (getattr(cal, "holdout_per_step", 0) or 0))
-            rows *= 2 if cal.guidance else 1
+            kept = len(cal.kept_steps())  # held-out rows at each; training rows too (interval)
+            rows = (cal.num_train_trajectories * (kept if cal.protocol == "interval" else 1)
+                    + cal.holdout_per_step * kept) * (2 if cal.guidance else 1)
             per_row = 2 * math.prod(ctx.pipe.latent_shape) * 4  # x_t and the FP noise
             cache += len(self.bench.eval.seeds) * rows * per_row
         root = artifact_root()
-        places = [(Path(root[len("file://"):]) if root else self.dir, artifacts,
+        places = [(Path(unquote(urlparse(root).path)) if root else self.dir, artifacts,
                    "the MLflow artifact store (a quantized state per cell)"),
                   (default_cache_dir(), cache, "the calibration cache ($GAQ_CACHE)")]
         for folder, need, what in places:
@@ -447,15 +444,18 @@ class Runner:
                               hook)
         return {name: pd.Series(points) for name, points in curves.items()}
 
-    def failed_earlier(self) -> set[str]:
-        """Cells an earlier sweep recorded as failed: skipped (a diverged cell diverges
-        again: its id fixes the code, the config and the seed) unless --retry-failed or
-        --force."""
+    def earlier(self) -> tuple[set[str], set[str]]:
+        """Ids of the cells earlier sweeps completed and of those they recorded as failed,
+        both skipped: all are re-run with --force, the failed ones with --retry-failed (a
+        diverged cell diverges again: its id fixes the code, the config and the seed)."""
         from gaq.bench import results
 
-        if self.force or self.retry_failed:
-            return set()
-        return set(results.failed_cells(self.dir)["cell_id"])
+        if self.force:
+            return set(), set()
+        done = set(results.read(self.metrics_path)["cell_id"])
+        if self.retry_failed:
+            return done, set()
+        return done, set(results.failed_cells(self.dir)["cell_id"])
 
     def attempt_cell(self, cell: Cell, cid: str) -> dict[str, float] | None:
         """:meth:`run_cell`, except that a cell which diverges is recorded as failed (in
@@ -480,9 +480,7 @@ class Runner:
                          self._params(cell, ctx), {},
                          self._tags(cell, cid, ctx) | {"gaq.error": error},
                          start_time=time.time(), parent=self.sweep_run, status="FAILED")
-        row = {"run_id": run_id, "cell_id": cid, "benchmark": self.bench.name,
-               "model": cell.model, "method": cell.method.row, "preset": cell.method.preset,
-               "bits": cell.bits, "seed": cell.seed, "error": error}
+        row = _cell_keys(cell, cid, run_id, self.bench.name) | {"error": error}
         results.append(self.dir / "failures.parquet", pd.DataFrame([row]))
 
     def _params(self, cell: Cell, ctx: _ModelContext) -> dict:
@@ -620,10 +618,8 @@ class Runner:
                           for name, curve in curves.items()},
                          start_time=started, parent=self.sweep_run)
         setup = _setup_label(self.device, ctx.pipe.dtype, self.world.size)
-        base = {"run_id": run_id, "cell_id": cid, "benchmark": self.bench.name,
-                "model": cell.model, "method": cell.method.row, "preset": cell.method.preset,
-                "bits": cell.bits, "w_bits": w_bits, "a_bits": a_bits, "seed": cell.seed,
-                "setup": setup}
+        base = _cell_keys(cell, cid, run_id, self.bench.name) | {
+            "w_bits": w_bits, "a_bits": a_bits, "setup": setup}
         # the columns that tie a curve or diagnostic row to its cell; the metric rows go
         # last: they mark the cell done, so a cell killed before them is re-run, and the
         # rerun's rows replace what the killed attempt appended (same cell id)
@@ -644,6 +640,22 @@ class Runner:
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
         self.log(f"    {shown}")
         return shown
+
+
+def skip_reason(cid: str, done: set[str], failed: set[str]) -> str | None:
+    """Why a sweep skips cell ``cid`` (see :meth:`Runner.earlier`), or None to run it."""
+    if cid in done:
+        return "done earlier, skipped"
+    if cid in failed:
+        return "failed earlier, skipped (--retry-failed runs it again)"
+    return None
+
+
+def _cell_keys(cell: Cell, cid: str, run_id: str, benchmark: str) -> dict:
+    """The columns that identify a cell's rows in every results table."""
+    return {"run_id": run_id, "cell_id": cid, "benchmark": benchmark, "model": cell.model,
+            "method": cell.method.row, "preset": cell.method.preset, "bits": cell.bits,
+            "seed": cell.seed}
 
 
 def _run_name(cell: Cell) -> str:
