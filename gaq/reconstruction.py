@@ -431,6 +431,60 @@ class BlockResult:
     metrics: dict[str, float]
 
 
+#: Fits one block on its captured data: ``(block module, data, sample weights or None)``
+#: -> metrics. The block walk (:func:`walk_blocks`) calls it for every block it visits.
+BlockFit = Callable[[nn.Module, "BlockData", "Tensor | None"], dict[str, float]]
+
+
+def walk_blocks(
+    qmodel: nn.Module,
+    fpmodel: nn.Module,
+    adapter: ModelAdapter,
+    batches: BatchIter,
+    fit: BlockFit,
+    *,
+    mode: Literal["weight", "full"],
+    cache: Literal["disk", "memory"] = "disk",
+    blocks: list[Block] | None = None,
+    select: Callable[[nn.Module], bool] | None = None,
+    weight_fn: WeightFn | None = None,
+    progress: str | None = None,
+) -> list[BlockResult]:
+    """The one block loop of every reconstruction method: walk the blocks in forward order,
+    capture each block's inputs from ``qmodel`` (its earlier blocks already quantized) and
+    its targets from ``fpmodel``, and ``fit`` it. ``mode`` is the quantization mode the
+    captures run in; ``select`` skips blocks it returns False for (default: blocks with
+    any quantized layer or activation quantizer); ``weight_fn`` gives per-sample loss
+    weights; ``progress`` is a progress-bar label (None: silent). Temporal blocks are
+    reconstructed by :mod:`gaq.temporal`, never here."""
+    from gaq.quantize import set_mode
+
+    blocks = adapter.blocks() if blocks is None else blocks
+    set_mode(qmodel, mode)
+    results = []
+    it = blocks
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        it = tqdm(blocks, desc=progress, unit="block")
+    for block in it:
+        if block.kind == "temporal":
+            continue  # reconstructed by gaq.temporal, not by block replay
+        module = qmodel.get_submodule(block.name)
+        wanted = select(module) if select is not None else bool(
+            block_layers(module) or block_act_quantizers(module))
+        if not wanted:
+            continue
+        data = capture(qmodel, fpmodel, block.name, batches, cache)
+        try:
+            weights = weight_fn(block, data) if weight_fn is not None else None
+            metrics = fit(module, data, weights)
+            results.append(BlockResult(block.name, block.kind, len(data), metrics))
+        finally:
+            data.close()
+    return results
+
+
 def reconstruct(
     qmodel: nn.Module,
     fpmodel: nn.Module,
@@ -443,37 +497,21 @@ def reconstruct(
     weight_fn: WeightFn | None = None,
     progress: bool = True,
 ) -> list[BlockResult]:
-    """Walk the blocks in forward order and reconstruct each one (``phase``: AdaRound of
-    weights with activations off, or activation steps with everything quantized)."""
-    from gaq.quantize import set_mode
+    """Reconstruct every block (``phase``: AdaRound of weights with activations off, or
+    activation steps with everything quantized) through :func:`walk_blocks`."""
 
-    blocks = adapter.blocks() if blocks is None else blocks
-    set_mode(qmodel, "weight" if phase == "weights" else "full")
-    results = []
-    it = blocks
-    if progress:
-        from tqdm.auto import tqdm
+    def fit(module: nn.Module, data: BlockData, weights: Tensor | None) -> dict[str, float]:
+        if phase == "activations":
+            return learn_act_steps(module, data, cfg, weights, progress)
+        metrics = adaround_block(module, data, cfg, weights, progress)
+        for lay in block_layers(module):
+            lay.set_mode("weight")
+        return metrics
 
-        it = tqdm(blocks, desc=f"reconstruct {phase}", unit="block")
-    for block in it:
-        if block.kind == "temporal":
-            continue  # reconstructed by gaq.temporal, not by block replay
-        module = qmodel.get_submodule(block.name)
-        if not block_layers(module) and not block_act_quantizers(module):
-            continue
-        data = capture(qmodel, fpmodel, block.name, batches, cfg.cache)
-        try:
-            weights = weight_fn(block, data) if weight_fn is not None else None
-            if phase == "weights":
-                metrics = adaround_block(module, data, cfg, weights, progress)
-                for lay in block_layers(module):
-                    lay.set_mode("weight")
-            else:
-                metrics = learn_act_steps(module, data, cfg, weights, progress)
-            results.append(BlockResult(block.name, block.kind, len(data), metrics))
-        finally:
-            data.close()
-    return results
+    return walk_blocks(qmodel, fpmodel, adapter, batches, fit,
+                       mode="weight" if phase == "weights" else "full", cache=cfg.cache,
+                       blocks=blocks, weight_fn=weight_fn,
+                       progress=f"reconstruct {phase}" if progress else None)
 
 
 def calib_batches(calib, batch_size: int, device: str | torch.device,

@@ -8,10 +8,10 @@ import torch
 
 from gaq.config import QuantConfig
 from gaq.errors import DivergedError, GaqError
-from gaq.methods.common import finish
+from gaq.methods.stages import finish, start, wrap
 from gaq.models.adapters import adapter_for
 from gaq.models.loading import load_model
-from gaq.quantize import act_quantizers, calibrate_activations, quantize_model
+from gaq.quantize import act_quantizers, calibrate_activations
 from gaq.registry import get_method
 
 
@@ -29,16 +29,16 @@ def test_a_nan_weight_in_a_pipeline_folder_is_named(tiny_pipeline_dir):
 
 
 def test_a_diverged_calibration_fails_with_the_method_and_tensor_named(tiny_unet):
-    adapter = adapter_for(tiny_unet)
-    qmodel, report = quantize_model(tiny_unet, adapter, QuantConfig.from_bits("W8A8"))
     cfg = tiny_unet.config
     x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     t = torch.tensor([10, 10])
-    calibrate_activations(qmodel, lambda m: m(x, t))
-    name, q = next(iter(act_quantizers(qmodel)))
+    run = start(get_method("rtn").from_preset("cpu"), tiny_unet, adapter_for(tiny_unet),
+                lambda m: m(x, t), QuantConfig.from_bits("W8A8"), needs_set=False)
+    wrap(run)
+    calibrate_activations(run.qmodel, run.calib)
+    name, q = next(iter(act_quantizers(run.qmodel)))
     q.scale.fill_(float("nan"))  # what a diverged step-size update leaves
     with pytest.raises(DivergedError) as err:  # a cell's failure: a sweep goes on
-        finish(get_method("rtn").from_preset("cpu"), qmodel, report,
-               QuantConfig.from_bits("W8A8"), 0.0)
+        finish(run)
     msg = str(err.value)
     assert msg.startswith("rtn calibration") and name in msg and "diverged" in msg

@@ -15,6 +15,7 @@ from baselines.tdq.method import attach_providers, fit_providers, freeze_provide
 from gaq.calibration import CalibrationSet, CalibrationSpec, record_calibration
 from gaq.config import QuantConfig
 from gaq.methods.rtn import RTN
+from gaq.methods.stages import Run
 from gaq.models.adapters import adapter_for
 from gaq.quantize import (
     act_quantizers,
@@ -24,7 +25,7 @@ from gaq.quantize import (
     quantize_model,
     save_state,
 )
-from gaq.reconstruction import ReconConfig, calib_batches
+from gaq.reconstruction import ReconConfig
 
 TINY = TDQConfig(recon=ReconConfig(weight_iters=5, batch_size=8, capture_batch=8,
                                    cache="memory"),
@@ -66,8 +67,9 @@ def fitted_unet(make_tiny_model):
     freeze(qmodel)
     calibrate_activations(qmodel, lambda m: m(calib.x, calib.t))
     n = attach_providers(qmodel, TINY)
-    results = fit_providers(qmodel, model, adapter, calib_batches(calib, 8, "cpu"), TINY)
-    return model, calib, qmodel, n, results
+    run = Run(TDQ(TINY), model, adapter, calib, QuantConfig.from_bits("W8A4"), qmodel=qmodel)
+    fit_providers(run, TINY)
+    return model, calib, qmodel, n, run.blocks
 
 
 @pytest.mark.xfail(strict=False, reason="environment-dependent: 19 of 59 quantizers vary in "

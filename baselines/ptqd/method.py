@@ -21,8 +21,8 @@ from baselines.ptqd.hook import (
 from gaq.config import MethodConfig, QuantConfig, positive_int
 from gaq.errors import GaqError
 from gaq.methods.base import Method, QuantResult
-from gaq.methods.brecq import reconstruct_model
-from gaq.methods.common import Timer, finish, require_calibration_set
+from gaq.methods.brecq import brecq_stages
+from gaq.methods.stages import finish, start
 from gaq.models.adapters import SkipRule
 from gaq.reconstruction import ReconConfig
 from gaq.sampling import _noise_prediction
@@ -102,22 +102,16 @@ class PTQD(Method):
         return PTQDSamplerHook.from_dict(state["ptqd"])
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
-        require_calibration_set(self, calib)
+        run = start(self, model, adapter, calib, quant)
         key = _calibration_sampler(calib)
-        if self.config.every_step:
+        cfg = self.config
+        if cfg.every_step:
             _require_every_step(calib)
-        cfg = self.config.recon
-        quant = self.effective_quant(quant)
-        with Timer() as timer:
-            qmodel, report, blocks = reconstruct_model(self, model, adapter, calib, quant, cfg,
-                                                       self.config.learn_act_steps)
-            stats = noise_stats(qmodel, calib.train(), self.config.stats_batch,
-                                self.config.bias_of, self.config.negative_k,
-                                self.config.sigma_of)
-            hook = PTQDSamplerHook(stats, key, correct=self.config.correct, vsc=self.config.vsc)
-        result = finish(self, qmodel, report, quant, timer.seconds, sampler_hook=hook,
-                        mean_k=sum(s.k for s in stats) / len(stats))
-        result.state["blocks"] = blocks
+        brecq_stages(run, cfg.recon, cfg.learn_act_steps)
+        stats = noise_stats(run.qmodel, calib.train(), cfg.stats_batch, cfg.bias_of,
+                            cfg.negative_k, cfg.sigma_of)
+        hook = PTQDSamplerHook(stats, key, correct=cfg.correct, vsc=cfg.vsc)
+        result = finish(run, sampler_hook=hook, mean_k=sum(s.k for s in stats) / len(stats))
         result.state["ptqd"] = hook.to_dict()
         return result
 

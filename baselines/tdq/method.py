@@ -16,21 +16,25 @@ from torch import nn
 from gaq.config import MethodConfig, QuantConfig, non_negative_int, positive_float, positive_int
 from gaq.errors import GaqError
 from gaq.methods.base import Method, QuantResult
-from gaq.methods.common import Timer, as_forward_loop, finish, require_calibration_set
+from gaq.methods.stages import (
+    Run,
+    finish,
+    init_activations,
+    reconstruct_weights,
+    start,
+    wrap,
+)
 from gaq.models.adapters import SkipRule
 from gaq.quant.providers import TimestepScaleMLP
 from gaq.quant.quantizer import FakeQuantizer
-from gaq.quantize import act_quantizers, calibrate_activations, quantize_model, set_mode
+from gaq.quantize import act_quantizers, set_mode
 from gaq.reconstruction import (
     BlockData,
-    BlockResult,
     ReconConfig,
     block_act_quantizers,
     block_error,
     block_forward,
-    calib_batches,
-    capture,
-    reconstruct,
+    walk_blocks,
     weighted_error,
 )
 
@@ -126,25 +130,14 @@ def fit_block(block: nn.Module, data: BlockData, cfg: TDQConfig,
     return {"act_before": before, "act_after": after, "fit_kept": float(kept)}
 
 
-def fit_providers(qmodel: nn.Module, fpmodel: nn.Module, adapter, batches, cfg: TDQConfig,
-                  progress: bool = False) -> list[BlockResult]:
-    """Walk the blocks in forward order (inputs from the model whose earlier blocks are
-    already quantized, targets from the FP model) and fit each block's MLPs."""
-    set_mode(qmodel, "full")
-    results = []
-    for block in adapter.blocks():
-        module = qmodel.get_submodule(block.name)
-        if not _conditioned(module):
-            continue
-        data = capture(qmodel, fpmodel, block.name, batches, cfg.recon.cache)
-        try:
-            metrics = fit_block(module, data, cfg, cfg.recon.eval_samples)
-            results.append(BlockResult(block.name, block.kind, len(data), metrics))
-            if progress:
-                print(f"  tdq {block.name}: {metrics}")
-        finally:
-            data.close()
-    return results
+def fit_providers(run: Run, cfg: TDQConfig) -> None:
+    """TDQ's own stage: walk the blocks in forward order (inputs from the model whose
+    earlier blocks are already quantized, targets from the FP model) and fit each block's
+    step-size MLPs."""
+    run.blocks += walk_blocks(
+        run.qmodel, run.fpmodel, run.adapter, run.batches(cfg.recon.capture_batch),
+        lambda module, data, _weights: fit_block(module, data, cfg, cfg.recon.eval_samples),
+        mode="full", cache=cfg.recon.cache, select=lambda module: bool(_conditioned(module)))
 
 
 def freeze_providers(qmodel: nn.Module, timesteps: list[int]) -> int:
@@ -180,7 +173,7 @@ class TDQ(Method):
         return None
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
-        require_calibration_set(self, calib)
+        run = start(self, model, adapter, calib, quant)
         cfg = self.config
         if quant.act.per_timestep:
             raise GaqError("TDQ conditions activation step sizes on t itself; use "
@@ -189,24 +182,16 @@ class TDQ(Method):
         if seen and max(seen) >= cfg.num_train_timesteps:
             raise GaqError(f"calibration timesteps reach {max(seen)}, beyond "
                            f"num_train_timesteps = {cfg.num_train_timesteps}")
-        with Timer() as timer:
-            qmodel, report = quantize_model(model, adapter, quant, self.skip_filter(adapter))
-            batches = calib_batches(calib, cfg.recon.capture_batch,
-                                    next(model.parameters()).device)
-            weights: list[BlockResult] = []
-            if quant.weight.bits is not None:
-                weights = reconstruct(qmodel, model, adapter, batches, cfg.recon,
-                                      phase="weights", progress=False)
-            acts: list[BlockResult] = []
-            conditioned = 0
-            if quant.act.bits is not None:
-                calibrate_activations(qmodel, as_forward_loop(calib, cfg.recon.capture_batch))
-                conditioned = attach_providers(qmodel, cfg)
-                acts = fit_providers(qmodel, model, adapter, batches, cfg)
-                freeze_providers(qmodel, list(range(cfg.num_train_timesteps)))
-            set_mode(qmodel, "full")
-        result = finish(self, qmodel, report, quant, timer.seconds,
-                        conditioned_quantizers=conditioned)
-        result.state["blocks"] = [vars(r) for r in weights + acts]
+        wrap(run)
+        if quant.weight.bits is not None:
+            reconstruct_weights(run, cfg.recon, progress=False)
+        init_activations(run, cfg.recon.capture_batch)
+        conditioned = 0
+        if run.quantizes_activations:
+            conditioned = attach_providers(run.qmodel, cfg)
+            fit_providers(run, cfg)
+            freeze_providers(run.qmodel, list(range(cfg.num_train_timesteps)))
+        set_mode(run.qmodel, "full")
+        result = finish(run, conditioned_quantizers=conditioned)
         result.state["table_timesteps"] = cfg.num_train_timesteps
         return result

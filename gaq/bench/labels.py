@@ -1,4 +1,5 @@
-"""Display names and orderings shared by tables and plots, so both read the same."""
+"""Display names and orderings shared by tables and plots, so both read the same: methods' from
+the methods, metrics' from the metric registry (:mod:`gaq.eval.registry`)."""
 
 from __future__ import annotations
 
@@ -7,24 +8,17 @@ from collections.abc import Iterable
 
 __all__ = [
     "FP_METHODS",
-    "HIGHER_IS_BETTER",
-    "LOWER_IS_BETTER",
-    "TABLE_METRICS",
     "arrow",
+    "better",
     "bits_order",
     "decimals",
     "is_fp",
     "method_label",
     "method_order",
     "metric_label",
+    "metric_unit",
+    "table_metrics",
 ]
-
-#: Metrics of the paper tables, in column order.
-TABLE_METRICS = ("fid", "sfid", "is", "precision", "recall", "kid", "psnr", "class_acc")
-LOWER_IS_BETTER = frozenset({"fid", "sfid", "kid", "eps_mse", "calibration_seconds",
-                             "calibration_gpu_hours", "peak_memory_mb", "model_size_mb"})
-HIGHER_IS_BETTER = frozenset({"is", "precision", "recall", "psnr", "images_per_second",
-                              "class_acc"})
 
 FP_METHODS = frozenset({"fp", "fp32", "fp16", "full_precision"})
 
@@ -41,13 +35,6 @@ _GAQ_ORDER = ("gaq-uniform", "gaq-timestep", "gaq-mse", "gaq")
 # Baselines roughly by publication date, as papers list them; unknown methods sort after
 # them alphabetically, and GAQ variants come last (the method under study, as in the paper).
 _KNOWN_ORDER = ("brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq")
-
-_METRIC_LABELS = {
-    "fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Prec.", "recall": "Rec.",
-    "kid": "KID", "psnr": "PSNR", "eps_mse": "ε-MSE", "calibration_seconds": "Calib. time (s)",
-    "calibration_gpu_hours": "Calib. (GPU-h)", "class_acc": "Class acc.",
-}  # fmt: skip
-_DECIMALS = {"precision": 3, "recall": 3, "kid": 4, "eps_mse": 4, "class_acc": 3}
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 
@@ -111,17 +98,41 @@ def bits_order(bits: Iterable[str]) -> list[str]:
     return sorted(set(bits), key=key)
 
 
+def table_metrics() -> list[str]:
+    """Metrics of the paper tables, in column order (the metric registry's)."""
+    from gaq.eval.registry import known_metrics
+
+    return [m.name for m in known_metrics() if m.table]
+
+
+def better(metric: str) -> str | None:
+    """"lower", "higher", or None for a metric with no best (or not registered)."""
+    from gaq.eval.registry import find_metric
+
+    m = find_metric(metric)
+    return None if m is None else m.better
+
+
 def arrow(metric: str) -> str:
-    if metric in LOWER_IS_BETTER:
-        return "↓"
-    if metric in HIGHER_IS_BETTER:
-        return "↑"
-    return ""
+    return {"lower": "↓", "higher": "↑"}.get(better(metric) or "", "")
 
 
 def metric_label(metric: str) -> str:
-    return _METRIC_LABELS.get(metric, metric)
+    from gaq.eval.registry import find_metric
+
+    m = find_metric(metric)
+    return metric if m is None else m.label
+
+
+def metric_unit(metric: str) -> str:
+    from gaq.eval.registry import find_metric
+
+    m = find_metric(metric)
+    return "" if m is None else m.unit
 
 
 def decimals(metric: str) -> int:
-    return _DECIMALS.get(metric, 2)
+    from gaq.eval.registry import find_metric
+
+    m = find_metric(metric)
+    return 2 if m is None else m.decimals

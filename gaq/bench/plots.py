@@ -172,11 +172,8 @@ def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
-_UNITS = {"psnr": "dB", "kid": "raw MMD²", "calibration_seconds": "", "eps_mse": ""}
-
-
 def _ylabel(metric: str) -> str:
-    unit = _UNITS.get(metric, "")
+    unit = labels.metric_unit(metric)
     name = labels.metric_label(metric) + (f" ({unit})" if unit else "")
     return f"{name} {labels.arrow(metric)}".strip()
 
@@ -218,8 +215,23 @@ def metric_vs_bits(df: pd.DataFrame, metric: str) -> Figure:
     return fig
 
 
-_CURVE_LABELS = {"eps_mse": "noise-prediction MSE ↓",
-                 "noise_k": "correlated noise k_t (0 = none)"}
+# curves that are not registered metrics (PTQD's fitted slopes)
+_CURVE_LABELS = {"noise_k": "correlated noise k_t (0 = none)"}
+
+
+def _curve_label(curve: str) -> str:
+    from gaq.eval.registry import find_metric
+
+    m = find_metric(curve)
+    if m is not None and m.curve_label:
+        return m.curve_label
+    return _CURVE_LABELS.get(curve, _ylabel(curve))
+
+
+def _curve_metrics() -> list[str]:
+    from gaq.eval.registry import known_metrics
+
+    return [m.name for m in known_metrics() if m.kind == "curve"]
 
 
 def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse") -> Figure:
@@ -251,7 +263,7 @@ def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse") -> Figure:
         else:
             ax.axhline(0.0, color="0.5", lw=0.6)
         ax.set_xlabel("timestep t")
-        ax.set_ylabel(_CURVE_LABELS.get(curve, _ylabel(curve)))
+        ax.set_ylabel(_curve_label(curve))
         if len(data):
             _legend_below(ax, len(ax.get_lines()))
     return fig
@@ -373,7 +385,7 @@ def write_plots(results_dir: Path, benchmark: str, out_dir: Path,
         stem = str(out_dir / benchmark) + (f"_{_slug(model)}" if len(models) > 1 else "")
         m = metrics[metrics["model"] == model]
         quantized = m[~m["method"].map(labels.is_fp) & (m["bits"] != FP_BITS)]
-        for metric in (*labels.TABLE_METRICS, "eps_mse"):
+        for metric in (*labels.table_metrics(), *_curve_metrics()):
             if (quantized["metric"] == metric).any():
                 written += save(metric_vs_bits(m, metric), f"{stem}_{metric}_vs_bits")
         if (quantized["metric"] == "calibration_seconds").any():
@@ -388,9 +400,11 @@ def write_plots(results_dir: Path, benchmark: str, out_dir: Path,
         grids = folder / "grids"
         if grids.is_dir():
             written += _grid_figures(m, grids, model, stem)
-    from gaq.bench.diagnostics import write_diagnostic_plots
+    from gaq.bench.reports import method_reports
 
-    written += write_diagnostic_plots(folder, str(out_dir / benchmark))
+    for report, frames in method_reports(folder):
+        for suffix, fig in report.figures(frames):
+            written += save(fig, f"{out_dir / benchmark}_{suffix}")
     return written
 
 

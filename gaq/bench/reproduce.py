@@ -120,11 +120,11 @@ def _num(v: float) -> str:
 def noise_floor(runner, seeds: list[int]) -> pd.DataFrame:
     """Per model and image metric: the FP row's standard deviation across ``seeds`` (each
     a full sample of the benchmark's image count, scored as a cell is)."""
-    from gaq.bench.spec import IMAGE_METRICS
     from gaq.eval.metrics import image_metrics
+    from gaq.eval.registry import metrics_of_kind
     from gaq.sampling import to_uint8
 
-    wanted = [m for m in runner.bench.eval.metrics if m in IMAGE_METRICS]
+    wanted = metrics_of_kind(runner.bench.eval.metrics, "image")
     rows = []
     for model_id in runner.bench.models:
         ctx = runner.model(model_id)

@@ -30,9 +30,10 @@ import torch
 
 import gaq
 from gaq.bench import labels
-from gaq.bench.spec import FP, IMAGE_METRICS, Benchmark, MethodEntry
+from gaq.bench.spec import FP, Benchmark, MethodEntry
 from gaq.config import QuantConfig, fingerprint
 from gaq.errors import DivergedError, GaqError
+from gaq.eval.registry import by_function, compute_grouped, metrics_of_kind
 
 RESULTS_FORMAT = 2  # 2: eps_mse after the sampler hook; noise_k curves
 HELDOUT_SEED_OFFSET = 10_000  # held-out trajectories never share noise with calibration
@@ -108,7 +109,7 @@ class _ModelContext:
                                and self.pipe.conditioning.kind == "class")
         # a feature space only where image metrics are asked for: paired metrics alone
         # need no Inception weights
-        needs_features = any(m in IMAGE_METRICS for m in bench.eval.metrics)
+        needs_features = bool(metrics_of_kind(bench.eval.metrics, "image"))
         self.space = (_feature_space(model_id, bench.eval.feature_space,
                                      bench.eval.inception_weights, device)
                       if needs_features else None)
@@ -283,7 +284,6 @@ class Runner:
         """Fail before any work: the device exists, every model loads, its feature space and
         reference exist, the results folder and the MLflow store take writes."""
         from gaq import dist
-        from gaq.bench.spec import IMAGE_METRICS
         from gaq.device import check_device
         from gaq.models.bundled import BUNDLED_MODELS
 
@@ -294,7 +294,7 @@ class Runner:
         self.device = str(self.world.device) if self.world.distributed else self.device
         if self.world.distributed:
             self.log(f"torchrun: {self.world.size} ranks, sampling sharded by global batch")
-        needs_reference = any(m in IMAGE_METRICS for m in self.bench.eval.metrics)
+        needs_reference = bool(metrics_of_kind(self.bench.eval.metrics, "image"))
         contexts = [self.model(model_id) for model_id in self.bench.models]
         unguided = [c.id for c in contexts if c.sampler.guidance != self.bench.sampler.guidance]
         if unguided and len(unguided) == len(contexts):
@@ -413,6 +413,21 @@ class Runner:
         images = self.world.gather_batches(local, len(layout))
         return images, time.perf_counter() - start
 
+    @staticmethod
+    def _paired(keys: list[str], images: torch.Tensor, fp_images: torch.Tensor,
+                metrics: dict[str, float]) -> pd.DataFrame | None:
+        """Paired metrics against the FP images of the same noise, added to ``metrics``;
+        the per-image values of the requested ones as rows (image i of every row comes from
+        the same noise: kept for paired differences)."""
+        frames = []
+        for fn, served in by_function(keys):
+            paired = fn(images, fp_images)
+            metrics.update({k: float(v) for k, v in paired.items() if _is_number(v)})
+            frames += [pd.DataFrame({"image": range(len(images)), "metric": k,
+                                     "value": paired[f"{k}_per_image"]})
+                       for k in served if f"{k}_per_image" in paired]
+        return pd.concat(frames, ignore_index=True) if frames else None
+
     def class_accuracy(self, ctx: _ModelContext, images: torch.Tensor) -> float:
         """The share of ``images`` the bundled classifier reads as the class each was asked
         for (image ``i`` is asked for the class the conditioning assigns to index ``i``)."""
@@ -525,7 +540,6 @@ class Runner:
         from gaq.bench import results
         from gaq.bench.tracking import log_run
         from gaq.calibration import record_calibration
-        from gaq.eval.metrics import image_metrics, paired_metrics
         from gaq.registry import get_method
 
         ctx = self.model(cell.model)
@@ -570,31 +584,29 @@ class Runner:
         metrics["images_per_second"] = self.bench.eval.num_images / seconds
         metrics["model_size_mb"] = _model_size_mb(denoiser, report)
 
+        # what the cell computes follows each requested metric's kind (gaq.eval.registry)
         wanted = self.bench.eval.metrics
+        paired_keys = metrics_of_kind(wanted, "paired")
         if cell.method.name == FP:
             ctx._fp_images[cell.seed] = images
-        elif "psnr" in wanted and ctx._fp_images.get(cell.seed) is None:
+        elif paired_keys and ctx._fp_images.get(cell.seed) is None:
             ctx._fp_images[cell.seed] = self._sample(ctx, denoiser, cell.seed, None)[0]
         if not self.world.main:  # metrics, artifacts and results are rank 0's
             return None
         from gaq.sampling import to_uint8
 
         gen = to_uint8(images)
-        image_keys = [m for m in wanted if m in IMAGE_METRICS]
+        image_keys = metrics_of_kind(wanted, "image")
         if image_keys:
-            metrics.update(image_metrics(gen, ctx.reference(), ctx.space, image_keys,
-                                         seed=cell.seed))
+            metrics.update(compute_grouped(image_keys, gen, ctx.reference(), ctx.space,
+                                           seed=cell.seed))
         per_image = None
-        if cell.method.name != FP and "psnr" in wanted:
-            paired = paired_metrics(images, ctx._fp_images[cell.seed])
-            metrics.update({k: float(v) for k, v in paired.items() if _is_number(v)})
-            # image i of every row comes from the same noise: kept for paired differences
-            per_image = pd.DataFrame({"image": range(len(images)), "metric": "psnr",
-                                      "value": paired["psnr_per_image"]})
-        if "class_acc" in wanted and ctx.judges_classes:
+        if cell.method.name != FP and paired_keys:
+            per_image = self._paired(paired_keys, images, ctx._fp_images[cell.seed], metrics)
+        if metrics_of_kind(wanted, "classes") and ctx.judges_classes:
             metrics["class_acc"] = self.class_accuracy(ctx, images)
         curves: dict[str, pd.Series] = {}
-        if "eps_mse" in wanted and self.bench.eval.heldout_trajectories > 0:
+        if metrics_of_kind(wanted, "curve") and self.bench.eval.heldout_trajectories > 0:
             curves = self._noise_curves(ctx, qmodel, cell.seed, hook)
             for name, curve in curves.items():
                 if name.startswith("eps_mse"):

@@ -25,10 +25,8 @@ from gaq.errors import GaqError
 from gaq.sampling import SamplerConfig
 
 FP = "fp"  # the unquantized model: a row of every benchmark, measured in the same harness
-IMAGE_METRICS = ("fid", "kid", "precision", "recall", "is", "sfid")
 # class_acc: share of class-conditional samples the bundled digit classifier reads as the
 # requested class (the bundled conditional models only; absent from other models' rows)
-ALL_METRICS = IMAGE_METRICS + ("psnr", "eps_mse", "class_acc")
 
 
 @dataclass(frozen=True)
@@ -105,10 +103,16 @@ class EvalSpec(Config):
                 raise ConfigError("seeds", f"must be integers in 0..{2**32 - 1}, got {s!r}")
         if len(set(self.seeds)) < len(self.seeds):
             raise ConfigError("seeds", f"lists a seed more than once: {list(self.seeds)}")
+        from gaq.eval.registry import UnknownMetricError, get_metric, requestable
+
         for m in self.metrics:
-            if m not in ALL_METRICS:
-                raise ConfigError("metrics",
-                                  f"has unknown metric {m!r}; known: {', '.join(ALL_METRICS)}")
+            try:
+                kind = get_metric(m).kind
+            except UnknownMetricError as e:
+                raise ConfigError("metrics", f"has {e}") from None
+            if kind == "cost":
+                raise ConfigError("metrics", f"lists {m!r}, which every cell measures; "
+                                  f"metrics to ask for: {', '.join(requestable())}")
 
 
 @dataclass(frozen=True)

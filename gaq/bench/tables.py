@@ -136,9 +136,10 @@ def _best(rows: list[Row], groups: list[str], metrics: list[str]) -> set[tuple[i
     best = set()
     for g in groups:
         for metric in metrics:
-            lower = metric in labels.LOWER_IS_BETTER
-            if not lower and metric not in labels.HIGHER_IS_BETTER:
+            direction = labels.better(metric)
+            if direction is None:
                 continue
+            lower = direction == "lower"
             cands = [(i, r.values[(g, metric)][0]) for i, r in enumerate(rows)
                      if not r.reference and not labels.is_fp(r.method)
                      and (g, metric) in r.values and not math.isnan(r.values[(g, metric)][0])]
@@ -163,12 +164,13 @@ def build_tables(
 ) -> list[TableData]:
     """One table per model of the benchmark, from ``metrics.parquet`` only."""
     df = _metric_frame(results_dir, benchmark)
-    df = df[df["metric"].isin(labels.TABLE_METRICS)]
+    columns = labels.table_metrics()
+    df = df[df["metric"].isin(columns)]
     failures = results.failed_cells(Path(results_dir) / benchmark)
     tables = []
     for model in sorted(df["model"].dropna().unique()):
         summary = results.summarize(df[df["model"] == model])
-        metrics = [m for m in labels.TABLE_METRICS if m in set(summary["metric"])]
+        metrics = [m for m in columns if m in set(summary["metric"])]
         quantized = summary[~summary["method"].map(labels.is_fp)]
         failed = failures[failures["model"] == model]
         groups = labels.bits_order(pd.concat([quantized["bits"], failed["bits"]])) or [FP_BITS]
@@ -427,7 +429,6 @@ def write_tables(
     paths = [out_dir / f"{benchmark}.md", out_dir / f"{benchmark}.tex"]
     paths[0].write_text(md, encoding="utf-8")
     paths[1].write_text(tex, encoding="utf-8")
-    from gaq.bench.diagnostics import cosine_table, read
     from gaq.bench.noise import noise_table
 
     folder = Path(results_dir) / benchmark
@@ -448,8 +449,10 @@ def write_tables(
             paths.append(out_dir / f"{benchmark}_paired.md")
             paths[-1].write_text(paired, encoding="utf-8")
 
-    blocks = read(Path(results_dir) / benchmark).get("gaq_blocks")
-    if blocks is not None and len(blocks):
-        paths.append(out_dir / f"{benchmark}_gaq_diagnostics.md")
-        paths[-1].write_text(cosine_table(blocks), encoding="utf-8")
+    from gaq.bench.reports import method_reports
+
+    for report, frames in method_reports(folder):
+        for suffix, text in report.markdown(frames, benchmark).items():
+            paths.append(out_dir / f"{benchmark}_{suffix}.md")
+            paths[-1].write_text(text, encoding="utf-8")
     return paths

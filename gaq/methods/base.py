@@ -85,6 +85,13 @@ class Method(abc.ABC):
     presets: ClassVar[Mapping[str, MethodConfig]] = MappingProxyType({})
     #: the method's name in tables, plots and figure legends (default: ``name``)
     label: ClassVar[str | None] = None
+    #: the model architectures (``ModelAdapter.arch``: "UNet2D", "DiT", ...) the method
+    #: is defined for; None = every one. A benchmark with ``methods = "all"`` leaves the
+    #: method out on the other models instead of failing their cells.
+    archs: ClassVar[frozenset[str] | None] = None
+    #: the :class:`gaq.bench.reports.MethodReport` rendering the diagnostics tables this
+    #: method's results carry (``QuantResult.diagnostics``), as a lazy "module:Class"
+    report: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -140,6 +147,15 @@ class Method(abc.ABC):
         ``quant`` is passed here rather than stored in ``config`` so one method config can
         be swept over bit-widths without creating new configs.
         """
+
+    @classmethod
+    def unsupported(cls, arch: str) -> str | None:
+        """Why this method cannot quantize a model of architecture ``arch`` (one line), or
+        None when it can."""
+        if cls.archs is None or arch in cls.archs:
+            return None
+        return (f"{getattr(cls, 'name', cls.__qualname__)} is defined for "
+                f"{', '.join(sorted(cls.archs))} models, not {arch}")
 
     def effective_quant(self, quant: QuantConfig) -> QuantConfig:
         """The config this method actually quantizes with, given the run's ``quant``: its

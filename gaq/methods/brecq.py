@@ -12,14 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
-import torch
 from torch import nn
 
 from gaq.config import ConfigError, MethodConfig, QuantConfig
 from gaq.methods.base import Method, QuantResult
-from gaq.methods.common import Timer, as_forward_loop, finish, require_calibration_set
-from gaq.quantize import calibrate_activations, quantize_model
-from gaq.reconstruction import ReconConfig, calib_batches, reconstruct
+from gaq.methods.stages import (
+    Run,
+    finish,
+    init_activations,
+    learn_activation_steps,
+    reconstruct_weights,
+    start,
+    wrap,
+)
+from gaq.reconstruction import ReconConfig
 
 
 @dataclass(frozen=True)
@@ -63,45 +69,19 @@ class BRECQ(Method):
                        first_last=cfg.first_last)
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
-        require_calibration_set(self, calib)
-        quant = self.effective_quant(quant)
-        with Timer() as timer:
-            qmodel, report, blocks = reconstruct_model(self, model, adapter, calib, quant,
-                                                       self.config.recon,
-                                                       self.config.learn_act_steps,
-                                                       self.config.act_init_rows)
-        result = finish(self, qmodel, report, quant, timer.seconds)
-        result.state["blocks"] = blocks
-        return result
+        run = start(self, model, adapter, calib, quant)
+        cfg = self.config
+        brecq_stages(run, cfg.recon, cfg.learn_act_steps, cfg.act_init_rows)
+        return finish(run)
 
 
-def init_rows_loop(calib, rows: int, seed: int):
-    """One batch of ``rows`` training rows drawn at random (without replacement, from
-    ``seed``), as BRECQ's and Q-Diffusion's code initialise activation ranges."""
-    from gaq.calibration import forward_loop
-
-    train = calib.train()
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(train), generator=gen)[: min(rows, len(train))]
-    return forward_loop(train.subset(idx), len(idx))
-
-
-def reconstruct_model(method: Method, model: nn.Module, adapter, calib, quant: QuantConfig,
-                      cfg: ReconConfig, learn_act_steps: bool = True,
-                      act_init_rows: int | None = None):
-    """The BRECQ pipeline every reconstruction-based method shares: quantize with the
-    method's skip rules, AdaRound the weights block by block, initialise activation ranges
-    from calibration data, then learn the activation steps block by block. Returns the
-    quantized model, its layer report and the per-block metrics (JSON-able)."""
-    qmodel, report = quantize_model(model, adapter, quant, method.skip_filter(adapter))
-    batches = calib_batches(calib, cfg.capture_batch, next(model.parameters()).device)
-    results = reconstruct(qmodel, model, adapter, batches, cfg, phase="weights")
-    if quant.act.bits is not None:
-        if act_init_rows is None:
-            calibrate_activations(qmodel, as_forward_loop(calib, cfg.capture_batch))
-        else:
-            calibrate_activations(qmodel, init_rows_loop(calib, act_init_rows, cfg.seed),
-                                  upstream="quantized")
-        if learn_act_steps:
-            results += reconstruct(qmodel, model, adapter, batches, cfg, phase="activations")
-    return qmodel, report, [vars(r) for r in results]
+def brecq_stages(run: Run, cfg: ReconConfig, learn_act_steps: bool = True,
+                 act_init_rows: int | None = None) -> None:
+    """The BRECQ recipe every reconstruction-based method shares: wrap with the method's
+    skip rules, AdaRound the weights block by block, initialise activation ranges from
+    calibration data, then learn the activation steps block by block."""
+    wrap(run)
+    reconstruct_weights(run, cfg)
+    init_activations(run, cfg.capture_batch, rows=act_init_rows, seed=cfg.seed)
+    if learn_act_steps:
+        learn_activation_steps(run, cfg)

@@ -1,6 +1,6 @@
 """GAQ, gradient-aligned calibration (Hoang et al., ICLR 2026), and its ablations.
 
-The TFMQ-DM pipeline (:class:`baselines.tfmq.method.TFMQ`) with one change: before each
+TFMQ-DM's stages (:mod:`gaq.methods.tfmq`) with one more stage: before each
 block is reconstructed, a weight for every calibration row is learned by bi-level
 optimisation (:mod:`gaq.meta`) on held-out validation rows, and the block's AdaRound and
 activation-step losses use those weights. ``gaq/METHOD.md`` maps the paper to the code.
@@ -19,8 +19,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from baselines.tfmq.method import TFMQ, TFMQConfig
 from gaq.errors import GaqError
 from gaq.meta import (
     MetaConfig,
@@ -32,8 +32,10 @@ from gaq.meta import (
     rounding_view,
     timestep_groups,
 )
-from gaq.methods.base import QuantResult
-from gaq.models.adapters import Block
+from gaq.methods.base import Method, QuantResult
+from gaq.methods.stages import Run, finish, start, wrap
+from gaq.methods.tfmq import TFMQConfig, temporal_stats, tfmq_quant, tfmq_skip, tfmq_stages
+from gaq.models.adapters import Block, SkipRule
 from gaq.quantize import QuantConfig
 from gaq.reconstruction import BatchIter, BlockData, ReconConfig, capture
 
@@ -78,26 +80,85 @@ def _batches(rows) -> BatchIter:
     return it
 
 
-@dataclass
-class _Run:
-    """What one quantize() call needs between the pipeline's hooks (the models are set by
-    :meth:`GAQ.on_quantized`)."""
+class MetaWeighting:
+    """GAQ's stage: before a block is reconstructed, learn a weight for every calibration
+    training row by bi-level optimisation on the validation rows ``val`` (:mod:`gaq.meta`);
+    the block's AdaRound and activation-step losses then use those weights. The block loop
+    calls it as its ``weight_fn``; it keeps each block's weights for the activation phase,
+    what it measured per block (``blocks``) and the time spent on instrumentation."""
 
-    val: BatchIter
-    row_t: Tensor
-    qmodel: nn.Module | None = None
-    fpmodel: nn.Module | None = None
-    weights: dict[str, Tensor] = field(default_factory=dict)
-    blocks: list[dict[str, Any]] = field(default_factory=list)
-    diag_seconds: float = 0.0
+    def __init__(self, run: Run, val: BatchIter, cfg: MetaConfig, uniform: bool) -> None:
+        self.run, self.val, self.cfg, self.uniform = run, val, cfg, uniform
+        self.row_t = run.calib.train().t
+        self.weights: dict[str, Tensor] = {}
+        self.blocks: list[dict[str, Any]] = []
+        self.diag_seconds = 0.0
+
+    def __call__(self, block: Block, data: BlockData) -> Tensor | None:
+        if block.name in self.weights:  # activation phase: the weights of the weight phase
+            return self.weights[block.name]
+        cfg, uniform, run = self.cfg, self.uniform, self.run
+        if uniform and not cfg.diagnostic_rows:
+            return None
+        start_time = time.perf_counter()
+        module = run.qmodel.get_submodule(block.name)
+        view = rounding_view(module)
+        theta = inner_parameters(view, cfg.inner_params)
+        if not theta:  # nothing left to round in this block (e.g. only activations)
+            return None
+        val = capture(run.qmodel, run.fpmodel, block.name, self.val, "memory")
+        # The meta-gradient differentiates through the block's backward pass; PyTorch's
+        # fused attention kernels have no second derivative, so attention that runs
+        # unquantized (diffusers' scaled_dot_product_attention, e.g. at weight-only bits)
+        # takes the math kernel here.
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                rec = val.record(0)
+                problem = MetaProblem(view, theta, rec, timestep_groups(rec["t"], cfg.groups),
+                                      self.row_t, cfg)
+                info: dict[str, Any] = {"block": block.name, "kind": block.kind,
+                                        "params": int(sum(v.numel() for v in theta.values()))}
+                meta = None
+                if uniform:
+                    weights = torch.ones(len(self.row_t), device=problem.row_t.device)
+                else:
+                    meta = learn_weights(problem, data)
+                    weights = meta.weights
+                    info |= {"meta_seconds": meta.seconds, "history": meta.history}
+                diag_start = time.perf_counter()
+                if cfg.diagnostic_rows:
+                    info |= gradient_diagnostics(problem, data.head(cfg.diagnostic_rows), weights)
+                    if meta is not None:
+                        info |= objective_summary(problem, data, meta.logits)
+        finally:
+            val.close()
+        # instrumentation is timed apart from the calibration; with uniform weights all of
+        # this stage (the block copy and the validation capture included) is instrumentation
+        self.diag_seconds += time.perf_counter() - (start_time if uniform else diag_start)
+        self.weights[block.name] = weights
+        self.blocks.append(info)
+        return None if uniform else weights
+
+    def stats(self) -> dict[str, float]:
+        """Run-level numbers: the time split and the mean gradient cosines."""
+        out = {"diagnostics_seconds": self.diag_seconds,
+               "meta_seconds": sum(b.get("meta_seconds", 0.0) for b in self.blocks)}
+        for key in ("mean_cos", "group_mean_cos"):
+            for label in ("uniform", "learned"):
+                vals = [b[f"{key}_{label}"] for b in self.blocks if f"{key}_{label}" in b]
+                if vals:
+                    out[f"{key}_{label}"] = float(sum(vals) / len(vals))
+        return out
 
 
-class GAQ(TFMQ):
-    """GAQ (Hoang et al., ICLR 2026), TFMQ-DM with meta-learned calibration-sample weights."""
+class GAQ(Method):
+    """GAQ (Hoang et al., ICLR 2026): TFMQ-DM's stages with a weighting stage that learns
+    calibration-sample weights before each block."""
 
     name = "gaq"
     label = "GAQ"
     Config = GAQConfig
+    report = "gaq.methods.gaq_report:GAQReport"
     presets = {
         "paper": GAQConfig(),
         # bundled 16x16 digits model on a laptop CPU: TFMQ-DM's cpu budget, and few
@@ -106,79 +167,27 @@ class GAQ(TFMQ):
                          meta=MetaConfig(iters=8, batch_size=32, diagnostic_rows=96)),
     }
 
-    def __init__(self, config: GAQConfig) -> None:
-        super().__init__(config)
-        self._run: _Run | None = None
+    def skip(self, module: nn.Module, name: str, role: str | None) -> SkipRule | None:
+        return tfmq_skip(self.config, role)
+
+    def effective_quant(self, quant: QuantConfig) -> QuantConfig:
+        return tfmq_quant(self.config, quant)
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
-        val = validation_rows(calib, self.config.meta.val_share)
-        self._run = _Run(_batches(val.to(next(model.parameters()).device)), calib.train().t)
-        try:
-            result = super().quantize(model, adapter, calib, quant)
-            run = self._run
-        finally:
-            self._run = None
-        assert run is not None
-        result.stats["calibration_seconds"] -= run.diag_seconds
-        result.stats["diagnostics_seconds"] = run.diag_seconds
-        result.stats["meta_seconds"] = sum(b.get("meta_seconds", 0.0) for b in run.blocks)
-        result.stats["validation_rows"] = float(len(val))
-        for key in ("mean_cos", "group_mean_cos"):
-            for label in ("uniform", "learned"):
-                vals = [b[f"{key}_{label}"] for b in run.blocks if f"{key}_{label}" in b]
-                if vals:
-                    result.stats[f"{key}_{label}"] = float(sum(vals) / len(vals))
-        result.state["gaq"] = {"blocks": run.blocks}
-        result.diagnostics = _tables(run.blocks)
+        cfg = self.config
+        val = validation_rows(calib, cfg.meta.val_share)
+        run = start(self, model, adapter, calib, quant)
+        wrap(run)
+        weighting = MetaWeighting(run, _batches(val.to(run.device)), cfg.meta,
+                                  uniform=cfg.weights == "uniform")
+        tfmq_stages(run, cfg, weight_fn=weighting)
+        seconds = time.perf_counter() - run.started - weighting.diag_seconds
+        result = finish(run, seconds=seconds, **temporal_stats(run), **weighting.stats(),
+                        validation_rows=float(len(val)))
+        result.state["temporal"] = run.temporal
+        result.state["gaq"] = {"blocks": weighting.blocks}
+        result.diagnostics = _tables(weighting.blocks)
         return result
-
-    # -- the pipeline's hooks ---------------------------------------------------------
-    def on_quantized(self, qmodel, fpmodel, adapter, calib) -> None:
-        assert self._run is not None, "on_quantized is called from within quantize()"
-        self._run.qmodel, self._run.fpmodel = qmodel, fpmodel
-
-    def sample_weights(self, block: Block, data: BlockData) -> Tensor | None:
-        run = self._run
-        assert run is not None, "sample_weights is called from within quantize()"
-        if block.name in run.weights:  # activation phase: the weights of the weight phase
-            return run.weights[block.name]
-        cfg = self.config.meta
-        uniform = self.config.weights == "uniform"
-        if uniform and not cfg.diagnostic_rows:
-            return None
-        start = time.perf_counter()
-        module = run.qmodel.get_submodule(block.name)
-        view = rounding_view(module)
-        theta = inner_parameters(view, cfg.inner_params)
-        if not theta:  # nothing left to round in this block (e.g. only activations)
-            return None
-        val = capture(run.qmodel, run.fpmodel, block.name, run.val, "memory")
-        try:
-            rec = val.record(0)
-            problem = MetaProblem(view, theta, rec, timestep_groups(rec["t"], cfg.groups),
-                                  run.row_t, cfg)
-            info: dict[str, Any] = {"block": block.name, "kind": block.kind,
-                                    "params": int(sum(v.numel() for v in theta.values()))}
-            meta = None
-            if uniform:
-                weights = torch.ones(len(run.row_t), device=problem.row_t.device)
-            else:
-                meta = learn_weights(problem, data)
-                weights = meta.weights
-                info |= {"meta_seconds": meta.seconds, "history": meta.history}
-            diag_start = time.perf_counter()
-            if cfg.diagnostic_rows:
-                info |= gradient_diagnostics(problem, data.head(cfg.diagnostic_rows), weights)
-                if meta is not None:
-                    info |= objective_summary(problem, data, meta.logits)
-        finally:
-            val.close()
-        # instrumentation is timed apart from the calibration; with uniform weights all of
-        # this hook (the block copy and the validation capture included) is instrumentation
-        run.diag_seconds += time.perf_counter() - (start if uniform else diag_start)
-        run.weights[block.name] = weights
-        run.blocks.append(info)
-        return None if uniform else weights
 
 
 def _tables(blocks: list[dict[str, Any]]) -> dict[str, list[dict]]:

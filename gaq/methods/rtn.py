@@ -11,8 +11,7 @@ from torch import nn
 
 from gaq.config import MethodConfig, QuantConfig, positive_int
 from gaq.methods.base import Method, QuantResult
-from gaq.methods.common import Timer, as_forward_loop, finish
-from gaq.quantize import calibrate_activations, quantize_model
+from gaq.methods.stages import finish, init_activations, start, wrap
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,7 @@ class RTN(Method):
     presets = {"paper": RTNConfig(), "cpu": RTNConfig()}
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
-        with Timer() as timer:
-            qmodel, report = quantize_model(model, adapter, quant, self.skip_filter(adapter))
-            if quant.act.bits is not None:
-                calibrate_activations(qmodel, as_forward_loop(calib, self.config.batch_size))
-        return finish(self, qmodel, report, quant, timer.seconds)
+        run = start(self, model, adapter, calib, quant, needs_set=False)
+        wrap(run)
+        init_activations(run, self.config.batch_size)
+        return finish(run)

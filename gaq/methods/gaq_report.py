@@ -1,34 +1,24 @@
-"""GAQ's diagnostics, from the Parquet tables the runner writes for methods that report
-them (``gaq_blocks``, ``gaq_conflict``, ``gaq_weights``): the gradient-conflict heat map
-(the paper's Figure 1), learned weight against timestep and against gradient alignment
+"""GAQ's report (``GAQ.report``), rendered from the diagnostics tables its cells write
+(``gaq_blocks``, ``gaq_conflict``, ``gaq_weights``): the gradient-conflict heat map (the
+paper's Figure 1), learned weight against timestep and against gradient alignment
 (Figure 2), and a table of mean pairwise gradient cosines under uniform and learned
-weights, per block."""
+weights, per block. The bench layer knows none of this: it renders what a method's
+report declares (:class:`gaq.bench.reports.MethodReport`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from gaq.bench import labels
-from gaq.bench.plots import COLUMN_WIDTH, _color, _figure, _style, save
+from gaq.bench.plots import COLUMN_WIDTH, _color, _figure, _style
+from gaq.bench.reports import MethodReport
 
-__all__ = ["conflict_heatmap", "cosine_table", "weight_vs_alignment", "weights_by_timestep",
-           "write_diagnostic_plots"]
-
-_FILES = ("gaq_blocks", "gaq_conflict", "gaq_weights")
-
-
-def read(folder: Path) -> dict[str, pd.DataFrame]:
-    """The diagnostic tables present in a benchmark's result folder, of the cells a rerun
-    has not superseded (:func:`gaq.bench.results.current`)."""
-    from gaq.bench import results
-
-    metrics = results.read(folder / "metrics.parquet")
-    return {n: results.current(pd.read_parquet(folder / f"{n}.parquet"), metrics)
-            for n in _FILES if (folder / f"{n}.parquet").exists()}
+__all__ = ["GAQReport", "conflict_heatmap", "cosine_table", "weight_vs_alignment",
+           "weights_by_timestep"]
 
 
 def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:
@@ -124,22 +114,27 @@ def cosine_table(blocks: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_diagnostic_plots(folder: Path, stem: str) -> list[Path]:
-    """Every diagnostic figure of a benchmark folder: ``<stem>_conflict_*``,
-    ``<stem>_weights_by_t_*`` and ``<stem>_alignment_*``."""
-    tables = read(folder)
-    written: list[Path] = []
-    conflict, weights = tables.get("gaq_conflict"), tables.get("gaq_weights")
-    if conflict is not None and len(conflict):
-        for (method, bits), part in conflict.groupby(["method", "bits"]):
-            name = f"{stem}_conflict_{method}_{bits}"
-            written += save(conflict_heatmap(part, f"{labels.method_label(method)} {bits}, "
-                                             "mean over blocks"), name)
-    if weights is not None and len(weights):
-        learned = weights[weights["method"] != "gaq-uniform"]
-        for bits, part in learned.groupby("bits"):
-            written += save(weights_by_timestep(part), f"{stem}_weights_by_t_{bits}")
-            for method, mpart in part.groupby("method"):
-                written += save(weight_vs_alignment(mpart),
-                                f"{stem}_alignment_{method}_{bits}")
-    return written
+class GAQReport(MethodReport):
+    """GAQ's and its ablations' diagnostics (one report for all of them)."""
+
+    tables = ("gaq_blocks", "gaq_conflict", "gaq_weights")
+
+    def markdown(self, frames: dict[str, pd.DataFrame], benchmark: str) -> dict[str, str]:
+        blocks = frames.get("gaq_blocks")
+        if blocks is None or not len(blocks):
+            return {}
+        return {"gaq_diagnostics": cosine_table(blocks)}
+
+    def figures(self, frames: dict[str, pd.DataFrame]) -> Iterator[tuple[str, Figure]]:
+        conflict, weights = frames.get("gaq_conflict"), frames.get("gaq_weights")
+        if conflict is not None and len(conflict):
+            for (method, bits), part in conflict.groupby(["method", "bits"]):
+                yield (f"conflict_{method}_{bits}",
+                       conflict_heatmap(part, f"{labels.method_label(method)} {bits}, "
+                                        "mean over blocks"))
+        if weights is not None and len(weights):
+            learned = weights[weights["method"] != "gaq-uniform"]  # its weights are all 1
+            for bits, part in learned.groupby("bits"):
+                yield f"weights_by_t_{bits}", weights_by_timestep(part)
+                for method, mpart in part.groupby("method"):
+                    yield f"alignment_{method}_{bits}", weight_vs_alignment(mpart)
