@@ -9,12 +9,14 @@ input, as Q-Diffusion calibrates Stable Diffusion). Every
 kept step of a trajectory is recorded in the same pass through the sampler (re-sampling
 from ``T`` for every kept ``t`` is what made TFMQ-DM's data generation take days).
 
-Two protocols (see :class:`CalibrationSpec`):
+Three protocols (see :class:`CalibrationSpec`):
 
 * ``"interval"`` (Q-Diffusion): every ``interval``-th sampler step of
   ``samples_per_step`` trajectories.
 * ``"gaussian"`` (PTQ4DM): one step per trajectory, its position drawn from a normal
   distribution over the trajectory.
+* ``"srm"`` (APQ-DM): as many steps as ``"interval"`` keeps, chosen by structural risk
+  minimisation on a few probe trajectories recorded at every step (:func:`srm_select`).
 
 Sets are cached on disk under a content hash of everything that determines them (model
 id, weights, scheduler config, spec with its sampler and guidance, conditioning source),
@@ -58,13 +60,14 @@ __all__ = [
     "default_cache_dir",
     "forward_loop",
     "record_calibration",
+    "srm_select",
     "state_dict_digest",
 ]
 
 #: Bump when the file layout or the recording semantics change: old entries become misses.
 CACHE_FORMAT = 3  # 3: recorded through a Pipeline (any sampler, both guidance halves)
 
-Protocol = Literal["interval", "gaussian"]
+Protocol = Literal["interval", "gaussian", "srm"]
 
 
 class CalibrationCacheWarning(UserWarning):
@@ -99,6 +102,14 @@ class CalibrationSpec(Config):
     counter, which counts from the noisy end — to mimic that inverted reading, use
     ``gauss_mean = 1 - μ``.
 
+    ``"srm"`` keeps the same number of iterations as ``"interval"`` would
+    (``ceil(steps/interval)``) for ``samples_per_step`` trajectories, but chooses which:
+    ``srm_probe`` probe trajectories (the first training ones) are recorded at every step,
+    and the subset minimising ``R(S)/R(all) + srm_lambda · MMD²(S, all)`` is picked greedily
+    (:func:`srm_select`): ``R`` is the error of an ``srm_bits``-bit min/max quantizer fitted
+    on the kept steps' rows (the empirical risk), MMD² the squared maximum mean discrepancy
+    between the kept steps' rows and every step's rows. Deterministic from ``seed``.
+
     ``holdout_per_step`` adds validation trajectories (GAQ's ``X^V``: equal count per
     timestep), recorded at every kept step (interval) or at every sampler step
     (gaussian, whose training rows are deliberately not balanced). Held-out rows come
@@ -128,6 +139,11 @@ class CalibrationSpec(Config):
     seed: int = 0
     batch_size: int = 64
     holdout_per_step: int = 0
+    # "srm" only; left out of to_dict() at their defaults, so adding them changed no
+    # existing fingerprint
+    srm_lambda: float = 1.0
+    srm_probe: int = 4
+    srm_bits: int = 4
 
     def validate(self) -> None:
         positive_int("steps", self.steps)
@@ -149,7 +165,13 @@ class CalibrationSpec(Config):
         positive_float("gauss_std", self.gauss_std)
         positive_int("batch_size", self.batch_size)
         non_negative_int("holdout_per_step", self.holdout_per_step)
-        if self.protocol == "interval" and self.interval > self.steps:
+        if not (math.isfinite(self.srm_lambda) and self.srm_lambda >= 0):
+            raise ConfigError("srm_lambda", f"must be a finite number >= 0, got "
+                              f"{self.srm_lambda!r}")
+        positive_int("srm_probe", self.srm_probe)
+        if not (isinstance(self.srm_bits, int) and 2 <= self.srm_bits <= 16):
+            raise ConfigError("srm_bits", f"must be an integer in [2, 16], got {self.srm_bits!r}")
+        if self.protocol in ("interval", "srm") and self.interval > self.steps:
             raise ConfigError(
                 "interval", f"must be at most steps ({self.steps}), got {self.interval}"
             )
@@ -159,9 +181,16 @@ class CalibrationSpec(Config):
         return SamplerConfig(steps=self.steps, eta=self.eta, guidance=self.guidance,
                              name=self.sampler_name)
 
+    def _plain_fields(self, toml: bool) -> dict[str, Any]:
+        out = super()._plain_fields(toml)
+        for name, default in _SRM_DEFAULTS.items():
+            if getattr(self, name) == default:
+                out.pop(name, None)
+        return out
+
     @property
     def num_train_trajectories(self) -> int:
-        return self.samples_per_step if self.protocol == "interval" else self.num_samples
+        return self.num_samples if self.protocol == "gaussian" else self.samples_per_step
 
     @property
     def num_trajectories(self) -> int:
@@ -173,7 +202,9 @@ class CalibrationSpec(Config):
         by the held-out trajectories of either protocol), out of ``iterations`` (default
         ``steps``; PLMS makes one iteration more than its steps)."""
         n = self.steps if iterations is None else iterations
-        if self.protocol == "interval":
+        if self.protocol in ("interval", "srm"):
+            # srm: only the count is known before recording (which steps it kept is in the
+            # recorded set's meta["srm_steps"])
             return list(range(0, n, self.interval))
         return list(range(n))
 
@@ -183,16 +214,21 @@ class CalibrationSpec(Config):
         ``batch_size`` and the fields of the protocol not in use are reset to their
         defaults, so e.g. an interval spec with another ``num_samples`` hits the same cache.
         """
-        unused = (
-            ("num_samples", "gauss_mean", "gauss_std")
-            if self.protocol == "interval"
-            else ("interval", "samples_per_step")
-        )
+        srm = tuple(_SRM_DEFAULTS)
+        unused = {
+            "interval": ("num_samples", "gauss_mean", "gauss_std", *srm),
+            "gaussian": ("interval", "samples_per_step", *srm),
+            "srm": ("num_samples", "gauss_mean", "gauss_std"),
+        }[self.protocol]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         canonical = dataclasses.replace(
             self, batch_size=defaults["batch_size"], **{k: defaults[k] for k in unused}
         )
         return canonical.fingerprint()
+
+
+_SRM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CalibrationSpec)
+                 if f.name.startswith("srm_")}
 
 
 # --------------------------------------------------------------------------------------
@@ -386,11 +422,13 @@ def _gaussian_step(spec: CalibrationSpec, index: int, timesteps: Tensor, horizon
     return int(torch.argmin((timesteps.double() - u * horizon).abs()))
 
 
-def _recording_plan(spec: CalibrationSpec, timesteps: list[int], horizon: int) -> Tensor:
-    """(num_trajectories, iterations) bool: which iterations each trajectory records."""
+def _recording_plan(spec: CalibrationSpec, timesteps: list[int], horizon: int,
+                    kept: list[int] | None = None) -> Tensor:
+    """(num_trajectories, iterations) bool: which iterations each trajectory records
+    (``kept``: the iterations an srm selection chose)."""
     plan = torch.zeros(spec.num_trajectories, len(timesteps), dtype=torch.bool)
     n_train = spec.num_train_trajectories
-    plan[:, spec.kept_steps(len(timesteps))] = True
+    plan[:, spec.kept_steps(len(timesteps)) if kept is None else kept] = True
     if spec.protocol == "gaussian":  # training trajectories: one drawn step each
         plan[:n_train] = False
         ts = torch.tensor(timesteps)
@@ -485,7 +523,11 @@ def record_calibration(
     # parameters must cover them all (gaq.quantize.fill_tables)
     meta["sampler_timesteps"] = [int(v) for v in timesteps]
     horizon = int(pipe.scheduler.config.num_train_timesteps)
-    plan = _recording_plan(spec, timesteps, horizon)
+    kept = None
+    if spec.protocol == "srm":
+        kept, meta["srm"] = _srm_steps(pipe, spec, len(timesteps), progress)
+        meta["srm_steps"] = kept
+    plan = _recording_plan(spec, timesteps, horizon, kept)
     rows = _record(pipe, spec, plan, progress)
     require_finite_tensors({"x_t": rows["x"], "the FP noise prediction": rows["eps_fp"]},
                            f"calibration recorded from {model_id!r}",
@@ -503,6 +545,97 @@ def record_calibration(
     if cache:
         _save(folder, key, calib, _scheduler_json(pipe.scheduler), str(pipe.device))
     return calib
+
+
+# --------------------------------------------------------------------------------------
+# Structural risk minimisation (the "srm" protocol).
+# --------------------------------------------------------------------------------------
+
+
+def _srm_features(x: Tensor, eps: Tensor) -> Tensor:
+    """(N, d) features of recorded rows: denoiser input and FP output, average-pooled to at
+    most 8×8 so that the selection costs the same on any resolution."""
+
+    def pool(v: Tensor) -> Tensor:
+        if v.ndim == 4 and v.shape[-1] > 8:
+            v = torch.nn.functional.adaptive_avg_pool2d(v, 8)
+        return v.flatten(1)
+
+    return torch.cat([pool(x.float()), pool(eps.float())], dim=1).double()
+
+
+def _quant_error(f: Tensor, lo: Tensor, hi: Tensor, bits: int) -> Tensor:
+    """Per-step mean squared error of ``f`` (steps, rows, d) under an asymmetric ``bits``-bit
+    quantizer with range ``[lo, hi]``."""
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    q = ((f - lo) / scale).round().clamp(0, levels) * scale + lo
+    return (q - f).pow(2).flatten(1).mean(1)
+
+
+def srm_select(features: Tensor, keep: int, bits: int = 4,
+               lam: float = 1.0) -> tuple[list[int], dict[str, float]]:
+    """Greedily pick ``keep`` of the steps of ``features`` (steps, rows, d) minimising the
+    structural risk ``R(S)/R(all) + lam · MMD²(S, all)``.
+
+    ``R(S)``: mean squared error, on the rows of ``S``, of a ``bits``-bit quantizer whose
+    range is the min/max of those rows (the empirical risk of calibrating on ``S``).
+    ``MMD²``: biased estimate with a Gaussian kernel (median-heuristic bandwidth) between
+    the rows of ``S`` and the rows of every step (how far the calibration distribution is
+    from the one met at sampling). Ties go to the earlier (noisier) step, so the result
+    is a pure function of ``features``. Returns the steps ascending and the final terms."""
+    steps, m = features.shape[:2]
+    if not 1 <= keep <= steps:
+        raise ValueError(f"keep must lie in [1, {steps}], got {keep}")
+    flat = features.reshape(steps * m, -1)
+    d2 = torch.cdist(flat, flat).pow(2)
+    bandwidth = d2[d2 > 0].median() if bool((d2 > 0).any()) else d2.new_ones(())
+    kern = torch.exp(-d2 / bandwidth)
+    # block sums: every MMD² of a union of steps is read off these
+    k_steps = kern.reshape(steps, m, steps, m).sum((1, 3))
+    k_all = k_steps.sum(1)
+    k_total = k_all.sum()
+    mins = features.amin((1, 2))
+    maxs = features.amax((1, 2))
+    r_all = float(_quant_error(features, mins.min(), maxs.max(), bits).mean())
+
+    def terms(sel: list[int]) -> tuple[float, float]:
+        idx = torch.tensor(sel)
+        n = len(sel) * m
+        mmd = (k_steps[idx][:, idx].sum() / n**2 - 2 * k_all[idx].sum() / (n * steps * m)
+               + k_total / (steps * m) ** 2)
+        risk = _quant_error(features[idx], mins[idx].min(), maxs[idx].max(), bits).mean()
+        return float(risk) / max(r_all, 1e-30), max(float(mmd), 0.0)
+
+    chosen: list[int] = []
+    best = (0.0, 0.0)
+    for _ in range(keep):
+        best_obj = math.inf
+        pick = -1
+        for c in range(steps):
+            if c in chosen:
+                continue
+            r, mmd = terms(chosen + [c])
+            obj = r + lam * mmd
+            if obj < best_obj:
+                best_obj, pick, best = obj, c, (r, mmd)
+        chosen.append(pick)
+    return sorted(chosen), {"risk": best[0], "mmd2": best[1], "lambda": lam}
+
+
+def _srm_steps(pipe: Pipeline, spec: CalibrationSpec, iterations: int,
+               progress: bool) -> tuple[list[int], dict[str, float]]:
+    """Record ``srm_probe`` trajectories (the first training ones) at every sampler step and
+    select the steps the srm protocol keeps."""
+    probe = dataclasses.replace(spec, protocol="interval", interval=1,
+                                samples_per_step=spec.srm_probe, holdout_per_step=0)
+    plan = torch.ones(spec.srm_probe, iterations, dtype=torch.bool)
+    rows = _record(pipe, probe, plan, progress)
+    feats = _srm_features(rows["x"], rows["eps_fp"])
+    # rows are in canonical order, the same number per step (both guidance halves)
+    feats = feats.reshape(iterations, -1, feats.shape[1])
+    keep = len(spec.kept_steps(iterations))
+    return srm_select(feats, keep, spec.srm_bits, spec.srm_lambda)
 
 
 # --------------------------------------------------------------------------------------
@@ -647,7 +780,7 @@ def _load(folder: Path, key: str) -> CalibrationSet | None:
             split=tensors["split"],
             image=tensors.get("image"),
             meta={k: meta[k] for k in ("key", "model_id", "spec", "sampler_timesteps",
-                                       "conditioning") if k in meta},
+                                       "conditioning", "srm_steps", "srm") if k in meta},
         )
         if len(calib) != meta.get("rows"):
             raise ValueError(f"{len(calib)} rows on disk, metadata says {meta.get('rows')}")

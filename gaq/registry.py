@@ -41,6 +41,8 @@ BUILTIN_METHODS: dict[str, str] = {
     "tfmq": "baselines.tfmq.method:TFMQ",
     "tdq": "baselines.tdq.method:TDQ",
     "ptqd": "baselines.ptqd.method:PTQD",
+    "apqdm": "baselines.apqdm.method:APQDM",
+    "htg": "baselines.htg.method:HTG",
     "gaq": "gaq.methods.gaq:GAQ",
     "gaq-uniform": "gaq.methods.gaq:GAQUniform",
     "gaq-mse": "gaq.methods.gaq:GAQMSE",

@@ -384,3 +384,19 @@ def test_reproduction_verdicts_follow_the_noise_floor():
     assert table.loc[("gaq", "fid"), "verdict"] == "new"
     line = reproduce.summary(table.reset_index())
     assert "1 identical, 1 within noise, 1 differs, 1 new" in line
+
+
+def test_a_method_for_other_architectures_is_left_out_once(tmp_path):
+    from gaq.bench.runner import Runner, cells
+
+    path = tmp_path / "b.toml"
+    path.write_text(MICRO.replace('  { name = "rtn", preset = "cpu" },',
+                                  '  { name = "htg", preset = "cpu" },')
+                    .replace('seeds = [0]', 'seeds = [0, 1]'))
+    logs: list[str] = []
+    runner = Runner(load_benchmark(path), tmp_path / "results", log=logs.append)
+    reasons = {(c.method.row, c.seed): runner.left_out(c) for c in cells(runner.bench)}
+    assert reasons[("fp", 0)] is None and reasons[("ptqd", 1)] is None
+    assert "htg is defined for DiT models, not UNet2DModel" in reasons[("htg", 0)]
+    assert reasons[("htg", 1)] == reasons[("htg", 0)]
+    assert logs == ["digits / htg: left out, htg is defined for DiT models, not UNet2DModel"]

@@ -34,7 +34,7 @@ _ROW_LABELS = {
 _GAQ_ORDER = ("gaq-uniform", "gaq-timestep", "gaq-mse", "gaq")
 # Baselines roughly by publication date, as papers list them; unknown methods sort after
 # them alphabetically, and GAQ variants come last (the method under study, as in the paper).
-_KNOWN_ORDER = ("brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq")
+_KNOWN_ORDER = ("brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "apqdm", "tfmq", "htg")
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 

@@ -119,6 +119,8 @@ def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
     done, failed = runner.earlier()
     todo = []
     for i, cell in enumerate(grid):
+        if runner.left_out(cell):
+            continue
         cid = runner.cell_id(cell)
         skip = skip_reason(cid, done, failed)
         if skip:

@@ -149,6 +149,7 @@ class Runner:
         self.sweep_run: str | None = None  # MLflow parent run of this invocation's cells
         self.retry_failed = retry_failed
         self.failures: list[tuple[str, str]] = []  # (cell label, error) of this invocation
+        self._left_out: set[tuple[str, str]] = set()  # (model, method row) already said
 
     def log(self, text: str) -> None:
         if self.world is None or self.world.main:
@@ -191,6 +192,8 @@ class Runner:
         done, failed = self.earlier()
         spent, ran = 0.0, 0
         for i, cell in enumerate(grid, 1):
+            if self.left_out(cell):
+                continue
             cid = self.cell_id(cell)
             skip = skip_reason(cid, done, failed)
             if skip:
@@ -458,6 +461,20 @@ class Runner:
         curves = noise_curves(model, self._heldout(ctx, seed), self.bench.eval.batch_size,
                               hook)
         return {name: pd.Series(points) for name, points in curves.items()}
+
+    def left_out(self, cell: Cell) -> str | None:
+        """Why ``cell`` is not part of this run: its method is defined only for other
+        architectures (``Method.archs``, e.g. HTG for DiT) than its model's. Said once per
+        model and method row; such cells have no rows, not failed ones."""
+        if cell.method.name == FP:
+            return None
+        from gaq.registry import get_method
+
+        why = get_method(cell.method.name).unsupported(self.model(cell.model).adapter.arch)
+        if why and (cell.model, cell.method.row) not in self._left_out:
+            self._left_out.add((cell.model, cell.method.row))
+            self.log(f"{cell.model} / {cell.method.row}: left out, {why}")
+        return why
 
     def earlier(self) -> tuple[set[str], set[str]]:
         """Ids of the cells earlier sweeps completed and of those they recorded as failed,

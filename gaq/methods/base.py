@@ -164,6 +164,15 @@ class Method(abc.ABC):
         return quant
 
     @classmethod
+    def prepare_restore(cls, model: torch.nn.Module, state: Mapping[str, Any]
+                        ) -> torch.nn.Module:
+        """The FP ``model`` as the saved quantized layers were built on (``state``: the
+        ``QuantResult.state`` saved with them). Methods that rewrite the FP model before
+        quantizing it (HTG folds its shift and scale into neighbouring layers) redo that
+        here; the rest return ``model`` unchanged."""
+        return model
+
+    @classmethod
     def restore_hook(cls, state: Mapping[str, Any]) -> Any | None:
         """The sampler hook of a saved quantization (``state``: the ``QuantResult.state``
         saved with it); None for methods that correct nothing in the sampler."""
@@ -186,13 +195,22 @@ class Method(abc.ABC):
 
 def restore(model: torch.nn.Module, folder: Any) -> QuantResult:
     """A saved quantization (``gaq.quantize.save_state``) rebuilt on a fresh FP ``model``,
-    with everything the method needs at sampling time: the quantized layers and, for
+    with everything the method needs at sampling time: the FP model rewritten as the
+    method rewrote it (:meth:`Method.prepare_restore`), the quantized layers and, for
     methods that correct the sampler (PTQD), their sampler hook."""
+    import json
+    from pathlib import Path
+
     from gaq.quantize import load_state
     from gaq.registry import get_method
 
+    try:  # unreadable states get load_state's one-line errors below
+        saved = json.loads((Path(folder) / "state.json").read_text()).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        saved = {}
+    method = get_method(saved["method"]) if "method" in saved else None
+    if method is not None:
+        model = method.prepare_restore(model, saved)
     qmodel, report, meta = load_state(model, folder)
-    hook = None
-    if "method" in meta:
-        hook = get_method(meta["method"]).restore_hook(meta)
+    hook = None if method is None else method.restore_hook(meta)
     return QuantResult(model=qmodel, state=meta, sampler_hook=hook, report=report)
