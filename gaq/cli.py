@@ -126,10 +126,9 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from gaq.calibration import CalibrationSpec, record_calibration
+    from gaq.calibration import CalibrationSpec
+    from gaq.cell import quantize_pipeline, save_quantized
     from gaq.config import QuantConfig
-    from gaq.models.adapters import adapter_for
-    from gaq.quantize import save_state
     from gaq.registry import get_method
 
     method = get_method(args.method).from_preset(args.preset)
@@ -142,12 +141,10 @@ def _quantize(args: argparse.Namespace) -> None:
                            guidance=sampler.guidance, interval=args.interval,
                            samples_per_step=args.samples_per_step, seed=args.seed,
                            holdout_per_step=holdout)
-    calib = record_calibration(model, spec, model_id=args.model, progress=True)
-    result = method.quantize(model.denoiser, adapter_for(model.denoiser), calib, quant)
-    out = save_state(result.model, result.report, result.quant, args.out,
-                     meta={**result.state, "model": args.model, "calibration": spec.to_dict(),
-                           "stats": result.stats})
-    (out / "layers.md").write_text(result.report.to_markdown())
+    result = quantize_pipeline(model, method, quant, spec, model_id=args.model, progress=True)
+    out = save_quantized(result, args.out, model,
+                         meta={"model": args.model, "calibration": spec.to_dict(),
+                               "stats": result.stats})
     print(json.dumps({"out": str(out), "layers": result.report.counts(), **result.stats}))
 
 

@@ -556,7 +556,6 @@ class Runner:
         started = time.time()  # the MLflow run's start: its duration in the UI is the cell's
         from gaq.bench import results
         from gaq.bench.tracking import log_run
-        from gaq.calibration import record_calibration
         from gaq.registry import get_method
 
         ctx = self.model(cell.model)
@@ -571,15 +570,13 @@ class Runner:
             qmodel, hook = denoiser, None
             metrics["calibration_seconds"] = 0.0
         else:
-            from gaq.quantize import save_state
-
-            quant = QuantConfig.from_bits(cell.bits)
+            from gaq.cell import quantize_pipeline, save_quantized
 
             def quantize():
-                calib_spec = dataclasses.replace(ctx.calibration, seed=cell.seed)
-                calib = record_calibration(ctx.pipe, calib_spec, model_id=cell.model)
-                method = get_method(cell.method.name)(cell.method.config())
-                return method.quantize(denoiser, ctx.adapter, calib, quant)
+                return quantize_pipeline(
+                    ctx.pipe, get_method(cell.method.name)(cell.method.config()),
+                    QuantConfig.from_bits(cell.bits),
+                    dataclasses.replace(ctx.calibration, seed=cell.seed), model_id=cell.model)
 
             # calibration on rank 0 only; the other ranks receive the quantized model
             result = self.world.from_main(quantize)
@@ -588,11 +585,7 @@ class Runner:
             metrics.update({k: float(v) for k, v in result.stats.items()})
             diagnostics = {name: pd.DataFrame(records)
                            for name, records in result.diagnostics.items() if records}
-            for name, frame in diagnostics.items():
-                frame.to_csv(state_dir / f"{name}.csv", index=False)
-            save_state(qmodel, report, result.quant, state_dir, meta=result.state)
-            (state_dir / "layers.md").write_text(report.to_markdown()
-                                                 + _components_markdown(ctx.pipe))
+            save_quantized(result, state_dir, ctx.pipe)
         # the device actually used (cuda:1 included); on the CPU, the process's peak RSS
         metrics["peak_memory_mb"] = (
             torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda
@@ -736,12 +729,6 @@ def _setup_label(device: str, dtype: torch.dtype, world_size: int) -> str:
 def _file_name(text: str) -> str:
     """A name that stays one file inside its folder: model ids may be paths or hub ids."""
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", text).lstrip(".") or "_"
-
-
-def _components_markdown(pipe) -> str:
-    """The pipeline's other components and their precision, below the layer report."""
-    rows = "".join(f"| {name} | {what} |\n" for name, what in pipe.components.items())
-    return ("\n## Pipeline components\n\n| component | precision |\n|---|---|\n" + rows)
 
 
 def _is_number(v) -> bool:

@@ -1,0 +1,53 @@
+"""The steps of one quantization, shared by ``gaq quantize`` and every benchmark cell, so the
+two cannot diverge: record (or load) the calibration set → quantize with the method →
+save the state. A benchmark cell then samples and scores the model it got (the runner);
+``gaq quantize`` stops after saving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gaq.calibration import CalibrationSpec
+    from gaq.config import QuantConfig
+    from gaq.methods.base import Method, QuantResult
+    from gaq.models.pipeline import Pipeline
+
+__all__ = ["quantize_pipeline", "save_quantized"]
+
+
+def quantize_pipeline(pipe: Pipeline, method: Method, quant: QuantConfig,
+                      spec: CalibrationSpec, *, model_id: str,
+                      progress: bool = False) -> QuantResult:
+    """Quantize ``pipe``'s denoiser with ``method`` at ``quant`` on the calibration set
+    ``spec`` describes (recorded with the pipeline's own sampler on its device, or read
+    from the disk cache)."""
+    from gaq.calibration import record_calibration
+    from gaq.models.adapters import adapter_for
+
+    calib = record_calibration(pipe, spec, model_id=model_id, progress=progress)
+    return method.quantize(pipe.denoiser, adapter_for(pipe.denoiser), calib, quant)
+
+
+def save_quantized(result: QuantResult, folder: str | Path, pipe: Pipeline,
+                   meta: dict[str, Any] | None = None) -> Path:
+    """Write ``result`` to ``folder``: the state (``state.safetensors``, ``state.json``
+    with the method's state and ``meta``), the layer report with the pipeline's other
+    components (``layers.md``) and the method's diagnostics tables as CSV. Returns the
+    folder; ``gaq.methods.base.restore`` reads it back."""
+    import pandas as pd
+
+    from gaq.quantize import save_state
+
+    out = save_state(result.model, result.report, result.quant, folder,
+                     meta={**result.state, **(meta or {})})
+    for name, records in result.diagnostics.items():
+        if records:
+            pd.DataFrame(records).to_csv(out / f"{name}.csv", index=False)
+    rows = "".join(f"| {name} | {what} |\n" for name, what in pipe.components.items())
+    (out / "layers.md").write_text(
+        result.report.to_markdown()
+        + "\n## Pipeline components\n\n| component | precision |\n|---|---|\n" + rows)
+    return Path(out)
