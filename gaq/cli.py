@@ -97,9 +97,9 @@ def _sample(args: argparse.Namespace) -> None:
     save_image((images + 1) / 2, str(out), nrow=int(args.num**0.5) or 1)
     report: dict = {"model": args.model, "images": len(images), "out": str(out),
                     "sampler": sampler.name, "guidance": sampler.guidance}
-    from gaq.models.bundled import BUNDLED_MODELS
+    from gaq.models.bundled import scoring_for
 
-    if args.model in BUNDLED_MODELS:
+    if scoring_for(args.model).judges_classes:  # the digit classifier reads its samples
         import torch
 
         from gaq.eval.digits import digit_likeness

@@ -85,3 +85,20 @@ def test_metrics_sharing_a_function_are_computed_in_one_call(plugin_metrics):
 def test_a_taken_name_is_refused(plugin_metrics):
     with pytest.raises(Exception, match="already registered"):
         register_metric(Metric("fid", "image", "Other FID", "lower"))
+
+
+def test_how_a_model_is_scored_belongs_to_its_entry(monkeypatch):
+    from gaq.errors import GaqError
+    from gaq.eval import features, metrics
+    from gaq.models import bundled
+
+    assert bundled.scoring_for("digits-dit").feature_space == "classifier"
+    other = bundled.scoring_for("org/some-hub-model")
+    assert other.feature_space == "inception" and other.reference is None
+    with pytest.raises(GaqError, match="eval.reference"):
+        metrics.reference_images("org/some-hub-model")
+    # an entry, not a name test, decides: a model scored like the digits gets their space
+    monkeypatch.setitem(bundled.SCORING, "my-digits-model", bundled.SCORING["digits"])
+    assert isinstance(features.feature_space_for("my-digits-model", device="cpu"),
+                      features.ClassifierFeatures)
+    assert len(metrics.reference_images("my-digits-model")) == 1797

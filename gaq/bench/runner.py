@@ -103,9 +103,10 @@ class _ModelContext:
         self.digest = state_dict_digest(self.pipe.denoiser)
         # class_acc needs a classifier of the model's classes: the bundled digit classifier
         # for the bundled class-conditional models
-        from gaq.models.bundled import BUNDLED_MODELS
+        from gaq.models.bundled import scoring_for
 
-        self.judges_classes = (model_id in BUNDLED_MODELS
+        self.scoring = scoring_for(model_id)
+        self.judges_classes = (self.scoring.judges_classes
                                and self.pipe.conditioning.kind == "class")
         # a feature space only where image metrics are asked for: paired metrics alone
         # need no Inception weights
@@ -288,7 +289,6 @@ class Runner:
         reference exist, the results folder and the MLflow store take writes."""
         from gaq import dist
         from gaq.device import check_device
-        from gaq.models.bundled import BUNDLED_MODELS
 
         check_device(self.device, "--device" if self._device_flag else
                      f"{self.bench.path}: key 'setup.device'")
@@ -316,7 +316,7 @@ class Runner:
                          f"{', '.join(judged)}")
         for model_id in self.bench.models:
             ref = self.bench.eval.reference
-            if needs_reference and model_id not in BUNDLED_MODELS:
+            if needs_reference and self.model(model_id).scoring.reference is None:
                 if ref is None:
                     raise GaqError(f"{self.bench.path}: key 'eval.reference' must name a folder "
                                    f"of reference images for model {model_id!r}")

@@ -251,10 +251,10 @@ def feature_space_for(
     device: str | torch.device,
     weights_path: str | os.PathLike | None = None,
 ) -> FeatureSpace:
-    """The default space: the digit classifier for the bundled models (all trained on the
-    digits), Inception else."""
-    from gaq.models.bundled import BUNDLED_MODELS
+    """The default space, the model's scoring entry's (:func:`gaq.models.bundled.scoring_for`):
+    the digit classifier for the bundled models, Inception else."""
+    from gaq.models.bundled import scoring_for
 
-    if model_id in BUNDLED_MODELS:
+    if scoring_for(model_id).feature_space == "classifier":
         return ClassifierFeatures(device=device)
     return InceptionFeatures(weights_path, device=device)

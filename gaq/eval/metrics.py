@@ -64,12 +64,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def reference_images(model_id: str, folder: str | Path | None = None) -> torch.Tensor:
-    """The reference images of ``model_id`` as uint8 ``(N, C, H, W)``."""
-    from gaq.models.bundled import BUNDLED_MODELS
+    """The reference images of ``model_id`` as uint8 ``(N, C, H, W)``: ``folder``'s, else
+    the set the model's scoring entry names (:func:`gaq.models.bundled.scoring_for`)."""
+    from gaq.models.bundled import scoring_for
 
     if folder is not None:
         return _folder_images(Path(folder))
-    if model_id not in BUNDLED_MODELS:  # every bundled model is trained on the digits
+    if scoring_for(model_id).reference != "digits":
         raise GaqError(
             f"no bundled reference set for model {model_id!r}; name a folder of reference "
             "images (e.g. its training set as PNGs) with eval.reference in the benchmark file"

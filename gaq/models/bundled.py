@@ -6,6 +6,7 @@ shipped as package data."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -16,6 +17,31 @@ BUNDLED_MODELS = {
     "digits-dit": WEIGHTS_DIR / "digits-dit",
 }
 CLASSIFIER_DIR = WEIGHTS_DIR / "digits-classifier"
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a model's samples are scored: the feature space of its image metrics
+    ("classifier": the bundled digit classifier's, "inception"), its reference images
+    ("digits": the bundled set; None: the benchmark's ``eval.reference`` folder) and
+    whether the bundled digit classifier reads its samples (``class_acc`` for the
+    class-conditional ones, digit-likeness in ``gaq sample``).
+    It belongs to the model, not to the metrics: the metrics code knows no model by name."""
+
+    feature_space: str = "inception"
+    reference: str | None = None
+    judges_classes: bool = False
+
+
+# every bundled model is trained on the digits: scored in the digit classifier's space
+_DIGITS = Scoring(feature_space="classifier", reference="digits", judges_classes=True)
+SCORING: dict[str, Scoring] = {name: _DIGITS for name in BUNDLED_MODELS}
+
+
+def scoring_for(model_id: str) -> Scoring:
+    """The model's scoring entry; any model the suite does not ship is scored in Inception
+    space against the benchmark's reference folder."""
+    return SCORING.get(model_id, Scoring())
 
 UNET_CONFIG: dict = {
     "sample_size": 16,
