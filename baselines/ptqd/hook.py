@@ -42,7 +42,7 @@ def fit_stats(t: int, eps_q: Tensor, eps_fp: Tensor, bias_of: str = "raw",
     ``k``: least-squares slope (with intercept) of the error on eps_fp over all elements,
     kept only if positive (a negative slope would amplify eps, which PTQD never does);
     ``negative_k=True`` keeps a negative slope too (not PTQD's rule; floored at -0.5).
-    ``mu``: per-channel mean of the raw error (``bias_of="raw"``, METHODS.md) or of the
+    ``mu``: per-channel mean of the raw error (``bias_of="raw"``, the authors' code) or of the
     residual δ = error − k·eps_fp (``"residual"``, what the noise model implies).
     ``sigma``, the std of the noise left after correction, two estimators:
     ``"per_sample_std"`` (the authors' ``analyze_error.py``): the unbiased std of δ over each

@@ -2,7 +2,8 @@
 
 Every metric sees images as uint8 (``gaq.sampling.to_uint8``), the same quantisation
 for generated and reference sets, because that step alone moves FID by more than the
-gaps between PTQ methods (see METHODS.md, "Evaluation protocol facts").
+gaps between PTQ methods (clean-fid's documentation measures the effect of resizing and
+quantisation choices).
 
 Layers a space may provide:
 
