@@ -21,8 +21,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
@@ -553,82 +554,99 @@ class Runner:
             shutil.rmtree(state_dir, ignore_errors=True)
 
     def _run_cell(self, cell: Cell, cid: str, state_dir: Path) -> dict[str, float] | None:
-        started = time.time()  # the MLflow run's start: its duration in the UI is the cell's
-        from gaq.bench import results
-        from gaq.bench.tracking import log_run
-        from gaq.registry import get_method
-
-        ctx = self.model(cell.model)
-        denoiser = ctx.pipe.denoiser
-        metrics: dict[str, float] = {}
-        report = None
-        diagnostics: dict[str, pd.DataFrame] = {}
-        on_cuda = torch.device(self.device).type == "cuda"
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        if cell.method.name == FP:
-            qmodel, hook = denoiser, None
-            metrics["calibration_seconds"] = 0.0
-        else:
-            from gaq.cell import quantize_pipeline, save_quantized
-
-            def quantize():
-                return quantize_pipeline(
-                    ctx.pipe, get_method(cell.method.name)(cell.method.config()),
-                    QuantConfig.from_bits(cell.bits),
-                    dataclasses.replace(ctx.calibration, seed=cell.seed), model_id=cell.model)
-
-            # calibration on rank 0 only; the other ranks receive the quantized model
-            result = self.world.from_main(quantize)
-            result.model.to(self.device)
-            qmodel, hook, report = result.model, result.sampler_hook, result.report
-            metrics.update({k: float(v) for k, v in result.stats.items()})
-            diagnostics = {name: pd.DataFrame(records)
-                           for name, records in result.diagnostics.items() if records}
-            save_quantized(result, state_dir, ctx.pipe)
-        # the device actually used (cuda:1 included); on the CPU, the process's peak RSS
-        metrics["peak_memory_mb"] = (
-            torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        images, seconds = self._sample(ctx, qmodel, cell.seed, hook)
-        metrics["images_per_second"] = self.bench.eval.num_images / seconds
-        metrics["model_size_mb"] = _model_size_mb(denoiser, report)
-
-        # what the cell computes follows each requested metric's kind (gaq.eval.registry)
-        wanted = self.bench.eval.metrics
-        paired_keys = metrics_of_kind(wanted, "paired")
-        if cell.method.name == FP:
-            ctx._fp_images[cell.seed] = images
-        elif paired_keys and ctx._fp_images.get(cell.seed) is None:
-            ctx._fp_images[cell.seed] = self._sample(ctx, denoiser, cell.seed, None)[0]
+        """A cell is four steps over one :class:`CellOutcome`: quantize (and save the
+        state), sample, score, persist (artifacts, MLflow, Parquet)."""
+        out = CellOutcome(cell, cid, started=time.time())
+        self._quantize_step(out, state_dir)
+        self._sample_step(out)
         if not self.world.main:  # metrics, artifacts and results are rank 0's
             return None
+        self._score_step(out)
+        return self._persist_step(out, state_dir)
+
+    def _quantize_step(self, out: CellOutcome, state_dir: Path) -> None:
+        """The method's quantization of the denoiser (FP: the denoiser itself), through
+        the steps ``gaq quantize`` runs too (:mod:`gaq.cell`); the state goes to
+        ``state_dir``."""
+        from gaq.registry import get_method
+
+        cell, ctx = out.cell, self.model(out.cell.model)
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if cell.method.name == FP:
+            out.model = ctx.pipe.denoiser
+            out.metrics["calibration_seconds"] = 0.0
+            return
+        from gaq.cell import quantize_pipeline, save_quantized
+
+        def quantize():
+            return quantize_pipeline(
+                ctx.pipe, get_method(cell.method.name)(cell.method.config()),
+                QuantConfig.from_bits(cell.bits),
+                dataclasses.replace(ctx.calibration, seed=cell.seed), model_id=cell.model)
+
+        # calibration on rank 0 only; the other ranks receive the quantized model
+        result = self.world.from_main(quantize)
+        result.model.to(self.device)
+        out.model, out.hook, out.report = result.model, result.sampler_hook, result.report
+        out.metrics.update({k: float(v) for k, v in result.stats.items()})
+        out.diagnostics = {name: pd.DataFrame(records)
+                           for name, records in result.diagnostics.items() if records}
+        save_quantized(result, state_dir, ctx.pipe)
+
+    def _sample_step(self, out: CellOutcome) -> None:
+        """Peak memory so far, the cell's images and their throughput, the model's size;
+        the FP images of the seed, which paired metrics compare against."""
+        cell, ctx, metrics = out.cell, self.model(out.cell.model), out.metrics
+        # the device actually used (cuda:1 included); on the CPU, the process's peak RSS
+        metrics["peak_memory_mb"] = (
+            torch.cuda.max_memory_allocated(self.device) / 2**20
+            if torch.device(self.device).type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out.images, seconds = self._sample(ctx, out.model, cell.seed, out.hook)
+        metrics["images_per_second"] = self.bench.eval.num_images / seconds
+        metrics["model_size_mb"] = _model_size_mb(ctx.pipe.denoiser, out.report)
+        if cell.method.name == FP:
+            ctx._fp_images[cell.seed] = out.images
+        elif (metrics_of_kind(self.bench.eval.metrics, "paired")
+              and ctx._fp_images.get(cell.seed) is None):
+            ctx._fp_images[cell.seed] = self._sample(ctx, ctx.pipe.denoiser, cell.seed, None)[0]
+
+    def _score_step(self, out: CellOutcome) -> None:
+        """Every requested metric, by its kind (:mod:`gaq.eval.registry`)."""
         from gaq.sampling import to_uint8
 
-        gen = to_uint8(images)
+        cell, ctx, metrics, images = out.cell, self.model(out.cell.model), out.metrics, out.images
+        wanted = self.bench.eval.metrics
         image_keys = metrics_of_kind(wanted, "image")
         if image_keys:
-            metrics.update(compute_grouped(image_keys, gen, ctx.reference(), ctx.space,
-                                           seed=cell.seed))
-        per_image = None
+            metrics.update(compute_grouped(image_keys, to_uint8(images), ctx.reference(),
+                                           ctx.space, seed=cell.seed))
+        paired_keys = metrics_of_kind(wanted, "paired")
         if cell.method.name != FP and paired_keys:
-            per_image = self._paired(paired_keys, images, ctx._fp_images[cell.seed], metrics)
+            out.per_image = self._paired(paired_keys, images, ctx._fp_images[cell.seed],
+                                         metrics)
         if metrics_of_kind(wanted, "classes") and ctx.judges_classes:
             metrics["class_acc"] = self.class_accuracy(ctx, images)
-        curves: dict[str, pd.Series] = {}
         if metrics_of_kind(wanted, "curve") and self.bench.eval.heldout_trajectories > 0:
-            curves = self._noise_curves(ctx, qmodel, cell.seed, hook)
-            for name, curve in curves.items():
+            out.curves = self._noise_curves(ctx, out.model, cell.seed, out.hook)
+            for name, curve in out.curves.items():
                 if name.startswith("eps_mse"):
                     metrics[name] = float(curve.mean())
                 else:  # a slope k_t: its mean and the step farthest from 0
                     metrics[f"{name}_mean"] = float(curve.mean())
                     metrics[f"{name}_max_abs"] = float(curve.abs().max())
 
-        # artifacts
+    def _persist_step(self, out: CellOutcome, state_dir: Path) -> dict[str, float]:
+        """The sample grid, the MLflow run (with the state files as artifacts), then the
+        Parquet rows; returns the headline metrics it logged."""
+        from gaq.bench import results
+        from gaq.bench.tracking import log_run
+
+        cell, cid, ctx, metrics = out.cell, out.cid, self.model(out.cell.model), out.metrics
         stem = _file_name(f"{ctx.pipe.name}_{cell.method.row}_{cell.bits}_seed{cell.seed}")
         grid_path = self.dir / "grids" / f"{stem}.png"
-        _save_grid(images[:64], grid_path)
+        _save_grid(out.images[:64], grid_path)
         artifacts = {"samples": grid_path}  # the noise curves go as curves/*.csv and *.png
         for f in state_dir.iterdir():
             artifacts[f"state/{f.name}"] = f
@@ -637,8 +655,8 @@ class Runner:
         run_id = log_run(f"gaq-{self.bench.name}", _run_name(cell),
                          self._params(cell, ctx), metrics, self._tags(cell, cid, ctx), artifacts,
                          {f"{name}_by_timestep": list(curve.items())
-                          for name, curve in curves.items()},
-                         start_time=started, parent=self.sweep_run)
+                          for name, curve in out.curves.items()},
+                         start_time=out.started, parent=self.sweep_run)
         setup = _setup_label(self.device, ctx.pipe.dtype, self.world.size)
         base = _cell_keys(cell, cid, run_id, self.bench.name) | {
             "w_bits": w_bits, "a_bits": a_bits, "setup": setup}
@@ -646,15 +664,16 @@ class Runner:
         # last: they mark the cell done, so a cell killed before them is re-run, and the
         # rerun's rows replace what the killed attempt appended (same cell id)
         keys = ("run_id", "cell_id", "benchmark", "model", "method", "bits", "seed")
-        tables = diagnostics | ({"per_image": per_image} if per_image is not None else {})
+        tables = out.diagnostics | ({"per_image": out.per_image}
+                                    if out.per_image is not None else {})
         for name, frame in tables.items():
             for k in reversed(keys):
                 frame.insert(0, k, base[k])
             results.append(self.dir / f"{name}.parquet", frame)
-        if curves:
+        if out.curves:
             crow = [{k: base[k] for k in keys}
                     | {"curve": name, "timestep": int(t), "value": float(v)}
-                    for name, curve in curves.items() for t, v in curve.items()]
+                    for name, curve in out.curves.items() for t, v in curve.items()]
             results.append(self.curves_path, pd.DataFrame(crow))
         rows = [base | {"metric": k, "value": float(v)} for k, v in metrics.items()]
         results.append(self.metrics_path, pd.DataFrame(rows))
@@ -662,6 +681,24 @@ class Runner:
                  if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
         self.log(f"    {shown}")
         return shown
+
+
+@dataclass
+class CellOutcome:
+    """What one cell has produced so far; each step of :meth:`Runner._run_cell` adds to it.
+    ``metrics`` keeps insertion order: it is the order of the cell's Parquet rows."""
+
+    cell: Cell
+    cid: str
+    started: float  # the MLflow run's start: its duration in the UI is the cell's
+    model: torch.nn.Module | None = None
+    hook: Any = None
+    report: Any = None
+    images: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, pd.DataFrame] = field(default_factory=dict)
+    per_image: pd.DataFrame | None = None
+    curves: dict[str, pd.Series] = field(default_factory=dict)
 
 
 def skip_reason(cid: str, done: set[str], failed: set[str]) -> str | None:
