@@ -59,7 +59,9 @@ _COLOR_SLOTS = ("fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tf
 # tones and black), so no two shipped rows ever share one.
 _OWN_COLORS = {"gaq-timestep": (0.0, 0.0, 0.0), "gaq-mse": _WIDE_PALETTE[0],
                "tfmq-lsq": _WIDE_PALETTE[12], "ptqd-base": _WIDE_PALETTE[8],
-               "ptqd-no-vsc": _WIDE_PALETTE[16], "ptqd-negk": _WIDE_PALETTE[4]}
+               "ptqd-no-vsc": _WIDE_PALETTE[16], "ptqd-negk": _WIDE_PALETTE[4],
+               # dark teal and dark gold: no palette tone, readable on white
+               "apqdm": (0.0, 0.45, 0.45), "htg": (0.62, 0.46, 0.0)}
 
 
 def _color(method: str) -> tuple[float, ...]:
