@@ -222,3 +222,24 @@ def test_diagnostics_become_tables_and_figures(tmp_path):
     text = md[0].read_text()
     assert "| GAQ | W4A8 | 0.1000 | 0.3000 |" in text
     assert "| b2 | 0.1000 | 0.3000 | +0.2000 |" in text
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_gaq_runs_at_weight_only_bits(make_tiny_model, kind):
+    """At W4A32 attention stays unquantized, so the meta-gradient differentiates through
+    PyTorch's fused attention, which has no second derivative: the weighting stage must
+    take the math kernel (this failed before it did)."""
+    model = make_tiny_model(kind)
+    calib = calibration(kind, model)
+    cls = get_method("gaq")
+    cfg = dataclasses.replace(cls.presets["cpu"], recon=TINY,
+                              meta=dataclasses.replace(cls.presets["cpu"].meta, iters=2,
+                                                       batch_size=8, groups=2,
+                                                       diagnostic_rows=0))
+    result = cls(cfg).quantize(model, adapter_for(model), calib, QuantConfig.from_bits("W4A32"))
+    blocks = result.state["gaq"]["blocks"]
+    attn = [b for b in blocks if b["kind"] in ("attention", "transformer")]
+    assert attn and all(b.get("history") for b in attn)  # weights were learned there
+    out = denoise(kind, result.model, calib.x[:4], calib.t[:4],
+                  {k: v[:4] for k, v in calib.cond.items()})
+    assert torch.isfinite(out).all()
