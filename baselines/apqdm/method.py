@@ -250,7 +250,7 @@ class APQDM(Method):
         # code's group_num; 5000 search iterations (the engine's act_iters)
         "paper": APQDMConfig(),
         # sized for the bundled digits model on one CPU thread (NOTES.md)
-        "cpu": APQDMConfig(recon=ReconConfig(weight_iters=100, act_iters=30), groups=4),
+        "cpu": APQDMConfig(recon=ReconConfig(weight_iters=200, act_iters=30), groups=4),
     }
 
     def effective_quant(self, quant: QuantConfig) -> QuantConfig:
