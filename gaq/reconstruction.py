@@ -375,17 +375,16 @@ def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,
     return {"rtn_error": rtn, "adaround_error": after}
 
 
-def fit_act_steps(quantizers: list[FakeQuantizer], loss_fn: Callable[[], Tensor],
-                  cfg: ReconConfig, progress: bool = False, desc: str = "  act steps") -> None:
-    """LSQ-style: make the step sizes of ``quantizers`` parameters, fit them on ``loss_fn()``
-    with Adam and cosine decay, then make them buffers again. Shared by block and
-    temporal reconstruction."""
-    for q in quantizers:
-        q.learn_scale(True)
-    params = [q.scale for q in quantizers]
-    opt = torch.optim.Adam(params, lr=cfg.act_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.act_iters, eta_min=0.0)
-    steps = range(cfg.act_iters)
+def fit_adam(param_groups: list[dict], loss_fn: Callable[[], Tensor], iters: int, *,
+             after_step: Callable[[], None] | None = None, progress: bool = False,
+             desc: str = "") -> None:
+    """The loop every learned quantization parameter shares (activation steps, TDQ's
+    step-size MLPs, APQ-DM's groups): Adam on ``param_groups`` (each with its ``lr``),
+    cosine decay to 0 over ``iters`` steps of ``loss_fn()``; ``after_step`` runs after each
+    step without gradients (e.g. to keep step sizes positive)."""
+    opt = torch.optim.Adam(param_groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
+    steps = range(iters)
     if progress:
         from tqdm.auto import tqdm
 
@@ -397,9 +396,26 @@ def fit_act_steps(quantizers: list[FakeQuantizer], loss_fn: Callable[[], Tensor]
             loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for p in params:
-                p.clamp_(min=1e-8)  # a step size must stay positive
+        if after_step is not None:
+            with torch.no_grad():
+                after_step()
+
+
+def fit_act_steps(quantizers: list[FakeQuantizer], loss_fn: Callable[[], Tensor],
+                  cfg: ReconConfig, progress: bool = False, desc: str = "  act steps") -> None:
+    """LSQ-style: make the step sizes of ``quantizers`` parameters, fit them on ``loss_fn()``
+    with Adam and cosine decay, then make them buffers again. Shared by block and
+    temporal reconstruction."""
+    for q in quantizers:
+        q.learn_scale(True)
+    params = [q.scale for q in quantizers]
+
+    def positive() -> None:  # a step size must stay positive
+        for p in params:
+            p.clamp_(min=1e-8)
+
+    fit_adam([{"params": params, "lr": cfg.act_lr}], loss_fn, cfg.act_iters,
+             after_step=positive, progress=progress, desc=desc)
     for q in quantizers:
         q.learn_scale(False)
 

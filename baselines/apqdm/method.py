@@ -34,7 +34,7 @@ from gaq.methods.stages import (
     wrap,
 )
 from gaq.quant.context import current_timestep, timesteps_per_row
-from gaq.quant.fake import channel_view, fake_quantize
+from gaq.quant.fake import channel_view, fake_quantize, qparams_from_range
 from gaq.quant.quantizer import FakeQuantizer
 from gaq.quantize import act_quantizers, set_mode
 from gaq.reconstruction import (
@@ -43,6 +43,7 @@ from gaq.reconstruction import (
     block_act_quantizers,
     block_error,
     block_forward,
+    fit_adam,
     walk_blocks,
     weighted_error,
 )
@@ -88,9 +89,7 @@ def _union_params(q: FakeQuantizer, rows: Tensor) -> tuple[Tensor, Tensor]:
         return scale.max(0).values, torch.zeros_like(zp[0])
     lo = ((q.qmin - zp) * scale).min(0).values
     hi = ((q.qmax - zp) * scale).max(0).values
-    s = ((hi - lo) / (q.qmax - q.qmin)).clamp_min(1e-8)
-    z = (q.qmin - lo / s).round().clamp(q.qmin, q.qmax)
-    return s, z
+    return qparams_from_range(lo, hi, q.bits, symmetric=False)
 
 
 class GroupSearch(nn.Module):
@@ -141,7 +140,7 @@ class GroupSearch(nn.Module):
         if t is None:
             raise RuntimeError("the group search needs the timestep context")
         ts = torch.as_tensor(t, device=q.timesteps.device).reshape(-1)
-        rows = torch.searchsorted(q.timesteps, ts).clamp_(max=q.timesteps.numel() - 1)
+        rows = q._rows(ts)  # the table rows of the batch's timesteps
         w = self.weights()[rows]  # (B or 1, K)
         if w.shape[0] > 1:
             w = w[timesteps_per_row(torch.arange(w.shape[0], device=w.device), x.shape[0])]
@@ -183,28 +182,24 @@ def search_block(block: nn.Module, data: BlockData, cfg: APQDMConfig) -> dict[st
     for s in searches:
         s.attach()
     try:
-        opt = torch.optim.Adam([
-            {"params": [s.scale for s in searches], "lr": rc.act_lr},
-            {"params": [s.logits for s in searches], "lr": cfg.logit_lr},
-        ])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(rc.act_iters, 1))
         gen = torch.Generator().manual_seed(rc.seed + 2)
-        for _ in range(rc.act_iters):
+
+        def loss() -> Tensor:
             rec = data.sample(rc.batch_size, gen, rc.minibatch)
-            with torch.enable_grad():
-                rec_loss = weighted_error(block_forward(block, rec), rec["target"], None,
-                                          p=rc.act_p)
-                ent = torch.stack([s.entropy() for s in searches]).mean()
-                # relative penalty: the entropy term keeps its weight whatever the block's
-                # error scale is
-                loss = rec_loss + cfg.entropy_weight * rec_loss.detach() * ent
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for s in searches:
-                    s.scale.clamp_(min=1e-8)
+            rec_loss = weighted_error(block_forward(block, rec), rec["target"], None,
+                                      p=rc.act_p)
+            ent = torch.stack([s.entropy() for s in searches]).mean()
+            # relative penalty: the entropy term keeps its weight whatever the block's
+            # error scale is
+            return rec_loss + cfg.entropy_weight * rec_loss.detach() * ent
+
+        def positive() -> None:
+            for s in searches:
+                s.scale.clamp_(min=1e-8)
+
+        fit_adam([{"params": [s.scale for s in searches], "lr": rc.act_lr},
+                  {"params": [s.logits for s in searches], "lr": cfg.logit_lr}],
+                 loss, rc.act_iters, after_step=positive)
         soft = block_error(block, data, rc.eval_samples)
         with torch.no_grad():
             entropy = float(torch.stack([s.entropy() for s in searches]).mean())

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gaq.config import MethodConfig, QuantConfig, non_negative_int, positive_float, positive_int
 from gaq.errors import GaqError
@@ -34,6 +34,7 @@ from gaq.reconstruction import (
     block_act_quantizers,
     block_error,
     block_forward,
+    fit_adam,
     walk_blocks,
     weighted_error,
 )
@@ -109,17 +110,13 @@ def fit_block(block: nn.Module, data: BlockData, cfg: TDQConfig,
     params = [p for prov in providers for p in prov.parameters()]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.iters):
+
+    def loss() -> Tensor:
         rec = data.sample(cfg.batch_size, gen)
-        with torch.enable_grad():
-            loss = weighted_error(block_forward(block, rec), rec["target"], None, p=cfg.act_p)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
-        sched.step()
+        return weighted_error(block_forward(block, rec), rec["target"], None, p=cfg.act_p)
+
+    fit_adam([{"params": params, "lr": cfg.lr}], loss, cfg.iters)
     for p in params:
         p.requires_grad_(False)
     after = block_error(block, data, eval_samples)
