@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from gaq.config import QuantConfig
 from gaq.methods.base import Method, QuantResult
-from gaq.methods.stages import finish, start, wrap
-from gaq.methods.tfmq import TFMQConfig, temporal_stats, tfmq_quant, tfmq_skip, tfmq_stages
+from gaq.methods.stages import start, wrap
+from gaq.methods.tfmq import TFMQConfig, finish_tfmq, tfmq_quant, tfmq_skip, tfmq_stages
 from gaq.models.adapters import Block, SkipRule
 from gaq.reconstruction import BlockData, ReconConfig, WeightFn
 
@@ -49,6 +49,4 @@ class TFMQ(Method):
         run = start(self, model, adapter, calib, quant)
         wrap(run)
         tfmq_stages(run, self.config, self.sample_weights)
-        result = finish(run, **temporal_stats(run))
-        result.state["temporal"] = run.temporal
-        return result
+        return finish_tfmq(run)

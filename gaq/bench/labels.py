@@ -98,6 +98,12 @@ def bits_order(bits: Iterable[str]) -> list[str]:
     return sorted(set(bits), key=key)
 
 
+def _metric(name: str):
+    from gaq.eval.registry import find_metric
+
+    return find_metric(name)
+
+
 def table_metrics() -> list[str]:
     """Metrics of the paper tables, in column order (the metric registry's)."""
     from gaq.eval.registry import known_metrics
@@ -107,32 +113,25 @@ def table_metrics() -> list[str]:
 
 def better(metric: str) -> str | None:
     """"lower", "higher", or None for a metric with no best (or not registered)."""
-    from gaq.eval.registry import find_metric
-
-    m = find_metric(metric)
+    m = _metric(metric)
     return None if m is None else m.better
 
 
 def arrow(metric: str) -> str:
-    return {"lower": "↓", "higher": "↑"}.get(better(metric) or "", "")
+    m = _metric(metric)
+    return "" if m is None else m.arrow
 
 
 def metric_label(metric: str) -> str:
-    from gaq.eval.registry import find_metric
-
-    m = find_metric(metric)
+    m = _metric(metric)
     return metric if m is None else m.label
 
 
 def metric_unit(metric: str) -> str:
-    from gaq.eval.registry import find_metric
-
-    m = find_metric(metric)
+    m = _metric(metric)
     return "" if m is None else m.unit
 
 
 def decimals(metric: str) -> int:
-    from gaq.eval.registry import find_metric
-
-    m = find_metric(metric)
+    m = _metric(metric)
     return 2 if m is None else m.decimals

@@ -33,8 +33,8 @@ from gaq.meta import (
     timestep_groups,
 )
 from gaq.methods.base import Method, QuantResult
-from gaq.methods.stages import Run, finish, start, wrap
-from gaq.methods.tfmq import TFMQConfig, temporal_stats, tfmq_quant, tfmq_skip, tfmq_stages
+from gaq.methods.stages import Run, start, wrap
+from gaq.methods.tfmq import TFMQConfig, finish_tfmq, tfmq_quant, tfmq_skip, tfmq_stages
 from gaq.models.adapters import Block, SkipRule
 from gaq.quantize import QuantConfig
 from gaq.reconstruction import BatchIter, BlockData, ReconConfig, capture
@@ -182,9 +182,8 @@ class GAQ(Method):
                                   uniform=cfg.weights == "uniform")
         tfmq_stages(run, cfg, weight_fn=weighting)
         seconds = time.perf_counter() - run.started - weighting.diag_seconds
-        result = finish(run, seconds=seconds, **temporal_stats(run), **weighting.stats(),
-                        validation_rows=float(len(val)))
-        result.state["temporal"] = run.temporal
+        result = finish_tfmq(run, seconds=seconds, **weighting.stats(),
+                             validation_rows=float(len(val)))
         result.state["gaq"] = {"blocks": weighting.blocks}
         result.diagnostics = _tables(weighting.blocks)
         return result

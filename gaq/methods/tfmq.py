@@ -12,13 +12,15 @@ block, which the authors' released calibration does not do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 
 from gaq.config import MethodConfig, QuantConfig
+from gaq.methods.base import QuantResult
 from gaq.methods.stages import (
     Run,
+    finish,
     init_activations,
     learn_activation_steps,
     reconstruct_weights,
@@ -29,7 +31,7 @@ from gaq.methods.stages import (
 from gaq.models.adapters import SkipRule
 from gaq.reconstruction import ReconConfig, WeightFn
 
-__all__ = ["TFMQConfig", "tfmq_quant", "tfmq_skip", "tfmq_stages"]
+__all__ = ["TFMQConfig", "finish_tfmq", "tfmq_quant", "tfmq_skip", "tfmq_stages"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ def tfmq_stages(run: Run, cfg: TFMQConfig, weight_fn: WeightFn | None = None,
         timestep_tables(run)
 
 
-def temporal_stats(run: Run) -> dict[str, float]:
-    """The temporal unit's numbers as stats (``temporal_`` prefix)."""
-    return {f"temporal_{k}": v for k, v in run.temporal.items()}
+def finish_tfmq(run: Run, **extra: Any) -> QuantResult:
+    """:func:`~gaq.methods.stages.finish` with the temporal unit's numbers: as stats
+    (``temporal_`` prefix) and in the state."""
+    result = finish(run, **{f"temporal_{k}": v for k, v in run.temporal.items()}, **extra)
+    result.state["temporal"] = run.temporal
+    return result
