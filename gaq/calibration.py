@@ -59,6 +59,7 @@ __all__ = [
     "combine_guidance",
     "default_cache_dir",
     "forward_loop",
+    "per_timestep_loop",
     "record_calibration",
     "srm_select",
     "state_dict_digest",
@@ -116,6 +117,15 @@ class CalibrationSpec(Config):
     from their own trajectories, so no validation row shares a trajectory with a
     training row.
 
+    ``act_every_step`` (interval and srm): the training trajectories are also recorded at
+    every sampler step the protocol does not keep. Those rows serve one purpose: a
+    per-timestep activation table gets a row calibrated on its own timestep's inputs at
+    every step the sampler visits (TFMQ-DM's released code calibrates weights on every
+    n-th step and activations on every step, from the same trajectories). They are held
+    apart (:attr:`CalibrationSet.act_extra`, :meth:`CalibrationSet.activation_rows`), so
+    the training and held-out rows are exactly those of the same spec without it. Free in
+    sampling cost (the steps are computed anyway), ``steps / interval`` times the rows.
+
     ``sampler_name`` and ``guidance`` are the sampler's (see :class:`SamplerConfig`): with
     guidance every recorded step yields two rows per trajectory, the unconditional input
     first, then the conditional one, both with the trajectory's ``image`` index.
@@ -144,6 +154,8 @@ class CalibrationSpec(Config):
     srm_lambda: float = 1.0
     srm_probe: int = 4
     srm_bits: int = 4
+    # activation-only rows at every other sampler step (left out at its default too)
+    act_every_step: bool = False
 
     def validate(self) -> None:
         positive_int("steps", self.steps)
@@ -171,6 +183,9 @@ class CalibrationSpec(Config):
         positive_int("srm_probe", self.srm_probe)
         if not (isinstance(self.srm_bits, int) and 2 <= self.srm_bits <= 16):
             raise ConfigError("srm_bits", f"must be an integer in [2, 16], got {self.srm_bits!r}")
+        if self.act_every_step and self.protocol == "gaussian":
+            raise ConfigError("act_every_step", "needs the interval or srm protocol (the "
+                              "gaussian protocol records one step per trajectory)")
         if self.protocol in ("interval", "srm") and self.interval > self.steps:
             raise ConfigError(
                 "interval", f"must be at most steps ({self.steps}), got {self.interval}"
@@ -183,7 +198,7 @@ class CalibrationSpec(Config):
 
     def _plain_fields(self, toml: bool) -> dict[str, Any]:
         out = super()._plain_fields(toml)
-        for name, default in _SRM_DEFAULTS.items():
+        for name, default in _OMIT_AT_DEFAULT.items():
             if getattr(self, name) == default:
                 out.pop(name, None)
         return out
@@ -229,6 +244,9 @@ class CalibrationSpec(Config):
 
 _SRM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CalibrationSpec)
                  if f.name.startswith("srm_")}
+# fields added after sets were cached and results committed: at their defaults they are
+# not written, so no existing fingerprint changed
+_OMIT_AT_DEFAULT = {**_SRM_DEFAULTS, "act_every_step": False}
 
 
 # --------------------------------------------------------------------------------------
@@ -244,7 +262,10 @@ class CalibrationSet:
     (N, ...) the FP denoiser output at that input; ``cond`` extra denoiser keyword inputs,
     (N, ...) each (empty for unconditional models); ``split`` (N,) bool, True for
     held-out (validation) rows; ``image`` (N,) int64 index of the trajectory a row comes
-    from (None when unknown); ``meta`` provenance (cache key, spec, model id).
+    from (None when unknown); ``meta`` provenance (cache key, spec, model id);
+    ``act_extra`` the activation-only rows of an ``act_every_step`` set (training
+    trajectories at the steps the protocol does not keep), outside every row selection:
+    only :meth:`activation_rows` returns them.
 
     Rows of a recorded set are ordered by sampler iteration (noisiest first), then by
     trajectory.
@@ -257,6 +278,7 @@ class CalibrationSet:
     split: Tensor | None = None
     image: Tensor | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    act_extra: CalibrationSet | None = None
 
     def __post_init__(self) -> None:
         n = self.x.shape[0]
@@ -315,6 +337,14 @@ class CalibrationSet:
         assert self.split is not None
         return self.subset(self.split)
 
+    def activation_rows(self) -> CalibrationSet:
+        """The rows a per-timestep activation table is calibrated on: the training rows,
+        plus the activation-only rows at every other sampler step when the set has them."""
+        train = self.train()
+        if self.act_extra is None:
+            return train
+        return _concat(train, self.act_extra)
+
     def timesteps(self) -> list[int]:
         """The distinct timesteps, ascending."""
         return [int(v) for v in torch.unique(self.t).tolist()]
@@ -361,7 +391,19 @@ class CalibrationSet:
             split=self.split.to(device),
             image=None if self.image is None else self.image.to(device),
             meta=dict(self.meta),
+            act_extra=None if self.act_extra is None else self.act_extra.to(device),
         )
+
+
+def _concat(a: CalibrationSet, b: CalibrationSet) -> CalibrationSet:
+    """The rows of ``a`` then those of ``b`` (same conditioning keys), ``a``'s meta."""
+    assert a.split is not None and b.split is not None
+    image = None if a.image is None or b.image is None else torch.cat([a.image, b.image])
+    return CalibrationSet(
+        x=torch.cat([a.x, b.x]), t=torch.cat([a.t, b.t]), eps_fp=torch.cat([a.eps_fp, b.eps_fp]),
+        cond={k: torch.cat([v, b.cond[k]]) for k, v in a.cond.items()},
+        split=torch.cat([a.split, b.split]), image=image, meta=dict(a.meta),
+    )
 
 
 def combine_guidance(out: Tensor, guidance: float | None) -> Tensor:
@@ -434,6 +476,8 @@ def _recording_plan(spec: CalibrationSpec, timesteps: list[int], horizon: int,
         ts = torch.tensor(timesteps)
         for i in range(n_train):
             plan[i, _gaussian_step(spec, i, ts, horizon)] = True
+    elif spec.act_every_step:  # training trajectories: every step (the rest activation-only)
+        plan[:n_train] = True
     return plan
 
 
@@ -481,6 +525,7 @@ def _record(pipe: Pipeline, spec: CalibrationSpec, plan: Tensor,
     order = torch.argsort(torch.cat(steps) * plan.shape[0] + image, stable=True)
     image = image[order]
     return {
+        "step": torch.cat(steps)[order],
         "x": torch.cat(xs)[order],
         "t": torch.cat(ts)[order],
         "eps_fp": torch.cat(eps)[order],
@@ -533,18 +578,59 @@ def record_calibration(
                            f"calibration recorded from {model_id!r}",
                            "the FP model diverges on its own trajectories: check its weights, "
                            "scheduler and dtype (float16 overflow)")
-    calib = CalibrationSet(
-        x=rows["x"],
-        t=rows["t"],
-        eps_fp=rows["eps_fp"],
-        cond=rows["cond"],
-        split=rows["split"],
-        image=rows["image"],
-        meta=meta,
-    )
+    step = rows.pop("step")
+    kept_steps = torch.tensor(spec.kept_steps(len(timesteps)) if kept is None else kept)
+    act_only = ~rows["split"] & ~torch.isin(step, kept_steps)
+    if spec.protocol == "gaussian":
+        act_only[:] = False
+    calib = _rows_to_set(rows, ~act_only, meta)
+    if act_only.any():
+        calib.act_extra = _rows_to_set(rows, act_only, {})
     if cache:
         _save(folder, key, calib, _scheduler_json(pipe.scheduler), str(pipe.device))
     return calib
+
+
+def _rows_to_set(rows: dict[str, Any], mask: Tensor, meta: dict[str, Any]) -> CalibrationSet:
+    return CalibrationSet(
+        x=rows["x"][mask], t=rows["t"][mask], eps_fp=rows["eps_fp"][mask],
+        cond={k: v[mask] for k, v in rows["cond"].items()}, split=rows["split"][mask],
+        image=rows["image"][mask], meta=meta,
+    )
+
+
+def per_timestep_loop(calib: CalibrationSet, *, init_rows: int = 16, batch_size: int = 16,
+                      seed: int = 0) -> Callable[[nn.Module], None]:
+    """A forward loop that calibrates one timestep at a time, as TFMQ-DM's released code
+    calibrates its per-timestep activation parameters: for each timestep (ascending), a
+    batch of ``init_rows`` of its rows drawn at random (the range initialisation), then all
+    its rows in a random order in batches of ``batch_size`` (the running statistics: an EMA
+    observer updates on each). Deterministic from ``seed``; each table row sees only its own
+    timestep's inputs, whatever the batch layout of the set."""
+    gen = torch.Generator().manual_seed(seed)
+    plan: list[Tensor] = []
+    for ts in calib.timesteps():
+        idx = (calib.t == ts).nonzero().flatten().cpu()
+        init = idx[torch.randperm(len(idx), generator=gen)[: min(init_rows, len(idx))]]
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        plan.append(init)
+        plan.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
+
+    def loop(model: nn.Module) -> None:
+        ref = next(iter(model.parameters()), None)
+        device = ref.device if ref is not None else calib.x.device
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else calib.x.dtype
+
+        def move(v: Tensor) -> Tensor:
+            return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+
+        with torch.no_grad():
+            for idx in plan:
+                rows = calib.subset(idx)
+                cond = {k: move(v) for k, v in rows.cond.items()}
+                model(move(rows.x), rows.t.to(device), **cond)
+
+    return loop
 
 
 # --------------------------------------------------------------------------------------
@@ -720,11 +806,9 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 def _save(folder: Path, key: str, calib: CalibrationSet, sched: str, device: str) -> None:
     from safetensors.torch import save_file
 
-    tensors = {
-        "x": calib.x, "t": calib.t, "eps_fp": calib.eps_fp, "split": calib.split,
-        **({} if calib.image is None else {"image": calib.image}),
-        **{f"cond.{k}": v for k, v in calib.cond.items()},
-    }
+    tensors = _set_tensors(calib)
+    if calib.act_extra is not None:
+        tensors.update({f"act.{k}": v for k, v in _set_tensors(calib.act_extra).items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {
         **calib.meta,
@@ -732,6 +816,7 @@ def _save(folder: Path, key: str, calib: CalibrationSet, sched: str, device: str
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         "rows": len(calib),
+        "act_rows": 0 if calib.act_extra is None else len(calib.act_extra),
         "holdout_rows": int(calib.split.sum()) if calib.split is not None else 0,
         "timesteps": calib.timesteps(),
         "scheduler": json.loads(sched),
@@ -758,6 +843,25 @@ def _save(folder: Path, key: str, calib: CalibrationSet, sched: str, device: str
         )
 
 
+def _set_tensors(calib: CalibrationSet) -> dict[str, Tensor]:
+    assert calib.split is not None
+    return {
+        "x": calib.x, "t": calib.t, "eps_fp": calib.eps_fp, "split": calib.split,
+        **({} if calib.image is None else {"image": calib.image}),
+        **{f"cond.{k}": v for k, v in calib.cond.items()},
+    }
+
+
+def _tensors_to_set(tensors: Mapping[str, Tensor], prefix: str,
+                    meta: dict[str, Any]) -> CalibrationSet:
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not prefix:  # the main rows: not the activation-only ones
+        own = {k: v for k, v in own.items() if not k.startswith("act.")}
+    cond = {k[len("cond."):]: v for k, v in own.items() if k.startswith("cond.")}
+    return CalibrationSet(x=own["x"], t=own["t"], eps_fp=own["eps_fp"], cond=cond,
+                          split=own["split"], image=own.get("image"), meta=meta)
+
+
 def _load(folder: Path, key: str) -> CalibrationSet | None:
     """The cached set, or None on a miss; an unreadable entry warns and counts as a miss."""
     data_path, meta_path = folder / f"{key}.safetensors", folder / f"{key}.json"
@@ -771,19 +875,17 @@ def _load(folder: Path, key: str) -> CalibrationSet | None:
         if meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
             raise ValueError("metadata does not match this cache key and format")
         tensors = load_file(data_path)
-        cond = {k[len("cond."):]: v for k, v in tensors.items() if k.startswith("cond.")}
-        calib = CalibrationSet(
-            x=tensors["x"],
-            t=tensors["t"],
-            eps_fp=tensors["eps_fp"],
-            cond=cond,
-            split=tensors["split"],
-            image=tensors.get("image"),
-            meta={k: meta[k] for k in ("key", "model_id", "spec", "sampler_timesteps",
-                                       "conditioning", "srm_steps", "srm") if k in meta},
-        )
+        calib = _tensors_to_set(tensors, "", {k: meta[k] for k in (
+            "key", "model_id", "spec", "sampler_timesteps", "conditioning", "srm_steps", "srm")
+            if k in meta})
+        if "act.x" in tensors:
+            calib.act_extra = _tensors_to_set(tensors, "act.", {})
         if len(calib) != meta.get("rows"):
             raise ValueError(f"{len(calib)} rows on disk, metadata says {meta.get('rows')}")
+        act_rows = 0 if calib.act_extra is None else len(calib.act_extra)
+        if act_rows != meta.get("act_rows", 0):
+            raise ValueError(f"{act_rows} activation-only rows on disk, metadata says "
+                             f"{meta.get('act_rows')}")
         bad = first_non_finite(tensors.items())
         if bad is not None:
             raise ValueError(f"tensor {bad} holds NaN or infinite values")

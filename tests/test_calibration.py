@@ -16,6 +16,7 @@ from gaq.calibration import (
     calibration_key,
     default_cache_dir,
     forward_loop,
+    per_timestep_loop,
     record_calibration,
 )
 from gaq.config import ConfigError
@@ -378,3 +379,84 @@ def test_a_diverging_fp_model_is_named_while_recording(tiny_unet, sched):
     with pytest.raises(GaqError, match="(x_t|FP noise prediction) holds NaN or infinite") as err:
         record(tiny_unet, sched, spec())
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------- act_every_step
+
+
+def test_act_every_step_adds_activation_rows_and_leaves_the_set_unchanged(
+        tiny_class_unet, sched, tmp_path):
+    labels = ClassConditioning(2, null_class=2)
+    base = spec(steps=6, interval=3, samples_per_step=3, holdout_per_step=1, guidance=2.0,
+                sampler_name="ddim")
+    plain = record(tiny_class_unet, sched, base, conditioning=labels)
+    s = CalibrationSpec.from_dict({**base.to_dict(), "act_every_step": True})
+    calib = record(tiny_class_unet, sched, s, conditioning=labels, cache=True,
+                   cache_dir=tmp_path)
+    # training and held-out rows are exactly the plain spec's
+    assert_same_set(calib, plain)
+    assert plain.act_extra is None
+    extra = calib.act_extra
+    visited = sampling_timesteps(sched, 6)
+    kept = set(visited[::3])
+    # the training trajectories at every step the protocol skips, both guidance halves
+    assert set(extra.timesteps()) == set(visited) - kept
+    assert not extra.split.any() and set(extra.image.tolist()) == {0, 1, 2}
+    assert len(extra) == (6 - len(kept)) * 3 * 2
+    rows = calib.activation_rows()
+    assert set(rows.timesteps()) == set(visited) and not rows.split.any()
+    assert len(rows) == len(calib.train()) + len(extra)
+    # they are the inputs the sampler feeds the denoiser at those steps
+    with torch.no_grad():
+        eps = tiny_class_unet(extra.x, extra.t, class_labels=extra.cond["class_labels"]).sample
+    torch.testing.assert_close(extra.eps_fp, eps, atol=1e-5, rtol=0)
+    # round trip through the cache, under its own key
+    assert calib.meta["key"] != plain.meta["key"]
+    with CountCalls(tiny_class_unet) as again:
+        hit = record(tiny_class_unet, sched, s, conditioning=labels, cache=True,
+                     cache_dir=tmp_path)
+    assert again.calls == 0
+    assert_same_set(hit, calib)
+    assert_same_set(hit.act_extra, extra)
+
+
+def test_act_every_step_is_left_out_of_the_fingerprint_at_its_default():
+    a = spec()
+    assert "act_every_step" not in a.to_dict()
+    assert a.data_fingerprint() != spec(act_every_step=True).data_fingerprint()
+    with pytest.raises(ConfigError, match="act_every_step"):
+        spec(protocol="gaussian", act_every_step=True)
+
+
+def test_per_timestep_loop_feeds_one_timestep_at_a_time():
+    n = 40
+    calib = CalibrationSet(x=torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1),
+                           t=torch.tensor([10, 20] * (n // 2)), eps_fp=torch.zeros(n, 1, 1, 1))
+    seen: list[tuple[int, list[int]]] = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            assert t.unique().numel() == 1  # a batch never mixes timesteps
+            seen.append((int(t[0]), x.flatten().long().tolist()))
+
+    loop = per_timestep_loop(calib, init_rows=16, batch_size=16, seed=3)
+    loop(Probe())
+    for ts in (10, 20):
+        batches = [rows for t, rows in seen if t == ts]
+        # an init batch of 16 random rows, then every row once in batches of at most 16
+        assert len(batches[0]) == 16 and len(set(batches[0])) == 16
+        rest = sorted(r for b in batches[1:] for r in b)
+        assert rest == sorted(calib.subset(calib.t == ts).x.flatten().long().tolist())
+        assert max(len(b) for b in batches[1:]) == 16
+    # timesteps ascending; the same seed gives the same batches
+    assert [t for t, _ in seen][0] == 10
+    again: list = []
+    seen_copy = list(seen)
+    seen.clear()
+    per_timestep_loop(calib, init_rows=16, batch_size=16, seed=3)(Probe())
+    again = list(seen)
+    assert again == seen_copy

@@ -219,3 +219,53 @@ def test_tfmq_beats_rtn_on_held_out_trajectories(tfmq_digits, bundled):
     err_rtn, err_tfmq = mse(rtn.model), mse(tfmq_digits.model)
     # measured: RTN 3.8e-3, TFMQ ("cpu" preset) 8.0e-4; with these tiny settings see NOTES.md
     assert err_tfmq < 0.7 * err_rtn, (err_tfmq, err_rtn)
+
+
+def test_activation_rows_at_every_sampler_step(bundled, tmp_path):
+    """``act_every_step``: each per-timestep table row is calibrated on its own timestep's
+    inputs (the row equals min/max over exactly those inputs), where an interval set
+    copied the nearest calibrated row; on held-out trajectories at every sampler step
+    the noise prediction error drops (measured: see baselines/tfmq/NOTES.md)."""
+    from gaq.quant.fake import qparams_from_range
+    from gaq.quantize import fill_tables, quant_layers, set_mode
+
+    denoiser, calib, _ = bundled
+    loaded = load_model("digits")
+    spec = CalibrationSpec(steps=20, interval=2, samples_per_step=4)
+    every = record_calibration(loaded, dataclasses.replace(spec, act_every_step=True),
+                               model_id="digits", cache_dir=tmp_path)
+    held = record_calibration(loaded, CalibrationSpec(steps=20, interval=1, samples_per_step=4,
+                                                      seed=1), model_id="digits", cache=False)
+    per_t = dataclasses.replace(W4A8, act=dataclasses.replace(W4A8.act, per_timestep=True,
+                                                               range_init="ema"))
+    adapter = adapter_for(denoiser)
+    filled = RTN.from_preset("cpu").quantize(denoiser, adapter, calib, per_t).model
+    fill_tables(filled, calib.meta["sampler_timesteps"])
+    own = RTN.from_preset("cpu").quantize(denoiser, adapter, every, per_t).model
+
+    # an independent reference for one layer: min/max of its inputs at a skipped step
+    name, layer = next((n, m) for n, m in quant_layers(own) if len(m.act_quantizers) == 1)
+    q = layer.act_quantizers[0]
+    skipped = sorted(every.act_extra.timesteps())[3]
+    rows = every.act_extra.subset(every.act_extra.t == skipped)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    set_mode(own, "weight")
+    try:
+        with torch.no_grad():
+            own(rows.x, rows.t)
+    finally:
+        hook.remove()
+        set_mode(own, "full")
+    x = torch.cat(seen)
+    ref_scale, _ = qparams_from_range(x.min(), x.max(), 8, symmetric=False)
+    row = q.timesteps.tolist().index(skipped)
+    torch.testing.assert_close(q.scale[row], ref_scale, rtol=1e-5, atol=0)
+    assert q.timesteps.tolist() == sorted(calib.meta["sampler_timesteps"])
+
+    def mse(model):
+        with torch.no_grad():
+            return float((model(held.x, held.t).sample - held.eps_fp).pow(2).mean())
+
+    err_filled, err_own = mse(filled), mse(own)
+    assert err_own < err_filled, (err_own, err_filled)

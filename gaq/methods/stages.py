@@ -57,6 +57,11 @@ __all__ = [
 ]
 
 
+#: TFMQ-DM's code initialises each timestep's activation range on 16 random rows of that
+#: timestep and then runs its running statistics in batches of 16 (``quant/calibration.py``)
+TFMQ_ACT_ROWS = 16
+
+
 @dataclass
 class Run:
     """One quantization in progress: the inputs, and what each stage adds."""
@@ -150,10 +155,21 @@ def init_activations(run: Run, batch_size: int, *, rows: int | None = None,
     """Activation ranges from calibration data (nothing at weight-only bits). ``rows``
     None: every training row with full-precision activations upstream (the suite's);
     N: one batch of N random training rows, each quantizer initialised on inputs the
-    earlier ones already quantize (BRECQ's and Q-Diffusion's code)."""
+    earlier ones already quantize (BRECQ's and Q-Diffusion's code).
+
+    Per-timestep tables are calibrated one timestep at a time on that timestep's rows,
+    the activation-only rows of an ``act_every_step`` set included, as TFMQ-DM's code does
+    (:func:`gaq.calibration.per_timestep_loop`: 16 random rows, then every row in batches
+    of 16); ``batch_size`` and ``rows`` then do not apply."""
     if not run.quantizes_activations:
         return
-    if rows is None:
+    if run.quant.act.per_timestep and not callable(run.calib):
+        from gaq.calibration import per_timestep_loop
+
+        loop = per_timestep_loop(run.calib.activation_rows(), init_rows=TFMQ_ACT_ROWS,
+                                 batch_size=TFMQ_ACT_ROWS, seed=seed)
+        calibrate_activations(run.qmodel, loop)
+    elif rows is None:
         calibrate_activations(run.qmodel, run.forward_loop(batch_size))
     else:
         calibrate_activations(run.qmodel, _random_rows_loop(run.calib, rows, seed),
