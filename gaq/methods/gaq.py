@@ -44,7 +44,7 @@ __all__ = ["GAQ", "GAQConfig", "GAQMSE", "GAQTimestep", "GAQUniform", "validatio
 
 @dataclass(frozen=True)
 class GAQConfig(TFMQConfig):
-    VERSION: ClassVar[int] = 3  # follows TFMQConfig (its upgrades apply unchanged)
+    VERSION: ClassVar[int] = 4  # follows TFMQConfig (its upgrades apply unchanged)
     meta: MetaConfig = field(default_factory=MetaConfig)
     # "uniform": the identical pipeline and validation split with uniform weights
     weights: Literal["meta", "uniform"] = "meta"
