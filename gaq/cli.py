@@ -249,7 +249,7 @@ def _against_reference(args: argparse.Namespace, runner) -> None:
               "reference with --update-reference)")
         return
     table = reproduce.compare(results.read(runner.metrics_path), reference,
-                              reproduce.read_floor(ref_dir))
+                              reproduce.read_floor(ref_dir), reproduce.paired_floor(ref_dir))
     out = Path(args.results) / "tables" / f"{name}_reproduction.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(reproduce.report(table, name, ref_dir), encoding="utf-8")

@@ -95,6 +95,16 @@ def test_noise_curves_measure_the_sampler_correction(micro_run):
     assert m["eps_mse"] == pytest.approx(ptqd["eps_mse"].mean())
     assert m["eps_mse_uncorrected"] == pytest.approx(ptqd["eps_mse_uncorrected"].mean())
     assert m["noise_k_max_abs"] == pytest.approx(ptqd["noise_k"].abs().max())
+    # per held-out trajectory: the mean over trajectories is the metric itself
+    per_traj = pd.read_parquet(results / "micro" / "per_trajectory.parquet")
+    assert set(per_traj["method"]) == {"rtn", "ptqd"}  # FP's errors are 0: no rows
+    for method, part in per_traj.groupby("method"):
+        m = df[df["method"] == method].set_index("metric")["value"]
+        for name, rows in part.groupby("metric"):
+            assert rows["trajectory"].nunique() == len(rows) > 1
+            assert rows["value"].mean() == pytest.approx(m[name], rel=1e-9)
+    assert set(per_traj[per_traj["method"] == "ptqd"]["metric"]) == {
+        "eps_mse", "eps_mse_uncorrected"}
     table = (results / "tables" / "micro_noise.md").read_text()
     assert "| PTQD (before correction) | W8A8 |" in table and "| RTN | W8A8 |" in table
 
@@ -352,6 +362,10 @@ def test_a_run_reproduces_the_reference_it_made(tmp_path, monkeypatch, capsys):
     assert set(floor["metric"]) >= {"fid", "kid", "precision", "recall"}
     assert (floor["n"] == 6).all() and (floor.set_index("metric")["sd"]["fid"] > 0)
     assert (ref / "tables" / "micro.md").exists()
+    # the paired metrics' per-cell floors: standard errors over images and trajectories
+    paired = reproduce_floor(ref / "micro")
+    assert {"psnr", "eps_mse"} <= set(paired["metric"]) and (paired["se"] > 0).all()
+    assert set(paired["method"]) == {"rtn"}
     before = (ref / "micro" / "metrics.parquet").read_bytes()
     capsys.readouterr()
     assert main([*args, "--results", str(tmp_path / "run2")]) == 0
@@ -384,6 +398,51 @@ def test_reproduction_verdicts_follow_the_noise_floor():
     assert table.loc[("gaq", "fid"), "verdict"] == "new"
     line = reproduce.summary(table.reset_index())
     assert "1 identical, 1 within noise, 1 differs, 1 new" in line
+
+
+def reproduce_floor(folder):
+    from gaq.bench import reproduce
+
+    return reproduce.paired_floor(folder)
+
+
+def test_paired_metrics_are_judged_against_their_cells_standard_error(tmp_path):
+    """A paired metric has no FP floor; its tolerance is twice the standard error of the
+    reference value over the cell's images (PSNR) or held-out trajectories (ε-MSE)."""
+    from gaq.bench import reproduce
+
+    from gaq.bench import results
+
+    base = {"model": "m", "method": "rtn", "bits": "W4A8", "seed": 0}
+    ref = pd.DataFrame([base | {"metric": "psnr", "value": 30.0},
+                        base | {"metric": "eps_mse", "value": 0.02},
+                        base | {"metric": "noise_k_mean", "value": -0.1}])
+    folder = tmp_path / "ref"
+    results.append(folder / "metrics.parquet", ref.assign(
+        cell_id="c", run_id="r", benchmark="b", preset="cpu", w_bits=4, a_bits=8, setup="cpu"))
+    psnr = [28.0, 32.0, 29.0, 31.0]  # sd 1.826, se 0.913
+    eps = [0.01, 0.03]  # sd 0.01414, se 0.01
+    keys = base | {"cell_id": "c"}
+    pd.DataFrame([keys | {"image": i, "metric": "psnr", "value": v}
+                  for i, v in enumerate(psnr)]).to_parquet(folder / "per_image.parquet")
+    pd.DataFrame([keys | {"trajectory": i, "metric": "eps_mse", "value": v}
+                  for i, v in enumerate(eps)]).to_parquet(folder / "per_trajectory.parquet")
+    floor = reproduce.paired_floor(folder).set_index("metric")
+    assert floor.loc["psnr", "n"] == 4 and floor.loc["eps_mse", "n"] == 2
+    assert floor.loc["psnr", "se"] == pytest.approx(pd.Series(psnr).std() / 2)
+    assert floor.loc["eps_mse", "se"] == pytest.approx(0.01)
+    run = ref.copy()
+    run["value"] = [31.5, 0.025, -0.1001]
+    table = reproduce.compare(run, ref, None, reproduce.paired_floor(folder))
+    verdict = table.set_index("metric")["verdict"]
+    assert verdict["psnr"] == "within noise"  # 1.5 <= 2 x 0.913
+    assert verdict["eps_mse"] == "within noise"  # 0.005 <= 2 x 0.01
+    assert verdict["noise_k_mean"] == "differs"  # no per-unit values: no floor
+    run["value"] = [32.0, 0.045, -0.1]
+    verdict = reproduce.compare(run, ref, None, reproduce.paired_floor(folder)).set_index(
+        "metric")["verdict"]
+    assert verdict["psnr"] == "differs" and verdict["eps_mse"] == "differs"
+    assert verdict["noise_k_mean"] == "identical"
 
 
 def test_a_method_for_other_architectures_is_left_out_once(tmp_path):

@@ -10,8 +10,15 @@ the reference value of the same cell (model, method, bit-width, seed) and metric
   deviation of the FP row's value across seeds at the benchmark's image count (measured
   when the reference was written, :func:`noise_floor`); a difference that small cannot be
   told from sampling noise by this protocol, so it is not a failure to reproduce;
-- **differs**: above the floor, or, for a metric without one (paired metrics such as PSNR
-  and ε-MSE, whose FP value is 0 by construction), any difference beyond 1e-9.
+- **differs**: above the floor, or, for a metric without one, any difference beyond 1e-9.
+
+Paired metrics (PSNR and ε-MSE against FP) are 0 for FP by construction, so their floor
+is per cell: twice the standard error of the reference value over its sampling units,
+the images for PSNR and the held-out trajectories for ε-MSE (:func:`paired_floor`, from
+the reference's ``per_image`` and ``per_trajectory`` rows). A smaller difference is below
+what that cell's sample resolves, which is what a float-level change on another CPU
+leaves after calibration amplifies it. Paired summaries without per-unit values (the
+slope ``k``, ``mse``) keep no floor.
 
 Timing and memory are shown but not judged: they measure the machine, not the method.
 """
@@ -25,7 +32,8 @@ import pandas as pd
 
 from gaq.bench import results
 
-__all__ = ["COST_METRICS", "compare", "noise_floor", "report", "update_reference"]
+__all__ = ["COST_METRICS", "compare", "noise_floor", "paired_floor", "report",
+           "update_reference"]
 
 #: What the machine, not the method, decides: never judged.
 COST_METRICS = frozenset({"calibration_seconds", "images_per_second", "peak_memory_mb",
@@ -46,10 +54,13 @@ def _latest(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare(run: pd.DataFrame, reference: pd.DataFrame,
-            floor: pd.DataFrame | None = None) -> pd.DataFrame:
+            floor: pd.DataFrame | None = None,
+            paired: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per value this run computed: reference, run, difference, tolerance, verdict
     (``identical``, ``within noise``, ``differs``, ``new`` where the reference has no such
-    cell, ``cost`` for timing and memory)."""
+    cell, ``cost`` for timing and memory). ``floor``: per model and image metric, the FP
+    row's SD across seeds; ``paired``: per cell and paired metric, the standard error of
+    the reference value (:func:`paired_floor`)."""
     run = _latest(run[~run["metric"].isin(_SKIP)]).rename(columns={"value": "run"})
     ref = _latest(reference[~reference["metric"].isin(_SKIP)]).rename(
         columns={"value": "reference"})
@@ -60,6 +71,12 @@ def compare(run: pd.DataFrame, reference: pd.DataFrame,
         sd = floor.set_index(["model", "metric"])["sd"]
         keys = list(zip(table["model"], table["metric"], strict=True))
         tol = pd.Series([FLOOR_SDS * sd.get(k, float("nan")) for k in keys], index=table.index)
+    if paired is not None and len(paired):
+        se = paired.set_index(_KEYS)["se"]
+        keys = list(zip(*(table[k] for k in _KEYS), strict=True))
+        cell_tol = pd.Series([FLOOR_SDS * se.get(k, float("nan")) for k in keys],
+                             index=table.index)
+        tol = tol.where(tol.notna(), cell_tol)
     table["tolerance"] = tol
     exact = EXACT * table["reference"].abs().clip(lower=1.0)
     diff = table["difference"].abs()
@@ -97,9 +114,11 @@ def report(table: pd.DataFrame, benchmark: str, reference_dir: Path) -> str:
              f"noise* when the difference is below {FLOOR_SDS:g} standard deviations of the "
              "FP row's value across seeds at this image count (the noise floor, measured when "
              "the reference was written; a smaller difference cannot be resolved by this "
-             "protocol); otherwise it *differs*. Paired metrics (PSNR, ε-MSE and their "
-             "curves' summaries) have no floor: FP's value is 0 by construction. Timing and "
-             "memory are not judged.", ""]
+             "protocol); for a paired metric (PSNR, ε-MSE) the floor is per cell, "
+             f"{FLOOR_SDS:g} standard errors of the reference value over its images or "
+             "held-out trajectories; otherwise it *differs*. Paired summaries without "
+             "per-unit values (the slope k, mse) have no floor. Timing and memory are not "
+             "judged.", ""]
     shown = table[~table["verdict"].isin(("identical", "cost"))]
     if shown.empty:
         lines.append("Every judged value is identical to the reference.")
@@ -161,6 +180,29 @@ def update_reference(run_dir: Path, reference_dir: Path, floor: pd.DataFrame) ->
     floor.to_parquet(reference_dir / FLOOR_FILE, index=False)
     written.append(reference_dir / FLOOR_FILE)
     return written
+
+
+#: Per-unit rows of paired metrics: the file, its unit column, the metrics it holds.
+PAIRED_UNITS = {"per_image.parquet": "image", "per_trajectory.parquet": "trajectory"}
+
+
+def paired_floor(reference_dir: Path) -> pd.DataFrame:
+    """Per cell (model, method, bits, seed) and paired metric of the reference: the number
+    of sampling units ``n`` (images, held-out trajectories) and the standard error of their
+    mean, ``se = sd / √n``."""
+    metrics = reference_metrics(reference_dir)
+    frames = []
+    for name in PAIRED_UNITS:
+        path = reference_dir / name
+        if path.exists():
+            frames.append(results.current(pd.read_parquet(path), metrics))
+    cols = [*_KEYS, "n", "se"]
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    rows = pd.concat(frames, ignore_index=True)
+    grouped = rows.groupby(_KEYS)["value"].agg(n="count", sd="std").reset_index()
+    grouped["se"] = grouped["sd"] / grouped["n"].pow(0.5)
+    return grouped[cols]
 
 
 def read_floor(reference_dir: Path) -> pd.DataFrame | None:

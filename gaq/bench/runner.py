@@ -453,15 +453,21 @@ class Runner:
         return ctx._heldout[seed]
 
     def _noise_curves(self, ctx: _ModelContext, model: torch.nn.Module, seed: int,
-                      hook) -> dict[str, pd.Series]:
+                      hook) -> tuple[dict[str, pd.Series], pd.DataFrame | None]:
         """Per-timestep noise-prediction MSE against FP and the slope k_t of the error on
         eps_fp, on held-out FP trajectories, after the method's sampler correction (and
-        before it, for a method that has one)."""
-        from gaq.eval.eps import noise_curves
+        before it, for a method that has one); and each held-out trajectory's MSE averaged
+        over the timesteps, as rows (the spread the reproduction report's tolerance for
+        ``eps_mse`` is computed from)."""
+        from gaq.eval.eps import noise_measurements
 
-        curves = noise_curves(model, self._heldout(ctx, seed), self.bench.eval.batch_size,
-                              hook)
-        return {name: pd.Series(points) for name, points in curves.items()}
+        curves, by_traj = noise_measurements(model, self._heldout(ctx, seed),
+                                             self.bench.eval.batch_size, hook)
+        frames = [pd.DataFrame({"trajectory": list(values), "metric": name,
+                                "value": list(values.values())})
+                  for name, values in by_traj.items()]
+        per_traj = pd.concat(frames, ignore_index=True) if frames else None
+        return {name: pd.Series(points) for name, points in curves.items()}, per_traj
 
     def left_out(self, cell: Cell) -> str | None:
         """Why ``cell`` is not part of this run: its method is defined only for other
@@ -629,7 +635,8 @@ class Runner:
         if metrics_of_kind(wanted, "classes") and ctx.judges_classes:
             metrics["class_acc"] = self.class_accuracy(ctx, images)
         if metrics_of_kind(wanted, "curve") and self.bench.eval.heldout_trajectories > 0:
-            out.curves = self._noise_curves(ctx, out.model, cell.seed, out.hook)
+            out.curves, out.per_trajectory = self._noise_curves(ctx, out.model, cell.seed,
+                                                                 out.hook)
             for name, curve in out.curves.items():
                 if name.startswith("eps_mse"):
                     metrics[name] = float(curve.mean())
@@ -664,8 +671,11 @@ class Runner:
         # last: they mark the cell done, so a cell killed before them is re-run, and the
         # rerun's rows replace what the killed attempt appended (same cell id)
         keys = ("run_id", "cell_id", "benchmark", "model", "method", "bits", "seed")
-        tables = out.diagnostics | ({"per_image": out.per_image}
-                                    if out.per_image is not None else {})
+        tables = dict(out.diagnostics)
+        if out.per_image is not None:
+            tables["per_image"] = out.per_image
+        if out.per_trajectory is not None and cell.method.name != FP:
+            tables["per_trajectory"] = out.per_trajectory
         for name, frame in tables.items():
             for k in reversed(keys):
                 frame.insert(0, k, base[k])
@@ -698,6 +708,7 @@ class CellOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, pd.DataFrame] = field(default_factory=dict)
     per_image: pd.DataFrame | None = None
+    per_trajectory: pd.DataFrame | None = None
     curves: dict[str, pd.Series] = field(default_factory=dict)
 
 

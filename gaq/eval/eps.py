@@ -17,7 +17,8 @@ from torch import Tensor
 
 from gaq.eval.curve_names import UNCORRECTED
 
-__all__ = ["correlation_slope", "eps_error_by_timestep", "mean_eps_error", "noise_curves"]
+__all__ = ["correlation_slope", "eps_error_by_timestep", "mean_eps_error", "noise_curves",
+           "noise_measurements"]
 
 
 @dataclass
@@ -63,6 +64,13 @@ def correlation_slope(err: Tensor, fp: Tensor) -> float:
 @torch.no_grad()
 def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
                  hook=None) -> dict[str, dict[int, float]]:
+    """The per-timestep curves of :func:`noise_measurements` (see there)."""
+    return noise_measurements(model, heldout, batch_size, hook)[0]
+
+
+@torch.no_grad()
+def noise_measurements(model: torch.nn.Module, heldout, batch_size: int = 128, hook=None
+                       ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
     """Per-timestep curves of ``model`` on the rows of a held-out
     :class:`~gaq.calibration.CalibrationSet`: ``eps_mse`` and ``noise_k`` (the slope k_t),
     measured after ``hook``'s eps correction when a hook is given, plus
@@ -72,6 +80,11 @@ def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
     descending timesteps: the sampler's step index when the set holds every sampler step.
     Rows run on the model's device. With guidance the set holds both halves of every
     guided call; the curves compare the guided predictions ``u + g·(c − u)``.
+
+    Also returns, per held-out trajectory, its error averaged over the timesteps
+    (``eps_mse`` and, with a hook, ``eps_mse_uncorrected``): every trajectory visits every
+    timestep of the set, so the mean of these equals the mean of the curve, and their
+    spread is the sampling uncertainty of that mean (the trajectories are independent).
     """
     from gaq.calibration import combine_guidance
     from gaq.sampling import _noise_prediction, _split_hook
@@ -84,6 +97,20 @@ def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
     order = {t: i for i, t in enumerate(sorted(by_t, reverse=True))}
     after: dict[int, _Moments] = {}
     before: dict[int, _Moments] = {}  # only for a hook: without one it equals ``after``
+    # per trajectory: summed row errors over the timesteps, and how many timesteps
+    traj: dict[str, dict[int, list[float]]] = {"eps_mse": {}}
+    if eps_fn is not None:
+        traj["eps_mse" + UNCORRECTED] = {}
+
+    def per_trajectory(name: str, err: Tensor, image: Tensor | None) -> None:
+        if image is None:
+            return
+        row = err.double().pow(2).flatten(1).mean(1)
+        for i, e in zip(image.tolist(), row.tolist(), strict=True):
+            acc = traj[name].setdefault(int(i), [0.0, 0])
+            acc[0] += e
+            acc[1] += 1
+
     for t, rows in by_t.items():
         after[t] = _Moments()
         if eps_fn is not None:
@@ -96,18 +123,26 @@ def noise_curves(model: torch.nn.Module, heldout, batch_size: int = 128,
             eps = combine_guidance(eps, guidance)
             fp = combine_guidance(b["eps_fp"], guidance)
             x = x[: len(eps)]
+            # a guided pair is one trajectory: the image of its first (unconditional) row
+            image = None if rows.image is None else rows.image[b["index"].cpu()]
+            if image is not None and guidance is not None:
+                image = image[0::2]
             if eps_fn is not None:
                 before[t].add(eps.float().cpu() - fp, fp)
+                per_trajectory("eps_mse" + UNCORRECTED, eps.float().cpu() - fp, image)
                 corrected = eps_fn(order[t], t, x, eps)
                 if corrected is not None:
                     eps = corrected
             after[t].add(eps.float().cpu() - fp, fp)
+            per_trajectory("eps_mse", eps.float().cpu() - fp, image)
     out = {"eps_mse": {t: m.mse for t, m in after.items()},
            "noise_k": {t: m.slope for t, m in after.items()}}
     if eps_fn is not None:
         out["eps_mse" + UNCORRECTED] = {t: m.mse for t, m in before.items()}
         out["noise_k" + UNCORRECTED] = {t: m.slope for t, m in before.items()}
-    return out
+    by_traj = {name: {i: s / n for i, (s, n) in sorted(acc.items())}
+               for name, acc in traj.items() if acc}
+    return out, by_traj
 
 
 def eps_error_by_timestep(model: torch.nn.Module, heldout, batch_size: int = 128,
