@@ -409,9 +409,7 @@ def reproduce_floor(folder):
 def test_paired_metrics_are_judged_against_their_cells_standard_error(tmp_path):
     """A paired metric has no FP floor; its tolerance is twice the standard error of the
     reference value over the cell's images (PSNR) or held-out trajectories (ε-MSE)."""
-    from gaq.bench import reproduce
-
-    from gaq.bench import results
+    from gaq.bench import reproduce, results
 
     base = {"model": "m", "method": "rtn", "bits": "W4A8", "seed": 0}
     ref = pd.DataFrame([base | {"metric": "psnr", "value": 30.0},
