@@ -150,6 +150,14 @@ def update_reference(session: nox.Session) -> None:
     session.run(_bin("gaq"), "bench", *args, "--update-reference", external=True)
 
 
+@nox.session(name="fid-spread", default=False)
+def fid_spread(session: nox.Session) -> None:
+    """FID's spread across disjoint FP sample sets at 256, 1,024 and 4,096 images (what a
+    difference between two rows must beat): results/protocol/fid_spread.md."""
+    _env(session)
+    session.run(_bin("gaq"), "fid-spread", *session.posargs, external=True)
+
+
 @nox.session(name="gpu-smoke", default=False)
 def gpu_smoke(session: nox.Session) -> None:
     """Every registered method on each bundled model family on CUDA; skips without a GPU.

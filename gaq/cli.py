@@ -256,6 +256,31 @@ def _against_reference(args: argparse.Namespace, runner) -> None:
     print(f"{reproduce.summary(table)} ({out})")
 
 
+def _fid_spread(args: argparse.Namespace) -> None:
+    import tempfile
+    import time
+
+    from gaq.bench.fid_spread import measure_fid_spread, write_fid_spread
+    from gaq.bench.runner import Runner
+    from gaq.bench.spec import load_benchmark
+
+    bench = load_benchmark(_benchmark_path(args.file))
+    model = args.model or bench.models[0]
+    if model not in bench.models:
+        raise GaqError(f"--model {model!r} is not a model of {bench.name} "
+                       f"({', '.join(bench.models)})")
+    sizes = _int_list("--sizes", args.sizes)
+    if args.images < max(sizes):
+        raise GaqError(f"--images {args.images} is smaller than the largest set "
+                       f"({max(sizes)}): raise --images or drop that size")
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = Runner(bench, tmp)
+        start = time.perf_counter()
+        df = measure_fid_spread(runner, model, sizes, args.images)
+        md = write_fid_spread(df, Path(args.out), bench.name, time.perf_counter() - start)
+    print(md.read_text(encoding="utf-8"))
+
+
 def _int_list(flag: str, text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -439,6 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--benchmarks", default="benchmarks")
     ls.add_argument("--results", default=str(RESULTS))
     ls.set_defaults(func=_ls)
+
+    fs = sub.add_parser("fid-spread", help="measure FID's spread across disjoint FP sample sets",
+                        description="Sample FP images once with a benchmark's sampler and "
+                        "score disjoint sets of each size against its reference: the "
+                        "seed-to-seed spread of FID at that image count (written to "
+                        "results/protocol).")
+    fs.add_argument("file", nargs="?", default="w4a8-full",
+                    help="benchmark whose model, sampler and metrics to use (default w4a8-full)")
+    fs.add_argument("--model", help="model of the benchmark (default: its first)")
+    fs.add_argument("--images", type=int, default=16384, help="FP images to sample")
+    fs.add_argument("--sizes", default="256,1024,4096", help="set sizes, comma-separated")
+    fs.add_argument("--out", default=str(RESULTS / "protocol"))
+    fs.set_defaults(func=_fid_spread)
 
     f = sub.add_parser("perf", help="measure sampling overhead and calibration memory",
                        description="Speed and memory figures on the bundled model, written "

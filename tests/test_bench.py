@@ -457,3 +457,34 @@ def test_a_method_for_other_architectures_is_left_out_once(tmp_path):
     assert "htg is defined for DiT models, not UNet2DModel" in reasons[("htg", 0)]
     assert reasons[("htg", 1)] == reasons[("htg", 0)]
     assert logs == ["digits / htg: left out, htg is defined for DiT models, not UNet2DModel"]
+
+
+def test_fid_spread_scores_disjoint_sets_like_a_cell(tmp_path, capsys):
+    """`gaq fid-spread`: FP samples cut into disjoint sets of each size, each set's FID the
+    FID a cell of that many images gets (the first set is image 0..n-1 of seed 0, which is
+    what FP's cell samples)."""
+    from gaq.bench.fid_spread import spread_table
+    from gaq.bench.runner import Runner
+    from gaq.eval.metrics import image_metrics
+    from gaq.sampling import sample, to_uint8
+
+    bench = tmp_path / "micro.toml"
+    bench.write_text(MICRO)
+    out = tmp_path / "protocol"
+    assert main(["fid-spread", str(bench), "--images", "64", "--sizes", "16,32",
+                 "--out", str(out)]) == 0
+    df = pd.read_parquet(out / "fid_spread.parquet")
+    assert sorted(df.groupby("images")["set"].count().items()) == [(16, 4), (32, 2)]
+    assert df["fid"].nunique() == len(df)  # disjoint sets, different values
+    runner = Runner(load_benchmark(bench), tmp_path / "r")
+    ctx = runner.model("digits")
+    first = to_uint8(sample(ctx.pipe, 32, seed=0, sampler=ctx.sampler, batch_size=48))
+    direct = image_metrics(first, ctx.reference(), ctx.space, ["fid"], cleanfid_check=False)
+    got = df[(df["images"] == 32) & (df["set"] == 0)]["fid"].item()
+    assert got == pytest.approx(direct["fid"], rel=1e-6)
+    table = spread_table(df)
+    sd16 = df[df["images"] == 16]["fid"].std()
+    assert f"| {2 * 2 ** 0.5 * sd16:.2f} |" in table.splitlines()[2]
+    assert "FID spread" in capsys.readouterr().out
+    assert main(["fid-spread", str(bench), "--images", "8", "--sizes", "16",
+                 "--out", str(out)]) == 2  # a set larger than the sample: one clear line
