@@ -49,7 +49,8 @@ def spread_table(df: pd.DataFrame) -> str:
     """Markdown: per size, how many sets, FID's mean, SD and range, and the smallest
     difference between two single-seed rows that lies outside two SDs of their
     difference (2·√2·SD)."""
-    lines = ["| model | images | sets | FID mean | SD | min | max | resolvable difference, 1 seed |",
+    lines = ["| model | images | sets | FID mean | SD | min | max "
+             "| resolvable difference, 1 seed |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, n), part in df.groupby(["model", "images"]):
         sd = part["fid"].std()
