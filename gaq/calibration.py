@@ -605,7 +605,9 @@ def per_timestep_loop(calib: CalibrationSet, *, init_rows: int = 16, batch_size:
     calibrates its per-timestep activation parameters: for each timestep (ascending), a
     batch of ``init_rows`` of its rows drawn at random (the range initialisation), then all
     its rows in a random order in batches of ``batch_size`` (the running statistics: an EMA
-    observer updates on each). Deterministic from ``seed``; each table row sees only its own
+    observer updates on each). ``init_rows=0`` skips the initialisation batch, for
+    observers that pool everything they see (min/max, MSE), which would otherwise count
+    those rows twice. Deterministic from ``seed``; each table row sees only its own
     timestep's inputs, whatever the batch layout of the set."""
     gen = torch.Generator().manual_seed(seed)
     plan: list[Tensor] = []
@@ -613,7 +615,8 @@ def per_timestep_loop(calib: CalibrationSet, *, init_rows: int = 16, batch_size:
         idx = (calib.t == ts).nonzero().flatten().cpu()
         init = idx[torch.randperm(len(idx), generator=gen)[: min(init_rows, len(idx))]]
         order = idx[torch.randperm(len(idx), generator=gen)]
-        plan.append(init)
+        if len(init):
+            plan.append(init)
         plan.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
 
     def loop(model: nn.Module) -> None:

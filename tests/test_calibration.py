@@ -460,3 +460,7 @@ def test_per_timestep_loop_feeds_one_timestep_at_a_time():
     per_timestep_loop(calib, init_rows=16, batch_size=16, seed=3)(Probe())
     again = list(seen)
     assert again == seen_copy
+    # init_rows=0: every row exactly once (observers that pool what they see)
+    seen.clear()
+    per_timestep_loop(calib, init_rows=0, batch_size=16, seed=3)(Probe())
+    assert sorted(r for _, rows in seen for r in rows) == list(range(n))

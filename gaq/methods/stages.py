@@ -160,13 +160,15 @@ def init_activations(run: Run, batch_size: int, *, rows: int | None = None,
     Per-timestep tables are calibrated one timestep at a time on that timestep's rows,
     the activation-only rows of an ``act_every_step`` set included, as TFMQ-DM's code does
     (:func:`gaq.calibration.per_timestep_loop`: 16 random rows, then every row in batches
-    of 16); ``batch_size`` and ``rows`` then do not apply."""
+    of 16; observers other than EMA pool what they see, so they get every row once, without
+    the initialisation batch); ``batch_size`` and ``rows`` then do not apply."""
     if not run.quantizes_activations:
         return
     if run.quant.act.per_timestep and not callable(run.calib):
         from gaq.calibration import per_timestep_loop
 
-        loop = per_timestep_loop(run.calib.activation_rows(), init_rows=TFMQ_ACT_ROWS,
+        init_rows = TFMQ_ACT_ROWS if run.quant.act.range_init == "ema" else 0
+        loop = per_timestep_loop(run.calib.activation_rows(), init_rows=init_rows,
                                  batch_size=TFMQ_ACT_ROWS, seed=seed)
         calibrate_activations(run.qmodel, loop)
     elif rows is None:
