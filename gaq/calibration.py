@@ -425,6 +425,17 @@ def forward_loop(calib: CalibrationSet, batch_size: int) -> Callable[[nn.Module]
     floating dtype of the model's first parameter, under ``torch.no_grad`` (observers
     need activations, not gradients).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n = len(calib)
+    return _rows_loop(calib, [torch.arange(s, min(s + batch_size, n))
+                              for s in range(0, n, batch_size)])
+
+
+def _rows_loop(calib: CalibrationSet, plan: list[Tensor]) -> Callable[[nn.Module], None]:
+    """A forward loop running the rows of ``calib`` batch by batch as ``plan`` lists them
+    (row indices per batch), on the device and floating dtype of the model's first
+    parameter, without gradients."""
 
     def loop(model: nn.Module) -> None:
         ref = next(iter(model.parameters()), None)
@@ -435,9 +446,10 @@ def forward_loop(calib: CalibrationSet, batch_size: int) -> Callable[[nn.Module]
             return v.to(device, dtype) if v.is_floating_point() else v.to(device)
 
         with torch.no_grad():
-            for batch in calib.batches(batch_size):
-                cond = {k: move(v) for k, v in batch["cond"].items()}
-                model(move(batch["x"]), batch["t"].to(device), **cond)
+            for idx in plan:
+                idx = idx.to(calib.x.device)
+                cond = {k: move(v[idx]) for k, v in calib.cond.items()}
+                model(move(calib.x[idx]), calib.t[idx].to(device), **cond)
 
     return loop
 
@@ -619,21 +631,7 @@ def per_timestep_loop(calib: CalibrationSet, *, init_rows: int = 16, batch_size:
             plan.append(init)
         plan.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
 
-    def loop(model: nn.Module) -> None:
-        ref = next(iter(model.parameters()), None)
-        device = ref.device if ref is not None else calib.x.device
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else calib.x.dtype
-
-        def move(v: Tensor) -> Tensor:
-            return v.to(device, dtype) if v.is_floating_point() else v.to(device)
-
-        with torch.no_grad():
-            for idx in plan:
-                rows = calib.subset(idx)
-                cond = {k: move(v) for k, v in rows.cond.items()}
-                model(move(rows.x), rows.t.to(device), **cond)
-
-    return loop
+    return _rows_loop(calib, plan)
 
 
 # --------------------------------------------------------------------------------------
