@@ -464,3 +464,14 @@ def test_per_timestep_loop_feeds_one_timestep_at_a_time():
     seen.clear()
     per_timestep_loop(calib, init_rows=0, batch_size=16, seed=3)(Probe())
     assert sorted(r for _, rows in seen for r in rows) == list(range(n))
+
+
+def test_act_every_step_with_srm_covers_the_steps_it_did_not_select(tiny_unet, sched):
+    s = spec(protocol="srm", steps=6, interval=2, samples_per_step=2, srm_probe=2,
+             act_every_step=True)
+    calib = record(tiny_unet, sched, s)
+    visited = sampling_timesteps(sched, 6)
+    chosen = {visited[k] for k in calib.meta["srm_steps"]}
+    assert set(calib.timesteps()) == chosen
+    assert set(calib.act_extra.timesteps()) == set(visited) - chosen
+    assert set(calib.activation_rows().timesteps()) == set(visited)
