@@ -488,3 +488,24 @@ def test_fid_spread_scores_disjoint_sets_like_a_cell(tmp_path, capsys):
     assert "FID spread" in capsys.readouterr().out
     assert main(["fid-spread", str(bench), "--images", "8", "--sizes", "16",
                  "--out", str(out)]) == 2  # a set larger than the sample: one clear line
+
+
+def test_space_needed_counts_activation_rows_and_skips_left_out_cells(tmp_path):
+    """The preflight's disk estimate: act_every_step records the training trajectories at
+    every step (twice the rows at interval 2), and a method left out of a model (HTG on a
+    UNet) keeps no state."""
+    from gaq.bench.runner import Runner
+
+    def needed(text: str) -> tuple[int, int]:
+        path = tmp_path / "b.toml"
+        path.write_text(text)
+        return Runner(load_benchmark(path), tmp_path / "r").space_needed()
+
+    base = MICRO.replace("samples_per_step = 8", "samples_per_step = 8\nholdout_per_step = 0")
+    art, cache = needed(base)
+    _, cache_every = needed(base.replace("holdout_per_step = 0",
+                                         "holdout_per_step = 0\nact_every_step = true"))
+    assert cache_every == 2 * cache  # 4 steps against the 2 kept at interval 2
+    art_htg, _ = needed(base.replace('  { name = "rtn", preset = "cpu" },',
+                                     '  { name = "htg", preset = "cpu" },'))
+    assert art_htg == art // 2  # rtn and ptqd keep a state; htg on a UNet does not

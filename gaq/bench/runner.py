@@ -342,13 +342,12 @@ class Runner:
         check_store(f"gaq-{self.bench.name}")
         self._check_free_space()
 
-    def _check_free_space(self) -> None:
-        """Enough free disk for what the sweep keeps: each quantized cell's state in the
-        MLflow artifact store (about the denoiser's size: real models reach GBs per cell)
-        and each model's calibration sets in the cache. Block caches streamed during
-        reconstruction are transient and not counted."""
-        from gaq.bench.tracking import artifact_root
-        from gaq.calibration import default_cache_dir
+    def space_needed(self) -> tuple[int, int]:
+        """Bytes the sweep keeps: each quantized cell's state in the MLflow artifact store
+        (about the denoiser's size: real models reach GBs per cell; cells a method is left
+        out of keep nothing) and each model's calibration sets in the cache. Block caches
+        streamed during reconstruction are transient and not counted."""
+        from gaq.registry import get_method
 
         grid = cells(self.bench)
         artifacts = cache = 0
@@ -356,14 +355,27 @@ class Runner:
             ctx = self.model(model_id)
             model_bytes = sum(p.numel() * p.element_size()
                               for p in ctx.pipe.denoiser.parameters())
-            quantized = sum(1 for c in grid if c.model == model_id and c.method.name != FP)
+            quantized = sum(1 for c in grid if c.model == model_id and c.method.name != FP
+                            and not get_method(c.method.name).unsupported(ctx.adapter.arch))
             artifacts += quantized * model_bytes
             cal = ctx.calibration
             kept = len(cal.kept_steps())  # held-out rows at each; training rows too (interval)
-            rows = (cal.num_train_trajectories * (kept if cal.protocol == "interval" else 1)
+            # training trajectories: at the kept steps (interval, srm), at every step with
+            # activation-only rows, at one step each (gaussian)
+            train_steps = (cal.steps if cal.act_every_step
+                           else kept if cal.protocol in ("interval", "srm") else 1)
+            rows = (cal.num_train_trajectories * train_steps
                     + cal.holdout_per_step * kept) * (2 if cal.guidance else 1)
             per_row = 2 * math.prod(ctx.pipe.latent_shape) * 4  # x_t and the FP noise
             cache += len(self.bench.eval.seeds) * rows * per_row
+        return artifacts, cache
+
+    def _check_free_space(self) -> None:
+        """Enough free disk for :meth:`space_needed`, checked before any cell runs."""
+        from gaq.bench.tracking import artifact_root
+        from gaq.calibration import default_cache_dir
+
+        artifacts, cache = self.space_needed()
         root = artifact_root()
         places = [(Path(unquote(urlparse(root).path)) if root else self.dir, artifacts,
                    "the MLflow artifact store (a quantized state per cell)"),
