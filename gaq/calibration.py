@@ -590,25 +590,19 @@ def record_calibration(
                            f"calibration recorded from {model_id!r}",
                            "the FP model diverges on its own trajectories: check its weights, "
                            "scheduler and dtype (float16 overflow)")
+    # training rows at a step the protocol does not keep are activation-only (a gaussian
+    # set keeps every step, so it has none)
     step = rows.pop("step")
     kept_steps = torch.tensor(spec.kept_steps(len(timesteps)) if kept is None else kept)
     act_only = ~rows["split"] & ~torch.isin(step, kept_steps)
-    if spec.protocol == "gaussian":
-        act_only[:] = False
-    calib = _rows_to_set(rows, ~act_only, meta)
+    calib = CalibrationSet(**rows, meta=meta)
     if act_only.any():
-        calib.act_extra = _rows_to_set(rows, act_only, {})
+        extra = calib.subset(act_only)
+        calib = calib.subset(~act_only)
+        calib.act_extra = extra
     if cache:
         _save(folder, key, calib, _scheduler_json(pipe.scheduler), str(pipe.device))
     return calib
-
-
-def _rows_to_set(rows: dict[str, Any], mask: Tensor, meta: dict[str, Any]) -> CalibrationSet:
-    return CalibrationSet(
-        x=rows["x"][mask], t=rows["t"][mask], eps_fp=rows["eps_fp"][mask],
-        cond={k: v[mask] for k, v in rows["cond"].items()}, split=rows["split"][mask],
-        image=rows["image"][mask], meta=meta,
-    )
 
 
 def per_timestep_loop(calib: CalibrationSet, *, init_rows: int = 16, batch_size: int = 16,

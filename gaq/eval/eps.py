@@ -33,15 +33,18 @@ class _Moments:
     fp2: float = 0.0
     fp_err: float = 0.0
 
-    def add(self, err: Tensor, fp: Tensor) -> None:
+    def add(self, err: Tensor, fp: Tensor) -> Tensor:
+        """Adds the rows; returns each row's mean squared error (float64)."""
         err, fp = err.double(), fp.double()
         self.rows += err.shape[0]
         self.n += err.numel()
-        self.se_rows += float(err.pow(2).flatten(1).mean(1).sum())
+        row_mse = err.pow(2).flatten(1).mean(1)
+        self.se_rows += float(row_mse.sum())
         self.fp += float(fp.sum())
         self.err += float(err.sum())
         self.fp2 += float(fp.pow(2).sum())
         self.fp_err += float((fp * err).sum())
+        return row_mse
 
     @property
     def mse(self) -> float:
@@ -102,11 +105,10 @@ def noise_measurements(model: torch.nn.Module, heldout, batch_size: int = 128, h
     if eps_fn is not None:
         traj["eps_mse" + UNCORRECTED] = {}
 
-    def per_trajectory(name: str, err: Tensor, image: Tensor | None) -> None:
+    def per_trajectory(name: str, row_mse: Tensor, image: Tensor | None) -> None:
         if image is None:
             return
-        row = err.double().pow(2).flatten(1).mean(1)
-        for i, e in zip(image.tolist(), row.tolist(), strict=True):
+        for i, e in zip(image.tolist(), row_mse.tolist(), strict=True):
             acc = traj[name].setdefault(int(i), [0.0, 0])
             acc[0] += e
             acc[1] += 1
@@ -128,13 +130,12 @@ def noise_measurements(model: torch.nn.Module, heldout, batch_size: int = 128, h
             if image is not None and guidance is not None:
                 image = image[0::2]
             if eps_fn is not None:
-                before[t].add(eps.float().cpu() - fp, fp)
-                per_trajectory("eps_mse" + UNCORRECTED, eps.float().cpu() - fp, image)
+                row_mse = before[t].add(eps.float().cpu() - fp, fp)
+                per_trajectory("eps_mse" + UNCORRECTED, row_mse, image)
                 corrected = eps_fn(order[t], t, x, eps)
                 if corrected is not None:
                     eps = corrected
-            after[t].add(eps.float().cpu() - fp, fp)
-            per_trajectory("eps_mse", eps.float().cpu() - fp, image)
+            per_trajectory("eps_mse", after[t].add(eps.float().cpu() - fp, fp), image)
     out = {"eps_mse": {t: m.mse for t, m in after.items()},
            "noise_k": {t: m.slope for t, m in after.items()}}
     if eps_fn is not None:
