@@ -25,7 +25,7 @@ from gaq.quantize import (
     quantize_model,
     save_state,
 )
-from gaq.reconstruction import ReconConfig
+from gaq.reconstruction import ReconConfig, block_act_quantizers
 
 TINY = TDQConfig(recon=ReconConfig(weight_iters=5, batch_size=8, capture_batch=8,
                                    cache="memory"),
@@ -72,21 +72,30 @@ def fitted_unet(make_tiny_model):
     return model, calib, qmodel, n, run.blocks
 
 
-@pytest.mark.xfail(strict=False, reason="environment-dependent: 19 of 59 quantizers vary in "
-                   "the environment built on 2026-12-01, with the previous commit too (39 of 59 "
-                   "when written); open in the session notes")
-def test_step_sizes_vary_with_t(fitted_unet):
+def test_step_sizes_vary_with_t_exactly_where_a_fit_was_kept(fitted_unet):
     _, _, qmodel, n, results = fitted_unet
     assert n > 0 and results
     quantizers = [q for _, q in act_quantizers(qmodel) if q.mode == "conditioned"]
     assert len(quantizers) == n
-    varying = sum(not torch.equal(q.qparams(5)[0], q.qparams(90)[0]) for q in quantizers)
-    # a block whose fit did not lower its calibration error keeps its constant
-    # initial MLPs, so not every quantizer varies (measured: 39 of 59)
-    assert varying > n / 2, (varying, n)
-    # fitting never leaves a block worse than the static initialisation
-    assert all(r.metrics["act_after"] <= r.metrics["act_before"] or not r.metrics["fit_kept"]
-               for r in results)
+
+    def varies(q) -> bool:
+        return not torch.equal(q.qparams(5)[0], q.qparams(90)[0])
+
+    # How many blocks keep their fit depends on floating-point details of the machine
+    # (measured: 39 of 59 quantizers varied on one, 19 of 59 on another), so the test
+    # checks the rule instead of a count: a kept fit makes the block's step sizes depend
+    # on t, a rejected fit restores the constant initial MLPs (Δ(t) = s0 for every t).
+    fitted = [r for r in results if "fit_kept" in r.metrics]
+    assert any(r.metrics["fit_kept"] for r in fitted), "no block kept its fit"
+    for r in fitted:
+        block_quantizers = [q for q in block_act_quantizers(qmodel.get_submodule(r.block))
+                            if q.mode == "conditioned"]
+        assert block_quantizers, r.block
+        if r.metrics["fit_kept"]:
+            assert r.metrics["act_after"] <= r.metrics["act_before"], r.block
+            assert any(varies(q) for q in block_quantizers), r.block
+        else:
+            assert not any(varies(q) for q in block_quantizers), r.block
 
 
 def test_table_is_bit_identical_to_provider(fitted_unet):
