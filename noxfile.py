@@ -136,7 +136,8 @@ def ui(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def perf(session: nox.Session) -> None:
-    """Speed and memory figures on the bundled model, written to results/perf."""
+    """Speed and memory figures on the bundled model, written to results/perf
+    (nox -s perf -- --only sampling re-measures one section and keeps the others)."""
     _env(session)
     session.run(_bin("gaq"), "perf", *session.posargs, external=True)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -193,48 +193,112 @@ def gaq_overhead(bits: str = "W4A8", model_id: str = "digits", preset: str = "cp
             "repeats": repeats, "threads": torch.get_num_threads()}
 
 
-def run(out_dir: str | Path = "results/perf") -> dict:
+#: The sections of ``gaq perf``, in the order a full run measures them. Each is one
+#: measurement function; ``run(sections=...)`` re-measures some of them and keeps the rest
+#: of ``perf.json`` as it was, so one figure can be refreshed without the whole hour.
+SECTIONS: dict[str, Callable[[], object]] = {
+    "sampling": lambda: sampling_overhead(),
+    "calibration_memory": lambda: calibration_peak_memory(),
+    "memory_scaling": lambda: memory_scaling(),
+    "gaq_overhead": lambda: gaq_overhead(),
+}
+
+
+def _stamp() -> dict:
+    """Where and when a section was measured: sections of one ``perf.json`` can come from
+    different runs, and speed figures mean little without the machine and its load."""
+    import datetime
+    import os
+
+    from gaq.bench.provenance import provenance
+
+    prov = provenance()
+    return {"measured": datetime.date.today().isoformat(), "git_commit": prov["git_commit"],
+            "cpu": platform.processor() or platform.machine(),
+            "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def check_sections(sections: list[str] | None) -> list[str]:
+    """The sections to measure (all when None), refusing an unknown name before any
+    measuring starts."""
+    from difflib import get_close_matches
+
+    from gaq.errors import GaqError
+
+    if sections is None:
+        return list(SECTIONS)
+    for name in sections:
+        if name not in SECTIONS:
+            close = get_close_matches(name, SECTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise GaqError(f"gaq perf --only: unknown section {name!r}{hint}; sections: "
+                           f"{', '.join(SECTIONS)}")
+    return list(sections)
+
+
+def run(out_dir: str | Path = "results/perf", sections: list[str] | None = None) -> dict:
+    """Measure ``sections`` (default: all) into ``out_dir/perf.json`` and rewrite
+    ``perf.md`` from it. Sections not measured keep their earlier figures and stamps."""
+    sections = check_sections(sections)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from gaq.models.loading import load_model
 
-    # preflight: what the last section needs, before the first one spends minutes
-    overhead_calibration_spec(load_model("digits"))
-    report: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "cores": len(__import__("os").sched_getaffinity(0))},
-    }
+    if "gaq_overhead" in sections:
+        # preflight: what the last section needs, before the first one spends minutes
+        overhead_calibration_spec(load_model("digits"))
+    path = out / "perf.json"
+    report: dict = json.loads(path.read_text()) if path.exists() else {}
+    report.setdefault("stamps", {})
     partial = out / "perf.partial.json"
-    for key, measure in (("sampling", sampling_overhead),
-                         ("calibration_memory", calibration_peak_memory),
-                         ("memory_scaling", memory_scaling), ("gaq_overhead", gaq_overhead)):
-        report[key] = measure()
+    for key in sections:
+        report[key] = SECTIONS[key]()
+        report["stamps"][key] = _stamp()
         # each section as it completes: a later failure keeps what was measured
         partial.write_text(json.dumps(report, indent=2) + "\n")
-    report["parent_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (out / "perf.json").write_text(json.dumps(report, indent=2) + "\n")
-    partial.unlink()
-    m = report["calibration_memory"]
-    md = ["| figure | value | target |", "|---|---|---|"]
-    for s in report["sampling"]:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
+    (out / "perf.md").write_text(render(report))
+    return report
+
+
+def _when(report: dict, key: str) -> str:
+    stamp = report.get("stamps", {}).get(key)
+    if not stamp:
+        return "before stamps were kept"
+    return f"{stamp['measured']}, {stamp['cores']} cores, {stamp['threads']} threads"
+
+
+def render(report: dict) -> str:
+    """``perf.md``: one row per figure, with when and on what each section was measured;
+    a section never measured is named with the command that measures it."""
+    md = ["| figure | value | target | measured |", "|---|---|---|---|"]
+    for s in report.get("sampling", []):
         md.append(
             f"| {s['bits']} sampling time / FP ({s['images']} images, batch {s['batch_size']}, "
             f"{s['steps']} DDIM steps, {s['backend']}, {s['threads']} threads) | "
             f"{s['ratio']:.2f}x, median of {s['repeats']} paired runs (range "
             f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f}; median {s['quant_seconds']:.2f} s vs "
-            f"{s['fp_seconds']:.2f} s) | <= 1.3x |")
-    md.append(f"| calibration peak RSS ({m['method']} {m['preset']}, {m['bits']}, "
-              f"{m['calibration_rows']} rows) | {m['peak_rss_mb']:.0f} MB | <= 2048 MB |")
-    for r in report["memory_scaling"]:
+            f"{s['fp_seconds']:.2f} s) | <= 1.3x | {_when(report, 'sampling')} |")
+    if m := report.get("calibration_memory"):
+        md.append(f"| calibration peak RSS ({m['method']} {m['preset']}, {m['bits']}, "
+                  f"{m['calibration_rows']} rows) | {m['peak_rss_mb']:.0f} MB | <= 2048 MB | "
+                  f"{_when(report, 'calibration_memory')} |")
+    for r in report.get("memory_scaling", []):
         md.append(f"| calibration peak RSS ({r['method']}, {r['calibration_rows']:,} rows = "
                   f"{r['calibration_mb']:.0f} MB of calibration data, disk-streamed blocks) | "
-                  f"{r['peak_rss_mb']:.0f} MB | grows by at most the data |")
-    g = report["gaq_overhead"]
-    md.append(f"| GAQ calibration time / gaq-uniform ({g['preset']}, {g['bits']}, "
-              f"{g['calibration_rows']} rows, {g['threads']} threads) | {g['ratio']:.2f}x, "
-              f"median of {g['repeats']} paired runs (range {g['ratio_min']:.2f}-"
-              f"{g['ratio_max']:.2f}; {g['gaq_seconds']:.0f} s vs {g['uniform_seconds']:.0f} s, "
-              f"meta-learning {g['meta_seconds']:.0f} s) | <= 1.3x |")
-    (out / "perf.md").write_text("\n".join(md) + "\n")
-    return report
+                  f"{r['peak_rss_mb']:.0f} MB | grows by at most the data | "
+                  f"{_when(report, 'memory_scaling')} |")
+    if g := report.get("gaq_overhead"):
+        md.append(f"| GAQ calibration time / gaq-uniform ({g['preset']}, {g['bits']}, "
+                  f"{g['calibration_rows']} rows, {g['threads']} threads) | {g['ratio']:.2f}x, "
+                  f"median of {g['repeats']} paired runs (range {g['ratio_min']:.2f}-"
+                  f"{g['ratio_max']:.2f}; {g['gaq_seconds']:.0f} s vs "
+                  f"{g['uniform_seconds']:.0f} s, meta-learning {g['meta_seconds']:.0f} s) | "
+                  f"<= 1.3x | {_when(report, 'gaq_overhead')} |")
+    missing = [k for k in SECTIONS if k not in report]
+    if missing:
+        md += ["", "Not measured yet: " + ", ".join(f"`{k}`" for k in missing)
+               + f" (`gaq perf --only {','.join(missing)}`)."]
+    return "\n".join(md) + "\n"
