@@ -13,7 +13,6 @@ stay fast.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import hashlib
 import json
@@ -25,7 +24,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
-from gaq.errors import GaqError
+from gaq.errors import GaqError, did_you_mean
 
 __all__ = [
     "ConfigError",
@@ -480,8 +479,8 @@ class Config:
         if unknown:
             hints = []
             for k in unknown:
-                close = difflib.get_close_matches(str(k), list(fields), n=1)
-                hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+                hint = did_you_mean(k, fields)
+                hints.append(f"{k!r} ({hint})" if hint else repr(k))
             raise ConfigError(
                 (),
                 f"unknown key(s) for {target.type_name()}: {', '.join(hints)}; "

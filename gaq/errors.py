@@ -1,5 +1,16 @@
 """User-facing errors: the CLI prints their message as one line and exits non-zero."""
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: object, known: Iterable[str], n: int = 1) -> str:
+    """``"did you mean 'x'?"`` (or ``'x' or 'y'`` for ``n`` > 1) for the known names close
+    to a misspelt ``name``, or ``""`` when none is close: the one spelling of the hint in
+    every "unknown ..." message."""
+    close = difflib.get_close_matches(str(name), list(known), n=n, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
 
 class GaqError(Exception):
     """An error caused by input the user can fix; the message says what and how."""

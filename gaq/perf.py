@@ -222,16 +222,14 @@ def _stamp() -> dict:
 def check_sections(sections: list[str] | None) -> list[str]:
     """The sections to measure (all when None), refusing an unknown name before any
     measuring starts."""
-    from difflib import get_close_matches
-
-    from gaq.errors import GaqError
+    from gaq.errors import GaqError, did_you_mean
 
     if sections is None:
         return list(SECTIONS)
     for name in sections:
         if name not in SECTIONS:
-            close = get_close_matches(name, SECTIONS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(name, SECTIONS)
+            hint = f" ({hint})" if hint else ""
             raise GaqError(f"gaq perf --only: unknown section {name!r}{hint}; sections: "
                            f"{', '.join(SECTIONS)}")
     return list(sections)

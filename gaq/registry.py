@@ -8,14 +8,13 @@ entry-point group; entry points are read (not imported) on the first lookup.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import re
 import warnings
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gaq.errors import GaqError
+from gaq.errors import GaqError, did_you_mean
 
 if TYPE_CHECKING:
     from gaq.methods.base import Method
@@ -61,11 +60,9 @@ class UnknownMethodError(GaqError, KeyError):
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         self.known = known
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        msg = f"unknown method {name!r}"
-        if close:
-            msg += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
-        msg += (" " if close else "; ") + "known: " + (", ".join(known) if known else "(none)")
+        hint = did_you_mean(name, known, n=3)
+        msg = f"unknown method {name!r}" + (f"; {hint} " if hint else "; ")
+        msg += "known: " + (", ".join(known) if known else "(none)")
         self.message = msg
         super().__init__(msg)
 

@@ -15,7 +15,6 @@ family the suite cannot express this way (flow matching) is refused.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from gaq.errors import GaqError
+from gaq.errors import GaqError, did_you_mean
 
 if TYPE_CHECKING:
     from gaq.models.pipeline import Pipeline
@@ -93,8 +92,8 @@ _UNSUPPORTED_SCHEDULERS = ("FlowMatch",)
 def sampler_kind(name: str) -> SamplerKind:
     """The registered sampler ``name``; an unknown one names the known ones."""
     if name not in SAMPLERS:
-        close = difflib.get_close_matches(name, SAMPLERS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, SAMPLERS)
+        hint = f"; {hint}" if hint else ""
         raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)}){hint}")
     return SAMPLERS[name]
 

@@ -21,7 +21,7 @@ from gaq.config import (
     non_negative_int,
     positive_int,
 )
-from gaq.errors import GaqError
+from gaq.errors import GaqError, did_you_mean
 from gaq.sampling import SamplerConfig
 
 FP = "fp"  # the unquantized model: a row of every benchmark, measured in the same harness
@@ -170,13 +170,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _unknown(where: str, data: dict, allowed: set[str]) -> None:
-    import difflib
-
     for key in data:
         if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
-            hint = (f"; did you mean {close[0]!r}?" if close
-                    else f"; allowed: {', '.join(sorted(allowed))}")
+            hint = did_you_mean(key, sorted(allowed))
+            hint = f"; {hint}" if hint else f"; allowed: {', '.join(sorted(allowed))}"
             raise ConfigError(f"{where}{key}" if where else key, f"is not a known key{hint}")
 
 

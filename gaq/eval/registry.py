@@ -13,7 +13,6 @@ when a cell first computes them.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import warnings
 from collections.abc import Callable, Iterable
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Literal
 
-from gaq.errors import GaqError
+from gaq.errors import GaqError, did_you_mean
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -120,8 +119,8 @@ class UnknownMetricError(GaqError, KeyError):
     """A metric name nothing registered; the message suggests close names."""
 
     def __init__(self, name: str, known: list[str]) -> None:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, known, n=3)
+        hint = f"; {hint}" if hint else ""
         self.message = f"unknown metric {name!r}{hint} known: {', '.join(known)}"
         super().__init__(self.message)
 
