@@ -17,6 +17,7 @@ Backends: NCCL where the device is CUDA, gloo on the CPU. Outside ``torchrun`` (
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import os
 from collections.abc import Callable, Sequence
@@ -104,6 +105,11 @@ class World:
 _WORLD: World | None = None
 
 
+def _shutdown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def init(device: torch.device | str) -> World:
     """Join the ``torchrun`` job if there is one (NCCL for CUDA devices, gloo otherwise);
     once per process. Each CUDA rank uses GPU ``LOCAL_RANK``."""
@@ -121,6 +127,10 @@ def init(device: torch.device | str) -> World:
         torch.cuda.set_device(dev)
     if not tdist.is_initialized():
         tdist.init_process_group(backend, timeout=_dt.timedelta(minutes=30))
+        # Tear the group down before the interpreter does: left to shutdown, the backend's
+        # threads can be destroyed while still joinable, which aborts a rank that finished
+        # cleanly ("terminate called without an active exception").
+        atexit.register(_shutdown)
     _WORLD = World(tdist.get_rank(), tdist.get_world_size(), dev)
     return _WORLD
 
