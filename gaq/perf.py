@@ -2,8 +2,10 @@
 
 Quantization here is *fake* quantization in PyTorch on the CPU: the speed figures say
 what fake quant costs over FP in this harness, not what an integer kernel would gain.
-Peak memory is the peak resident set size of a child process that runs only the
-calibration, so the parent's own allocations do not count.
+Peak memory is measured in a child process that runs only the calibration, so the
+parent's own allocations do not count, and split into anonymous memory (what the process
+owns) and all resident pages (which include the memory-mapped block cache the kernel can
+drop; :mod:`gaq.memwatch`).
 """
 
 from __future__ import annotations
@@ -77,18 +79,20 @@ def sampling_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 2
 def calibration_peak_memory(method: str = "brecq", preset: str = "cpu", bits: str = "W4A8",
                             model_id: str = "digits", samples_per_step: int = 64,
                             iters: int | None = None, minibatch: str | None = None) -> dict:
-    """Peak RSS of a fresh process that records calibration data (DDIM 50, every 5th step
+    """Peak memory (:class:`gaq.memwatch.PeakMemory`: anonymous and all resident pages) of
+    a fresh process that records calibration data (DDIM 50, every 5th step
     x ``samples_per_step`` trajectories) and runs ``method`` on it, block data streamed
     from disk; ``iters`` overrides the preset's AdaRound iterations (activation steps get a
     quarter), to measure memory at large sets without their full time; ``minibatch``
     overrides the AdaRound minibatch draw (``all_rows`` or ``one_record``)."""
     code = (
-        "import json, resource, time\n"
+        "import json\n"
+        "from gaq.memwatch import PeakMemory\n"
         "from gaq.perf import _calibrate_only\n"
-        f"s = _calibrate_only({method!r}, {preset!r}, {bits!r}, {model_id!r}, "
+        "with PeakMemory() as peak:\n"
+        f"    s = _calibrate_only({method!r}, {preset!r}, {bits!r}, {model_id!r}, "
         f"{samples_per_step}, {iters!r}, {minibatch!r})\n"
-        "s['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print(json.dumps(s))\n"
+        "print(json.dumps(s | peak.result()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True)
@@ -142,10 +146,12 @@ def _set_mb(calib) -> float:
 
 def memory_scaling(sizes: tuple[int, ...] = (32, 128, 512), method: str = "brecq",
                    iters: int = 20) -> list[dict]:
-    """Calibration peak RSS at growing calibration sets (``sizes`` trajectories per kept
-    step: 320, 1,280 and 5,120 rows, the last the papers' CIFAR-10 set size): block inputs
-    and targets stream through a disk cache, so the peak should grow by no more than the
-    calibration set itself."""
+    """Calibration peak memory at growing calibration sets (``sizes`` trajectories per
+    kept step: 320, 1,280 and 5,120 rows, the last the papers' CIFAR-10 set size): block
+    inputs and targets stream through a disk cache, so the peak *anonymous* memory should
+    grow by no more than the calibration set itself. All resident pages grow more: the
+    cache is read memory-mapped, and the pages it touches count as resident until the
+    kernel needs them back."""
     return [calibration_peak_memory(method, samples_per_step=n, iters=iters) for n in sizes]
 
 
@@ -268,6 +274,15 @@ def _when(report: dict, key: str) -> str:
     return f"{stamp['measured']}, {stamp['cores']} cores, {stamp['threads']} threads"
 
 
+def _memory(m: dict) -> str:
+    """Anonymous peak first (the figure a bound is judged on), then every resident page;
+    figures measured before the split give the second alone."""
+    if m.get("peak_anon_mb") is None:
+        return f"{m['peak_rss_mb']:.0f} MB resident (anonymous not measured)"
+    return (f"{m['peak_anon_mb']:.0f} MB anonymous ({m['peak_rss_mb']:.0f} MB resident, "
+            f"with the memory-mapped block cache)")
+
+
 def render(report: dict) -> str:
     """``perf.md``: one row per figure, with when and on what each section was measured;
     a section never measured is named with the command that measures it."""
@@ -280,13 +295,18 @@ def render(report: dict) -> str:
             f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f}; median {s['quant_seconds']:.2f} s vs "
             f"{s['fp_seconds']:.2f} s) | <= 1.3x | {_when(report, 'sampling')} |")
     if m := report.get("calibration_memory"):
-        md.append(f"| calibration peak RSS ({m['method']} {m['preset']}, {m['bits']}, "
-                  f"{m['calibration_rows']} rows) | {m['peak_rss_mb']:.0f} MB | <= 2048 MB | "
+        md.append(f"| calibration peak memory ({m['method']} {m['preset']}, {m['bits']}, "
+                  f"{m['calibration_rows']} rows) | {_memory(m)} | <= 2048 MB | "
                   f"{_when(report, 'calibration_memory')} |")
-    for r in report.get("memory_scaling", []):
-        md.append(f"| calibration peak RSS ({r['method']}, {r['calibration_rows']:,} rows = "
+    scaling = report.get("memory_scaling", [])
+    for r in scaling:
+        growth = ""
+        if r is not scaling[0] and r.get("peak_anon_mb") and scaling[0].get("peak_anon_mb"):
+            growth = (f"; +{r['peak_anon_mb'] - scaling[0]['peak_anon_mb']:.0f} MB anonymous "
+                      f"for +{r['calibration_mb'] - scaling[0]['calibration_mb']:.0f} MB of data")
+        md.append(f"| calibration peak memory ({r['method']}, {r['calibration_rows']:,} rows = "
                   f"{r['calibration_mb']:.0f} MB of calibration data, disk-streamed blocks) | "
-                  f"{r['peak_rss_mb']:.0f} MB | grows by at most the data | "
+                  f"{_memory(r)}{growth} | anonymous grows by at most the data | "
                   f"{_when(report, 'memory_scaling')} |")
     if g := report.get("gaq_overhead"):
         md.append(f"| GAQ calibration time / gaq-uniform ({g['preset']}, {g['bits']}, "
