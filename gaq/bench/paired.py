@@ -14,6 +14,11 @@ The interval of a mean (a method's PSNR, or a difference of two methods):
   It covers image sampling only, not calibration variance, and the table says so.
 
 A difference is *resolved* when its 95 % interval excludes zero.
+
+Set metrics (FID, KID, precision, recall) have no per-image value, but with several seeds
+they pair by seed: both rows of a seed start from the same noise, so their per-seed
+difference cancels the part of FID's spread that the noise draws share
+(:func:`seed_paired_table`, t over the per-seed differences).
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from gaq.bench import labels
-from gaq.bench.results import ci_half_width
+from gaq.bench.results import ci_half_width, newest
 
-__all__ = ["BOOTSTRAP", "interval", "paired_table"]
+__all__ = ["BOOTSTRAP", "interval", "paired_table", "seed_paired_table"]
 
 BOOTSTRAP = 2000
 _RNG_SEED = 0
@@ -102,3 +107,73 @@ def paired_table(per_image: pd.DataFrame, benchmark: str, metric: str = "psnr",
         out += ["", f"Intervals: {how}.", ""]
     return "\n".join(out)
 
+
+
+def seed_paired_table(metrics: pd.DataFrame, benchmark: str, anchor: str = "gaq",
+                      min_seeds: int = 2) -> str | None:
+    """Markdown: per model and bit-width, each method's per-seed difference from ``anchor``
+    in every set metric of the tables (registry kind ``image``: FID, KID, precision,
+    recall), with its 95 % t interval over the seeds both rows have; and, for comparison,
+    the half-width the same difference would get if the rows were independent (the two
+    rows' own t intervals added in quadrature), which shows what the pairing buys.
+    None without ``min_seeds`` common seeds anywhere, or without ``anchor``."""
+    from gaq.eval.registry import find_metric
+
+    names = [m for m in labels.table_metrics()
+             if (spec := find_metric(m)) is not None and spec.kind == "image"]
+    df = metrics[metrics["metric"].isin(names)] if len(metrics) else metrics
+    if df is None or df.empty or anchor not in set(df["method"]):
+        return None
+    data = newest(df.dropna(subset=["value"]), ["model", "method", "bits", "metric", "seed"])
+    out: list[str] = []
+    for (model, bits), part in data.groupby(["model", "bits"], sort=True):
+        if labels.is_fp(bits) or anchor not in set(part["method"]):
+            continue
+        present = [m for m in names if m in set(part["metric"])]
+        table = {m: part[part["metric"] == m].pivot(index="seed", columns="method",
+                                                    values="value") for m in present}
+        methods = [m for m in labels.method_order(part["method"].unique())
+                   if m != anchor and not labels.is_fp(m)]
+        lines = []
+        for method in methods:
+            cells = []
+            for metric in present:
+                t = table[metric]
+                both = t[[method, anchor]].dropna() if method in t else t.iloc[0:0]
+                if len(both) < min_seeds:
+                    cells.append("–")
+                    continue
+                d = (both[method] - both[anchor]).tolist()
+                mean, half = statistics.fmean(d), ci_half_width(d)
+                indep = (ci_half_width(both[method].tolist()) ** 2
+                         + ci_half_width(both[anchor].tolist()) ** 2) ** 0.5
+                k = labels.decimals(metric)
+                text = (f"{_signed(mean, k)} [{_signed(mean - half, k)}, "
+                        f"{_signed(mean + half, k)}]")
+                if mean - half > 0 or mean + half < 0:
+                    text = f"**{text}**"
+                cells.append(f"{text} (±{indep:.{k}f})")
+            if any(c != "–" for c in cells):
+                lines.append(f"| {labels.method_label(method)} | " + " | ".join(cells) + " |")
+        if not lines:
+            continue
+        n = int(part["seed"].nunique())
+        out += [f"### {model}, {bits}", "",
+                "| method | " + " | ".join(f"Δ {labels.metric_label(m)}" for m in present)
+                + " |", "|---|" + "---:|" * len(present), *lines, "",
+                f"Seeds: up to {n}.", ""]
+    if not out:
+        return None
+    head = [f"## {benchmark}: paired set-metric differences over seeds", "",
+            f"Each cell: the mean over seeds of (method − {labels.method_label(anchor)}), each "
+            "seed's two rows sampled from the same noise and each calibrated on that seed's "
+            "own set; in brackets the 95 % t interval over those per-seed differences, **bold** "
+            "where it excludes 0; in parentheses the half-width the same difference would "
+            "have if the rows were independent (their own intervals in quadrature), which is "
+            "what the main table's ± allows one to read. KID as in the main table (raw "
+            "unbiased MMD²).", ""]
+    return "\n".join(head + out)
+
+
+def _signed(x: float, decimals: int) -> str:
+    return f"{x:+.{decimals}f}".replace("-", "−")

@@ -438,16 +438,17 @@ def write_tables(
         paths.append(out_dir / f"{benchmark}_noise.md")
         paths[-1].write_text(noise, encoding="utf-8")
 
-    per_image = folder / "per_image.parquet"
-    if per_image.exists():
-        from gaq.bench.paired import paired_table
+    from gaq.bench.paired import paired_table, seed_paired_table
 
-        rows = results.current(pd.read_parquet(per_image),
-                               results.read(folder / "metrics.parquet"))
-        paired = paired_table(rows, benchmark)
-        if paired is not None:
-            paths.append(out_dir / f"{benchmark}_paired.md")
-            paths[-1].write_text(paired, encoding="utf-8")
+    per_image = folder / "per_image.parquet"
+    metrics = results.read(folder / "metrics.parquet")
+    paired = (paired_table(results.current(pd.read_parquet(per_image), metrics), benchmark)
+              if per_image.exists() else None)
+    sets = seed_paired_table(metrics, benchmark)
+    if paired is not None or sets is not None:
+        paths.append(out_dir / f"{benchmark}_paired.md")
+        text = "\n".join(t for t in (paired, sets) if t is not None)
+        paths[-1].write_text(text, encoding="utf-8")
 
     from gaq.bench.reports import method_reports
 
