@@ -310,8 +310,14 @@ def test_published_numbers_load():
 
 def test_tables_regenerate_from_parquet(tmp_path):
     _write_results(tmp_path / "results", _metric_rows())
-    md_path, tex_path = tables.write_tables(tmp_path / "results", "micro", tmp_path / "tables")
+    md_path, tex_path, *extra = tables.write_tables(tmp_path / "results", "micro",
+                                                    tmp_path / "tables")
     md, tex = md_path.read_text(), tex_path.read_text()
+    # three seeds: RTN's set metrics paired with GAQ's by seed, per bit-width
+    assert [p.name for p in extra] == ["micro_paired.md"]
+    paired = extra[0].read_text()
+    assert "### m, W4A8" in paired.replace(MODEL, "m") and "| RTN |" in paired
+    assert "Δ FID" in paired and "FP" not in paired.split("###", 1)[1]
     assert md_path.name == "micro.md" and tex_path.name == "micro.tex"
     assert "±" in md and "FID ↓" in md and "IS ↑" in md
     lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
@@ -336,7 +342,7 @@ def test_published_rows_only_for_matching_model_key(tmp_path):
     plain = tables.write_tables(root, "micro", tmp_path / "a")[0].read_text()
     assert "4.32" not in plain and "GAQ paper" not in plain
     md, tex = (p.read_text() for p in tables.write_tables(
-        root, "micro", tmp_path / "b", model_key="cifar10-ddim100"))
+        root, "micro", tmp_path / "b", model_key="cifar10-ddim100")[:2])
     assert "*GAQ (GAQ paper)*" in md and "*4.32*" in md and "*4.98*" in md
     assert r"\textit{GAQ (GAQ paper)}" in tex
     assert "5.08" not in md  # W4A32 is not a column of this benchmark
@@ -455,7 +461,7 @@ def test_latex_tables_compile_and_bold_only_resolved_bests(tmp_path):
                         metrics={"fid": 10.0, "kid": -0.05, "precision": 0.5, "psnr": 30.0})
     rows.loc[(rows["method"] == "rtn") & (rows["metric"] == "psnr"), "value"] -= 40.0
     _write_results(tmp_path / "results", rows, curves=False)
-    md_path, tex_path = tables.write_tables(tmp_path / "results", "micro", tmp_path / "t")
+    md_path, tex_path = tables.write_tables(tmp_path / "results", "micro", tmp_path / "t")[:2]
     tex, md = tex_path.read_text(), md_path.read_text()
     assert tex.isascii() and "$\\omega$" in tex and "$-$" in tex
     assert " -0." not in tex and "& -" not in tex  # no hyphen as a minus sign
