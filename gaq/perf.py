@@ -302,8 +302,8 @@ def render(report: dict) -> str:
     for r in scaling:
         growth = ""
         if r is not scaling[0] and r.get("peak_anon_mb") and scaling[0].get("peak_anon_mb"):
-            growth = (f"; +{r['peak_anon_mb'] - scaling[0]['peak_anon_mb']:.0f} MB anonymous "
-                      f"for +{r['calibration_mb'] - scaling[0]['calibration_mb']:.0f} MB of data")
+            growth = (f"; {r['peak_anon_mb'] - scaling[0]['peak_anon_mb']:+.0f} MB anonymous "
+                      f"for {r['calibration_mb'] - scaling[0]['calibration_mb']:+.0f} MB of data")
         md.append(f"| calibration peak memory ({r['method']}, {r['calibration_rows']:,} rows = "
                   f"{r['calibration_mb']:.0f} MB of calibration data, disk-streamed blocks) | "
                   f"{_memory(r)}{growth} | anonymous memory bounded as the set grows | "

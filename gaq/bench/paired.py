@@ -57,8 +57,8 @@ def _by_seed(rows: pd.DataFrame) -> dict[int, pd.Series]:
             for s, g in rows.groupby("seed", sort=True)}
 
 
-def _fmt(x: float) -> str:
-    return f"{x:+.3f}".replace("-", "−")
+def _fmt(x: float, decimals: int = 3) -> str:
+    return f"{x:+.{decimals}f}".replace("-", "−")
 
 
 def paired_table(per_image: pd.DataFrame, benchmark: str, metric: str = "psnr",
@@ -108,7 +108,6 @@ def paired_table(per_image: pd.DataFrame, benchmark: str, metric: str = "psnr",
     return "\n".join(out)
 
 
-
 def seed_paired_table(metrics: pd.DataFrame, benchmark: str, anchor: str = "gaq",
                       min_seeds: int = 2) -> str | None:
     """Markdown: per model and bit-width, each method's per-seed difference from ``anchor``
@@ -121,8 +120,8 @@ def seed_paired_table(metrics: pd.DataFrame, benchmark: str, anchor: str = "gaq"
 
     names = [m for m in labels.table_metrics()
              if (spec := find_metric(m)) is not None and spec.kind == "image"]
-    df = metrics[metrics["metric"].isin(names)] if len(metrics) else metrics
-    if df is None or df.empty or anchor not in set(df["method"]):
+    df = metrics[metrics["metric"].isin(names)]
+    if df.empty or anchor not in set(df["method"]):
         return None
     data = newest(df.dropna(subset=["value"]), ["model", "method", "bits", "metric", "seed"])
     out: list[str] = []
@@ -148,8 +147,7 @@ def seed_paired_table(metrics: pd.DataFrame, benchmark: str, anchor: str = "gaq"
                 indep = (ci_half_width(both[method].tolist()) ** 2
                          + ci_half_width(both[anchor].tolist()) ** 2) ** 0.5
                 k = labels.decimals(metric)
-                text = (f"{_signed(mean, k)} [{_signed(mean - half, k)}, "
-                        f"{_signed(mean + half, k)}]")
+                text = f"{_fmt(mean, k)} [{_fmt(mean - half, k)}, {_fmt(mean + half, k)}]"
                 if mean - half > 0 or mean + half < 0:
                     text = f"**{text}**"
                 cells.append(f"{text} (±{indep:.{k}f})")
@@ -173,7 +171,3 @@ def seed_paired_table(metrics: pd.DataFrame, benchmark: str, anchor: str = "gaq"
             "what the main table's ± allows one to read. KID as in the main table (raw "
             "unbiased MMD²).", ""]
     return "\n".join(head + out)
-
-
-def _signed(x: float, decimals: int) -> str:
-    return f"{x:+.{decimals}f}".replace("-", "−")

@@ -432,8 +432,9 @@ def write_tables(
     from gaq.bench.noise import noise_table
 
     folder = Path(results_dir) / benchmark
-    noise = noise_table(results.current(results.read(folder / "curves.parquet"),
-                                        results.read(folder / "metrics.parquet")), benchmark)
+    metrics = results.read(folder / "metrics.parquet")
+    noise = noise_table(results.current(results.read(folder / "curves.parquet"), metrics),
+                        benchmark)
     if noise is not None:
         paths.append(out_dir / f"{benchmark}_noise.md")
         paths[-1].write_text(noise, encoding="utf-8")
@@ -441,7 +442,6 @@ def write_tables(
     from gaq.bench.paired import paired_table, seed_paired_table
 
     per_image = folder / "per_image.parquet"
-    metrics = results.read(folder / "metrics.parquet")
     paired = (paired_table(results.current(pd.read_parquet(per_image), metrics), benchmark)
               if per_image.exists() else None)
     sets = seed_paired_table(metrics, benchmark)
