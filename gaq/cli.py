@@ -301,11 +301,14 @@ def _benchmarks_with_results(results: Path, name: str | None) -> list[str]:
 
 
 def _tables(args: argparse.Namespace) -> None:
+    from gaq.bench.spec import report_settings
     from gaq.bench.tables import write_tables
 
     results = Path(args.results)
+    # the benchmark file's published-rows key and paired-table anchor, as its run used them
+    settings = report_settings(args.benchmarks)
     for name in _benchmarks_with_results(results, args.benchmark):
-        for path in write_tables(results, name, results / "tables"):
+        for path in write_tables(results, name, results / "tables", **settings.get(name, {})):
             print(path)
 
 
@@ -455,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "alone; nothing is re-run.")
         c.add_argument("--benchmark", help="one benchmark (default: every one with results)")
         c.add_argument("--results", default=str(RESULTS))
+        if name == "tables":
+            c.add_argument("--benchmarks", default="benchmarks",
+                           help="the benchmark files, read for each one's model_key and "
+                           "anchor (default: benchmarks)")
         if name == "plots":
             c.add_argument("--workers", type=int, default=None,
                            help="processes rendering figures (default: the cores, at most 4)")

@@ -197,6 +197,33 @@ def test_tables_and_plots_regenerate_from_parquet_alone(micro_run):
     assert not any((results / "plots").glob("*_uncorrected_*"))  # drawn dashed, not alone
 
 
+def test_gaq_tables_measures_against_the_benchmark_files_anchor(micro_run, tmp_path):
+    """Without GAQ among the rows the paired table has no differences; with the file's
+    ``anchor`` (found by benchmark name under --benchmarks) every row is measured against it,
+    as the run itself tabulates it."""
+    _, bench, results = micro_run
+    assert "Δ vs" not in (results / "tables" / "micro_paired.md").read_text()
+    files = tmp_path / "benchmarks"
+    files.mkdir()
+    (files / "renamed.toml").write_text(bench.read_text().replace(
+        'name = "micro"', 'name = "micro"\nanchor = "rtn"'))
+    (files / "broken.toml").write_text("[benchmark\n")  # skipped, not fatal for tables
+    assert load_benchmark(files / "renamed.toml").anchor == "rtn"
+    assert main(["tables", "--results", str(results), "--benchmarks", str(files)]) == 0
+    md = (results / "tables" / "micro_paired.md").read_text()
+    ptqd = next(line for line in md.splitlines() if line.startswith("| PTQD |"))
+    assert "Δ vs RTN" in md and ptqd.count("|") == 7 and "resolved" in ptqd
+    assert main(["tables", "--results", str(results)]) == 0  # no file for micro: GAQ, absent
+    assert "Δ vs" not in (results / "tables" / "micro_paired.md").read_text()
+
+
+def test_an_anchor_that_is_not_a_row_is_refused(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text(MICRO.replace('name = "micro"', 'name = "micro"\nanchor = "ptdq"'))
+    with pytest.raises(GaqError, match=r"benchmark.anchor.*did you mean 'ptqd'"):
+        load_benchmark(path)
+
+
 def test_malformed_benchmark_names_file_and_key(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(MICRO.replace("steps = 4", "stepz = 4"))

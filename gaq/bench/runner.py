@@ -407,7 +407,8 @@ class Runner:
 
         root = self.dir.parent if root is None else Path(root)
         return (write_tables(root, self.bench.name, root / "tables",
-                             model_key=self.bench.model_key or None)
+                             model_key=self.bench.model_key or None,
+                             anchor=self.bench.anchor)
                 + write_plots(root, self.bench.name, root / "plots", workers=default_workers()))
 
     def _sample(self, ctx: _ModelContext, model: torch.nn.Module, seed: int, hook) -> tuple:

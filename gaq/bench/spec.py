@@ -152,11 +152,13 @@ class Benchmark:
     setup: dict = field(default_factory=dict)
     # how to get the models when they are not on this machine (said with a loading error)
     model_help: str = ""
+    # the row the paired tables measure every other row against (the method under study)
+    anchor: str = "gaq"
 
 
 _TOP = {"benchmark", "models", "sampler", "calibration", "eval", "bits", "methods", "setup",
         "method_overrides"}
-_BENCH = {"name", "description", "model_key", "model_help"}
+_BENCH = {"name", "description", "model_key", "model_help", "anchor"}
 _METHOD = {"name", "preset", "config", "label"}
 _SETUP = {"device", "gpus", "engine", "threads"}
 ENGINES = ("local", "ray")
@@ -322,15 +324,36 @@ def _parse(path: Path, raw: dict) -> Benchmark:
                           f"{name!r}{default} is not a usable name: letters, digits, '.', '_' "
                           "and '-' only, starting with a letter or digit (it names a results "
                           "folder)")
+    methods = _methods(raw.get("methods", "all"),
+                       _common_overrides(raw.get("method_overrides"), usable), usable)
+    rows = [m.row for m in methods]
+    if "anchor" in bench and bench["anchor"] not in rows:
+        hint = did_you_mean(str(bench["anchor"]), rows)
+        raise ConfigError("benchmark.anchor", f"{bench['anchor']!r} is not a row of this "
+                          f"benchmark{'; ' + hint if hint else ''} (rows: {', '.join(rows)})")
     return Benchmark(
         name=name, path=path, description=bench.get("description", ""),
         models=tuple(models), model_key=bench.get("model_key", ""), sampler=sampler,
-        calibration=calibration, eval=ev, bits=tuple(bits),
-        methods=_methods(raw.get("methods", "all"),
-                         _common_overrides(raw.get("method_overrides"), usable), usable),
+        calibration=calibration, eval=ev, bits=tuple(bits), methods=methods,
         setup=setup,
         model_help=bench.get("model_help", ""),
+        anchor=bench.get("anchor", "gaq"),
     )
+
+
+def report_settings(benchmarks_dir: str | Path) -> dict[str, dict[str, str]]:
+    """Per benchmark name, the ``[benchmark]`` settings its tables depend on (``model_key``,
+    ``anchor``), read from the files in ``benchmarks_dir`` without validating the rest: a
+    file whose methods no longer load still says how its stored results are tabulated."""
+    out: dict[str, dict[str, str]] = {}
+    for path in sorted(Path(benchmarks_dir).glob("*.toml")):
+        try:
+            bench = loads_toml(path.read_text(encoding="utf-8")).get("benchmark", {})
+        except (OSError, ValueError):
+            continue  # a broken file is reported when it is run, not when tables are made
+        name = bench.get("name", path.stem)
+        out[str(name)] = {k: str(bench[k]) for k in ("model_key", "anchor") if bench.get(k)}
+    return out
 
 
 def with_overrides(b: Benchmark, *, num_images: int | None = None, seeds: list[int] | None = None,

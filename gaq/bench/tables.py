@@ -408,13 +408,16 @@ def _label(text: str) -> str:
 
 
 def write_tables(
-    results_dir: Path, benchmark: str, out_dir: Path, *, model_key: str | None = None
+    results_dir: Path, benchmark: str, out_dir: Path, *, model_key: str | None = None,
+    anchor: str = "gaq",
 ) -> list[Path]:
-    """Write ``<benchmark>.md`` and ``<benchmark>.tex`` into ``out_dir``; return their paths.
+    """Write ``<benchmark>.md`` and ``<benchmark>.tex`` into ``out_dir``, and the noise,
+    paired and per-method tables the results allow; return their paths.
 
-    Reads only ``results_dir/<benchmark>/metrics.parquet``. ``model_key`` (the benchmark's
-    setting, e.g. ``"cifar10-ddim100"``) selects published reference rows; without it a
-    model id that is itself a published key is used.
+    Reads only the Parquet files under ``results_dir/<benchmark>``. ``model_key`` (the
+    benchmark's setting, e.g. ``"cifar10-ddim100"``) selects published reference rows;
+    without it a model id that is itself a published key is used. ``anchor`` is the row the
+    paired tables measure the others against.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -442,9 +445,10 @@ def write_tables(
     from gaq.bench.paired import paired_table, seed_paired_table
 
     per_image = folder / "per_image.parquet"
-    paired = (paired_table(results.current(pd.read_parquet(per_image), metrics), benchmark)
+    paired = (paired_table(results.current(pd.read_parquet(per_image), metrics), benchmark,
+                           anchor=anchor)
               if per_image.exists() else None)
-    sets = seed_paired_table(metrics, benchmark)
+    sets = seed_paired_table(metrics, benchmark, anchor=anchor)
     if paired is not None or sets is not None:
         paths.append(out_dir / f"{benchmark}_paired.md")
         text = "\n".join(t for t in (paired, sets) if t is not None)

@@ -395,16 +395,21 @@ def _pipeline(folder: str | Path, labels: tuple[int, ...] | None = None):
                                                         c.embedder, labels))
 
 
-def save_guided_grid(folder: str | Path, path: str | Path, rows: int = 6, guidance: float = 3.0,
-                     steps: int = 50, seed: int = 0) -> torch.Tensor:
-    """A ``rows`` x 10 grid PNG of guided DDIM samples, column c = class c (image i has
-    class i mod 10), upscaled x4 like :func:`gaq.models.train.save_sample_grid`."""
+def save_guided_grid(folder: str | Path, path: str | Path, rows: int = 6,
+                     guidance: float | None = 3.0, steps: int = 50, seed: int = 0,
+                     unconditional: bool = False) -> torch.Tensor:
+    """A ``rows`` x 10 grid PNG of DDIM samples, upscaled x4 like
+    :func:`gaq.models.train.save_sample_grid`: guided with column c = class c (image i has
+    class i mod 10), or with ``unconditional`` the null class alone and no guidance (the
+    samples the unconditional digit-likeness score judges)."""
     from torchvision.utils import save_image
 
     from gaq.sampling import SamplerConfig, sample
 
-    images = sample(_pipeline(folder), rows * NUM_CLASSES, seed=seed,
-                    sampler=SamplerConfig(steps=steps, guidance=guidance))
+    pipe = _pipeline(folder, (NULL_CLASS,)) if unconditional else _pipeline(folder)
+    images = sample(pipe, rows * NUM_CLASSES, seed=seed,
+                    sampler=SamplerConfig(steps=steps,
+                                          guidance=None if unconditional else guidance))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     big = F.interpolate((images + 1) / 2, scale_factor=4, mode="nearest")
@@ -482,6 +487,7 @@ def train_latent_default(
             shutil.rmtree(out)
         train_dit(out, vae, cfg, log_dir / f"{name}_train.jsonl")
     save_guided_grid(out, log_dir / f"{name}_samples_guided.png")
+    save_guided_grid(out, log_dir / f"{name}_samples_unconditional.png", unconditional=True)
     quality = evaluate_family(out)
     (log_dir / f"{name}_quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     return out
