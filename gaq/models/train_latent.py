@@ -74,12 +74,14 @@ class LatentDenoiserTrainConfig:
     log_every: int = 100
 
 
-# The UNet at 20 % label dropout: at 10 % (the usual CFG figure) its unconditional samples were
-# digit-like in 70 % of 500 (82.6 % at 20 %; the pixel model: 98 %), its guided ones all of
-# the requested class. The DiT keeps 10 %: at 20 % its unconditional share stayed at 43 %
-# (42.6 % against 43.2 %) and its conditional accuracy fell (83.2 % against 86.8 %).
+# Both at 20 % label dropout. The UNet: at 10 % (the usual CFG figure) its unconditional
+# samples were digit-like in 70 % of 500 (82.6 % at 20 %; the pixel model: 98 %), its guided
+# ones all of the requested class. The DiT (unconditional share of 500, seed 0): 43 % after
+# 4,000 steps at lr 5e-4 (42.6 % at 20 % dropout); at 10,000 steps 59 % (lr 5e-4) and 64 %
+# (lr 1e-3) at 10 % dropout, 71 % at 20 %, 72 % at 30 %; conditional accuracy without
+# guidance went from 87 % to 98 %. 10,000 steps take 17 min alone on 2 cores (0.1 s a step).
 LDM_TRAIN = LatentDenoiserTrainConfig(steps=2200, label_dropout=0.2)
-DIT_TRAIN = LatentDenoiserTrainConfig(steps=4000, lr=5e-4)
+DIT_TRAIN = LatentDenoiserTrainConfig(steps=10000, lr=1e-3, label_dropout=0.2)
 
 
 def _start_log(log_path: str | Path | None, record: dict) -> Path | None:
