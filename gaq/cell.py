@@ -39,7 +39,7 @@ def save_quantized(result: QuantResult, folder: str | Path, pipe: Pipeline,
     folder; ``gaq.methods.base.restore`` reads it back."""
     import pandas as pd
 
-    from gaq.quantize import save_state
+    from gaq.quantize import save_state, weight_sqnr_db
 
     out = save_state(result.model, result.report, result.quant, folder,
                      meta={**result.state, **(meta or {})})
@@ -48,6 +48,6 @@ def save_quantized(result: QuantResult, folder: str | Path, pipe: Pipeline,
             pd.DataFrame(records).to_csv(out / f"{name}.csv", index=False)
     rows = "".join(f"| {name} | {what} |\n" for name, what in pipe.components.items())
     (out / "layers.md").write_text(
-        result.report.to_markdown()
+        result.report.to_markdown(weight_sqnr_db(result.model))
         + "\n## Pipeline components\n\n| component | precision |\n|---|---|\n" + rows)
     return Path(out)

@@ -55,13 +55,30 @@ class LayerReport(list):
     def from_rows(cls, rows: list[dict]) -> LayerReport:
         return cls(LayerDecision(**r) for r in rows)
 
-    def to_markdown(self) -> str:
-        lines = ["| layer | type | status | W | A | reason |", "|---|---|---|---|---|---|"]
+    def to_markdown(self, weight_sqnr: dict[str, float] | None = None) -> str:
+        """The table; with ``weight_sqnr`` (:func:`weight_sqnr_db` of the quantized model)
+        a column of each layer's weight SQNR and a line with its median and minimum."""
+        head = "| layer | type | status | W | A |" + (" W SQNR (dB) |" if weight_sqnr else "")
+        lines = [head + " reason |", "|---|---|---|---|---|" + ("---:|" if weight_sqnr else "")
+                 + "---|"]
         for d in self:
             w = "-" if d.weight_bits is None else d.weight_bits
             a = "-" if d.act_bits is None else d.act_bits
-            lines.append(f"| {d.name} | {d.kind} | {d.status} | {w} | {a} | {d.reason} |")
-        return "\n".join(lines) + "\n"
+            sqnr = ""
+            if weight_sqnr:
+                v = weight_sqnr.get(d.name)
+                sqnr = f" {'-' if v is None else f'{v:.1f}'} |"
+            lines.append(f"| {d.name} | {d.kind} | {d.status} | {w} | {a} |{sqnr} {d.reason} |")
+        out = "\n".join(lines) + "\n"
+        if weight_sqnr:
+            values = sorted(weight_sqnr.values())
+            low = min(weight_sqnr, key=weight_sqnr.__getitem__)
+            median = values[len(values) // 2] if len(values) % 2 else (
+                (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2)
+            out += (f"\nWeight SQNR, 10·log10(Σw² / Σ(w − Q(w))²) of each quantized weight "
+                    f"against its FP weight: median {median:.1f} dB over {len(values)} layers, "
+                    f"lowest {weight_sqnr[low]:.1f} dB ({low}).\n")
+        return out
 
 
 def plan(model: nn.Module, adapter: ModelAdapter, quant: QuantConfig,
@@ -157,6 +174,21 @@ def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLayer):
             yield name, mod
+
+
+@torch.no_grad()
+def weight_sqnr_db(model: nn.Module) -> dict[str, float]:
+    """Per layer of ``model`` whose weight is quantized: the SQNR in dB of the quantized
+    (frozen, after any rounding a method learned) weight against the FP weight,
+    10·log10(Σw² / Σ(w − Q(w))²), in float64; ``inf`` where they are equal. How much of
+    each weight survives quantization, whatever the method did to get there."""
+    out: dict[str, float] = {}
+    for name, layer in quant_layers(model):
+        w = layer.fp.weight.double()
+        noise = (w - layer.quantized_weight().double()).pow(2).sum()
+        out[name] = float("inf") if noise == 0 else float(10 * torch.log10(w.pow(2).sum()
+                                                                              / noise))
+    return out
 
 
 def act_quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:

@@ -219,6 +219,28 @@ def test_w4_weights_are_worse_than_w8(fp_case, quantized):
             assert max(len(row.unique()) for row in w) <= 16, d.name
 
 
+def test_weight_sqnr_is_reported_per_layer_and_falls_with_the_bits(fp_case, quantized):
+    """The layer report's weight SQNR: one value per layer with a quantized weight, equal to
+    an independent computation on the frozen weight, about 6 dB per bit apart at W8 and W4."""
+    from gaq.quantize import weight_sqnr_db
+
+    model, _, _ = fp_case("unet")
+    w8, w4 = (quantized("unet", "rtn", QuantConfig.from_bits(b)) for b in ("W8A8", "W4A8"))
+    s8, s4 = weight_sqnr_db(w8.model), weight_sqnr_db(w4.model)
+    with_weights = {d.name for d in w4.report if d.status != "fp" and d.kind != "attention"}
+    assert set(s4) == with_weights and set(s8) == with_weights
+    for name in with_weights:
+        frozen = w4.model.get_submodule(name).frozen_weight
+        assert s4[name] == pytest.approx(sqnr_db(model.get_submodule(name).weight, frozen))
+    med8, med4 = (sorted(s.values())[len(s) // 2] for s in (s8, s4))
+    assert 15 < med8 - med4 < 35  # 4 bits fewer: ~24 dB for a uniform grid
+    md = w4.report.to_markdown(s4)
+    no_weight = [line for line in md.splitlines() if "| attention |" in line or "| fp |" in line]
+    assert "W SQNR (dB)" in md and no_weight
+    assert all(line.split("|")[6].strip() == "-" for line in no_weight)  # the SQNR column
+    assert f"over {len(s4)} layers" in md
+
+
 def _per_timestep(label: str) -> QuantConfig:
     base = QuantConfig.from_bits(label)
     return dataclasses.replace(base, act=dataclasses.replace(base.act, per_timestep=True))
