@@ -231,7 +231,7 @@ def test_weight_sqnr_is_reported_per_layer_and_falls_with_the_bits(fp_case, quan
     assert set(s4) == with_weights and set(s8) == with_weights
     for name in with_weights:
         frozen = w4.model.get_submodule(name).frozen_weight
-        assert s4[name] == pytest.approx(sqnr_db(model.get_submodule(name).weight, frozen))
+        assert s4[name] == pytest.approx(sqnr_db(model.get_submodule(name).weight.detach(), frozen))
     med8, med4 = (sorted(s.values())[len(s) // 2] for s in (s8, s4))
     assert 15 < med8 - med4 < 35  # 4 bits fewer: ~24 dB for a uniform grid
     md = w4.report.to_markdown(s4)
