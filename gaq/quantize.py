@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,13 +72,11 @@ class LayerReport(list):
             lines.append(f"| {d.name} | {d.kind} | {d.status} | {w} | {a} |{sqnr} {d.reason} |")
         out = "\n".join(lines) + "\n"
         if weight_sqnr:
-            values = sorted(weight_sqnr.values())
             low = min(weight_sqnr, key=weight_sqnr.__getitem__)
-            median = values[len(values) // 2] if len(values) % 2 else (
-                (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2)
+            median = statistics.median(weight_sqnr.values())
             out += (f"\nWeight SQNR, 10·log10(Σw² / Σ(w − Q(w))²) of each quantized weight "
-                    f"against its FP weight: median {median:.1f} dB over {len(values)} layers, "
-                    f"lowest {weight_sqnr[low]:.1f} dB ({low}).\n")
+                    f"against its FP weight: median {median:.1f} dB over {len(weight_sqnr)} "
+                    f"layers, lowest {weight_sqnr[low]:.1f} dB ({low}).\n")
         return out
 
 

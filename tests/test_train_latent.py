@@ -20,7 +20,7 @@ from gaq.models.train_latent import (
     LatentDenoiserTrainConfig,
     _disable_label_dropout,
     _pipeline,
-    save_guided_grid,
+    save_latent_grid,
     train_autoencoder,
     train_dit,
     train_ldm,
@@ -153,8 +153,8 @@ def test_dit_learns_reloads_and_is_reproducible(tiny_vae, tmp_path):
     # the grids: guided samples, and the null-class ones the unconditional score judges
     from PIL import Image
 
-    g = save_guided_grid(a, tmp_path / "g.png", rows=1, steps=3)
-    u = save_guided_grid(a, tmp_path / "u.png", rows=1, steps=3, unconditional=True)
+    g = save_latent_grid(a, tmp_path / "g.png", rows=1, steps=3)
+    u = save_latent_grid(a, tmp_path / "u.png", rows=1, steps=3, unconditional=True)
     # (equal up to float rounding: a batch of 10 against one of 2)
     assert torch.allclose(g[:2], guided, atol=1e-4) and torch.allclose(u[:2], null, atol=1e-4)
     assert not torch.allclose(u[:2], guided, atol=1e-2)

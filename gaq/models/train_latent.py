@@ -397,7 +397,7 @@ def _pipeline(folder: str | Path, labels: tuple[int, ...] | None = None):
                                                         c.embedder, labels))
 
 
-def save_guided_grid(folder: str | Path, path: str | Path, rows: int = 6,
+def save_latent_grid(folder: str | Path, path: str | Path, rows: int = 6,
                      guidance: float | None = 3.0, steps: int = 50, seed: int = 0,
                      unconditional: bool = False) -> torch.Tensor:
     """A ``rows`` x 10 grid PNG of DDIM samples, upscaled x4 like
@@ -488,8 +488,8 @@ def train_latent_default(
                 raise GaqError("the DiT's VAE source must not lie inside its output folder")
             shutil.rmtree(out)
         train_dit(out, vae, cfg, log_dir / f"{name}_train.jsonl")
-    save_guided_grid(out, log_dir / f"{name}_samples_guided.png")
-    save_guided_grid(out, log_dir / f"{name}_samples_unconditional.png", unconditional=True)
+    save_latent_grid(out, log_dir / f"{name}_samples_guided.png")
+    save_latent_grid(out, log_dir / f"{name}_samples_unconditional.png", unconditional=True)
     quality = evaluate_family(out)
     (log_dir / f"{name}_quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     return out
