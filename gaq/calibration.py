@@ -369,7 +369,8 @@ class CalibrationSet:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         assert self.split is not None
         n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = (torch.randperm(n, generator=generator) if shuffle
+             else torch.arange(n, device="cpu"))
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size].to(self.x.device)
             yield {
@@ -428,7 +429,7 @@ def forward_loop(calib: CalibrationSet, batch_size: int) -> Callable[[nn.Module]
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     n = len(calib)
-    return _rows_loop(calib, [torch.arange(s, min(s + batch_size, n))
+    return _rows_loop(calib, [torch.arange(s, min(s + batch_size, n), device=calib.x.device)
                               for s in range(0, n, batch_size)])
 
 
@@ -480,12 +481,12 @@ def _recording_plan(spec: CalibrationSpec, timesteps: list[int], horizon: int,
                     kept: list[int] | None = None) -> Tensor:
     """(num_trajectories, iterations) bool: which iterations each trajectory records
     (``kept``: the iterations an srm selection chose)."""
-    plan = torch.zeros(spec.num_trajectories, len(timesteps), dtype=torch.bool)
+    plan = torch.zeros(spec.num_trajectories, len(timesteps), dtype=torch.bool, device="cpu")
     n_train = spec.num_train_trajectories
     plan[:, spec.kept_steps(len(timesteps)) if kept is None else kept] = True
     if spec.protocol == "gaussian":  # training trajectories: one drawn step each
         plan[:n_train] = False
-        ts = torch.tensor(timesteps)
+        ts = torch.tensor(timesteps, device="cpu")
         for i in range(n_train):
             plan[i, _gaussian_step(spec, i, ts, horizon)] = True
     elif spec.act_every_step:  # training trajectories: every step (the rest activation-only)
@@ -509,7 +510,7 @@ def _record(pipe: Pipeline, spec: CalibrationSpec, plan: Tensor,
 
         ranges = tqdm(ranges, desc="calibration", unit="batch")
     for r in ranges:
-        idx = torch.arange(r.start, r.stop)
+        idx = torch.arange(r.start, r.stop, device="cpu")
         keep = plan[idx]
 
         def on_call(step: int, t: int, x: Tensor, out: Tensor, inputs: Mapping[str, Tensor],
@@ -522,9 +523,9 @@ def _record(pipe: Pipeline, spec: CalibrationSpec, plan: Tensor,
             sel = rows.to(x.device)
             xs.append(x[sel].float().cpu())
             eps.append(out[sel].float().cpu())
-            ts.append(torch.full((rows.numel(),), t, dtype=torch.int64))
+            ts.append(torch.full((rows.numel(),), t, dtype=torch.int64, device="cpu"))
             images.append(idx[rows % len(idx)])
-            steps.append(torch.full((rows.numel(),), step, dtype=torch.int64))
+            steps.append(torch.full((rows.numel(),), step, dtype=torch.int64, device="cpu"))
             for k, v in inputs.items():
                 v = v[sel].detach().cpu()
                 conds.setdefault(k, []).append(v.float() if v.is_floating_point() else v)
@@ -593,7 +594,8 @@ def record_calibration(
     # training rows at a step the protocol does not keep are activation-only (a gaussian
     # set keeps every step, so it has none)
     step = rows.pop("step")
-    kept_steps = torch.tensor(spec.kept_steps(len(timesteps)) if kept is None else kept)
+    kept_steps = torch.tensor(spec.kept_steps(len(timesteps)) if kept is None else kept,
+                              device=step.device)
     act_only = ~rows["split"] & ~torch.isin(step, kept_steps)
     calib = CalibrationSet(**rows, meta=meta)
     if act_only.any():
@@ -681,7 +683,7 @@ def srm_select(features: Tensor, keep: int, bits: int = 4,
     r_all = float(_quant_error(features, mins.min(), maxs.max(), bits).mean())
 
     def terms(sel: list[int]) -> tuple[float, float]:
-        idx = torch.tensor(sel)
+        idx = torch.tensor(sel, device="cpu")
         n = len(sel) * m
         mmd = (k_steps[idx][:, idx].sum() / n**2 - 2 * k_all[idx].sum() / (n * steps * m)
                + k_total / (steps * m) ** 2)
@@ -710,7 +712,7 @@ def _srm_steps(pipe: Pipeline, spec: CalibrationSpec, iterations: int,
     select the steps the srm protocol keeps."""
     probe = dataclasses.replace(spec, protocol="interval", interval=1,
                                 samples_per_step=spec.srm_probe, holdout_per_step=0)
-    plan = torch.ones(spec.srm_probe, iterations, dtype=torch.bool)
+    plan = torch.ones(spec.srm_probe, iterations, dtype=torch.bool, device="cpu")
     rows = _record(pipe, probe, plan, progress)
     feats = _srm_features(rows["x"], rows["eps_fp"])
     # rows are in canonical order, the same number per step (both guidance halves)

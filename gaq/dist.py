@@ -57,13 +57,13 @@ class World:
         """Every rank's batches (from :meth:`shard`, in order) as one tensor in global batch
         order, on rank 0 (other ranks get an empty tensor)."""
         if not self.distributed:
-            return torch.cat(list(local)) if local else torch.empty(0)
+            return torch.cat(list(local)) if local else torch.empty(0, device="cpu")
         parts: list[Any] = [None] * self.size
         tdist.all_gather_object(parts, [t.cpu() for t in local])
         if not self.main:
-            return torch.empty(0)
+            return torch.empty(0, device="cpu")
         ordered = [parts[b % self.size][b // self.size] for b in range(num_batches)]
-        return torch.cat(ordered) if ordered else torch.empty(0)
+        return torch.cat(ordered) if ordered else torch.empty(0, device="cpu")
 
     def from_main(self, make: Callable[[], T]) -> T:
         """``make()`` run on rank 0 and its result handed to every rank (e.g. a quantized

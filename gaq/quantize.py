@@ -144,7 +144,8 @@ def build(model: nn.Module, report: LayerReport, quant: QuantConfig) -> nn.Modul
                 d.act_bits, quant.softmax_bits if d.status == "quantized" else W8A8,
                 symmetric=quant.act.symmetric, observer=quant.act.range_init,
                 per_timestep=quant.act.per_timestep, observer_kwargs=observer_kwargs(quant.act),
-                softmax_symmetric=quant.softmax_symmetric)
+                softmax_symmetric=quant.softmax_symmetric,
+                device=next(module.parameters()).device)
             module.set_processor(processor)
             continue
         layer = quantize_layer(

@@ -203,7 +203,7 @@ class BlockData:
             idx = torch.randperm(n, generator=gen)[: min(size, n)]
             return select_rows(self.record(i), idx, n) | {"n": len(idx)}
         rows = torch.randperm(len(self), generator=gen)[: min(size, len(self))]
-        starts = torch.tensor([0] + self._sizes).cumsum(0)
+        starts = torch.tensor([0] + self._sizes, device="cpu").cumsum(0)
         which = torch.bucketize(rows, starts[1:], right=True)
         recs, sizes = [], []
         for i in which.unique().tolist():  # each record read once, in storage order
@@ -297,7 +297,9 @@ def block_act_quantizers(block: nn.Module) -> list[FakeQuantizer]:
 
 
 def _lookup(weights: Tensor | None, index: Tensor) -> Tensor | None:
-    return None if weights is None else weights.to(index.device)[index]
+    # the weights stay where they are (the model's device, beside the loss they scale); a
+    # record read back from the disk cache brings its index on the CPU
+    return None if weights is None else weights[index.to(weights.device)]
 
 
 def split_reg_scales(layers: list[QuantLayer], rule: str) -> list[float]:
@@ -541,8 +543,9 @@ def calib_batches(calib, batch_size: int, device: str | torch.device,
     authors' code draws from the whole cached set. ``None`` keeps the recorded order.
     """
     train = calib.train()
+    # the order indexes the calibration set, which lives on the host
     if shuffle_seed is None:
-        order = torch.arange(len(train))
+        order = torch.arange(len(train), device=train.x.device)
     else:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(shuffle_seed))
 
@@ -550,7 +553,9 @@ def calib_batches(calib, batch_size: int, device: str | torch.device,
         for idx in order.split(batch_size):
             b = train.subset(idx)
             cond = {k: v.to(device) for k, v in b.cond.items()}
-            yield b.x.to(device), b.t.to(device), cond, idx
+            # the row index travels with the rows: per-row sample weights (GAQ) live on
+            # the model's device and are looked up with it there
+            yield b.x.to(device), b.t.to(device), cond, idx.to(device)
 
     return it
 

@@ -71,8 +71,8 @@ def temporal_data(calib) -> TemporalData:
     cols += [train.cond[k].reshape(n, -1).double() for k in keys]
     key = torch.cat(cols, 1)
     _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
-    first = torch.full((len(counts),), n, dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, torch.arange(n), reduce="amin")
+    first = torch.full((len(counts),), n, dtype=torch.long, device=counts.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(n, device=counts.device), reduce="amin")
     return TemporalData(t=train.t[first], cond={k: train.cond[k][first] for k in keys},
                         counts=counts, inverse=inverse)
 

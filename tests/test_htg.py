@@ -73,7 +73,7 @@ def test_clustering_merges_only_neighbours_and_is_deterministic():
 
 
 def test_group_lookup_uses_the_nearest_calibrated_timestep():
-    lookup = group_lookup([10, 20, 40], [[0, 1], [2]], 50)
+    lookup = group_lookup([10, 20, 40], [[0, 1], [2]], 50, "cpu")
     assert lookup[0] == 0 and lookup[20] == 0 and lookup[29] == 0
     assert lookup[30] == 1  # tie between 20 and 40: the larger, as fill_table resolves it
     assert lookup[49] == 1

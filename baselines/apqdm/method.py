@@ -102,7 +102,8 @@ class GroupSearch(nn.Module):
         self.q = [q]  # a list: not a submodule of the search state
         t = q.timesteps.numel()
         k = min(groups, t)
-        chunks = torch.arange(t).tensor_split(k)  # table rows are sorted by timestep
+        # table rows are sorted by timestep
+        chunks = torch.arange(t, device=q.scale.device).tensor_split(k)
         params = [_union_params(q, rows) for rows in chunks]
         self.scale = nn.Parameter(torch.stack([p[0] for p in params]))
         self.register_buffer("zero_point", torch.stack([p[1] for p in params]))

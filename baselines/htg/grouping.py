@@ -34,20 +34,22 @@ def cluster_adjacent(features: Tensor, n_groups: int) -> list[list[int]]:
     return groups
 
 
-def group_lookup(timesteps: list[int], groups: list[list[int]], num_timesteps: int) -> Tensor:
+def group_lookup(timesteps: list[int], groups: list[list[int]], num_timesteps: int,
+                 device: torch.device | str) -> Tensor:
     """For every timestep ``0..num_timesteps-1``, the group of the nearest calibrated
     timestep (``timesteps[i]`` belongs to the group holding index ``i``; ties go to the
     larger timestep, as :meth:`FakeQuantizer.fill_table` resolves them), as an int64
-    tensor: sampler steps between calibrated ones use their neighbour's parameters."""
-    ts = torch.as_tensor(timesteps, dtype=torch.long)
+    tensor on ``device`` (the model's: it becomes a buffer of it): sampler steps between
+    calibrated ones use their neighbour's parameters."""
+    ts = torch.as_tensor(timesteps, dtype=torch.long, device=device)
     if ts.numel() == 0 or bool((ts[1:] <= ts[:-1]).any()):
         raise ValueError("timesteps must be non-empty and strictly ascending")
     if int(ts[-1]) >= num_timesteps or int(ts[0]) < 0:
         raise ValueError(f"calibrated timesteps must lie in [0, {num_timesteps})")
-    of_row = torch.empty(ts.numel(), dtype=torch.long)
+    of_row = torch.empty(ts.numel(), dtype=torch.long, device=device)
     for g, members in enumerate(groups):
-        of_row[torch.as_tensor(members, dtype=torch.long)] = g
-    every = torch.arange(num_timesteps)
+        of_row[torch.as_tensor(members, dtype=torch.long, device=device)] = g
+    every = torch.arange(num_timesteps, device=device)
     hi = torch.searchsorted(ts, every).clamp(max=ts.numel() - 1)
     lo = (hi - 1).clamp(min=0)
     nearest = torch.where((every - ts[lo]).abs() < (ts[hi] - every).abs(), lo, hi)

@@ -121,8 +121,9 @@ def calibrate_groups(qmodel: nn.Module, train, plan: FoldPlan, batch_size: int) 
 
     per_group: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
     for members in plan.groups:
-        ts = torch.as_tensor([plan.timesteps[i] for i in members], dtype=torch.long)
-        rows = train.subset(torch.isin(train.t, ts.to(train.t.device)))
+        ts = torch.as_tensor([plan.timesteps[i] for i in members], dtype=torch.long,
+                             device=train.t.device)
+        rows = train.subset(torch.isin(train.t, ts))
         calibrate_activations(qmodel, forward_loop(rows, batch_size))
         per_group.append({n: (q.scale.detach().clone(), q.zero_point.detach().clone())
                           for n, q in act_quantizers(qmodel)})

@@ -144,7 +144,7 @@ class FoldPlan:
     @classmethod
     def from_dict(cls, d: dict) -> FoldPlan:
         def f32(v) -> Tensor:
-            return torch.tensor(v, dtype=torch.float32)
+            return torch.tensor(v, dtype=torch.float32, device="cpu")  # apply_fold moves it
         return cls(list(d["timesteps"]), [list(g) for g in d["groups"]], int(d["num_timesteps"]),
                    {k: f32(v) for k, v in d["scale"].items()},
                    {k: f32(v) for k, v in d["shift"].items()})
@@ -189,11 +189,12 @@ def apply_fold(model: nn.Module, plan: FoldPlan) -> nn.Module:
     from baselines.htg.grouping import group_lookup
 
     model = copy.deepcopy(model)
-    group_of = group_lookup(plan.timesteps, plan.groups, plan.num_timesteps)
+    device = next(model.parameters()).device  # the plan's tables become the model's buffers
+    group_of = group_lookup(plan.timesteps, plan.groups, plan.num_timesteps, device)
     ada_tables: dict[str, Tensor] = {}
     for site in sorted(plan.scale):
         block, _, kind = site.rpartition(".")
-        s, z = plan.scale[site], plan.shift[site]
+        s, z = plan.scale[site].to(device), plan.shift[site].to(device)
         ada = model.get_submodule(f"{block}.norm1.linear")
         if ada.bias is None:
             raise GaqError(f"{block}.norm1.linear has no bias: cannot fold HTG shifts")
@@ -204,7 +205,8 @@ def apply_fold(model: nn.Module, plan: FoldPlan) -> nn.Module:
         ada.bias[sh] = (ada.bias[sh].float() / s).to(dt)
         ada.weight[sc] = (ada.weight[sc].float() / s[:, None]).to(dt)
         ada.bias[sc] = ((ada.bias[sc].float() + 1) / s - 1).to(dt)  # (1 + scale) / s
-        table = ada_tables.setdefault(block, torch.zeros(len(plan.groups), ada.out_features))
+        table = ada_tables.setdefault(
+            block, torch.zeros(len(plan.groups), ada.out_features, device=device))
         table[:, sh] = -z / s
         for name in SITE_CONSUMERS[kind]:
             lin = model.get_submodule(f"{block}.{name}")

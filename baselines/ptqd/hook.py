@@ -92,6 +92,7 @@ class PTQDSamplerHook:
         self.vsc = vsc
         self._ts = [s.t for s in self.stats]
         self._cache: dict[int, tuple[float, Tensor, float]] = {}
+        self._placed: dict[tuple, Tensor] = {}
 
     # -- the SamplerHook protocol ---------------------------------------------------
     def bind(self, sampler: Any, scheduler: Any) -> None:
@@ -119,7 +120,11 @@ class PTQDSamplerHook:
         if not self.correct:
             return None
         k, mu, _ = self.at(t)
-        mu = mu.to(device=eps.device, dtype=eps.dtype).view(1, -1, *[1] * (eps.ndim - 2))
+        # made once per timestep on the prediction's device, not copied there every step
+        key = (t, eps.device, eps.dtype)
+        if key not in self._placed:
+            self._placed[key] = mu.to(device=eps.device, dtype=eps.dtype)
+        mu = self._placed[key].view(1, -1, *[1] * (eps.ndim - 2))
         return (eps - mu) / (1 + k)
 
     def sigma(self, step: int, t: int, sigma: float, c_t: float) -> float:
@@ -133,17 +138,19 @@ class PTQDSamplerHook:
 
     # -- statistics -----------------------------------------------------------------
     def at(self, t: int) -> tuple[float, Tensor, float]:
-        """(k, mu, sigma_q) at timestep ``t``, interpolated between calibrated timesteps."""
+        """(k, mu, sigma_q) at timestep ``t``, interpolated between calibrated timesteps
+        (mu in float32 on the host; :meth:`eps` keeps one copy per device)."""
         if t not in self._cache:
             i = bisect.bisect_left(self._ts, t)
             if i < len(self._ts) and self._ts[i] == t or i == 0 or i == len(self._ts):
                 s = self.stats[min(i, len(self._ts) - 1)]
-                value = (s.k, torch.tensor(s.mu), s.sigma)
+                value = (s.k, torch.tensor(s.mu, device="cpu"), s.sigma)
             else:
                 lo, hi = self.stats[i - 1], self.stats[i]
                 w = (t - lo.t) / (hi.t - lo.t)
                 value = ((1 - w) * lo.k + w * hi.k,
-                         (1 - w) * torch.tensor(lo.mu) + w * torch.tensor(hi.mu),
+                         (1 - w) * torch.tensor(lo.mu, device="cpu")
+                         + w * torch.tensor(hi.mu, device="cpu"),
                          (1 - w) * lo.sigma + w * hi.sigma)
             self._cache[t] = value
         return self._cache[t]

@@ -86,7 +86,7 @@ def attach_providers(qmodel: nn.Module, cfg: TDQConfig) -> int:
             if q.mode != "static":
                 continue
             s0 = q.scale.detach().clamp_min(1e-8)  # an all-zero input could give Δ = 0
-            mlp = TimestepScaleMLP(s0, cfg.embed_dim, cfg.mlp_hidden).to(s0.device)
+            mlp = TimestepScaleMLP(s0, cfg.embed_dim, cfg.mlp_hidden)  # on s0's device
             q.set_provider(mlp)
             n += 1
     return n

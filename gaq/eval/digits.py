@@ -12,14 +12,16 @@ def digit_likeness(images: torch.Tensor, confidence: float = 0.8,
     """Share of images the bundled classifier assigns to one digit with probability
     >= ``confidence`` (it is trained to be unsure on non-digits), the mean top probability,
     and with the requested ``labels`` of class-conditional samples, the share classified as
-    requested (``class_accuracy``)."""
+    requested (``class_accuracy``). Runs on the classifier's device (pass one loaded once
+    on the GPU when scoring there); the images are moved to it."""
     from gaq.models.bundled import load_classifier
 
     clf = classifier if classifier is not None else load_classifier()
-    prob = torch.softmax(clf(images.float().cpu()), dim=1)
+    device = next(clf.parameters()).device
+    prob = torch.softmax(clf(images.to(device=device, dtype=torch.float32)), dim=1)
     top = prob.max(dim=1).values
     out = {"confident_share": (top >= confidence).float().mean().item(),
            "mean_top_prob": top.mean().item()}
     if labels is not None:
-        out["class_accuracy"] = (prob.argmax(1) == labels.cpu()).float().mean().item()
+        out["class_accuracy"] = (prob.argmax(1) == labels.to(device)).float().mean().item()
     return out

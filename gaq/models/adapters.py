@@ -110,13 +110,19 @@ class ModelAdapter:
         """1x1 shortcut convs fed by ``cat([h, skip])`` -> channel count of ``h``."""
         return {}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (example inputs are made there)."""
+        return next(self.model.parameters()).device
+
     def example_inputs(self, batch: int = 2) -> tuple[tuple, dict]:
-        cfg = self.model.config
-        x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        """A random batch shaped as the model takes it, on the model's device."""
+        cfg, dev = self.model.config, self.device
+        x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=dev)
         kwargs = {}
         if getattr(self.model, "class_embedding", None) is not None:
-            kwargs["class_labels"] = torch.zeros(batch, dtype=torch.long)
-        return (x, torch.full((batch,), 10, dtype=torch.long)), kwargs
+            kwargs["class_labels"] = torch.zeros(batch, dtype=torch.long, device=dev)
+        return (x, torch.full((batch,), 10, dtype=torch.long, device=dev)), kwargs
 
     def blocks(self, split_temporal: bool = False) -> list[Block]:
         """Reconstruction units in forward order: blocks of ``block_types`` and every
@@ -145,9 +151,6 @@ class ModelAdapter:
                     lambda m, a, n=name: seen.append(n) if n not in seen else None))
         try:
             args, kwargs = self.example_inputs()
-            p = next(self.model.parameters())
-            args = tuple(a.to(p.device) if torch.is_tensor(a) else a for a in args)
-            kwargs = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
             with torch.no_grad():
                 self.model(*args, **kwargs)
         finally:
@@ -243,7 +246,8 @@ class UNet2DConditionAdapter(UNet2DAdapter):
         cfg = self.model.config
         dim = cfg.cross_attention_dim
         dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-        return (x, t), kwargs | {"encoder_hidden_states": torch.randn(batch, 4, dim)}
+        hidden = torch.randn(batch, 4, dim, device=self.device)
+        return (x, t), kwargs | {"encoder_hidden_states": hidden}
 
     def _time_embedding(self, model: nn.Module, t: torch.Tensor, cond: dict) -> torch.Tensor:
         # UNet2DConditionModel.forward: get_time_embed, time_embedding, get_class_embed,
@@ -305,7 +309,8 @@ class DiTAdapter(ModelAdapter):
 
     def example_inputs(self, batch: int = 2) -> tuple[tuple, dict]:
         (x, t), _ = super().example_inputs(batch)
-        return (x,), {"timestep": t, "class_labels": torch.zeros(batch, dtype=torch.long)}
+        labels = torch.zeros(batch, dtype=torch.long, device=self.device)
+        return (x,), {"timestep": t, "class_labels": labels}
 
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -316,13 +321,27 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
 }
 
 
+def check_architecture(class_name: str) -> type[ModelAdapter]:
+    """The adapter class for a denoiser class name (a pipeline folder's ``model_index.json``
+    names it, so this runs before any weight is read); an unknown one is one line."""
+    cls = ADAPTERS.get(class_name)
+    if cls is None:
+        raise GaqError(f"unsupported architecture {class_name}: gaq has adapters for "
+                       f"{', '.join(sorted(ADAPTERS))}")
+    return cls
+
+
+def is_dit(model: nn.Module) -> bool:
+    """Whether ``model`` is a class-conditional DiT (the adapter family that takes
+    ``class_labels``), by its architecture, not by a config key other models share."""
+    return ADAPTERS.get(type(model).__name__) is DiTAdapter and bool(
+        getattr(model.config, "num_embeds_ada_norm", None))
+
+
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``'s architecture; an unknown one is refused, never half-done."""
     name = type(model).__name__
-    cls = ADAPTERS.get(name)
-    if cls is None:
-        raise GaqError(f"unsupported architecture {name}: gaq has adapters for "
-                       f"{', '.join(sorted(ADAPTERS))}")
+    cls = check_architecture(name)
     if name == "Transformer2DModel" and not getattr(model.config, "num_embeds_ada_norm", None):
         raise GaqError("unsupported architecture Transformer2DModel without adaLN class "
                        "conditioning: only the DiT variant is supported")

@@ -128,10 +128,11 @@ class ClassConditioning(Conditioning):
         return self.null_class is not None
 
     def label_of(self, indices: torch.Tensor) -> torch.Tensor:
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        indices = torch.as_tensor(indices, dtype=torch.long, device="cpu")
         if self.labels is None:
             return indices % self.num_classes
-        return torch.tensor(self.labels, dtype=torch.long)[indices % len(self.labels)]
+        labels = torch.tensor(self.labels, dtype=torch.long, device=indices.device)
+        return labels[indices % len(self.labels)]
 
     def _feed(self, labels: torch.Tensor, device: torch.device | str) -> dict[str, torch.Tensor]:
         labels = labels.to(device)
@@ -146,7 +147,8 @@ class ClassConditioning(Conditioning):
     def null_inputs(self, n: int, device: torch.device | str) -> dict[str, torch.Tensor]:
         if self.null_class is None:
             return super().null_inputs(n, device)
-        return self._feed(torch.full((n,), self.null_class, dtype=torch.long), device)
+        return self._feed(torch.full((n,), self.null_class, dtype=torch.long, device=device),
+                          device)
 
     def identity(self) -> dict:
         return {"kind": self.kind, "num_classes": self.num_classes, "null_class": self.null_class,
@@ -198,7 +200,7 @@ class TextConditioning(Conditioning):
 
             raise GaqError("this model is text-conditional: name a captions file (one prompt "
                            "per line) in the benchmark's [sampler] prompts, or --prompts")
-        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
+        idx = torch.as_tensor(indices, dtype=torch.long, device="cpu").tolist()
         return {"encoder_hidden_states": self.encode([self.prompts[i % len(self.prompts)]
                                                       for i in idx], device)}
 

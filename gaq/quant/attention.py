@@ -57,22 +57,24 @@ class QuantAttnProcessor(nn.Module):
         per_timestep: bool = False,
         observer_kwargs: dict | None = None,
         softmax_symmetric: bool = False,
+        device: torch.device | str | None = None,
     ) -> QuantAttnProcessor:
         """q/k/v at ``bits`` (per tensor; ``observer`` with ``observer_kwargs``), softmax
         output unsigned with ``z = 0`` (or symmetric, ``softmax_symmetric``) at
-        ``softmax_bits``; ``None`` keeps the operand(s) in full precision."""
+        ``softmax_bits``; ``None`` keeps the operand(s) in full precision. ``device``: the
+        attention module's (the quantizers' state lives beside the operands)."""
 
         def qkv() -> FakeQuantizer | None:
             if bits is None:
                 return None
             return FakeQuantizer(bits, symmetric, observer=observer, per_timestep=per_timestep,
-                                 observer_kwargs=observer_kwargs)
+                                 observer_kwargs=observer_kwargs, device=device)
 
         probs = None
         if softmax_bits is not None:
             probs = FakeQuantizer(
                 softmax_bits, softmax_symmetric, unsigned=not softmax_symmetric,
-                observer=softmax_observer, per_timestep=per_timestep,
+                observer=softmax_observer, per_timestep=per_timestep, device=device,
             )
         return cls(qkv(), qkv(), qkv(), probs)
 

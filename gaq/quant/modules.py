@@ -50,6 +50,10 @@ class QuantLayer(nn.Module):
         if self.act_quantizers and len(self.act_quantizers) != len(parts):
             raise ValueError(f"{type(self).__name__} needs 0 or {len(parts)} input quantizer(s)")
         self._mode = "full"
+        # The quantizers follow the weight: a step size calibrated on a CUDA weight must not
+        # be copied back to a CPU buffer (no-op for quantizers built on the right device).
+        self.weight_quantizers.to(module.weight.device)
+        self.act_quantizers.to(module.weight.device)
         # Pre-quantized weight (freeze_weights): sampling then pays only for activations.
         self.register_buffer("frozen_weight", None)
         for quantizer, part in zip(self.weight_quantizers, parts, strict=True):
@@ -290,12 +294,15 @@ def make_weight_quantizer(
     symmetric: bool = False,
     axis: int | None = 0,
     observer: str = "mse",
+    device: torch.device | str | None = None,
     **kwargs: object,
 ) -> FakeQuantizer:
-    """Per-output-channel weight quantizer; the ``mse`` search keeps every weight."""
+    """Per-output-channel weight quantizer on ``device``; the ``mse`` search keeps every
+    weight."""
     if observer == "mse":
         kwargs.setdefault("max_samples", None)
-    return FakeQuantizer(bits, symmetric, axis, observer=observer, observer_kwargs=kwargs or None)
+    return FakeQuantizer(bits, symmetric, axis, observer=observer, observer_kwargs=kwargs or None,
+                         device=device)
 
 
 def quantize_layer(
@@ -318,20 +325,22 @@ def quantize_layer(
 
     Weights: per output channel (``weight_axis=None``: per tensor, as PTQD's code);
     inputs: per tensor (``act_bits=None``: FP input). ``*_observer_kwargs`` go to the
-    range observers (``p`` and ``grid`` of ``mse``, ``momentum`` of ``ema``).
+    range observers (``p`` and ``grid`` of ``mse``, ``momentum`` of ``ema``). The
+    quantizers are created on the module's device.
     """
+    device = module.weight.device
 
     def act() -> FakeQuantizer | None:
         if act_bits is None:
             return None
         return FakeQuantizer(
             act_bits, act_symmetric, None, observer=act_observer, per_timestep=act_per_timestep,
-            observer_kwargs=act_observer_kwargs,
+            observer_kwargs=act_observer_kwargs, device=device,
         )
 
     def weight() -> FakeQuantizer:
         return make_weight_quantizer(weight_bits, weight_symmetric, weight_axis, weight_observer,
-                                     **(weight_observer_kwargs or {}))
+                                     device, **(weight_observer_kwargs or {}))
 
     if split is not None:
         if not isinstance(module, nn.Conv2d):

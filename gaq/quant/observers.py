@@ -163,8 +163,8 @@ class MSEObserver(Observer):
         channels = x.shape[0]
         # every candidate range at once: (G, C); candidate i shrinks the range by 1 - i/G
         # (computed in float64 and rounded once, as the Python scalar it replaces)
-        f = (1.0 - torch.arange(self.grid, dtype=torch.float64) / self.grid).float()
-        f = f.to(x.device).reshape(-1, 1)
+        f = 1.0 - torch.arange(self.grid, dtype=torch.float64, device=x.device) / self.grid
+        f = f.float().reshape(-1, 1)
         scale, zp = qparams_from_range(lo.reshape(1, -1) * f, hi.reshape(1, -1) * f, bits,
                                        symmetric, unsigned)
         scale, zp = scale.expand(-1, channels), zp.expand(-1, channels)

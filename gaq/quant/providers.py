@@ -38,7 +38,7 @@ class TimestepScaleMLP(nn.Module):
 
     Args:
         init_scale: ``s₀``: a scalar (per-tensor quantizer, output ``(B,)``) or
-            ``(C,)`` (per-channel, output ``(B, C)``).
+            ``(C,)`` (per-channel, output ``(B, C)``). The network is built on its device.
         embed_dim: size of the sinusoidal encoding.
         hidden: hidden width.
         max_period: encoding period, as in diffusers' timestep embeddings.
@@ -52,7 +52,11 @@ class TimestepScaleMLP(nn.Module):
         max_period: float = 10000.0,
     ) -> None:
         super().__init__()
-        s0 = torch.as_tensor(init_scale, dtype=torch.float32).detach()
+        # a Python number is a host value; a tensor keeps its device (the quantizer's)
+        s0 = torch.as_tensor(init_scale, dtype=torch.float32,
+                             device=init_scale.device if isinstance(init_scale, Tensor)
+                             else "cpu").detach()
+        dev = s0.device
         if bool((s0 <= 0).any()):
             raise ValueError("initial step sizes must be positive")
         self.per_channel = s0.ndim > 0
@@ -60,13 +64,13 @@ class TimestepScaleMLP(nn.Module):
         self.embed_dim = embed_dim
         self.max_period = max_period
         self.net = nn.Sequential(
-            nn.Linear(embed_dim, hidden),
+            nn.Linear(embed_dim, hidden, device=dev),
             nn.ReLU(),
-            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, hidden, device=dev),
             nn.ReLU(),
-            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, hidden, device=dev),
             nn.ReLU(),
-            nn.Linear(hidden, out),
+            nn.Linear(hidden, out, device=dev),
         )
         last = self.net[-1]
         with torch.no_grad():

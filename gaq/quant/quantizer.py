@@ -53,6 +53,8 @@ class FakeQuantizer(nn.Module):
         observer: range initialisation, ``max``, ``mse`` or ``ema``.
         observer_kwargs: passed to the observer (``p``, ``grid``, ``momentum``, ...).
         per_timestep: calibrate one ``(Δ, z)`` per sampling timestep (``table`` mode).
+        device: where the state lives: the device of the tensor it quantizes (a quantizer
+            on the CPU beside a CUDA layer fails at the first forward).
 
     Forward: identity when disabled or observing (observing records the input
     first); otherwise ``x̂`` with gradients to ``x`` (in range) and ``Δ``.
@@ -68,6 +70,7 @@ class FakeQuantizer(nn.Module):
         observer: str = "max",
         observer_kwargs: dict[str, Any] | None = None,
         per_timestep: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if unsigned and symmetric:
@@ -81,10 +84,11 @@ class FakeQuantizer(nn.Module):
         self.observer_kwargs = dict(observer_kwargs or {})
         self.per_timestep = per_timestep
         make_observer(observer, axis, **self.observer_kwargs)  # fail early on a bad name
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("zero_point", torch.zeros(()))
-        self.register_buffer("timesteps", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("mode_code", torch.tensor(_UNCALIBRATED, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones((), device=device))
+        self.register_buffer("zero_point", torch.zeros((), device=device))
+        self.register_buffer("timesteps", torch.zeros(0, dtype=torch.long, device=device))
+        self.register_buffer("mode_code", torch.tensor(_UNCALIBRATED, dtype=torch.uint8,
+                                                       device=device))
         self.provider: nn.Module | None = None
         self.enabled = True
         self.observing = False
@@ -222,8 +226,8 @@ class FakeQuantizer(nn.Module):
         """
         if self.mode != "conditioned":
             raise RuntimeError(f"freeze_to_table needs conditioned mode; quantizer is {self.mode}")
-        ts = torch.as_tensor(timesteps, dtype=torch.long).reshape(-1).tolist()
-        rows = self._provided_scale(torch.tensor(ts, dtype=torch.long))
+        ts = torch.as_tensor(timesteps, dtype=torch.long, device="cpu").reshape(-1).tolist()
+        rows = self._provided_scale(torch.tensor(ts, dtype=torch.long, device=self._device()))
         zero_point = self.zero_point.expand_as(rows).clone()
         provider = self.provider
         self.set_table(ts, rows, zero_point)
@@ -403,7 +407,7 @@ class FakeQuantizer(nn.Module):
             idx = self._rows(t.to(self._device()))
             return self.scale[idx], self.zero_point[idx]
         per_sample = not isinstance(t, int)
-        ts = t if per_sample else torch.tensor([t])
+        ts = t if per_sample else torch.tensor([t], device=self._device())
         scale = self._provided_scale(ts)
         return (scale if per_sample else scale[0]), self.zero_point
 
