@@ -199,6 +199,57 @@ def gaq_overhead(bits: str = "W4A8", model_id: str = "digits", preset: str = "cp
             "repeats": repeats, "threads": torch.get_num_threads()}
 
 
+def dynamic_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 256,
+                     steps: int = 50, batch_size: int = 128, repeats: int = 5, *,
+                     device: str = "cpu") -> dict:
+    """DDIM sampling time of FP, static activation ranges and dynamic ones (``dynamic``),
+    side by side: each repeat runs the three in turn on the same images, and the figures
+    are medians of the per-repeat ratios. Static and dynamic share the layers and the
+    frozen (round-to-nearest) weights, built with the ``dynamic`` method's layer choices;
+    only the activation quantizers differ: a stored ``(Δ, z)`` against a min/max reduction
+    over every row (token, channel group or sample) of every layer input at every call."""
+    import copy
+    from statistics import median
+
+    from baselines.dynamic import Dynamic, install_dynamic
+    from gaq.calibration import CalibrationSpec, record_calibration
+    from gaq.methods.rtn import RTN
+    from gaq.models.adapters import adapter_for
+    from gaq.models.loading import load_model
+    from gaq.sampling import SamplerConfig, sample
+
+    loaded = load_model(model_id, device=device)
+    spec = CalibrationSpec(steps=20, interval=2, samples_per_step=16)
+    calib = record_calibration(loaded, spec, model_id=model_id)
+    dyn = Dynamic.from_preset("cpu")
+    quant = dyn.effective_quant(QuantConfig.from_bits(bits))
+    static = RTN(RTN.Config()).quantize(loaded.denoiser, adapter_for(loaded.denoiser), calib,
+                                        quant).model
+    dynamic = copy.deepcopy(static)
+    install_dynamic(dynamic, dyn.config)
+    models = {"fp": loaded.denoiser, "static": static, "dynamic": dynamic}
+    seconds: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for model in models.values():  # warm-up
+            sample(loaded, 8, seed=123, sampler=SamplerConfig(steps=2), denoiser=model)
+        for _ in range(repeats):
+            for name, model in models.items():
+                seconds[name].append(_sampling_seconds(loaded, model, num, steps, batch_size))
+
+    def ratios(over: str, under: str) -> list[float]:
+        return [a / b for a, b in zip(seconds[over], seconds[under], strict=True)]
+
+    out = {"model": model_id, "bits": bits, "images": num, "steps": steps,
+           "batch_size": batch_size, "repeats": repeats,
+           "backend": f"fake-quant, PyTorch {torch.device(device).type.upper()}",
+           "threads": torch.get_num_threads(),
+           **{f"{k}_seconds": median(v) for k, v in seconds.items()}}
+    for over, under in (("static", "fp"), ("dynamic", "fp"), ("dynamic", "static")):
+        r = ratios(over, under)
+        out[f"{over}_over_{under}"] = {"ratio": median(r), "min": min(r), "max": max(r)}
+    return out
+
+
 #: The sections of ``gaq perf``, in the order a full run measures them. Each is one
 #: measurement function; ``run(sections=...)`` re-measures some of them and keeps the rest
 #: of ``perf.json`` as it was, so one figure can be refreshed without the whole hour.
@@ -207,6 +258,7 @@ SECTIONS: dict[str, Callable[[], object]] = {
     "calibration_memory": lambda: calibration_peak_memory(),
     "memory_scaling": lambda: memory_scaling(),
     "gaq_overhead": lambda: gaq_overhead(),
+    "dynamic_overhead": lambda: dynamic_overhead(),
 }
 
 
@@ -315,6 +367,17 @@ def render(report: dict) -> str:
                   f"{g['ratio_max']:.2f}; {g['gaq_seconds']:.0f} s vs "
                   f"{g['uniform_seconds']:.0f} s, meta-learning {g['meta_seconds']:.0f} s) | "
                   f"<= 1.3x | {_when(report, 'gaq_overhead')} |")
+    if d := report.get("dynamic_overhead"):
+        for over, under in (("static", "fp"), ("dynamic", "fp"), ("dynamic", "static")):
+            r = d[f"{over}_over_{under}"]
+            md.append(f"| {d['bits']} sampling time, {over} activation ranges / "
+                      f"{'FP' if under == 'fp' else under + ' ranges'} ({d['model']}, "
+                      f"{d['images']} images, batch {d['batch_size']}, {d['steps']} DDIM steps, "
+                      f"{d['backend']}, {d['threads']} threads) | {r['ratio']:.2f}x, median of "
+                      f"{d['repeats']} side-by-side runs (range {r['min']:.2f}-{r['max']:.2f}; "
+                      f"median {d[over + '_seconds']:.2f} s vs {d[under + '_seconds']:.2f} s) | "
+                      f"{'<= 1.3x' if under == 'fp' else 'shown'} | "
+                      f"{_when(report, 'dynamic_overhead')} |")
     missing = [k for k in SECTIONS if k not in report]
     if missing:
         md += ["", "Not measured yet: " + ", ".join(f"`{k}`" for k in missing)

@@ -42,6 +42,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "ptqd": "baselines.ptqd.method:PTQD",
     "apqdm": "baselines.apqdm.method:APQDM",
     "htg": "baselines.htg.method:HTG",
+    "dynamic": "baselines.dynamic.method:Dynamic",
     "gaq": "gaq.methods.gaq:GAQ",
     "gaq-uniform": "gaq.methods.gaq:GAQUniform",
     "gaq-mse": "gaq.methods.gaq:GAQMSE",

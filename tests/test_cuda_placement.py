@@ -89,8 +89,8 @@ def test_the_strict_mode_sends_only_the_projects_tensors_to_meta():
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["rtn", "brecq", "qdiffusion", "tfmq", "tdq", "ptqd",
-                                    "apqdm", "htg", "gaq", "gaq-uniform", "gaq-mse",
-                                    "gaq-timestep"])
+                                    "apqdm", "htg", "dynamic", "gaq", "gaq-uniform",
+                                    "gaq-mse", "gaq-timestep"])
 def test_every_method_quantizes_samples_and_restores_on_the_models_device(
         method, family, sampler, entries, pipes, tmp_path, monkeypatch):
     torch.set_num_threads(1)

@@ -173,6 +173,15 @@ class Method(abc.ABC):
         return model
 
     @classmethod
+    def finish_restore(cls, qmodel: torch.nn.Module, state: Mapping[str, Any]
+                       ) -> torch.nn.Module:
+        """The restored quantized model made ready to sample (``state``: the
+        ``QuantResult.state`` saved with it). Methods whose quantizers hold nothing a state
+        can save (dynamic ranges, computed at every call) rebuild them here; the rest
+        return ``qmodel`` unchanged."""
+        return qmodel
+
+    @classmethod
     def restore_hook(cls, state: Mapping[str, Any]) -> Any | None:
         """The sampler hook of a saved quantization (``state``: the ``QuantResult.state``
         saved with it); None for methods that correct nothing in the sampler."""
@@ -196,8 +205,9 @@ class Method(abc.ABC):
 def restore(model: torch.nn.Module, folder: Any) -> QuantResult:
     """A saved quantization (``gaq.quantize.save_state``) rebuilt on a fresh FP ``model``,
     with everything the method needs at sampling time: the FP model rewritten as the
-    method rewrote it (:meth:`Method.prepare_restore`), the quantized layers and, for
-    methods that correct the sampler (PTQD), their sampler hook."""
+    method rewrote it (:meth:`Method.prepare_restore`), the quantized layers (finished by
+    :meth:`Method.finish_restore`) and, for methods that correct the sampler (PTQD), their
+    sampler hook."""
     import json
     from pathlib import Path
 
@@ -212,5 +222,7 @@ def restore(model: torch.nn.Module, folder: Any) -> QuantResult:
     if method is not None:
         model = method.prepare_restore(model, saved)
     qmodel, report, meta = load_state(model, folder)
+    if method is not None:
+        qmodel = method.finish_restore(qmodel, meta)
     hook = None if method is None else method.restore_hook(meta)
     return QuantResult(model=qmodel, state=meta, sampler_hook=hook, report=report)
