@@ -159,6 +159,16 @@ def fid_spread(session: nox.Session) -> None:
     session.run(_bin("gaq"), "fid-spread", *session.posargs, external=True)
 
 
+@nox.session(name="gpu-check", default=False)
+def gpu_check(session: nox.Session) -> None:
+    """Every GPU measurement in one run, writing results/gpu/: fake-quant sampling overhead
+    (batch 32/128/512), paper-scale calibration time and memory (RTN, BRECQ, TFMQ-DM, GAQ
+    on the CIFAR-10 DDPM architecture) and gpu-smoke. Refuses in one line without CUDA;
+    extra arguments go to `gaq gpu-check` (e.g. `-- --device cuda:1 --only overhead`)."""
+    _env(session)
+    session.run(_bin("gaq"), "gpu-check", *session.posargs, external=True)
+
+
 @nox.session(name="gpu-smoke", default=False)
 def gpu_smoke(session: nox.Session) -> None:
     """Every registered method on each bundled model family on CUDA; skips without a GPU.

@@ -35,9 +35,9 @@ def _sampling_seconds(pipe, model, num: int, steps: int, batch_size: int) -> flo
 
 def sampling_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 256,
                       steps: int = 50, batch_sizes: tuple[int, ...] = (128, 64, 32),
-                      repeats: int = 5) -> list[dict]:
-    """FP vs fake-quantized (RTN, weights frozen) DDIM sampling time, same CPU, same images;
-    the first batch size is the shipped benchmarks' ``eval.batch_size``.
+                      repeats: int = 5, *, device: str) -> list[dict]:
+    """FP vs fake-quantized (RTN, weights frozen) DDIM sampling time, same device, same
+    images; the first batch size is the shipped benchmarks' ``eval.batch_size``.
 
     FP and quantized runs alternate, and the figure is the median of the per-pair ratios:
     on a shared machine the speed drifts between runs (back-to-back best-of-3 ratios of
@@ -51,7 +51,7 @@ def sampling_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 2
     from gaq.models.loading import load_model
     from gaq.sampling import SamplerConfig, sample
 
-    loaded = load_model(model_id)
+    loaded = load_model(model_id, device=device)
     spec = CalibrationSpec(steps=20, interval=2, samples_per_step=16)
     calib = record_calibration(loaded, spec, model_id=model_id)
     quant = QuantConfig.from_bits(bits)
@@ -71,7 +71,8 @@ def sampling_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 2
                          "batch_size": bs, "fp_seconds": median(fp),
                          "quant_seconds": median(q), "ratio": median(ratios),
                          "ratio_min": min(ratios), "ratio_max": max(ratios),
-                         "repeats": repeats, "backend": "fake-quant, PyTorch CPU",
+                         "repeats": repeats,
+                         "backend": f"fake-quant, PyTorch {torch.device(device).type.upper()}",
                          "threads": torch.get_num_threads()})
     return rows
 
@@ -254,7 +255,7 @@ def dynamic_overhead(model_id: str = "digits", bits: str = "W4A8", num: int = 25
 #: measurement function; ``run(sections=...)`` re-measures some of them and keeps the rest
 #: of ``perf.json`` as it was, so one figure can be refreshed without the whole hour.
 SECTIONS: dict[str, Callable[[], object]] = {
-    "sampling": lambda: sampling_overhead(),
+    "sampling": lambda: sampling_overhead(device="cpu"),
     "calibration_memory": lambda: calibration_peak_memory(),
     "memory_scaling": lambda: memory_scaling(),
     "gaq_overhead": lambda: gaq_overhead(),

@@ -59,6 +59,13 @@ def entries(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def calib_cache(tmp_path_factory):
+    """One calibration disk cache for the grid: each (family, sampler) set is recorded
+    once, under the strict rule, and read back by the other methods' cells."""
+    return tmp_path_factory.mktemp("calib-cache")
+
+
+@pytest.fixture(scope="module")
 def pipes():
     return {f: load_model(f) for f in FAMILIES}
 
@@ -92,9 +99,9 @@ def test_the_strict_mode_sends_only_the_projects_tensors_to_meta():
                                     "apqdm", "htg", "dynamic", "gaq", "gaq-uniform",
                                     "gaq-mse", "gaq-timestep"])
 def test_every_method_quantizes_samples_and_restores_on_the_models_device(
-        method, family, sampler, entries, pipes, tmp_path, monkeypatch):
+        method, family, sampler, entries, pipes, calib_cache, tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    monkeypatch.setenv("GAQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GAQ_CACHE", str(calib_cache))
     pipe = pipes[family]
     cls = get_method(method)
     why = cls.unsupported(adapter_for(pipe.denoiser).arch)
@@ -187,3 +194,55 @@ def test_ptqd_places_its_correction_once_per_device():
     assert all(hook._placed[k] is v for k, v in placed.items())  # reused, not re-copied
     # the interpolated correction itself: mu halfway between 0.6 and 0.7, k = 0.1
     assert torch.allclose(first, (eps - 0.65) / 1.1)
+
+
+SCORED = """
+models = ["digits", "digits-ldm", "digits-dit"]
+bits = ["W4A8"]
+
+[[methods]]
+name = "rtn"
+
+[[methods]]
+name = "ptqd"
+config = { recon = { weight_iters = 0, act_iters = 0, cache = "memory" } }
+
+[benchmark]
+name = "placement-scored"
+
+[sampler]
+steps = 4
+guidance = 3.0
+
+[calibration]
+interval = 2
+samples_per_step = 4
+
+[eval]
+num_images = 8
+batch_size = 8
+seeds = [0]
+metrics = ["fid", "kid", "precision", "recall", "psnr", "eps_mse", "class_acc"]
+heldout_trajectories = 2
+"""
+
+
+def test_a_scored_benchmark_cell_runs_under_the_strict_rule(tmp_path, monkeypatch):
+    """The runner's half of a cell (held-out trajectories, FP and quantized sampling, the
+    feature space, every image and noise metric, class accuracy) under the same rule,
+    on the three bundled families through the command line."""
+    import pandas as pd
+
+    from gaq.cli import main
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("GAQ_CACHE", str(tmp_path / "cache"))
+    bench = tmp_path / "scored.toml"
+    bench.write_text(SCORED)
+    with OwnTensorsOn():
+        assert main(["bench", str(bench), "--results", str(tmp_path / "results"),
+                     "--engine", "local"]) == 0
+    df = pd.read_parquet(tmp_path / "results" / "placement-scored" / "metrics.parquet")
+    assert df["cell_id"].nunique() == 9  # FP, RTN and PTQD on each family
+    assert {"fid", "psnr", "eps_mse", "class_acc"} <= set(df["metric"])

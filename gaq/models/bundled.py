@@ -125,4 +125,4 @@ def load_classifier(device: str = "cpu"):
         raise FileNotFoundError(
             f"bundled classifier missing at {CLASSIFIER_DIR}; train it with `gaq train-default`"
         )
-    return DigitClassifier.load(CLASSIFIER_DIR).to(device)
+    return DigitClassifier.load(CLASSIFIER_DIR, device)

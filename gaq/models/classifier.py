@@ -51,11 +51,13 @@ class DigitClassifier(nn.Module):
         )
 
     @classmethod
-    def load(cls, folder: str | Path) -> DigitClassifier:
+    def load(cls, folder: str | Path, device: str | torch.device) -> DigitClassifier:
+        """The saved classifier, built and loaded directly on ``device``."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text())
-        model = cls(width=cfg["width"], feature_dim=cfg["feature_dim"])
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        with torch.device(device):
+            model = cls(width=cfg["width"], feature_dim=cfg["feature_dim"])
+        model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
         return model.eval()

@@ -62,7 +62,10 @@ class ClassEmbedder(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        module = cls(**json.loads((folder / "config.json").read_text()))
+        # built and loaded on the host, as diffusers loads the other components; the
+        # Pipeline moves them all to its device together
+        with torch.device("cpu"):
+            module = cls(**json.loads((folder / "config.json").read_text()))
         module.load_state_dict(load_file(str(folder / "model.safetensors")))
         return module.eval()
 
