@@ -1,10 +1,13 @@
 """The cost of the papers' protocols, measured on models of the real size and projected.
 
 ``gaq perf --paper-scale`` builds a randomly initialised model with the real architecture
-and size (the 35.7 M-parameter CIFAR-10 DDPM UNet; the LDM-4 LSUN-Bedroom UNet with its
-VQ-f4 autoencoder), measures a few small runs of every phase on this machine, and projects
-them to the full protocol (5,120 calibration rows, 20,000 AdaRound iterations, 50,000
-images). Random weights cost the same time and memory as trained ones.
+and size, measures a few small runs of every phase on this machine, and projects them to
+the full protocol (its calibration rows, 20,000 AdaRound iterations, its images). Random
+weights cost the same time and memory as trained ones. The architectures
+(:data:`ARCHITECTURES`): the 35.7 M CIFAR-10 DDPM UNet; the 274 M LDM-4 LSUN-Bedroom UNet
+and its VQ-f4 autoencoder; the 401 M LDM-4 ImageNet (cin256-v2) UNet with its class
+embedding and the same VQ-f4; DiT-XL/2 (675 M) with the KL-f8 autoencoder; Stable Diffusion
+v1.4's 860 M UNet with the KL-f8 autoencoder and the 123 M CLIP text encoder.
 
 How each phase is projected:
 
@@ -34,17 +37,19 @@ import math
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
 
 import torch
+from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
 
 from gaq.models.convert_ldm import PRESETS as LDM_PRESETS
 from gaq.models.convert_ldm import uncond_unet_config
 
-__all__ = ["ARCHITECTURES", "Protocol", "build_pipeline", "paper_scale", "write_report"]
+__all__ = ["ARCHITECTURES", "Architecture", "HashedTokenIds", "Protocol", "build_pipeline",
+           "paper_scale", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,58 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Architecture:
+    """A paper's model, buildable with random weights: the denoiser (``unet``: its config,
+    ``denoiser``: its diffusers class), the autoencoder (``vq``: its config,
+    ``autoencoder``: its class), the conditioning source and the scheduler.
+
+    ``conditioning``: ``None`` (unconditional); ``{"kind": "class", "num_classes": n}``
+    (DiT: class labels, null class ``n``); ``{"kind": "class-embedder", "num_classes": n,
+    "dim": d}`` (LDM: a learned class embedding fed to cross-attention); ``{"kind":
+    "text", "encoder": CLIPTextConfig kwargs}`` (Stable Diffusion: the CLIP text encoder
+    built from its config; prompts become token ids by :class:`HashedTokenIds`, not CLIP's
+    BPE tokenizer, which cannot be downloaded here: the encoder's cost is the same)."""
+
     description: str
     unet: dict[str, Any]
     protocol: Protocol
     vq: dict[str, Any] | None = None
     scaling_factor: float = 1.0
+    denoiser: str = "UNet2DModel"
+    autoencoder: str = "VQModel"
+    conditioning: dict[str, Any] | None = None
+    scheduler: dict[str, Any] = field(default_factory=lambda: {
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000})
+
+
+class HashedTokenIds:
+    """A stand-in for CLIP's tokenizer: each word of a prompt becomes a fixed id (a hash
+    into CLIP's 49,408-token vocabulary), framed by CLIP's start and end tokens and padded
+    with the end token to 77 ids, as the real tokenizer pads. Deterministic, offline; the
+    text encoder does the same work whatever the ids are."""
+
+    model_max_length = 77
+    vocab_size = 49_408
+    bos, eos = 49_406, 49_407
+
+    def _ids(self, prompt: str) -> list[int]:
+        import hashlib
+
+        words = [int.from_bytes(hashlib.sha256(w.encode()).digest()[:4], "little")
+                 % self.bos for w in prompt.lower().split()]
+        ids = [self.bos, *words[: self.model_max_length - 2], self.eos]
+        return ids + [self.eos] * (self.model_max_length - len(ids))
+
+    def __call__(self, prompts: list[str], **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([self._ids(p) for p in prompts],
+                                                      dtype=torch.long, device="cpu"))
+
+
+# prompts for the text-conditional architecture's calibration and timing (any text: the
+# cost does not depend on it)
+PROMPTS = ("a photograph of an astronaut riding a horse", "a bowl of fruit on a wooden table",
+           "a red bus driving down a city street", "a cat sleeping on a sofa")
 
 
 # google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 model as diffusers converts it): 35.7 M
@@ -100,37 +152,145 @@ _LDM4_LSUN = Architecture(
                       calibration_rows=5_120, trajectories=256),
 )
 
+# CompVis LDM-4 ImageNet (cin256-v2): UNet with cross-attention to a learned 512-d class
+# embedding (1,000 classes + the null class), on 64x64x3 latents of the same VQ-f4; the GAQ
+# paper's ImageNet protocol: DDIM 20 steps, guidance 3.0, every step x 256 trajectories,
+# both guidance halves recorded (10,240 rows), 50,000 images.
+_LDM4_CIN = Architecture(
+    description="LDM-4 ImageNet cin256-v2 UNet (cross-attention to a class embedding) on "
+                "64x64x3 latents + VQ-f4 autoencoder (256x256)",
+    unet={**create_unet_diffusers_config_from_ldm(
+        {"model": {"params": LDM_PRESETS["cin256-v2"]}}, {}), "sample_size": 64},
+    vq=_LDM4_LSUN.vq,
+    denoiser="UNet2DConditionModel",
+    conditioning={"kind": "class-embedder", "num_classes": 1000, "dim": 512},
+    scheduler={"_class_name": "DDIMScheduler", "num_train_timesteps": 1000,
+               "beta_start": 0.0015, "beta_end": 0.0195, "beta_schedule": "scaled_linear",
+               "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1},
+    protocol=Protocol("GAQ / TFMQ-DM LDM-4 ImageNet, DDIM 20, guidance 3.0", steps=20,
+                      images=50_000, calibration_rows=10_240, trajectories=256,
+                      guidance=True),
+)
+
+# The autoencoder of DiT and Stable Diffusion v1 (sd-vae-ft-ema / SD's own): KL-f8, 4
+# latent channels.
+_KL_F8 = {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+          "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+          "down_block_types": ("DownEncoderBlock2D",) * 4,
+          "up_block_types": ("UpDecoderBlock2D",) * 4, "scaling_factor": 0.18215}
+
+# facebook/DiT-XL-2-256: 28 blocks, 1152 wide (16 heads x 72), patch 2 on 32x32x4 latents,
+# 1,000 classes + null. DiT's 675 M parameters are 750 M in diffusers' layout, which gives
+# each block its own copy of the timestep and class embedders (as the hub weights have).
+# The suite's dit-imagenet protocol: DDIM 50 steps, guidance 1.5, every 2nd step x 256
+# trajectories with both halves (12,800 rows), 50,000 images.
+_DIT_XL2 = Architecture(
+    description="DiT-XL/2 (facebook/DiT-XL-2-256 architecture, diffusers layout) on 32x32x4 "
+                "latents + KL-f8 autoencoder (256x256)",
+    unet={"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4,
+          "out_channels": 8, "num_layers": 28, "sample_size": 32, "patch_size": 2,
+          "num_embeds_ada_norm": 1000},
+    vq={**_KL_F8, "sample_size": 256},
+    denoiser="DiTTransformer2DModel", autoencoder="AutoencoderKL",
+    conditioning={"kind": "class", "num_classes": 1000},
+    scheduler={"_class_name": "DDIMScheduler", "num_train_timesteps": 1000,
+               "clip_sample": False},
+    protocol=Protocol("DiT-XL/2 ImageNet 256, DDIM 50, guidance 1.5", steps=50,
+                      images=50_000, calibration_rows=12_800, trajectories=256,
+                      guidance=True),
+)
+
+# CompVis/stable-diffusion-v1-4: the 860 M UNet on 64x64x4 latents, KL-f8 autoencoder,
+# CLIP ViT-L/14 text encoder (123 M); Q-Diffusion's and TFMQ-DM's text-to-image protocol:
+# PLMS 50 steps, guidance 7.5, every 2nd step x 128 prompts with both halves (6,400 rows),
+# 10,000 images.
+_SD_V1_4 = Architecture(
+    description="Stable Diffusion v1.4 UNet on 64x64x4 latents + KL-f8 autoencoder (512x512) "
+                "+ CLIP ViT-L/14 text encoder",
+    unet={"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+          "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768,
+          "attention_head_dim": 8,
+          "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+          "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3},
+    vq={**_KL_F8, "sample_size": 512},
+    denoiser="UNet2DConditionModel", autoencoder="AutoencoderKL",
+    conditioning={"kind": "text", "encoder": {
+        "vocab_size": 49_408, "hidden_size": 768, "intermediate_size": 3072,
+        "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu", "projection_dim": 768}},
+    scheduler={"_class_name": "PNDMScheduler", "num_train_timesteps": 1000,
+               "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1},
+    protocol=Protocol("Q-Diffusion / TFMQ-DM Stable Diffusion v1.4, PLMS 50, guidance 7.5",
+                      steps=50, images=10_000, calibration_rows=6_400, trajectories=128,
+                      guidance=True),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {"ddpm-cifar10": _DDPM_CIFAR10,
-                                          "ldm4-lsun": _LDM4_LSUN}
+                                          "ldm4-lsun": _LDM4_LSUN,
+                                          "ldm4-cin256": _LDM4_CIN,
+                                          "dit-xl2-256": _DIT_XL2,
+                                          "sd-v1-4": _SD_V1_4}
+
+
+def _conditioning(arch: Architecture):
+    from gaq.models.conditioning import (
+        ClassConditioning,
+        ClassEmbedder,
+        NoConditioning,
+        TextConditioning,
+    )
+
+    c = arch.conditioning
+    if c is None:
+        return NoConditioning()
+    if c["kind"] == "class":
+        return ClassConditioning(c["num_classes"], c["num_classes"])
+    if c["kind"] == "class-embedder":
+        embedder = ClassEmbedder(c["num_classes"], c["dim"], tokens=1).eval()
+        return ClassConditioning(c["num_classes"], c["num_classes"], embedder)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoder = CLIPTextModel(CLIPTextConfig(**c["encoder"]))
+    return TextConditioning(HashedTokenIds(), encoder.eval(), PROMPTS)
 
 
 def build_pipeline(name: str, device: str, seed: int = 0):
     """A :class:`~gaq.models.pipeline.Pipeline` around a randomly initialised model of
-    architecture ``name`` and a DDIM scheduler."""
-    from diffusers import DDIMScheduler, UNet2DModel, VQModel
+    architecture ``name`` (denoiser, autoencoder, conditioning source, scheduler), built
+    directly on ``device``."""
+    import diffusers
 
     from gaq.models.pipeline import Pipeline
 
     arch = ARCHITECTURES[name]
     torch.manual_seed(seed)
-    unet = UNet2DModel(**arch.unet).eval()
-    vq = VQModel(**arch.vq).eval() if arch.vq is not None else None
-    return Pipeline(unet, DDIMScheduler(num_train_timesteps=1000), vq, name=f"{name}-random"
-                    ).to(device)
+    with torch.device(device):  # no host copy of a model that may fill most of the RAM
+        denoiser = getattr(diffusers, arch.denoiser)(**arch.unet).eval()
+        ae = (getattr(diffusers, arch.autoencoder)(**arch.vq).eval() if arch.vq is not None
+              else None)
+        conditioning = _conditioning(arch)
+    sched_cfg = dict(arch.scheduler)
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name"))(**sched_cfg)
+    return Pipeline(denoiser, scheduler, ae, conditioning, name=f"{name}-random").to(device)
 
 
 def _seconds_per_call(pipe, denoiser, batch: int, repeats: int) -> float:
+    """The median time of one denoiser call at ``batch`` with its conditioning (class
+    labels, class embedding or encoded prompts); guidance doubles the calls, which the
+    projection counts."""
     c, h, w = pipe.latent_shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, h, w, generator=g).to(pipe.device)
     t = torch.full((batch,), 500, device=pipe.device)
+    cond = pipe.conditioning.inputs(torch.arange(batch, device="cpu"), pipe.device)
     times = []
     with torch.no_grad():
-        denoiser(x, t)  # warm-up (allocator, kernels, lazy tables)
+        denoiser(x, t, **cond)  # warm-up (allocator, kernels, lazy tables)
         for _ in range(repeats):
             _sync(pipe.device)
             start = time.perf_counter()
-            denoiser(x, t)
+            denoiser(x, t, **cond)
             _sync(pipe.device)
             times.append(time.perf_counter() - start)
     return median(times)
@@ -157,13 +317,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _calibration_spec(rows: int):
-    """``rows`` training rows over 2 timesteps (DDIM 10, every 5th step), plus one
-    held-out trajectory per step for GAQ's validation set."""
+def _calibration_spec(rows: int, arch: Architecture):
+    """``rows`` training rows over 2 timesteps (10 steps of the architecture's sampler,
+    every 5th kept), plus one held-out trajectory per step for GAQ's validation set; a
+    guided protocol records both halves, so half the trajectories give the same rows."""
     from gaq.calibration import CalibrationSpec
 
-    return CalibrationSpec(steps=10, interval=5, samples_per_step=max(1, rows // 2),
-                           holdout_per_step=1, batch_size=max(1, rows // 2))
+    guided = arch.protocol.guidance
+    per_step = max(1, rows // (4 if guided else 2))
+    sampler = "plms" if arch.scheduler["_class_name"] == "PNDMScheduler" else "ddim"
+    return CalibrationSpec(steps=10, interval=5, samples_per_step=per_step,
+                           holdout_per_step=1, batch_size=per_step, sampler_name=sampler,
+                           guidance=3.0 if guided else None)
 
 
 def measure_method(arch: str, method: str, rows: int, iters: int, bits: str,
@@ -180,7 +345,7 @@ def measure_method(arch: str, method: str, rows: int, iters: int, bits: str,
     from gaq.registry import get_method
 
     pipe = build_pipeline(arch, device)
-    calib = record_calibration(pipe, _calibration_spec(rows), cache=False)
+    calib = record_calibration(pipe, _calibration_spec(rows, ARCHITECTURES[arch]), cache=False)
     cls = get_method(method)
     cfg = streamed_config(cls.from_preset("paper").config, iters)
     on_cuda = torch.device(device).type == "cuda"
@@ -238,7 +403,7 @@ def paper_scale(arch: str, methods: tuple[str, ...] = ("rtn", "qdiffusion", "tfm
     fp_call = _seconds_per_call(pipe, pipe.denoiser, batch, repeats)
     from gaq.calibration import record_calibration
 
-    calib = record_calibration(pipe, _calibration_spec(rows[0]), cache=False)
+    calib = record_calibration(pipe, _calibration_spec(rows[0], spec), cache=False)
     rtn = RTN(RTN.Config()).quantize(pipe.denoiser, adapter_for(pipe.denoiser), calib,
                                      QuantConfig.from_bits(bits)).model
     q_call = _seconds_per_call(pipe, rtn, batch, repeats)

@@ -29,6 +29,37 @@ def test_architectures_have_the_papers_sizes():
     assert ARCHITECTURES["ldm4-lsun"].protocol.steps == 200
 
 
+@pytest.mark.parametrize("name,denoiser,autoencoder,text", [
+    ("ldm4-cin256", 401e6, 55e6, 0),     # LDM paper: 400 M (cin256-v2)
+    ("dit-xl2-256", 750e6, 84e6, 0),     # DiT-XL/2's 675 M + per-block embedder copies
+    ("sd-v1-4", 860e6, 84e6, 123e6),     # SD v1.4: 860 M UNet, 123 M CLIP ViT-L/14
+])
+def test_the_conditional_architectures_have_their_sizes(name, denoiser, autoencoder, text):
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    a = ARCHITECTURES[name]
+    with torch.device("meta"):
+        d = getattr(diffusers, a.denoiser)(**a.unet)
+        ae = getattr(diffusers, a.autoencoder)(**a.vq)
+        te = (CLIPTextModel(CLIPTextConfig(**a.conditioning["encoder"]))
+              if a.conditioning["kind"] == "text" else None)
+    assert _params(d) == pytest.approx(denoiser, rel=0.01)
+    assert _params(ae) == pytest.approx(autoencoder, rel=0.02)
+    assert (_params(te) if te is not None else 0) == pytest.approx(text, rel=0.01)
+    assert a.protocol.guidance
+
+
+def test_hashed_token_ids_frame_and_pad_like_clip():
+    tok = perf_paper.HashedTokenIds()
+    ids = tok(["a cat", ""]).input_ids
+    assert ids.shape == (2, 77) and ids.dtype == torch.long
+    assert ids[0, 0] == tok.bos and ids[0, 3] == tok.eos and (ids[0, 3:] == tok.eos).all()
+    assert (ids[1, 1:] == tok.eos).all()
+    assert torch.equal(tok(["a cat"]).input_ids, ids[:1])  # deterministic
+    assert int(ids[0, 1:3].max()) < tok.bos
+
+
 def test_fit_recovers_a_linear_cost_model():
     a, c, b = 3.0, 0.25, 1.5
     points = {(n, k): a + c * n + b * k for n in (16, 32) for k in (2, 6)}
@@ -79,6 +110,73 @@ def test_paper_scale_report_end_to_end(tmp_path, monkeypatch):
     text = md.read_text()
     assert "| sampling, FP |" in text and "| calibration, brecq (one rank) |" in text
     assert "1 × device" in text
+
+
+_TINY_CONDITIONAL = {
+    "class-embedder": Architecture(
+        description="tiny cross-attention UNet + class embedder",
+        unet={"sample_size": 8, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
+              "block_out_channels": (8, 16), "norm_num_groups": 4, "cross_attention_dim": 12,
+              "attention_head_dim": 4,
+              "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")},
+        denoiser="UNet2DConditionModel",
+        conditioning={"kind": "class-embedder", "num_classes": 5, "dim": 12},
+        protocol=Protocol("test", steps=10, images=100, calibration_rows=40, trajectories=8,
+                          guidance=True)),
+    "class": Architecture(
+        description="tiny DiT + KL autoencoder",
+        unet={"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4,
+              "out_channels": 8, "num_layers": 1, "sample_size": 8, "patch_size": 2,
+              "num_embeds_ada_norm": 5},
+        vq={"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+            "block_out_channels": (8, 8), "layers_per_block": 1, "norm_num_groups": 4,
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2},
+        denoiser="DiTTransformer2DModel", autoencoder="AutoencoderKL",
+        conditioning={"kind": "class", "num_classes": 5},
+        protocol=Protocol("test", steps=10, images=100, calibration_rows=40, trajectories=8,
+                          guidance=True)),
+    "text": Architecture(
+        description="tiny cross-attention UNet + CLIP text encoder, PLMS",
+        unet={"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+              "block_out_channels": (8, 16), "norm_num_groups": 4, "cross_attention_dim": 16,
+              "attention_head_dim": 4,
+              "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")},
+        denoiser="UNet2DConditionModel",
+        conditioning={"kind": "text", "encoder": {
+            "vocab_size": 49_408, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77}},
+        scheduler={"_class_name": "PNDMScheduler", "num_train_timesteps": 1000,
+                   "skip_prk_steps": True},
+        protocol=Protocol("test", steps=10, images=100, calibration_rows=40, trajectories=8,
+                          guidance=True)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_TINY_CONDITIONAL))
+def test_conditional_architectures_run_the_projection(kind, monkeypatch):
+    """Class labels (DiT), a class embedding (LDM) and a text encoder (SD) reach the timed
+    calls and the calibration, with both guidance halves recorded."""
+    torch.set_num_threads(1)
+    monkeypatch.setitem(ARCHITECTURES, "tiny", _TINY_CONDITIONAL[kind])
+    monkeypatch.setattr(perf_paper, "_measure_in_child",
+                        lambda arch, method, rows, iters, bits, device, threads:
+                        perf_paper.measure_method(arch, method, rows, iters, bits, device))
+    report = perf_paper.paper_scale("tiny", ("rtn",), device="cpu", batch=2, repeats=1,
+                                    rows=(4, 8), iters=(1, 2), gpus=(1,))
+    assert report["fp_seconds_per_call"] > 0 and report["fake_quant_ratio"] > 0
+    runs = report["methods"][0]
+    assert set(runs["runs"]) == {"4x1", "8x1"}
+    pipe = perf_paper.build_pipeline("tiny", "cpu")
+    spec = perf_paper._calibration_spec(4, ARCHITECTURES["tiny"])
+    from gaq.calibration import record_calibration
+
+    calib = record_calibration(pipe, spec, cache=False)
+    # both halves of every kept step (PLMS's 10 steps visit 11 timesteps: one more kept)
+    rows = len(calib.train())
+    assert spec.guidance is not None and rows % 2 == 0 and rows >= 4
 
 
 def test_paper_scale_refuses_a_bad_grid():
