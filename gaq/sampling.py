@@ -123,13 +123,24 @@ class SamplerConfig:
                              f"got {self.guidance!r}")
 
 
-def check_scheduler(scheduler: SchedulerMixin) -> None:
-    """Refuse a model whose scheduler family the samplers cannot express."""
-    name = type(scheduler).__name__
+def check_scheduler(scheduler: SchedulerMixin | str) -> None:
+    """Refuse a model whose scheduler family the samplers cannot express; ``scheduler`` is
+    a scheduler or a scheduler class name (a config file's ``_class_name``)."""
+    name = scheduler if isinstance(scheduler, str) else type(scheduler).__name__
     if any(name.startswith(p) for p in _UNSUPPORTED_SCHEDULERS):
         raise GaqError(f"the model's scheduler is {name} (flow matching, e.g. SD3/Flux), which "
                        f"gaq does not support yet: its samplers ({', '.join(SAMPLERS)}) need "
                        "an epsilon-, v- or sample-prediction diffusion model")
+
+
+def check_steps(scheduler: SchedulerMixin, steps: int, what: str) -> None:
+    """Refuse ``steps`` sampler steps on a model trained with fewer timesteps (a sampler
+    step lands on a distinct training timestep). ``what`` names where the value came from
+    (a flag, a benchmark key), for the message."""
+    trained = int(getattr(scheduler.config, "num_train_timesteps", 0) or 0)
+    if trained and steps > trained:
+        raise GaqError(f"{what} is {steps}, more steps than the model's {trained} training "
+                       f"timesteps; choose at most {trained}")
 
 
 def make_scheduler(scheduler: SchedulerMixin, sampler: SamplerConfig) -> SchedulerMixin:
@@ -138,6 +149,7 @@ def make_scheduler(scheduler: SchedulerMixin, sampler: SamplerConfig) -> Schedul
     import diffusers
 
     check_scheduler(scheduler)
+    check_steps(scheduler, sampler.steps, "sampler.steps")
     kind = sampler_kind(sampler.name)
     cls = getattr(diffusers, kind.scheduler)
     sched = cls.from_config(scheduler.config, **dict(kind.options))

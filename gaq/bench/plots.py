@@ -14,7 +14,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -152,10 +151,12 @@ def _parallel_saves(workers: int) -> Iterator[None]:
     # Plain child processes rather than multiprocessing: spawn would re-import the caller's
     # main script (breaking scripts without a __main__ guard), fork would copy torch's and
     # Ray's threads.
-    with tempfile.TemporaryDirectory(prefix="gaq-plots-") as tmp:
+    from gaq.tempdirs import temp_dir
+
+    with temp_dir("plots") as tmp:
         procs = []
         for i, share in enumerate(shares):
-            path = Path(tmp) / f"share{i}.pickle"
+            path = tmp / f"share{i}.pickle"
             path.write_bytes(pickle.dumps(share))
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "gaq.bench.plots", str(path)],

@@ -22,12 +22,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from gaq.errors import GaqError
+
 __all__ = [
     "CURVES_SCHEMA",
+    "DamagedTableError",
     "FAILURES_SCHEMA",
     "METRICS_SCHEMA",
     "SUMMARY_KEYS",
     "append",
+    "check_tables",
     "ci_half_width",
     "current",
     "failed_cells",
@@ -147,8 +151,33 @@ def read(path: str | Path, schema: Mapping[str, str] | None = None) -> pd.DataFr
     schema = schema or schema_for(path)
     if not path.exists():
         return _empty(schema or METRICS_SCHEMA)
-    df = pd.read_parquet(path, engine="pyarrow")
-    return _conform(df, schema, str(path)) if schema else df
+    try:
+        df = pd.read_parquet(path, engine="pyarrow")
+        return _conform(df, schema, str(path)) if schema else df
+    except (OSError, ValueError, TypeError) as e:  # truncated, not Parquet, other columns
+        raise DamagedTableError(path, e) from None
+
+
+class DamagedTableError(GaqError, ValueError):
+    """A results table that cannot be read back (truncated, not Parquet, or columns that
+    are not its schema's): one line naming the file and what to do."""
+
+    def __init__(self, path: Path, error: Exception) -> None:
+        text = " ".join(str(error).split()) or type(error).__name__
+        if text.startswith(f"{path}: "):
+            text = text[len(f"{path}: "):]
+        super().__init__(
+            f"results table {path} cannot be read ({text[:200]}); it is damaged or from "
+            "another program: restore it from a copy, or move it away (the cells it held "
+            "run again)")
+
+
+def check_tables(folder: str | Path) -> None:
+    """Every results table (``*.parquet``) of a benchmark's folder reads back under its
+    schema, checked before any work: a damaged one would otherwise fail the sweep only
+    when a cell has run and appends to it. Raises :class:`DamagedTableError`."""
+    for path in sorted(Path(folder).glob("*.parquet")):
+        read(path)
 
 
 def failed_cells(folder: str | Path) -> pd.DataFrame:

@@ -18,12 +18,11 @@ import os
 import re
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
@@ -35,10 +34,29 @@ from gaq.bench.spec import FP, Benchmark, MethodEntry
 from gaq.config import QuantConfig, fingerprint
 from gaq.errors import DivergedError, GaqError
 from gaq.eval.registry import by_function, compute_grouped, metrics_of_kind
+from gaq.tempdirs import make_temp_dir, remove_dead_temp_dirs
 
 RESULTS_FORMAT = 2  # 2: eps_mse after the sampler hook; noise_k curves
 HELDOUT_SEED_OFFSET = 10_000  # held-out trajectories never share noise with calibration
-STATE_PREFIX = "gaq-state-"  # a cell's temp folder: gaq-state-<pid>-<random>
+
+
+# the disk estimate's allowances (space_needed): curves a cell logs (eps_mse before and
+# after a sampler correction, slopes), each curve's PNG on the run page, a Parquet row,
+# diagnostics rows of a quantized cell, the tables and plots (per bit-width, and fixed)
+_CURVES_PER_CELL = 4
+_CURVE_PNG_BYTES = 200 * 2**10
+_PARQUET_ROW_BYTES = 128
+_DIAGNOSTIC_ROWS = 10_000
+_REPORT_BYTES_PER_BITS = 4 * 2**20
+_REPORT_BYTES = 4 * 2**20
+
+
+class SpaceNeeded(NamedTuple):
+    """Bytes a sweep writes (:meth:`Runner.space_needed`), per place."""
+
+    artifacts: int  # the MLflow artifact store
+    cache: int  # the calibration cache
+    results: int  # the results folder (grids, Parquet, tables, plots)
 
 
 @dataclass(frozen=True)
@@ -266,17 +284,34 @@ class Runner:
             yield True
             return
         lock = self.dir / ".running" / f"{cid}.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with lock.open("a") as handle:
+        while True:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                handle = lock.open("a")
+            except FileNotFoundError:  # the folder was just removed by a finished cell
+                continue
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                handle.close()
                 yield False
                 return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+            try:  # the holder before us may have removed the file once done: lock anew
+                same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()
+        try:
+            yield True
+        finally:
+            # removed while still held, so no lock file outlives its cell (a process that
+            # opened it meanwhile sees it gone above and locks a new one)
+            lock.unlink(missing_ok=True)
+            handle.close()
+            with contextlib.suppress(OSError):
+                lock.parent.rmdir()  # the last cell out removes the folder
 
     def join_local(self) -> None:
         """Run single cells in this process without a torchrun job (a Ray engine worker,
@@ -290,6 +325,7 @@ class Runner:
         reference exist, the results folder and the MLflow store take writes."""
         from gaq import dist
         from gaq.device import check_device
+        from gaq.sampling import check_steps
 
         check_device(self.device, "--device" if self._device_flag else
                      f"{self.bench.path}: key 'setup.device'")
@@ -298,6 +334,10 @@ class Runner:
         self.device = str(self.world.device) if self.world.distributed else self.device
         if self.world.distributed:
             self.log(f"torchrun: {self.world.size} ranks, sampling sharded by global batch")
+        if self.world.main:  # a damaged table fails here, not when a cell appends to it
+            from gaq.bench.results import check_tables
+
+            check_tables(self.dir)
         needs_reference = bool(metrics_of_kind(self.bench.eval.metrics, "image"))
         contexts = [self.model(model_id) for model_id in self.bench.models]
         unguided = [c.id for c in contexts if c.sampler.guidance != self.bench.sampler.guidance]
@@ -306,6 +346,13 @@ class Runner:
                            "the benchmark is conditional; remove the key")
         if unguided:
             self.log(f"unconditional, sampled without guidance: {', '.join(unguided)}")
+        for c in contexts:  # the schedulers refuse more steps than training timesteps
+            for key, steps in (("sampler.steps", c.sampler.steps),
+                               ("calibration.steps", c.calibration.steps)):
+                try:
+                    check_steps(c.pipe.scheduler, steps, f"key '{key}'")
+                except GaqError as e:
+                    raise GaqError(f"{self.bench.path}: {e} (model {c.id!r})") from None
         if "class_acc" in self.bench.eval.metrics:
             judged = [c.id for c in contexts if c.judges_classes]
             if not judged:
@@ -326,7 +373,7 @@ class Runner:
                                    "which is not a folder")
         if self.world.main:
             self._check_writable()  # last: a failed check above leaves nothing behind
-        _remove_dead_state_dirs()
+        remove_dead_temp_dirs()
 
     def _check_writable(self) -> None:
         """The results folder and the MLflow store take writes, checked before any work
@@ -334,30 +381,62 @@ class Runner:
         from gaq.bench.results import probe_writable
         from gaq.bench.tracking import check_store
 
+        self._check_free_space()  # first: it writes nothing
+        made = [p for p in (self.dir, *self.dir.parents) if not p.exists()]
         try:
-            probe_writable(self.dir)
-        except OSError as e:
-            raise GaqError(f"--results: cannot write to {self.dir} ({e.strerror or e}); choose "
-                           "a writable folder") from None
-        check_store(f"gaq-{self.bench.name}")
-        self._check_free_space()
+            try:
+                probe_writable(self.dir)
+            except OSError as e:
+                raise GaqError(f"--results: cannot write to {self.dir} ({e.strerror or e}); "
+                               "choose a writable folder") from None
+            check_store(f"gaq-{self.bench.name}")
+        except GaqError:
+            for folder in made:  # the folders the probe made, innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
 
-    def space_needed(self) -> tuple[int, int]:
-        """Bytes the sweep keeps: each quantized cell's state in the MLflow artifact store
-        (about the denoiser's size: real models reach GBs per cell; cells a method is left
-        out of keep nothing) and each model's calibration sets in the cache. Block caches
-        streamed during reconstruction are transient and not counted."""
+    def space_needed(self) -> SpaceNeeded:
+        """Bytes the sweep writes, per place (an upper estimate: every file a cell
+        writes). The MLflow artifact store: each quantized cell's state (about the
+        denoiser's size: real models reach GBs per cell; cells a method is left out of
+        keep nothing), and each cell's sample grid and curve files. The calibration cache:
+        each model's calibration sets. The results folder: each cell's sample grid, its
+        Parquet rows (twice: a table is rewritten beside the old one, then renamed) and
+        the tables and plots. Block caches streamed during reconstruction are transient
+        and not counted."""
         from gaq.registry import get_method
 
         grid = cells(self.bench)
-        artifacts = cache = 0
+        ev = self.bench.eval
+        artifacts = cache = written = 0
         for model_id in self.bench.models:
             ctx = self.model(model_id)
             model_bytes = sum(p.numel() * p.element_size()
                               for p in ctx.pipe.denoiser.parameters())
-            quantized = sum(1 for c in grid if c.model == model_id and c.method.name != FP
-                            and not get_method(c.method.name).unsupported(ctx.adapter.arch))
+            run = [c for c in grid if c.model == model_id and (
+                c.method.name == FP
+                or not get_method(c.method.name).unsupported(ctx.adapter.arch))]
+            quantized = sum(1 for c in run if c.method.name != FP)
             artifacts += quantized * model_bytes
+            # the grid of up to 64 images at twice their size, as uncompressed RGB at
+            # most; a copy goes to the artifact store
+            _, h, w = ctx.pipe.latent_shape
+            if ctx.pipe.autoencoder is not None:
+                scale = 2 ** (len(getattr(ctx.pipe.autoencoder.config, "block_out_channels",
+                                          (0,))) - 1)
+                h, w = h * scale, w * scale
+            images = min(64, ev.num_images)
+            grid_bytes = images * 3 * (2 * h + 2) * (2 * w + 2) + 2**16
+            curves = (_CURVES_PER_CELL if metrics_of_kind(ev.metrics, "curve")
+                      and ev.heldout_trajectories > 0 else 0)
+            steps = ctx.sampler.steps + 1
+            artifacts += len(run) * (grid_bytes + curves * (_CURVE_PNG_BYTES + 32 * steps))
+            rows = (len(ev.metrics) + 16 + curves * (steps + ev.heldout_trajectories)
+                    + ev.num_images * len(metrics_of_kind(ev.metrics, "paired")))
+            written += len(run) * (grid_bytes + 2 * rows * _PARQUET_ROW_BYTES)
+            written += quantized * 2 * _DIAGNOSTIC_ROWS * _PARQUET_ROW_BYTES
+            written += len(self.bench.bits) * _REPORT_BYTES_PER_BITS
             cal = ctx.calibration
             kept = len(cal.kept_steps())  # held-out rows at each; training rows too (interval)
             # training trajectories: at the kept steps (interval, srm), at every step with
@@ -368,28 +447,45 @@ class Runner:
                     + cal.holdout_per_step * kept) * (2 if cal.guidance else 1)
             per_row = 2 * math.prod(ctx.pipe.latent_shape) * 4  # x_t and the FP noise
             cache += len(self.bench.eval.seeds) * rows * per_row
-        return artifacts, cache
+        return SpaceNeeded(artifacts, cache, written + _REPORT_BYTES)
 
     def _check_free_space(self) -> None:
-        """Enough free disk for :meth:`space_needed`, checked before any cell runs."""
+        """Enough free disk for :meth:`space_needed`, checked before any cell runs: per
+        place, and summed over the places that share a file system."""
         from gaq.bench.tracking import artifact_root
         from gaq.calibration import default_cache_dir
 
-        artifacts, cache = self.space_needed()
+        need = self.space_needed()
         root = artifact_root()
-        places = [(Path(unquote(urlparse(root).path)) if root else self.dir, artifacts,
-                   "the MLflow artifact store (a quantized state per cell)"),
-                  (default_cache_dir(), cache, "the calibration cache ($GAQ_CACHE)")]
-        for folder, need, what in places:
+        places = [(Path(unquote(urlparse(root).path)) if root else self.dir, need.artifacts,
+                   "the MLflow artifact store (a quantized state per cell)",
+                   "or move the store (MLFLOW_TRACKING_URI)"),
+                  (default_cache_dir(), need.cache, "the calibration cache ($GAQ_CACHE)",
+                   "or move the cache (GAQ_CACHE)"),
+                  (self.dir, need.results, "the results (sample grids, Parquet tables, "
+                   "tables and plots)", "or choose another --results")]
+        devices: dict[int, list] = {}
+        for folder, bytes_, what, fix in places:
             probe = next((p for p in (folder, *folder.parents) if p.exists()), None)
-            if probe is None or need == 0:
+            if probe is None or bytes_ == 0:
                 continue
-            free = shutil.disk_usage(probe).free
-            if need * 1.1 > free:
-                raise GaqError(f"{self.bench.path}: this sweep needs about {_size(need)} "
-                               f"free for {what} under {folder}, but {_size(free)} are free; "
-                               "free some space, or move the store "
-                               "(MLFLOW_TRACKING_URI, GAQ_CACHE)")
+            devices.setdefault(probe.stat().st_dev, []).append((folder, bytes_, what, fix,
+                                                                probe))
+        for shared in devices.values():
+            free = shutil.disk_usage(shared[0][4]).free
+            for folder, bytes_, what, fix, _ in shared:
+                if bytes_ * 1.1 > free:
+                    raise GaqError(f"{self.bench.path}: this sweep needs about {_size(bytes_)} "
+                                   f"free for {what} under {folder}, but {_size(free)} are "
+                                   f"free; free some space, {fix}")
+            total = sum(b for _, b, *_ in shared)
+            if total * 1.1 > free:
+                names = "; ".join(f"{_size(b)} for {what} under {folder}"
+                                  for folder, b, what, _, _ in shared)
+                raise GaqError(f"{self.bench.path}: this sweep needs about {_size(total)} "
+                               f"free on one file system ({names}), but {_size(free)} are "
+                               "free; free some space, or move the MLflow store, the cache "
+                               "(MLFLOW_TRACKING_URI, GAQ_CACHE) or --results elsewhere")
 
     @property
     def metrics_path(self) -> Path:
@@ -566,7 +662,7 @@ class Runner:
         metrics it logged (None on a non-main torchrun rank)."""
         # the cell's state files live in a temp folder until MLflow has copied them; it goes
         # however the cell ends (a killed process's: at the next start, see preflight)
-        state_dir = Path(tempfile.mkdtemp(prefix=f"{STATE_PREFIX}{os.getpid()}-"))
+        state_dir = make_temp_dir("state")
         try:
             return self._run_cell(cell, cid, state_dir)
         finally:
@@ -749,17 +845,6 @@ def _run_name(cell: Cell) -> str:
 
 def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
-
-
-def _remove_dead_state_dirs() -> None:
-    """Cell temp folders of processes that no longer exist (killed before their cleanup
-    ran): removed, so kills do not fill the temp directory."""
-    from gaq.bench.tracking import _alive
-
-    for folder in Path(tempfile.gettempdir()).glob(f"{STATE_PREFIX}*-*"):
-        pid = folder.name[len(STATE_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _engine(engine: str, world_size: int) -> str:

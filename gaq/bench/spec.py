@@ -261,6 +261,11 @@ def _methods(raw: Any, common: dict[str, dict], usable: Callable[[], list[str]],
 def load_benchmark(path: str | Path) -> Benchmark:
     """Parse and fully validate a benchmark file; errors name the file and the key."""
     path = Path(path)
+    if path.is_dir():
+        tomls = sorted(p.name for p in path.glob("*.toml"))
+        hint = f" (it holds {', '.join(tomls[:5])})" if tomls else ""
+        raise GaqError(f"benchmark file {path} is a folder{hint}; pass a benchmark's .toml "
+                       "file, e.g. benchmarks/w4a8.toml")
     if not path.is_file():
         raise GaqError(f"benchmark file {path} does not exist (see benchmarks/*.toml)")
     try:
@@ -316,6 +321,11 @@ def _parse(path: Path, raw: dict) -> Benchmark:
     threads = setup.get("threads", 1)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ConfigError("setup.threads", f"must be a positive integer, got {threads!r}")
+    gpus = setup.get("gpus", 0)  # GPUs per Ray task: fractions share a GPU between cells
+    if (not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or not gpus >= 0
+            or gpus == float("inf")):
+        raise ConfigError("setup.gpus", f"must be a number of GPUs per cell (e.g. 1 or 0.5), "
+                          f"got {gpus!r}")
     name = bench.get("name", path.stem)
     # the name is a folder under --results and a file stem under tables/ and plots/
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):

@@ -407,6 +407,17 @@ def _label(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in text)
 
 
+def _write_or_remove(path: Path, text: str | None, written: list[Path]) -> None:
+    """Write ``text`` to ``path`` (added to ``written``), or, when the results no longer
+    give that table (None), remove the file an earlier run wrote: a stale table would
+    contradict the main one, which is always rewritten."""
+    if text is None:
+        path.unlink(missing_ok=True)
+        return
+    path.write_text(text, encoding="utf-8")
+    written.append(path)
+
+
 def write_tables(
     results_dir: Path, benchmark: str, out_dir: Path, *, model_key: str | None = None,
     anchor: str = "gaq",
@@ -438,21 +449,17 @@ def write_tables(
     metrics = results.read(folder / "metrics.parquet")
     noise = noise_table(results.current(results.read(folder / "curves.parquet"), metrics),
                         benchmark)
-    if noise is not None:
-        paths.append(out_dir / f"{benchmark}_noise.md")
-        paths[-1].write_text(noise, encoding="utf-8")
+    _write_or_remove(out_dir / f"{benchmark}_noise.md", noise, paths)
 
     from gaq.bench.paired import paired_table, seed_paired_table
 
     per_image = folder / "per_image.parquet"
-    paired = (paired_table(results.current(pd.read_parquet(per_image), metrics), benchmark,
+    paired = (paired_table(results.current(results.read(per_image), metrics), benchmark,
                            anchor=anchor)
               if per_image.exists() else None)
     sets = seed_paired_table(metrics, benchmark, anchor=anchor)
-    if paired is not None or sets is not None:
-        paths.append(out_dir / f"{benchmark}_paired.md")
-        text = "\n".join(t for t in (paired, sets) if t is not None)
-        paths[-1].write_text(text, encoding="utf-8")
+    text = "\n".join(t for t in (paired, sets) if t is not None)
+    _write_or_remove(out_dir / f"{benchmark}_paired.md", text or None, paths)
 
     from gaq.bench.reports import method_reports
 

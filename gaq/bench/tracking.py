@@ -7,10 +7,10 @@ The client API is used instead of the fluent one (``mlflow.start_run``) so no gl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from gaq.bench.provenance import repo_root
+from gaq.tempdirs import alive, temp_dir
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -33,6 +34,7 @@ __all__ = [
     "find_run",
     "flatten",
     "log_run",
+    "store_lock",
     "tracking_uri",
 ]
 
@@ -66,14 +68,8 @@ def artifact_root(uri: str | None = None) -> str | None:
     MLflow would otherwise resolve ``./mlartifacts`` against the working directory, which
     scatters artifacts per launch folder. For servers (http...) the server decides: None.
     """
-    uri = uri or tracking_uri()
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
-        return None
-    db = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
-    if not db or db == ":memory:":
-        return None
-    return (Path(db).resolve().parent / "mlartifacts").as_uri()
+    db = _sqlite_file(uri or tracking_uri())
+    return None if db is None else (db.resolve().parent / "mlartifacts").as_uri()
 
 
 def _quiet() -> None:
@@ -85,13 +81,59 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+_READY: set[str] = set()  # stores this process has opened (schema created or migrated)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for servers and in-memory stores."""
+    if urlparse(uri).scheme != "sqlite":
+        return None
+    db = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    return None if not db or db == ":memory:" else Path(db)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold the advisory lock of a SQLite store (``.<db>.lock`` next to the database) for
+    the block. MLflow creates or migrates the schema when a process first opens a store;
+    two processes doing so at once on a fresh database make one of them fail mid-migration,
+    so gaq opens a store under this lock. A no-op for servers, where the lock file cannot
+    be made (a read-only folder: opening fails on its own, with a clear message) and on
+    Windows (no flock)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    db = _sqlite_file(uri)
+    if fcntl is None or db is None or not db.parent.is_dir():
+        yield
+        return
+    try:
+        handle = db.with_name(f".{db.name}.lock").open("a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _client(uri: str) -> MlflowClient:
     # no usage reports leave the machine unless the user asks for them
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
     _quiet()  # after the import: importing mlflow configures (and resets) its loggers
-    return MlflowClient(tracking_uri=uri)
+    if uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    with store_lock(uri):  # one process at a time creates or migrates a fresh schema
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # opens the store: schema made or checked
+    _READY.add(uri)
+    return client
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str, create: bool) -> str | None:
@@ -241,7 +283,7 @@ def log_run(
     cell leaves no half-logged run); ``parent`` nests it under its sweep's run. A cell that
     failed is logged with ``status="FAILED"`` (and its error as a tag).
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     artifacts = {k: Path(v) for k, v in (artifacts or {}).items()}
     missing = [f"{k}: {p}" for k, p in artifacts.items() if not p.exists()]
@@ -257,7 +299,10 @@ def log_run(
     uri = tracking_uri()
     client = _client(uri)
     exp_id = _experiment_id(client, uri, experiment, create=True)
-    run = client.create_run(exp_id, run_name=run_name,
+    # the tags go with the run's creation, in one transaction: a process killed right
+    # after it still leaves a run its sweep (parentRunId) and cell (gaq.cell_id) identify,
+    # which mark_stale_sweeps then closes
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags,
                             start_time=None if start_time is None else int(start_time * 1000))
     run_id = run.info.run_id
     try:
@@ -266,8 +311,6 @@ def log_run(
         for batch in _chunks([Param(k[:_MAX_KEY], v) for k, v in flat.items()],
                              _PARAMS_TAGS_PER_BATCH):
             client.log_batch(run_id, params=batch)
-        for batch in _chunks([RunTag(k, v) for k, v in all_tags.items()], _PARAMS_TAGS_PER_BATCH):
-            client.log_batch(run_id, tags=batch)
         points = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
         for batch in _chunks(points, _METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=batch)
@@ -277,10 +320,12 @@ def log_run(
             else:
                 client.log_artifact(run_id, str(path), _artifact_dir(key, path))
         if curves:
-            with tempfile.TemporaryDirectory(prefix="gaq-curves-") as tmp:
+            # named by this process, so a kill mid-logging leaves nothing the next start
+            # does not remove (gaq.tempdirs)
+            with temp_dir("curves") as tmp:
                 for name, curve in curves.items():
-                    for path in (_write_curve_csv(Path(tmp), name, curve),
-                                 _write_curve_png(Path(tmp), name, curve, run_name)):
+                    for path in (_write_curve_csv(tmp, name, curve),
+                                 _write_curve_png(tmp, name, curve, run_name)):
                         client.log_artifact(run_id, str(path), "curves")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -353,16 +398,17 @@ def open_sweep(experiment: str, run_name: str, params: Mapping[str, Any],
     was killed is recognised later (:func:`mark_stale_sweeps`)."""
     import socket
 
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     uri = tracking_uri()
     client = _client(uri)
     exp_id = _experiment_id(client, uri, experiment, create=True)
     mark_stale_sweeps(experiment)
-    run_id = client.create_run(exp_id, run_name=run_name).info.run_id
     all_tags = {**{str(k): _truncate(str(v), _MAX_TAG_VAL) for k, v in tags.items()},
                 SWEEP_TAG: "1", "gaq.host": socket.gethostname(), "gaq.pid": str(os.getpid())}
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
+    # created with its tags at once: a sweep killed at any moment is one the next start
+    # recognises (by SWEEP_TAG, host and pid) and marks KILLED
+    run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
     for batch in _chunks([Param(k[:_MAX_KEY], v) for k, v in flatten(params).items()],
                          _PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, params=batch)
@@ -392,7 +438,7 @@ def mark_stale_sweeps(experiment: str) -> list[str]:
     for run in runs:
         tags = run.data.tags
         pid = tags.get("gaq.pid", "")
-        if tags.get("gaq.host") != host or not pid.isdigit() or _alive(int(pid)):
+        if tags.get("gaq.host") != host or not pid.isdigit() or alive(int(pid)):
             continue
         client.set_terminated(run.info.run_id, "KILLED")
         stale.append(run.info.run_id)
@@ -402,13 +448,3 @@ def mark_stale_sweeps(experiment: str) -> list[str]:
                 "attributes.status = 'RUNNING'")):
             client.set_terminated(child.info.run_id, "KILLED")
     return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

@@ -6,7 +6,6 @@ registered-extractor API, clean-fid through its ``custom_feat_extractor`` hook.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +126,12 @@ def cleanfid_fid(
             device=space.device, mode="clean", custom_fn_resize=_identity, verbose=False,
         )
 
-    with tempfile.TemporaryDirectory(prefix="gaq-cleanfid-") as tmp:
-        feats1 = folder_features(images_uint8, Path(tmp) / "gen")
+    from gaq.tempdirs import temp_dir
+
+    with temp_dir("cleanfid") as tmp:
+        feats1 = folder_features(images_uint8, tmp / "gen")
         if reference.dtype == torch.uint8:
-            feats2 = folder_features(reference, Path(tmp) / "ref")
+            feats2 = folder_features(reference, tmp / "ref")
         else:
             feats2 = reference.float().numpy()
     try:
