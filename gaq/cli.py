@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from gaq.errors import GaqError
+from gaq.errors import GaqError, one_line
 
 RESULTS = Path("results")  # the committed reference
 WORKING = Path("runs")  # what benchmark runs write
@@ -81,10 +81,12 @@ def _sample(args: argparse.Namespace) -> None:
     import torch
     from torchvision.utils import save_image
 
+    from gaq.outputs import check_output_file
     from gaq.sampling import sample
 
     if args.num < 1:
         raise GaqError(f"--num must be a positive number of images, got {args.num}")
+    check_output_file(args.out, "--out")  # before sampling, not after
     pipe, sampler = _pipeline_and_sampler(args)
     images = sample(pipe, args.num, seed=args.seed, sampler=sampler,
                     batch_size=args.batch_size, progress=True)
@@ -129,8 +131,13 @@ def _quantize(args: argparse.Namespace) -> None:
     from gaq.calibration import CalibrationSpec
     from gaq.cell import quantize_pipeline, save_quantized
     from gaq.config import QuantConfig
+    from gaq.outputs import check_output_folder, output_folder
     from gaq.registry import get_method
 
+    # the output folder is checked before the minutes of calibration, and written whole
+    out_flags = {"what": "quantization state", "marker": "state.json",
+                 "overwrite": args.overwrite}
+    check_output_folder(args.out, "--out", **out_flags)
     method = get_method(args.method).from_preset(args.preset)
     quant = QuantConfig.from_bits(args.bits)
     model, sampler = _pipeline_and_sampler(args)
@@ -142,10 +149,12 @@ def _quantize(args: argparse.Namespace) -> None:
                            samples_per_step=args.samples_per_step, seed=args.seed,
                            holdout_per_step=holdout)
     result = quantize_pipeline(model, method, quant, spec, model_id=args.model, progress=True)
-    out = save_quantized(result, args.out, model,
-                         meta={"model": args.model, "calibration": spec.to_dict(),
-                               "stats": result.stats})
-    print(json.dumps({"out": str(out), "layers": result.report.counts(), **result.stats}))
+    with output_folder(args.out, "--out", **out_flags) as tmp:
+        save_quantized(result, tmp, model, meta={"model": args.model,
+                                                 "calibration": spec.to_dict(),
+                                                 "stats": result.stats})
+    print(json.dumps({"out": str(args.out), "layers": result.report.counts(),
+                      **result.stats}))
 
 
 def _perf(args: argparse.Namespace) -> None:
@@ -177,7 +186,9 @@ def _perf(args: argparse.Namespace) -> None:
 def _benchmark_path(name: str) -> Path:
     """A file path, or the name of a shipped benchmark (``w4a8`` -> benchmarks/w4a8.toml)."""
     path = Path(name)
-    if path.suffix == ".toml" or path.is_file():
+    # a path as given (a folder included: load_benchmark says what it is) unless it is a
+    # bare name that only a shipped benchmark has
+    if path.suffix == ".toml" or path.exists() or len(path.parts) > 1:
         return path
     return Path("benchmarks") / f"{name}.toml"
 
@@ -258,7 +269,6 @@ def _against_reference(args: argparse.Namespace, runner) -> None:
 
 
 def _fid_spread(args: argparse.Namespace) -> None:
-    import tempfile
     import time
 
     from gaq.bench.fid_spread import measure_fid_spread, write_fid_spread
@@ -274,7 +284,9 @@ def _fid_spread(args: argparse.Namespace) -> None:
     if args.images < max(sizes):
         raise GaqError(f"--images {args.images} is smaller than the largest set "
                        f"({max(sizes)}): raise --images or drop that size")
-    with tempfile.TemporaryDirectory() as tmp:
+    from gaq.tempdirs import temp_dir
+
+    with temp_dir("spread") as tmp:
         runner = Runner(bench, tmp)
         start = time.perf_counter()
         df = measure_fid_spread(runner, model, sizes, args.images)
@@ -415,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--holdout-per-step", type=int, default=None,
                    help="held-out trajectories per kept step, which no method trains on "
                    "(GAQ's validation set; default: 5 %% of --samples-per-step, rounded up)")
-    q.add_argument("--out", required=True, help="folder for the quantization state")
+    q.add_argument("--out", required=True, help="folder for the quantization state (new "
+                   "or empty)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the quantization state an earlier run wrote to --out")
     q.set_defaults(func=_quantize)
 
     b = sub.add_parser("bench", help="run a benchmark file",
@@ -510,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (GaqError, ValueError) as e:
-        print(f"gaq: error: {e}", file=sys.stderr)
+        # one line, whatever a library put in the text it passed through (escapes, breaks)
+        print(f"gaq: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -121,7 +121,7 @@ class UnknownMetricError(GaqError, KeyError):
     def __init__(self, name: str, known: list[str]) -> None:
         hint = did_you_mean(name, known, n=3)
         hint = f"; {hint}" if hint else ""
-        self.message = f"unknown metric {name!r}{hint} known: {', '.join(known)}"
+        self.message = f"unknown metric {name!r}{hint}; known: {', '.join(known)}"
         super().__init__(self.message)
 
     def __str__(self) -> str:

@@ -27,8 +27,6 @@ loading), and every tensor of an unconditional UNet must be used; a failure is o
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -330,10 +328,9 @@ def convert_ldm(checkpoint: str | Path, out_dir: str | Path, preset: str | None 
     original YAML instead. ``ema`` takes the EMA weights of the UNet. An existing
     ``out_dir`` is never overwritten."""
     from gaq.models.conditioning import ClassEmbedder
+    from gaq.outputs import check_output_folder, output_folder
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise GaqError(f"--out {out} exists and is not empty; choose a new folder")
+    out = check_output_folder(out_dir, "--out", what="pipeline folder")
     params = _params(preset, config)
     state = load_checkpoint(checkpoint)
     unet_src = _part(state, UNET_PREFIX)
@@ -359,9 +356,7 @@ def convert_ldm(checkpoint: str | Path, out_dir: str | Path, preset: str | None 
                                  tokens=1)
         embedder.embedding.weight.data.copy_(weight)
     # written into a temporary sibling, then renamed: a failure leaves no half folder
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with output_folder(out, "--out", what="pipeline folder") as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         vqvae.save_pretrained(tmp / "vqvae", safe_serialization=True)
         _scheduler(params).save_pretrained(tmp / "scheduler")
@@ -376,12 +371,6 @@ def convert_ldm(checkpoint: str | Path, out_dir: str | Path, preset: str | None 
             index["gaq_conditioning"] = {"kind": "class", "num_classes": embedder.num_classes,
                                          "null_class": embedder.null_class}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -88,6 +88,7 @@ def load_model(source: str, device: str | torch.device = "cpu",
         raise GaqError(f"pipeline {source!r} has no 'scheduler' component")
     scheduler = _component(index, "scheduler", path, dtype)
     check_scheduler(scheduler)
+    check_scheduler(_config_class(path / "scheduler" / "scheduler_config.json"))
     denoiser = _component(index, key, path, dtype).eval()
     ae_key = next((k for k in _AUTOENCODER_KEYS if isinstance(index.get(k), list)), None)
     autoencoder = None if ae_key is None else _component(index, ae_key, path, dtype).eval()
@@ -156,9 +157,41 @@ def _component(index: dict, key: str, path: Path, dtype: torch.dtype):
                        "which this installation cannot load")
     if key in ("scheduler", "tokenizer"):
         return cls.from_pretrained(path, subfolder=key)
+    _require_safetensors(path, key)
     if library == "transformers":
         return cls.from_pretrained(path, subfolder=key, use_safetensors=True, dtype=dtype)
     # low_cpu_mem_usage=False: the accelerate-based loader is optional and only saves
     # memory for models far larger than those loaded on CPU here.
     return cls.from_pretrained(path, subfolder=key, use_safetensors=True, torch_dtype=dtype,
                                low_cpu_mem_usage=False)
+
+
+def _config_class(config: Path) -> str:
+    """The ``_class_name`` a component's config file records ("" if none): the class its
+    settings were written for, which may differ from the one ``model_index.json`` names
+    (diffusers then loads the settings into that class, silently dropping the rest)."""
+    try:
+        doc = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return ""
+    name = doc.get("_class_name", "") if isinstance(doc, dict) else ""
+    return name if isinstance(name, str) else ""
+
+
+def _require_safetensors(path: Path, key: str) -> None:
+    """Component ``key`` of the pipeline folder ``path`` has its weights as safetensors:
+    the only format gaq loads, since a pickled checkpoint (``.bin``, ``.ckpt``) can run
+    code when unpickled."""
+    folder = path / key
+    if not folder.is_dir():
+        raise GaqError(f"pipeline {path}: component {key!r} has no folder {key}/; the "
+                       "pipeline folder is incomplete")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir()
+                     if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    what = (f"only pickled weights ({', '.join(pickled[:3])})" if pickled
+            else "no weights file")
+    raise GaqError(f"pipeline {path}: component {key!r} holds {what}; gaq loads safetensors "
+                   "weights only (a pickle can run code): re-save the component with "
+                   "save_pretrained(..., safe_serialization=True) where you trust it")
