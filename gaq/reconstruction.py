@@ -13,10 +13,8 @@ gives ``sample_weights``): that is the hook the gradient-aligned method uses.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -26,6 +24,7 @@ from gaq.config import MethodConfig, non_negative_int, positive_float, positive_
 from gaq.models.adapters import Block, ModelAdapter
 from gaq.quant import QuantLayer, SplitQuantConv2d, annealed_beta, timestep_context
 from gaq.quant.quantizer import FakeQuantizer
+from gaq.tempdirs import make_temp_dir
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,8 @@ class BlockData:
 
     def __init__(self, where: Literal["disk", "memory"] = "disk",
                  device: torch.device | str | None = None) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="gaq-block-")) if where == "disk" else None
+        # named by this process: a killed run's block caches are removed at the next start
+        self._dir = make_temp_dir("block") if where == "disk" else None
         self._mem: list[dict] = []
         self._sizes: list[int] = []
         self.device = device

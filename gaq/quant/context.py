@@ -153,8 +153,16 @@ def attach_timestep_context(model: nn.Module, arg_name: str = "timestep") -> Tim
 
     Hooks ``model`` so that ``model(sample, timestep, ...)`` (positional or
     keyword) runs inside ``timestep_context(timestep)``. A call whose timestep
-    is ``None`` leaves the enclosing context untouched. Re-entrant calls nest.
+    is ``None`` leaves the enclosing context untouched. Re-entrant calls nest. A model
+    that already publishes ``arg_name`` is left as it is (the handle then removes nothing).
     """
+    # Once per model: a copy of an already hooked model (deepcopy keeps hooks) hooked again
+    # would run two pre hooks and two post hooks in the same order, resetting the context
+    # tokens first-in-first-out, which leaves the timestep set after the call returns.
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, _TimestepHooks) and owner.arg_name == arg_name:
+            return TimestepContextHandle([])
     hooks = _TimestepHooks(arg_name, _timestep_position(model, arg_name))
     pre = model.register_forward_pre_hook(hooks.enter, with_kwargs=True)
     # always_call: reset the context even if the forward raises.

@@ -85,3 +85,24 @@ def test_attach_resets_after_exception(tiny_unet) -> None:
 def test_attach_rejects_model_without_timestep() -> None:
     with pytest.raises(ValueError, match="no parameter named"):
         attach_timestep_context(torch.nn.Linear(2, 2))
+
+
+def test_a_copy_of_a_hooked_model_hooked_again_leaves_no_timestep_behind():
+    """deepcopy keeps the hooks; attaching again must not add a second set, whose resets
+    would run first-in-first-out and leave the call's timestep set after it returns."""
+    import copy
+
+    class Net(torch.nn.Module):
+        def forward(self, x, timestep):
+            assert current_timestep() == 7
+            return x
+
+    net = Net()
+    attach_timestep_context(net)
+    twin = copy.deepcopy(net)
+    attach_timestep_context(twin)
+    twin(torch.zeros(1), torch.tensor([7, 7]))
+    assert current_timestep() is None
+    attach_timestep_context(net)  # the same model twice: still one set of hooks
+    net(torch.zeros(1), 7)
+    assert current_timestep() is None
