@@ -107,7 +107,8 @@ def _sample(args: argparse.Namespace) -> None:
         from gaq.eval.digits import digit_likeness
 
         cond = pipe.conditioning
-        labels = cond.label_of(torch.arange(len(images))) if cond.kind == "class" else None
+        labels = (cond.label_of(torch.arange(len(images), device="cpu"))
+                  if cond.kind == "class" else None)
         report.update(digit_likeness(images, labels=labels))
     print(json.dumps(report))
 
@@ -158,6 +159,15 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _perf(args: argparse.Namespace) -> None:
+    if args.paper_cells:
+        from gaq.device import check_device
+        from gaq.paper_cells import run_cells
+
+        device = str(check_device(args.device))
+        methods = args.methods.split(",") if args.methods else None
+        rows = run_cells(args.paper_cells.split(","), methods, device=device, out_dir=args.out)
+        print(json.dumps({f"{r['arch']}/{r['method']}": r["status"] for r in rows}))
+        return
     if args.paper_scale:
         from gaq.device import check_device
         from gaq.perf_paper import ARCHITECTURES, paper_scale, write_report
@@ -168,6 +178,13 @@ def _perf(args: argparse.Namespace) -> None:
                            f"one of {', '.join(ARCHITECTURES)}")
         methods = tuple(args.methods.split(",")) if args.methods else ("rtn", "qdiffusion",
                                                                        "tfmq", "gaq")
+        if methods == ("all",):  # every registered method defined for this architecture
+            from gaq.paper_cells import adapter_arch
+            from gaq.registry import usable_methods
+
+            arch_name = adapter_arch(args.paper_scale)
+            methods = tuple(m for m in usable_methods("paper")[0]
+                            if not get_method(m).unsupported(arch_name))
         for m in methods:  # before minutes of measuring; names the close matches
             get_method(m)
         if args.batch < 1:
@@ -181,6 +198,14 @@ def _perf(args: argparse.Namespace) -> None:
 
     sections = check_sections(args.only.split(",") if args.only else None)
     print(json.dumps(run(args.out, sections), indent=2))
+
+
+def _gpu_check(args: argparse.Namespace) -> None:
+    from gaq.gpu_check import run
+
+    sections = args.only.split(",") if args.only else None
+    summary = run(args.device, args.out, sections, results=args.results)
+    print(json.dumps({k: v["status"] for k, v in summary["sections"].items()}))
 
 
 def _benchmark_path(name: str) -> Path:
@@ -507,9 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default=str(RESULTS / "perf"))
     f.add_argument("--paper-scale", metavar="ARCH",
                    help="instead: measure a randomly initialised model of a paper's size "
-                   "(ddpm-cifar10, ldm4-lsun) and project the full protocol's cost")
+                   "(ddpm-cifar10, ldm4-lsun, ldm4-cin256, dit-xl2-256, sd-v1-4) and project "
+                   "the full protocol's cost")
+    f.add_argument("--paper-cells", metavar="ARCHS",
+                   help="instead: run every method end to end on these paper architectures "
+                   "(comma-separated), a fresh process per cell, phase by phase "
+                   "(results/perf/paper_cells.md)")
     f.add_argument("--methods", help="with --paper-scale: comma-separated methods "
-                   "(default rtn,qdiffusion,tfmq,gaq)")
+                   "(default rtn,qdiffusion,tfmq,gaq; 'all': every method defined for the "
+                   "architecture); with --paper-cells: default all")
     f.add_argument("--device", default="cpu", help="with --paper-scale: e.g. cuda, cuda:1")
     f.add_argument("--batch", type=int, default=8,
                    help="with --paper-scale: sampling batch size for the timing")
@@ -517,6 +548,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sections to re-measure (sampling, calibration_memory, "
                    "memory_scaling, gaq_overhead); the others keep their figures in perf.json")
     f.set_defaults(func=_perf)
+
+    g = sub.add_parser("gpu-check", help="every GPU measurement in one run (results/gpu)",
+                       description="On a CUDA GPU: the fake-quant sampling overhead at batch "
+                       "32/128/512, calibration time and memory of RTN, BRECQ, TFMQ-DM and GAQ "
+                       "on the 35.7 M CIFAR-10 DDPM architecture, and gpu-smoke (every method "
+                       "on every bundled family). Writes results/gpu/; refuses without CUDA.")
+    g.add_argument("--device", default="cuda", help="a CUDA device (default cuda)")
+    g.add_argument("--out", default=str(RESULTS / "gpu"))
+    g.add_argument("--results", default="runs", help="where gpu-smoke's runs go")
+    g.add_argument("--only", metavar="SECTIONS",
+                   help="comma-separated sections (overhead, paper-scale, smoke)")
+    g.set_defaults(func=_gpu_check)
     return p
 
 

@@ -166,12 +166,11 @@ def run_cells(archs: Sequence[str], methods: Sequence[str] | None, *, device: st
     ``out_dir/paper_cells.json`` (and ``.md``) after each cell, so a long run keeps what
     it finished. A cell already in the JSON (same architecture, method and budget) is
     not run again."""
-    import tempfile
-
     import torch
 
     from gaq.perf_paper import ARCHITECTURES
     from gaq.registry import get_method, usable_methods
+    from gaq.tempdirs import remove_dead_temp_dirs, temp_dir
 
     for a in archs:  # every name checked before the first cell
         if a not in ARCHITECTURES:
@@ -189,8 +188,9 @@ def run_cells(archs: Sequence[str], methods: Sequence[str] | None, *, device: st
             if r.get("budget") == asdict(budget) and r["status"] != "failed"}
     threads = threads or torch.get_num_threads()
     adapters = {a: adapter_arch(a) for a in archs}
+    remove_dead_temp_dirs()  # a killed earlier run's calibration caches
     for arch in archs:
-        with tempfile.TemporaryDirectory(prefix="gaq-paper-cells-") as tmp:
+        with temp_dir("papercells") as tmp:
             cache = Path(cache_dir or tmp) / arch
             for method in names:
                 if (arch, method) in done:

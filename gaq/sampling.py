@@ -253,7 +253,7 @@ def sample_batch(
     is_ddim = isinstance(sched, DDIMScheduler)
     gens = image_generators(seed, indices)
     shape = pipe.latent_shape
-    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    idx = torch.as_tensor(list(indices), dtype=torch.long, device="cpu")
     cond = pipe.conditioning.inputs(idx, device)
     guidance = None if sampler.guidance is None else float(sampler.guidance)
     null = pipe.conditioning.null_inputs(len(idx), device) if guidance is not None else None
@@ -368,7 +368,7 @@ def sample(
         it = tqdm(chosen, desc="sampling", unit="batch")
     out = [sample_batch(pipe, layout[b], seed=seed, sampler=sampler, hook=hook,
                         denoiser=denoiser) for b in it]
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out) if out else torch.empty(0, device="cpu")
 
 
 def _noise_prediction(output: object, channels: int) -> torch.Tensor:

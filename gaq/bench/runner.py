@@ -170,6 +170,7 @@ class Runner:
         self.retry_failed = retry_failed
         self.failures: list[tuple[str, str]] = []  # (cell label, error) of this invocation
         self._left_out: set[tuple[str, str]] = set()  # (model, method row) already said
+        self._classifier = None  # the bundled digit classifier, once class_acc needs it
 
     def log(self, text: str) -> None:
         if self.world is None or self.world.main:
@@ -545,9 +546,13 @@ class Runner:
         """The share of ``images`` the bundled classifier reads as the class each was asked
         for (image ``i`` is asked for the class the conditioning assigns to index ``i``)."""
         from gaq.eval.digits import digit_likeness
+        from gaq.models.bundled import load_classifier
 
-        requested = ctx.pipe.conditioning.label_of(torch.arange(len(images)))
-        return float(digit_likeness(images, labels=requested)["class_accuracy"])
+        if self._classifier is None:  # loaded once, on the device the cells run on
+            self._classifier = load_classifier(self.device)
+        requested = ctx.pipe.conditioning.label_of(torch.arange(len(images), device="cpu"))
+        scores = digit_likeness(images, classifier=self._classifier, labels=requested)
+        return float(scores["class_accuracy"])
 
     def _heldout(self, ctx: _ModelContext, seed: int):
         from gaq.calibration import CalibrationSpec, record_calibration

@@ -16,6 +16,7 @@ import torch
 
 from gaq.errors import GaqError
 from gaq.finite import require_finite_module
+from gaq.models.adapters import adapter_for, check_architecture, is_dit
 from gaq.models.bundled import BUNDLED_MODELS
 from gaq.models.conditioning import Conditioning
 from gaq.models.pipeline import Pipeline
@@ -73,9 +74,13 @@ def load_model(source: str, device: str | torch.device = "cpu",
     """Load a diffusers pipeline folder as a :class:`Pipeline`: the denoiser (``unet`` or
     ``transformer``), the scheduler, the autoencoder (``vae``/``vqvae``) if any, and the
     conditioning source (none, class labels, or the pipeline's own text encoder, fed
-    ``prompts``), all on ``device``."""
+    ``prompts``), all on ``device``. ``random:ARCH`` builds a paper's architecture with
+    random weights instead (:data:`gaq.perf_paper.ARCHITECTURES`): what it costs to
+    calibrate and sample, before any checkpoint is at hand."""
     from gaq.sampling import check_scheduler
 
+    if source.startswith(RANDOM):
+        return _random_pipeline(source, device, dtype, prompts)
     path = resolve(source)
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -89,7 +94,11 @@ def load_model(source: str, device: str | torch.device = "cpu",
     scheduler = _component(index, "scheduler", path, dtype)
     check_scheduler(scheduler)
     check_scheduler(_config_class(path / "scheduler" / "scheduler_config.json"))
+    # the architecture is checked before its weights are read, and again on the loaded
+    # model (its layers, its variant): sample, quantize and bench refuse alike, up front
+    check_architecture(index[key][1])
     denoiser = _component(index, key, path, dtype).eval()
+    adapter_for(denoiser)
     ae_key = next((k for k in _AUTOENCODER_KEYS if isinstance(index.get(k), list)), None)
     autoencoder = None if ae_key is None else _component(index, ae_key, path, dtype).eval()
     conditioning = _conditioning(index, path, denoiser, dtype, prompts)
@@ -102,6 +111,31 @@ def load_model(source: str, device: str | torch.device = "cpu",
     name = source if source in BUNDLED_MODELS else path.name
     return Pipeline(denoiser, scheduler, autoencoder, conditioning, name=name,
                     path=path).to(device)
+
+
+RANDOM = "random:"
+
+
+def _random_pipeline(source: str, device: str | torch.device, dtype: torch.dtype,
+                     prompts) -> Pipeline:
+    """A paper architecture with random weights from a fixed seed (the same weights, and
+    so the same cell ids, on every run)."""
+    from gaq.errors import did_you_mean
+    from gaq.perf_paper import ARCHITECTURES, build_pipeline
+
+    arch = source[len(RANDOM):]
+    if arch not in ARCHITECTURES:
+        hint = did_you_mean(arch, ARCHITECTURES)
+        raise GaqError(f"model {source!r}: no paper architecture {arch!r}"
+                       f"{' (' + hint + ')' if hint else ''}; known: "
+                       + ", ".join(RANDOM + a for a in ARCHITECTURES))
+    pipe = build_pipeline(arch, str(device), seed=0)
+    if dtype != torch.float32:
+        pipe.denoiser.to(dtype)
+    if prompts and pipe.conditioning.kind == "text":
+        pipe.conditioning = pipe.conditioning.with_prompts(prompts)
+    pipe.name = source
+    return pipe
 
 
 def _conditioning(index: dict, path: Path, denoiser: torch.nn.Module, dtype: torch.dtype,
@@ -126,7 +160,7 @@ def _conditioning(index: dict, path: Path, denoiser: torch.nn.Module, dtype: tor
         embedder = ClassEmbedder.from_pretrained(path / "class_embedder").to(dtype)
         return ClassConditioning(embedder.num_classes, embedder.null_class, embedder)
     num = declared.get("num_classes")
-    if getattr(cfg, "num_embeds_ada_norm", None) and type(denoiser).__name__ != "UNet2DModel":
+    if is_dit(denoiser):
         # DiT: diffusers' LabelEmbedding keeps row num_classes for the null class
         num = num or int(cfg.num_embeds_ada_norm)
         return ClassConditioning(num, declared.get("null_class", num))
