@@ -374,6 +374,8 @@ def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,
     after = block_error(block, data, cfg.eval_samples)
     for lay in layers:
         lay.freeze_weights()
+    for q in quantizers:  # the folded weights are kept; V and the grid floor are not needed
+        q.release()
     return {"rtn_error": rtn, "adaround_error": after}
 
 

@@ -213,3 +213,47 @@ def test_capture_streams_one_file_per_batch(unet_and_calib, tmp_path, monkeypatc
                 progress=False)
     assert seen == [2, 2]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rounding_variables_are_released_and_the_folded_weights_kept(unet_and_calib,
+                                                                       monkeypatch):
+    """After a block is reconstructed its AdaRound variables (V, the grid floor: two
+    weight-sized tensors per layer) are dropped; the weights the layers froze are exactly
+    those of a run that keeps them, and freezing again keeps them."""
+    from gaq.quant import AdaRoundQuantizer
+    from gaq.quantize import freeze
+
+    model, calib = unet_and_calib
+    cfg = dataclasses.replace(RECON, weight_iters=5)
+
+    def frozen_after(release: bool):
+        if not release:
+            monkeypatch.setattr(AdaRoundQuantizer, "release", lambda self: self)
+        qmodel = weights_only_model(model)
+        reconstruct(qmodel, model, adapter_for(model), calib_batches(calib, 4, "cpu"), cfg,
+                    phase="weights", progress=False)
+        monkeypatch.undo()
+        return qmodel
+
+    released, kept = frozen_after(True), frozen_after(False)
+    ada = [m for m in released.modules() if isinstance(m, AdaRoundQuantizer)]
+    assert ada and all(q.released and q.alpha is None and q.w_floor is None for q in ada)
+    assert all(not q.released for q in kept.modules() if isinstance(q, AdaRoundQuantizer))
+    before = {n: lay.frozen_weight.clone() for n, lay in quant_layers(released)}
+    freeze(released)
+    for (name, lay), (_, other) in zip(quant_layers(released), quant_layers(kept),
+                                       strict=True):
+        assert torch.equal(lay.frozen_weight, before[name])
+        assert torch.equal(lay.frozen_weight, other.frozen_weight), name
+    with pytest.raises(RuntimeError, match="release"):
+        ada[0].fold()
+
+
+    # the model is smaller by exactly the rounding variables: V and ⌊W/Δ⌋ of each layer
+    def nbytes(m):
+        return sum(t.numel() * t.element_size()
+                   for t in [*m.parameters(), *m.buffers()])
+
+    held = sum(q.alpha.numel() * 4 + q.w_floor.numel() * 4
+               for q in kept.modules() if isinstance(q, AdaRoundQuantizer))
+    assert held > 0 and nbytes(kept) - nbytes(released) == held

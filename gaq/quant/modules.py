@@ -108,7 +108,12 @@ class QuantLayer(nn.Module):
 
     @torch.no_grad()
     def freeze_weights(self) -> QuantLayer:
-        """Quantize the weight once (AdaRound: hard rounding) and keep it dequantized."""
+        """Quantize the weight once (AdaRound: hard rounding) and keep it dequantized. A
+        layer whose AdaRound variables were released keeps the weight it froze then."""
+        released = any(isinstance(q, AdaRoundQuantizer) and q.released
+                       for q in self.weight_quantizers)
+        if released and self.frozen_weight is not None:
+            return self
         self.frozen_weight = None
         pieces = []
         for q, w in zip(self.weight_quantizers, self.weight_parts(), strict=True):
