@@ -14,7 +14,11 @@ back), each written to ``results/gpu/`` as soon as it finishes:
 ``smoke``
     ``benchmarks/gpu-smoke.toml``: every registered method on the three bundled families
     end to end on CUDA (runs under ``runs/gpu-smoke``; a per-cell summary in
-    ``smoke.md``).
+    ``smoke.md``);
+``paper-cells`` (only when asked for with ``--only``: about an hour)
+    RTN, BRECQ, TFMQ-DM, GAQ, PTQD and HTG end to end on the LDM-4 ImageNet, DiT-XL/2 and
+    Stable Diffusion architectures with the ``gpu`` budget profile, time and
+    ``max_memory_allocated`` per phase (``paper_cells.md``; ``gaq/paper_cells.py``).
 
 ``gpu_check.json`` records the device, torch and CUDA versions and each section's wall
 time and outcome. Everything that can be checked without a GPU (sections, output folder,
@@ -38,14 +42,19 @@ from gaq.errors import GaqError, did_you_mean
 
 __all__ = ["SECTIONS", "preflight", "run"]
 
-SECTIONS = ("overhead", "paper-scale", "smoke")
+SECTIONS = ("overhead", "paper-scale", "smoke", "paper-cells")
+#: run when no --only is given (about ten minutes on one H100); paper-cells is asked for
+DEFAULT_SECTIONS = ("overhead", "paper-scale", "smoke")
+#: paper-cells: the methods the paper-size comparison needs, on the three largest models
+PAPER_CELL_ARCHS = ("ldm4-cin256", "dit-xl2-256", "sd-v1-4")
+PAPER_CELL_METHODS = ("rtn", "brecq", "tfmq", "gaq", "ptqd", "htg")
 SMOKE_FILE = Path("benchmarks/gpu-smoke.toml")
 OVERHEAD_BATCHES = (32, 128, 512)
 PAPER_METHODS = ("rtn", "brecq", "tfmq", "gaq")
 
 
 def _sections(names: Sequence[str] | None) -> list[str]:
-    chosen = list(names) if names else list(SECTIONS)
+    chosen = list(names) if names else list(DEFAULT_SECTIONS)
     for name in chosen:
         if name not in SECTIONS:
             hint = did_you_mean(name, SECTIONS)
@@ -171,6 +180,17 @@ def _smoke(device: str, out: Path, smoke_file: Path, results: Path) -> dict[str,
     return {"cells": len(table)}
 
 
+def _paper_cells(device: str, out: Path) -> dict[str, Any]:
+    from gaq.paper_cells import BUDGETS, run_cells
+
+    rows = run_cells(PAPER_CELL_ARCHS, PAPER_CELL_METHODS, device=device, out_dir=out,
+                     budget=BUDGETS["gpu"])
+    failed = [f"{r['arch']}/{r['method']}" for r in rows if r["status"] == "failed"]
+    if failed:
+        raise GaqError(f"paper-cells failed: {', '.join(failed)}")
+    return {"cells": {f"{r['arch']}/{r['method']}": r["status"] for r in rows}}
+
+
 def run(device: str, out: str | Path = "results/gpu", sections: Sequence[str] | None = None,
         *, smoke_file: str | Path = SMOKE_FILE, results: str | Path = "runs",
         overhead_batches: Sequence[int] = OVERHEAD_BATCHES, overhead_images: int = 512,
@@ -191,6 +211,7 @@ def run(device: str, out: str | Path = "results/gpu", sections: Sequence[str] | 
                                       overhead_steps, repeats),
         "paper-scale": lambda: _paper_scale(device, out, methods, paper_batch),
         "smoke": lambda: _smoke(device, out, Path(smoke_file), Path(results)),
+        "paper-cells": lambda: _paper_cells(device, out),
     }
     for name in chosen:
         log(f"gpu-check: {name} ...")

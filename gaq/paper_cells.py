@@ -36,7 +36,7 @@ from typing import Any
 
 from gaq.errors import GaqError
 
-__all__ = ["CellBudget", "adapter_arch", "run_cell", "run_cells", "write_report"]
+__all__ = ["BUDGETS", "CellBudget", "adapter_arch", "run_cell", "run_cells", "write_report"]
 
 PHASES = ("build", "record", "quantize", "sample", "score")
 
@@ -53,6 +53,14 @@ class CellBudget:
     meta_iters: int = 1
     images: int = 2
     guidance: float = 3.0  # for the conditional architectures
+
+
+#: budget profiles: ``cpu`` (the smallest that runs every stage: hours on 2 cores for the
+#: largest architectures) and ``gpu`` (closer to a real run's shape, minutes per cell on
+#: one GPU)
+BUDGETS = {"cpu": CellBudget(),
+           "gpu": CellBudget(steps=20, interval=2, trajectories=8, weight_iters=100,
+                             act_iters=25, meta_iters=4, images=8)}
 
 
 def _dir_mb(path: Path) -> float:
