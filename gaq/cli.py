@@ -161,11 +161,15 @@ def _quantize(args: argparse.Namespace) -> None:
 def _perf(args: argparse.Namespace) -> None:
     if args.paper_cells:
         from gaq.device import check_device
-        from gaq.paper_cells import run_cells
+        from gaq.paper_cells import BUDGETS, run_cells
 
         device = str(check_device(args.device))
         methods = args.methods.split(",") if args.methods else None
-        rows = run_cells(args.paper_cells.split(","), methods, device=device, out_dir=args.out)
+        if args.budget not in BUDGETS:
+            raise GaqError(f"--budget: {args.budget!r} is not a profile; profiles: "
+                           + ", ".join(BUDGETS))
+        rows = run_cells(args.paper_cells.split(","), methods, device=device, out_dir=args.out,
+                         budget=BUDGETS[args.budget])
         print(json.dumps({f"{r['arch']}/{r['method']}": r["status"] for r in rows}))
         return
     if args.paper_scale:
@@ -538,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: run every method end to end on these paper architectures "
                    "(comma-separated), a fresh process per cell, phase by phase "
                    "(results/perf/paper_cells.md)")
+    f.add_argument("--budget", default="cpu",
+                   help="with --paper-cells: the budget profile, cpu (default) or gpu")
     f.add_argument("--methods", help="with --paper-scale: comma-separated methods "
                    "(default rtn,qdiffusion,tfmq,gaq; 'all': every method defined for the "
                    "architecture); with --paper-cells: default all")
@@ -558,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=str(RESULTS / "gpu"))
     g.add_argument("--results", default="runs", help="where gpu-smoke's runs go")
     g.add_argument("--only", metavar="SECTIONS",
-                   help="comma-separated sections (overhead, paper-scale, smoke)")
+                   help="comma-separated sections (overhead, paper-scale, smoke; paper-cells "
+                   "only when named: about an hour)")
     g.set_defaults(func=_gpu_check)
     return p
 
