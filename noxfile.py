@@ -151,6 +151,17 @@ def update_reference(session: nox.Session) -> None:
     session.run(_bin("gaq"), "bench", *args, "--update-reference", external=True)
 
 
+@nox.session(default=False)
+def tolerance(session: nox.Session) -> None:
+    """Measure a reference's numerical tolerance (default: the main job): its cells rerun
+    under two threads, the local engine and ATEN_CPU_CAPABILITY=avx2, one run of the
+    benchmark each, into runs/tolerance; writes results/<benchmark>/tolerance.json, which
+    `gaq bench` judges reruns by: nox -s tolerance -- benchmarks/gaq.toml."""
+    _env(session)
+    args = session.posargs or ["benchmarks/w4a8.toml"]
+    session.run(_bin("gaq"), "tolerance", *args, external=True)
+
+
 @nox.session(name="fid-spread", default=False)
 def fid_spread(session: nox.Session) -> None:
     """FID's spread across disjoint FP sample sets at 256, 1,024 and 4,096 images (what a

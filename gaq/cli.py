@@ -222,7 +222,7 @@ def _benchmark_path(name: str) -> Path:
     return Path("benchmarks") / f"{name}.toml"
 
 
-def _bench(args: argparse.Namespace) -> None:
+def _bench(args: argparse.Namespace) -> int | None:
     from gaq.bench.runner import Runner
     from gaq.bench.spec import load_benchmark, with_overrides
     from gaq.config import ConfigError
@@ -255,27 +255,31 @@ def _bench(args: argparse.Namespace) -> None:
             torch.set_num_threads(threads)
         runner.run()
     print(f"results: {Path(args.results) / bench.name}; tables: {Path(args.results) / 'tables'}")
-    _against_reference(args, runner)
+    reproduced = _against_reference(args, runner)
     if runner.failures:  # after the tables and the report, which show them as failed
         names = "; ".join(label for label, _ in runner.failures)
         raise GaqError(f"{len(runner.failures)} cell(s) failed and were recorded as failed in "
                        f"{Path(args.results) / bench.name / 'failures.parquet'} ({names}); "
                        "the others ran. After a fix, --retry-failed runs them again")
+    if reproduced is False and not args.report_only:
+        return 1  # the verdict line, printed last, says why
+    return None
 
 
-def _against_reference(args: argparse.Namespace, runner) -> None:
-    """Compare the run with the committed reference (the summary is the last line printed),
-    and with --update-reference make the run the reference."""
-    from gaq.bench import reproduce, results
+def _against_reference(args: argparse.Namespace, runner) -> bool | None:
+    """Compare the run with the committed reference, ending with the verdict line (the last
+    line printed), and with --update-reference make the run the reference. Returns whether
+    it reproduced; None when there was nothing to compare."""
+    from gaq.bench import reproduce, results, verdict
 
     if runner.world is not None and not runner.world.main:
-        return  # under torchrun, rank 0 reports
+        return None  # under torchrun, rank 0 reports
     name = runner.bench.name
     run_dir, ref_root = Path(args.results) / name, Path(args.reference)
     ref_dir = ref_root / name
     if run_dir.resolve() == ref_dir.resolve():
         print("this run wrote into the reference itself; nothing to compare against")
-        return
+        return None
     if args.update_reference:
         seeds = [max(runner.bench.eval.seeds) + 1 + i for i in range(reproduce.FLOOR_SEEDS)]
         print(f"measuring the noise floor: FP at seeds {seeds[0]}..{seeds[-1]} per model")
@@ -283,18 +287,81 @@ def _against_reference(args: argparse.Namespace, runner) -> None:
         reproduce.update_reference(run_dir, ref_dir, floor)
         runner.write_reports(ref_root)
         print(f"reference updated: {ref_dir} (tables and plots under {ref_root})")
-        return
+        if verdict.read_tolerance(ref_dir) is None:
+            print(f"{ref_dir} has no measured numerical tolerance: later runs are judged at "
+                  f"{verdict.MIN_REL:g} relative until `gaq tolerance` measures one")
+        return None
     reference = reproduce.reference_metrics(ref_dir)
     if reference.empty:
         print(f"no reference under {ref_dir}: nothing to compare against (make this run the "
               "reference with --update-reference)")
-        return
-    table = reproduce.compare(results.read(runner.metrics_path), reference,
-                              reproduce.read_floor(ref_dir), reproduce.paired_floor(ref_dir))
+        return None
+    tolerance = verdict.read_tolerance(ref_dir)
+    table = reproduce.compare(results.read(runner.metrics_path), reference, tolerance)
+    anchor, key = runner.bench.anchor, runner.bench.model_key or None
+    checks = verdict.check_conclusions(verdict.conclusions(ref_dir, anchor, key),
+                                       verdict.conclusions(run_dir, anchor, key))
+    ok, line = verdict.verdict(table, checks)
     out = Path(args.results) / "tables" / f"{name}_reproduction.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(reproduce.report(table, name, ref_dir), encoding="utf-8")
-    print(f"{reproduce.summary(table)} ({out})")
+    out.write_text(reproduce.report(table, name, ref_dir, checks, tolerance, line),
+                   encoding="utf-8")
+    print(f"{reproduce.summary(table)}; details: {out}")
+    if tolerance is None:
+        print(f"{ref_dir} has no measured numerical tolerance: judged at "
+              f"{verdict.MIN_REL:g} relative")
+    print(line)
+    return ok
+
+
+def _tolerance(args: argparse.Namespace) -> None:
+    """Rerun a benchmark's cells under each condition a user's machine varies (each into
+    its own folder under --runs, skipped when it already finished there), then derive
+    every metric's numerical tolerance from the changes against the reference."""
+    import os
+    import subprocess
+
+    from gaq.bench import reproduce, results, verdict
+    from gaq.bench.spec import load_benchmark
+
+    path = _benchmark_path(args.file)
+    name = load_benchmark(path).name
+    ref_dir = Path(args.reference) / name
+    reference = reproduce.reference_metrics(ref_dir)
+    if reference.empty:
+        raise GaqError(f"no reference under {ref_dir}: make one with --update-reference first")
+    labels = args.conditions.split(",") if args.conditions else list(verdict.CONDITIONS)
+    for label in labels:
+        if label not in verdict.CONDITIONS:
+            raise GaqError(f"--conditions: unknown condition {label!r}; choose from "
+                           f"{', '.join(verdict.CONDITIONS)}")
+    if args.margin <= 0:
+        raise GaqError(f"--margin must be positive, got {args.margin}")
+    runs, commands = {}, {}
+    for label in labels:
+        cmd, env = verdict.condition_command(str(path), label, Path(args.runs))
+        simd = env.get("ATEN_CPU_CAPABILITY")
+        commands[label] = (f"ATEN_CPU_CAPABILITY={simd} " if simd else "") + " ".join(cmd)
+        if not args.derive_only:
+            print(f"condition {label}: {commands[label]}", flush=True)
+            done = subprocess.run([sys.executable, "-m", "gaq.cli", *cmd[1:]],
+                                  env={**os.environ, **env}, check=False)
+            if done.returncode not in (0, 1):  # 1: not reproduced, which is what is measured
+                raise GaqError(f"condition {label}: gaq bench exited {done.returncode}")
+        runs[label] = results.read(Path(args.runs) / label / name / "metrics.parquet")
+        if runs[label].empty:
+            raise GaqError(f"condition {label}: no results under {Path(args.runs) / label}")
+    how = (f"every cell of {name} rerun from scratch under each condition (its own "
+           f"calibration cache), on {verdict.machine()}; the reference ran with the benchmark "
+           "file's engine and threads at the default SIMD path")
+    tol = verdict.derive_tolerance(reference, runs, args.margin, how, commands)
+    written = verdict.write_tolerance(ref_dir, tol)
+    md = verdict.tolerance_markdown(tol, name)
+    table = Path(args.reference) / "tables" / f"{name}_tolerance.md"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(md, encoding="utf-8")
+    print(md)
+    print(f"tolerance: {written}; table: {table}")
 
 
 def _fid_spread(args: argparse.Namespace) -> None:
@@ -490,10 +557,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reference", default=str(RESULTS),
                    help="the committed reference results the run is compared with at the end "
                    "(default: results)")
+    b.add_argument("--report-only", action="store_true",
+                   help="print the comparison with the reference and its verdict, but exit 0 "
+                   "when it says NOT REPRODUCED (by default that exits 1)")
     b.add_argument("--update-reference", action="store_true",
                    help="after the run, make it the reference: copy its results into "
                    "--reference, measure the noise floor, regenerate the reference tables")
     b.set_defaults(func=_bench)
+
+    tl = sub.add_parser("tolerance", help="measure a reference's numerical tolerance",
+                        description="Rerun a benchmark's cells from scratch under each "
+                        "condition a user's machine varies (threads-2: two intra-op threads; "
+                        "local: the local engine; avx2: ATEN_CPU_CAPABILITY=avx2), each into "
+                        "its own folder, and write each metric's numerical tolerance (margin x "
+                        "its largest change against the reference) to "
+                        "<reference>/<benchmark>/tolerance.json, which later runs are judged "
+                        "by. One run of the benchmark per condition.")
+    tl.add_argument("file", help="benchmark TOML file or shipped name")
+    tl.add_argument("--runs", default=str(WORKING / "tolerance"),
+                    help="where the reruns go, one folder per condition (default: "
+                    "runs/tolerance)")
+    tl.add_argument("--reference", default=str(RESULTS))
+    tl.add_argument("--conditions", help="comma-separated subset of threads-2,local,avx2")
+    tl.add_argument("--margin", type=float, default=4.0,
+                    help="tolerance = margin x the largest observed change (default 4)")
+    tl.add_argument("--derive-only", action="store_true",
+                    help="derive from the reruns already under --runs, run nothing")
+    tl.set_defaults(func=_tolerance)
 
     for name, fn, what in (("tables", _tables, "Markdown and LaTeX tables"),
                            ("plots", _plots, "plots (PNG and PDF)")):
@@ -573,12 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)  # a command with a verdict returns 1 when it fails
     except (GaqError, ValueError) as e:
         # one line, whatever a library put in the text it passed through (escapes, breaks)
         print(f"gaq: error: {one_line(e)}", file=sys.stderr)
         return 2
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -391,23 +391,30 @@ def test_a_run_reproduces_the_reference_it_made(tmp_path, monkeypatch, capsys):
     assert set(floor["metric"]) >= {"fid", "kid", "precision", "recall"}
     assert (floor["n"] == 6).all() and (floor.set_index("metric")["sd"]["fid"] > 0)
     assert (ref / "tables" / "micro.md").exists()
-    # the paired metrics' per-cell floors: standard errors over images and trajectories
-    paired = reproduce_floor(ref / "micro")
-    assert {"psnr", "eps_mse"} <= set(paired["metric"]) and (paired["se"] > 0).all()
-    assert set(paired["method"]) == {"rtn"}
     before = (ref / "micro" / "metrics.parquet").read_bytes()
     capsys.readouterr()
     assert main([*args, "--results", str(tmp_path / "run2")]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("reproduction against the reference:") and "differs" not in last
-    assert "identical" in last and "within noise" not in last, last
+    assert last.startswith("REPRODUCED: ") and " 0 differ" in last, last
+    assert "0 within numerical tolerance" in last and "conclusions preserved: " in last
     report = (tmp_path / "run2" / "tables" / "micro_reproduction.md").read_text()
     assert "Every judged value is identical to the reference." in report
     assert (ref / "micro" / "metrics.parquet").read_bytes() == before
+    # a reference value that the run does not give: the verdict fails, and so does the exit
+    # code, unless only the report is wanted (the run's cells are done: nothing reruns)
+    metrics = pd.read_parquet(ref / "micro" / "metrics.parquet")
+    metrics.loc[(metrics["method"] == "rtn") & (metrics["metric"] == "fid"), "value"] += 1.0
+    metrics.to_parquet(ref / "micro" / "metrics.parquet")
+    assert main([*args, "--results", str(tmp_path / "run2")]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("NOT REPRODUCED: 1 of ") and "/rtn/W8A8/seed 0 fid" in last, last
+    assert main([*args, "--results", str(tmp_path / "run2"), "--report-only"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("NOT REPRODUCED")
 
 
-def test_reproduction_verdicts_follow_the_noise_floor():
+def test_reproduction_verdicts_follow_the_numerical_tolerance():
     from gaq.bench import reproduce
+    from gaq.bench.verdict import Tolerance
 
     base = {"model": "m", "method": "rtn", "bits": "W4A8", "seed": 0}
     ref = pd.DataFrame([base | {"metric": "fid", "value": 10.0},
@@ -415,61 +422,17 @@ def test_reproduction_verdicts_follow_the_noise_floor():
                         base | {"metric": "psnr", "value": 30.0},
                         base | {"metric": "calibration_seconds", "value": 5.0}])
     run = ref.copy()
-    run["value"] = [10.5, 3.0, 30.0, 9.0]
+    run["value"] = [10.0005, 1.01, 30.0, 9.0]
     new = pd.DataFrame([base | {"method": "gaq", "metric": "fid", "value": 8.0}])
-    floor = pd.DataFrame({"model": ["m", "m"], "metric": ["fid", "kid"], "n": [6, 6],
-                          "sd": [0.4, 0.2]})
-    table = reproduce.compare(pd.concat([run, new]), ref, floor).set_index(["method", "metric"])
-    assert table.loc[("rtn", "fid"), "verdict"] == "within noise"  # 0.5 <= 2 x 0.4
-    assert table.loc[("rtn", "kid"), "verdict"] == "differs"  # 2.0 > 2 x 0.2
+    tol = Tolerance({"fid": {"rel": 1e-4, "abs": 0.0}, "kid": {"rel": 1e-3, "abs": 0.0}})
+    table = reproduce.compare(pd.concat([run, new]), ref, tol).set_index(["method", "metric"])
+    assert table.loc[("rtn", "fid"), "verdict"] == "within tolerance"  # 5e-4 <= 1e-3
+    assert table.loc[("rtn", "kid"), "verdict"] == "differs"  # 0.01 > 1e-3
     assert table.loc[("rtn", "psnr"), "verdict"] == "identical"
     assert table.loc[("rtn", "calibration_seconds"), "verdict"] == "cost"
     assert table.loc[("gaq", "fid"), "verdict"] == "new"
     line = reproduce.summary(table.reset_index())
-    assert "1 identical, 1 within noise, 1 differs, 1 new" in line
-
-
-def reproduce_floor(folder):
-    from gaq.bench import reproduce
-
-    return reproduce.paired_floor(folder)
-
-
-def test_paired_metrics_are_judged_against_their_cells_standard_error(tmp_path):
-    """A paired metric has no FP floor; its tolerance is twice the standard error of the
-    reference value over the cell's images (PSNR) or held-out trajectories (ε-MSE)."""
-    from gaq.bench import reproduce, results
-
-    base = {"model": "m", "method": "rtn", "bits": "W4A8", "seed": 0}
-    ref = pd.DataFrame([base | {"metric": "psnr", "value": 30.0},
-                        base | {"metric": "eps_mse", "value": 0.02},
-                        base | {"metric": "noise_k_mean", "value": -0.1}])
-    folder = tmp_path / "ref"
-    results.append(folder / "metrics.parquet", ref.assign(
-        cell_id="c", run_id="r", benchmark="b", preset="cpu", w_bits=4, a_bits=8, setup="cpu"))
-    psnr = [28.0, 32.0, 29.0, 31.0]  # sd 1.826, se 0.913
-    eps = [0.01, 0.03]  # sd 0.01414, se 0.01
-    keys = base | {"cell_id": "c"}
-    pd.DataFrame([keys | {"image": i, "metric": "psnr", "value": v}
-                  for i, v in enumerate(psnr)]).to_parquet(folder / "per_image.parquet")
-    pd.DataFrame([keys | {"trajectory": i, "metric": "eps_mse", "value": v}
-                  for i, v in enumerate(eps)]).to_parquet(folder / "per_trajectory.parquet")
-    floor = reproduce.paired_floor(folder).set_index("metric")
-    assert floor.loc["psnr", "n"] == 4 and floor.loc["eps_mse", "n"] == 2
-    assert floor.loc["psnr", "se"] == pytest.approx(pd.Series(psnr).std() / 2)
-    assert floor.loc["eps_mse", "se"] == pytest.approx(0.01)
-    run = ref.copy()
-    run["value"] = [31.5, 0.025, -0.1001]
-    table = reproduce.compare(run, ref, None, reproduce.paired_floor(folder))
-    verdict = table.set_index("metric")["verdict"]
-    assert verdict["psnr"] == "within noise"  # 1.5 <= 2 x 0.913
-    assert verdict["eps_mse"] == "within noise"  # 0.005 <= 2 x 0.01
-    assert verdict["noise_k_mean"] == "differs"  # no per-unit values: no floor
-    run["value"] = [32.0, 0.045, -0.1]
-    verdict = reproduce.compare(run, ref, None, reproduce.paired_floor(folder)).set_index(
-        "metric")["verdict"]
-    assert verdict["psnr"] == "differs" and verdict["eps_mse"] == "differs"
-    assert verdict["noise_k_mean"] == "identical"
+    assert "1 identical, 1 within tolerance, 1 differs, 1 new" in line
 
 
 def test_a_method_for_other_architectures_is_left_out_once(tmp_path):

@@ -31,7 +31,8 @@ import pandas as pd
 from gaq.bench import labels
 from gaq.bench.results import ci_half_width, newest
 
-__all__ = ["BOOTSTRAP", "interval", "paired_table", "seed_paired_table"]
+__all__ = ["BOOTSTRAP", "interval", "paired_comparisons", "paired_table",
+           "seed_paired_comparisons", "seed_paired_table"]
 
 BOOTSTRAP = 2000
 _RNG_SEED = 0
@@ -59,6 +60,43 @@ def _by_seed(rows: pd.DataFrame) -> dict[int, pd.Series]:
 
 def _fmt(x: float, decimals: int = 3) -> str:
     return f"{x:+.{decimals}f}".replace("-", "−")
+
+
+def _difference(method: dict[int, pd.Series], anchor: dict[int, pd.Series]
+                ) -> tuple[float, float, float] | None:
+    """``(mean, low, high)`` of ``method - anchor`` taken image by image over the seeds
+    both have; None when they share no image."""
+    common = sorted(set(method) & set(anchor))
+    diffs = {s: (method[s] - anchor[s]).dropna().to_numpy() for s in common}
+    diffs = {s: d for s, d in diffs.items() if len(d)}
+    if not diffs:
+        return None
+    d, dl, dh, _ = interval(diffs)
+    return d, dl, dh
+
+
+def paired_comparisons(per_image: pd.DataFrame, metric: str = "psnr",
+                       anchor: str = "gaq") -> pd.DataFrame:
+    """The differences :func:`paired_table` shows, one row each: model, bits, metric,
+    method, versus (the anchor), estimate, low, high (its 95 % interval) and resolved."""
+    cols = ["model", "bits", "metric", "method", "versus", "estimate", "low", "high",
+            "resolved"]
+    rows = per_image[per_image["metric"] == metric] if len(per_image) else per_image
+    out = []
+    if rows is not None and not rows.empty:
+        for (model, bits), part in rows.groupby(["model", "bits"], sort=True):
+            methods = labels.method_order(part["method"].unique())
+            if anchor not in methods:
+                continue
+            series = {m: _by_seed(part[part["method"] == m]) for m in methods}
+            for m in methods:
+                diff = None if m == anchor else _difference(series[m], series[anchor])
+                if diff is not None:
+                    d, dl, dh = diff
+                    out.append({"model": model, "bits": bits, "metric": metric, "method": m,
+                                "versus": anchor, "estimate": d, "low": dl, "high": dh,
+                                "resolved": bool(dl > 0 or dh < 0)})
+    return pd.DataFrame(out, columns=cols)
 
 
 def paired_table(per_image: pd.DataFrame, benchmark: str, metric: str = "psnr",
@@ -91,11 +129,9 @@ def paired_table(per_image: pd.DataFrame, benchmark: str, metric: str = "psnr",
             mean, low, high, how = interval({s: v.to_numpy() for s, v in series[m].items()})
             line = f"| {labels.method_label(m)} | {mean:.3f} | [{low:.3f}, {high:.3f}] |"
             if ref and m != ref:
-                common = sorted(set(series[m]) & set(series[ref]))
-                diffs = {s: (series[m][s] - series[ref][s]).dropna().to_numpy() for s in common}
-                diffs = {s: d for s, d in diffs.items() if len(d)}
-                if diffs:
-                    d, dl, dh, _ = interval(diffs)
+                diff = _difference(series[m], series[ref])
+                if diff is not None:
+                    d, dl, dh = diff
                     resolved = dl > 0 or dh < 0
                     line += (f" {_fmt(d)} | [{_fmt(dl)}, {_fmt(dh)}] | "
                              f"{'**resolved**' if resolved else 'not resolved'} |")
@@ -108,6 +144,58 @@ def paired_table(per_image: pd.DataFrame, benchmark: str, metric: str = "psnr",
     return "\n".join(out)
 
 
+def _set_metrics() -> list[str]:
+    from gaq.eval.registry import find_metric
+
+    return [m for m in labels.table_metrics()
+            if (spec := find_metric(m)) is not None and spec.kind == "image"]
+
+
+def _seed_difference(table: pd.DataFrame, method: str, anchor: str, min_seeds: int
+                     ) -> tuple[float, float, float] | None:
+    """``(mean, half, independent half)`` of ``method - anchor`` over the seeds (rows of
+    ``table``, a seed x method pivot) both have; None with fewer than ``min_seeds``."""
+    both = table[[method, anchor]].dropna() if method in table else table.iloc[0:0]
+    if len(both) < min_seeds:
+        return None
+    d = (both[method] - both[anchor]).tolist()
+    indep = (ci_half_width(both[method].tolist()) ** 2
+             + ci_half_width(both[anchor].tolist()) ** 2) ** 0.5
+    return statistics.fmean(d), ci_half_width(d), indep
+
+
+def seed_paired_comparisons(metrics: pd.DataFrame, anchor: str = "gaq",
+                            min_seeds: int = 2) -> pd.DataFrame:
+    """The differences :func:`seed_paired_table` shows, one row each (columns as
+    :func:`paired_comparisons`); resolved where the t interval over seeds excludes 0."""
+    cols = ["model", "bits", "metric", "method", "versus", "estimate", "low", "high",
+            "resolved"]
+    names = _set_metrics()
+    df = metrics[metrics["metric"].isin(names)]
+    out = []
+    if not df.empty and anchor in set(df["method"]):
+        data = newest(df.dropna(subset=["value"]),
+                      ["model", "method", "bits", "metric", "seed"])
+        for (model, bits), part in data.groupby(["model", "bits"], sort=True):
+            if labels.is_fp(bits) or anchor not in set(part["method"]):
+                continue
+            for metric in [m for m in names if m in set(part["metric"])]:
+                t = part[part["metric"] == metric].pivot(index="seed", columns="method",
+                                                         values="value")
+                for method in labels.method_order(part["method"].unique()):
+                    if method == anchor or labels.is_fp(method):
+                        continue
+                    diff = _seed_difference(t, method, anchor, min_seeds)
+                    if diff is None:
+                        continue
+                    mean, half, _ = diff
+                    out.append({"model": model, "bits": bits, "metric": metric,
+                                "method": method, "versus": anchor, "estimate": mean,
+                                "low": mean - half, "high": mean + half,
+                                "resolved": bool(mean - half > 0 or mean + half < 0)})
+    return pd.DataFrame(out, columns=cols)
+
+
 def seed_paired_table(metrics: pd.DataFrame, benchmark: str, anchor: str = "gaq",
                       min_seeds: int = 2) -> str | None:
     """Markdown: per model and bit-width, each method's per-seed difference from ``anchor``
@@ -116,10 +204,7 @@ def seed_paired_table(metrics: pd.DataFrame, benchmark: str, anchor: str = "gaq"
     the half-width the same difference would get if the rows were independent (the two
     rows' own t intervals added in quadrature), which shows what the pairing buys.
     None without ``min_seeds`` common seeds anywhere, or without ``anchor``."""
-    from gaq.eval.registry import find_metric
-
-    names = [m for m in labels.table_metrics()
-             if (spec := find_metric(m)) is not None and spec.kind == "image"]
+    names = _set_metrics()
     df = metrics[metrics["metric"].isin(names)]
     if df.empty or anchor not in set(df["method"]):
         return None
@@ -137,15 +222,11 @@ def seed_paired_table(metrics: pd.DataFrame, benchmark: str, anchor: str = "gaq"
         for method in methods:
             cells = []
             for metric in present:
-                t = table[metric]
-                both = t[[method, anchor]].dropna() if method in t else t.iloc[0:0]
-                if len(both) < min_seeds:
+                diff = _seed_difference(table[metric], method, anchor, min_seeds)
+                if diff is None:
                     cells.append("–")
                     continue
-                d = (both[method] - both[anchor]).tolist()
-                mean, half = statistics.fmean(d), ci_half_width(d)
-                indep = (ci_half_width(both[method].tolist()) ** 2
-                         + ci_half_width(both[anchor].tolist()) ** 2) ** 0.5
+                mean, half, indep = diff
                 k = labels.decimals(metric)
                 text = f"{_fmt(mean, k)} [{_fmt(mean - half, k)}, {_fmt(mean + half, k)}]"
                 if mean - half > 0 or mean + half < 0:

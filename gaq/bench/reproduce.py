@@ -2,23 +2,18 @@
 
 The committed ``results/<benchmark>/`` are the *reference*. A benchmark run writes into a
 working store (``runs/`` by default) and ends by comparing every value it computed with
-the reference value of the same cell (model, method, bit-width, seed) and metric:
+the reference value of the same cell (model, method, bit-width, seed) and metric, and the
+conclusions its tables state with the reference's (:mod:`gaq.bench.verdict`):
 
-- **identical**: equal to 1e-9 (relative), which is what the same code on the same kind
-  of machine at the same thread count gives;
-- **within noise**: the difference is below the metric's noise floor, twice the standard
-  deviation of the FP row's value across seeds at the benchmark's image count (measured
-  when the reference was written, :func:`noise_floor`); a difference that small cannot be
-  told from sampling noise by this protocol, so it is not a failure to reproduce;
-- **differs**: above the floor, or, for a metric without one, any difference beyond 1e-9.
+- **identical**: equal to 1e-9 (relative);
+- **within tolerance**: equal within the metric's numerical tolerance, measured by rerunning
+  the reference's cells under other thread counts, engines and SIMD paths
+  (``tolerance.json`` next to the reference; :func:`gaq.bench.verdict.derive_tolerance`);
+- **differs**: beyond it.
 
-Paired metrics (PSNR and ε-MSE against FP) are 0 for FP by construction, so their floor
-is per cell: twice the standard error of the reference value over its sampling units,
-the images for PSNR and the held-out trajectories for ε-MSE (:func:`paired_floor`, from
-the reference's ``per_image`` and ``per_trajectory`` rows). A smaller difference is below
-what that cell's sample resolves, which is what a float-level change on another CPU
-leaves after calibration amplifies it. Paired summaries without per-unit values (the
-slope ``k``, ``mse``) keep no floor.
+A rerun draws the same noise and images as the reference, so the yardstick is numerical;
+the noise floor (FP's spread across seeds, :func:`noise_floor`) is what the tables use to
+say which method differences a benchmark resolves, and is not part of this comparison.
 
 Timing and memory are shown but not judged: they measure the machine, not the method.
 """
@@ -31,8 +26,9 @@ from pathlib import Path
 import pandas as pd
 
 from gaq.bench import results
+from gaq.bench.verdict import COUNTS, MIN_REL, Tolerance, _units
 
-__all__ = ["COST_METRICS", "compare", "noise_floor", "paired_floor", "report",
+__all__ = ["COST_METRICS", "compare", "noise_floor", "report", "summary",
            "update_reference"]
 
 #: What the machine, not the method, decides: never judged.
@@ -54,34 +50,33 @@ def _latest(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare(run: pd.DataFrame, reference: pd.DataFrame,
-            floor: pd.DataFrame | None = None,
-            paired: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per value this run computed: reference, run, difference, tolerance, verdict
-    (``identical``, ``within noise``, ``differs``, ``new`` where the reference has no such
-    cell, ``cost`` for timing and memory). ``floor``: per model and image metric, the FP
-    row's SD across seeds; ``paired``: per cell and paired metric, the standard error of
-    the reference value (:func:`paired_floor`)."""
+            tolerance: Tolerance | None = None) -> pd.DataFrame:
+    """One row per value this run computed: reference, run, difference, tolerance (the
+    largest numerical change allowed at that value) and verdict (``identical``,
+    ``within tolerance``, ``differs``, ``new`` where the reference has no such cell,
+    ``cost`` for timing and memory). Without a measured ``tolerance`` every metric gets
+    the least one (:data:`gaq.bench.verdict.MIN_REL`, no image of a count)."""
+    tolerance = tolerance or Tolerance()
+    units = _units(reference)
     run = _latest(run[~run["metric"].isin(_SKIP)]).rename(columns={"value": "run"})
     ref = _latest(reference[~reference["metric"].isin(_SKIP)]).rename(
         columns={"value": "reference"})
     table = run.merge(ref, on=_KEYS, how="left")
     table["difference"] = table["run"] - table["reference"]
-    tol = pd.Series(float("nan"), index=table.index)
-    if floor is not None and len(floor):
-        sd = floor.set_index(["model", "metric"])["sd"]
-        keys = list(zip(table["model"], table["metric"], strict=True))
-        tol = pd.Series([FLOOR_SDS * sd.get(k, float("nan")) for k in keys], index=table.index)
-    if paired is not None and len(paired):
-        se = paired.set_index(_KEYS)["se"]
-        keys = list(zip(*(table[k] for k in _KEYS), strict=True))
-        cell_tol = pd.Series([FLOOR_SDS * se.get(k, float("nan")) for k in keys],
-                             index=table.index)
-        tol = tol.where(tol.notna(), cell_tol)
-    table["tolerance"] = tol
+
+    def units_of(r) -> float | None:
+        col = COUNTS.get(r.metric)
+        if col is None or col not in units:
+            return None
+        return units[col].get((r.model, r.method, r.bits, r.seed))
+
+    table["tolerance"] = [tolerance.bound(r.metric, r.reference, units_of(r))
+                          if not pd.isna(r.reference) else float("nan")
+                          for r in table.itertuples(index=False)]
     exact = EXACT * table["reference"].abs().clip(lower=1.0)
     diff = table["difference"].abs()
     verdict = pd.Series("differs", index=table.index)
-    verdict[diff <= tol] = "within noise"
+    verdict[diff <= table["tolerance"]] = "within tolerance"
     verdict[(diff <= exact) | (table["run"].isna() & table["reference"].isna())] = "identical"
     verdict[table["reference"].isna() & table["run"].notna()] = "new"
     verdict[table["metric"].isin(COST_METRICS)] = "cost"
@@ -93,42 +88,53 @@ def summary(table: pd.DataFrame) -> str:
     """One line: how many judged values reproduced, and how."""
     judged = table[table["verdict"] != "cost"]
     counts = judged["verdict"].value_counts()
-    parts = [f"{counts.get(v, 0)} {v}" for v in ("identical", "within noise", "differs", "new")
-             if counts.get(v, 0)]
+    parts = [f"{counts.get(v, 0)} {v}" for v in ("identical", "within tolerance", "differs",
+                                                  "new") if counts.get(v, 0)]
     cells = judged.groupby(["model", "method", "bits", "seed"]).ngroups
-    worst = ""
-    differing = judged[judged["verdict"] == "differs"]
-    if len(differing):
-        cells_differing = differing.groupby(["model", "method", "bits", "seed"]).ngroups
-        worst = f"; {cells_differing} of {cells} cells have a value beyond its noise floor"
-    return (f"reproduction against the reference: {len(judged)} values of {cells} cells: "
-            f"{', '.join(parts) or 'nothing to compare'}{worst}")
+    return (f"numbers against the reference: {len(judged)} values of {cells} cells: "
+            f"{', '.join(parts) or 'nothing to compare'}")
 
 
-def report(table: pd.DataFrame, benchmark: str, reference_dir: Path) -> str:
-    """Markdown: the summary, how verdicts are reached, and the values that are not
-    identical (all of them when nothing is)."""
+def report(table: pd.DataFrame, benchmark: str, reference_dir: Path,
+           checks: pd.DataFrame | None = None, tolerance: Tolerance | None = None,
+           line: str = "") -> str:
+    """Markdown: the verdict, how it is reached, the values that are not identical (all
+    of them when nothing is) and every conclusion of the reference with its status."""
+    from gaq.bench.verdict import describe, tolerance_markdown
+
+    how = ("measured (below)" if tolerance is not None and tolerance.metrics else
+           f"not measured for this reference: every metric gets {MIN_REL:g} relative, no "
+           "image of a count")
     lines = [f"# {benchmark}: reproduction against the reference", "",
-             summary(table) + ".", "",
-             f"Reference: `{reference_dir}`. A value is *identical* to 1e-9 (relative); *within "
-             f"noise* when the difference is below {FLOOR_SDS:g} standard deviations of the "
-             "FP row's value across seeds at this image count (the noise floor, measured when "
-             "the reference was written; a smaller difference cannot be resolved by this "
-             "protocol); for a paired metric (PSNR, ε-MSE) the floor is per cell, "
-             f"{FLOOR_SDS:g} standard errors of the reference value over its images or "
-             "held-out trajectories; otherwise it *differs*. Paired summaries without "
-             "per-unit values (the slope k, mse) have no floor. Timing and memory are not "
-             "judged.", ""]
+             f"**{line}**" if line else "", "", summary(table) + ".", "",
+             f"Reference: `{reference_dir}`. A value is *identical* to 1e-9 (relative); "
+             "*within tolerance* when its change is within the metric's numerical tolerance, "
+             f"{how}; otherwise it *differs*. Timing and memory are not judged. A conclusion "
+             "is a comparison the reference's tables resolve (a paired interval against the "
+             "anchor that excludes 0, a bold best row): it must be resolved in the same "
+             "direction; an unresolved one must not become resolved the other way.", ""]
     shown = table[~table["verdict"].isin(("identical", "cost"))]
     if shown.empty:
         lines.append("Every judged value is identical to the reference.")
-        return "\n".join(lines) + "\n"
-    lines += ["| model | method | bits | seed | metric | reference | this run | difference "
-              "| tolerance | verdict |", "|---|---|---|---:|---|---:|---:|---:|---:|---|"]
-    for r in shown.itertuples(index=False):
-        lines.append(f"| {r.model} | {r.method} | {r.bits} | {r.seed} | {r.metric} | "
-                     f"{_num(r.reference)} | {_num(r.run)} | {_num(r.difference)} | "
-                     f"{_num(r.tolerance)} | {r.verdict} |")
+    else:
+        lines += ["| model | method | bits | seed | metric | reference | this run | "
+                  "difference | tolerance | verdict |",
+                  "|---|---|---|---:|---|---:|---:|---:|---:|---|"]
+        for r in shown.itertuples(index=False):
+            lines.append(f"| {r.model} | {r.method} | {r.bits} | {r.seed} | {r.metric} | "
+                         f"{_num(r.reference)} | {_num(r.run)} | {_num(r.difference)} | "
+                         f"{_num(r.tolerance)} | {r.verdict} |")
+    if checks is not None and len(checks):
+        lines += ["", "## Conclusions", "", "| status | comparison (reference → this run) |",
+                  "|---|---|"]
+        order = {"reversed": 0, "lost": 1, "preserved": 2, "unresolved": 3, "not run": 4}
+        ranked = checks.assign(_o=checks["status"].map(order)).sort_values("_o", kind="stable")
+        for r in ranked.itertuples(index=False):
+            if r.status == "unresolved":
+                continue  # neither resolved nor reversed: nothing is claimed
+            lines.append(f"| {r.status} | {describe(r)} |")
+    if tolerance is not None and tolerance.metrics:
+        lines += ["", tolerance_markdown(tolerance, benchmark)]
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +170,9 @@ def noise_floor(runner, seeds: list[int]) -> pd.DataFrame:
 
 def update_reference(run_dir: Path, reference_dir: Path, floor: pd.DataFrame) -> list[Path]:
     """Make this run the reference: its Parquet tables, sample grids and noise floor replace
-    the reference benchmark folder's (tables and plots are regenerated by the caller)."""
+    the reference benchmark folder's (tables and plots are regenerated by the caller). The
+    measured numerical tolerance (``tolerance.json``) stays: it belongs to the benchmark's
+    protocol and code, not to one set of values."""
     reference_dir.mkdir(parents=True, exist_ok=True)
     for stale in reference_dir.glob("*.parquet"):  # the reference is this run, nothing older
         stale.unlink()
@@ -180,29 +188,6 @@ def update_reference(run_dir: Path, reference_dir: Path, floor: pd.DataFrame) ->
     floor.to_parquet(reference_dir / FLOOR_FILE, index=False)
     written.append(reference_dir / FLOOR_FILE)
     return written
-
-
-#: Per-unit rows of paired metrics: the file, its unit column, the metrics it holds.
-PAIRED_UNITS = {"per_image.parquet": "image", "per_trajectory.parquet": "trajectory"}
-
-
-def paired_floor(reference_dir: Path) -> pd.DataFrame:
-    """Per cell (model, method, bits, seed) and paired metric of the reference: the number
-    of sampling units ``n`` (images, held-out trajectories) and the standard error of their
-    mean, ``se = sd / √n``."""
-    metrics = reference_metrics(reference_dir)
-    frames = []
-    for name in PAIRED_UNITS:
-        path = reference_dir / name
-        if path.exists():
-            frames.append(results.current(pd.read_parquet(path), metrics))
-    cols = [*_KEYS, "n", "se"]
-    if not frames:
-        return pd.DataFrame(columns=cols)
-    rows = pd.concat(frames, ignore_index=True)
-    grouped = rows.groupby(_KEYS)["value"].agg(n="count", sd="std").reset_index()
-    grouped["se"] = grouped["sd"] / grouped["n"].pow(0.5)
-    return grouped[cols]
 
 
 def read_floor(reference_dir: Path) -> pd.DataFrame | None:
