@@ -110,7 +110,12 @@ def test_noise_curves_measure_the_sampler_correction(micro_run):
 
 
 def test_mlflow_runs_carry_provenance(micro_run):
+    import json
+
     import mlflow
+
+    from gaq.bench.labels import method_label
+    from gaq.bench.tracking import VIEW_KEY, ui_links
 
     root, _, _ = micro_run
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -120,21 +125,29 @@ def test_mlflow_runs_carry_provenance(micro_run):
     assert len(runs) == 3
     (sweep,) = [r for r in everything if r.data.tags.get("gaq.sweep") == "1"]
     assert sweep.info.status == "FINISHED" and sweep.data.params["cells"] == "3"
+    # the experiment's saved view: every run, the benchmark's metrics as columns, and the
+    # link to the experiment opens it
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
+    assert "metrics.`fid`" in view["selectedColumns"] and view["runsHiddenMode"] == "SHOW_ALL"
+    (link,) = ui_links("http://127.0.0.1:5000", f"sqlite:///{root / 'mlflow.db'}")
+    assert link.endswith(f"/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}")
     for run in runs:
         tags = run.data.tags
         for key in ("git_commit", "git_dirty", "torch_version", "device", "gaq.cell_id", "seeds"):
             assert key in tags, key
         assert "fid" in run.data.metrics
-        assert tags["mlflow.parentRunId"] == sweep.info.run_id  # nested under the sweep
+        # a top-level run tagged with its sweep: the runs table shows it without a click
+        assert tags["gaq.sweep_id"] == sweep.info.run_id and "mlflow.parentRunId" not in tags
         # the run spans its cell (sampling, metrics, ...), not just the logging at its end:
         # at least the sampling the cell itself timed (48 images at its images/s)
         sampling_ms = 1000 * 48 / run.data.metrics["images_per_second"]
         assert run.info.end_time - run.info.start_time >= sampling_ms
         assert sweep.info.start_time <= run.info.start_time <= sweep.info.end_time
         assert not any(k.startswith("_") or "._" in k for k in run.data.params)
-        # named and described for a reader of the UI: the model is in both
+        # named and described for a reader of the UI: the row's label first (the UI cuts
+        # names at the right), the model in both
         method, cell = run.data.params["row"], tags["gaq.cell_id"]
-        assert tags["mlflow.runName"].startswith(f"digits · {method} ")
+        assert tags["mlflow.runName"].startswith(f"{method_label(method)} · digits ")
         assert "model `digits`" in tags["mlflow.note.content"]
         assert cell in tags["mlflow.note.content"]
 

@@ -418,7 +418,7 @@ def test_a_cell_run_killed_right_after_creation_is_closed_by_the_next_sweep(stor
     runs = {r.info.run_name: r for r in _runs(stores)}
     cell = runs["cell"]  # its identity was written with it, in one step
     assert cell.data.tags[CELL_ID_TAG] == "abc"
-    assert cell.data.tags["mlflow.parentRunId"] == runs["kill sweep"].info.run_id
+    assert cell.data.tags["gaq.sweep_id"] == runs["kill sweep"].info.run_id
     assert len(mark_stale_sweeps("gaq-kill")) == 1
     assert {r.info.run_name: r.info.status for r in _runs(stores)} == {
         "kill sweep": "KILLED", "cell": "KILLED"}

@@ -246,3 +246,38 @@ def test_paired_comparisons_are_the_paired_tables_numbers():
         shown = f"[{r['low']:+.3f}, {r['high']:+.3f}]".replace("-", "−")
         assert shown in line
         assert ("**resolved**" in line) == bool(r["resolved"])
+
+
+def _fid_folder(folder: Path, fids: dict[str, list[float]]) -> Path:
+    rows = []
+    for method, values in fids.items():
+        for seed, v in enumerate(values):
+            bits = "FP" if method == "fp" else "W4A8"
+            rows.append({"model": "m", "method": method, "bits": bits, "seed": seed,
+                         "metric": "fid", "value": v, "cell_id": f"{method}{seed}",
+                         "run_id": "r", "benchmark": folder.name, "preset": "cpu",
+                         "w_bits": 4, "a_bits": 8, "setup": "cpu"})
+    results.append(folder / "metrics.parquet", pd.DataFrame(rows))
+    return folder
+
+
+def test_a_bold_best_row_must_stay_best(tmp_path):
+    fp = [5.0, 5.1, 4.9]
+    ref = verdict.conclusions(_fid_folder(tmp_path / "ref" / "b", {
+        "fp": fp, "rtn": [20.0, 20.2, 19.8], "gaq": [10.0, 10.1, 9.9]}))
+    best = ref[ref["kind"] == "best"]
+    assert best[["method", "metric"]].values.tolist() == [["gaq", "fid"]]
+    same = verdict.conclusions(_fid_folder(tmp_path / "same" / "b", {
+        "fp": fp, "rtn": [20.0, 20.2, 19.8], "gaq": [10.0, 10.1, 9.9]}))
+    flipped = verdict.conclusions(_fid_folder(tmp_path / "flip" / "b", {
+        "fp": fp, "rtn": [20.0, 20.2, 19.8], "gaq": [30.0, 30.1, 29.9]}))
+    fewer = verdict.conclusions(_fid_folder(tmp_path / "fewer" / "b", {
+        "fp": fp, "gaq": [10.0, 10.1, 9.9]}))
+
+    def status(run: pd.DataFrame) -> str:
+        checks = verdict.check_conclusions(ref, run)
+        return checks[checks["kind"] == "best"]["status"].item()
+
+    assert status(same) == "preserved"
+    assert status(flipped) == "reversed"  # RTN is the bold one now
+    assert status(fewer) == "not run"  # a run without RTN cannot say GAQ beats it

@@ -843,9 +843,10 @@ def _cell_keys(cell: Cell, cid: str, run_id: str, benchmark: str) -> dict:
 
 
 def _run_name(cell: Cell) -> str:
-    """A cell's MLflow run name: model, method row, bit-width and seed (one experiment
-    holds every model of a benchmark, so the model must be in the name)."""
-    return f"{cell.model} · {cell.method.row} {cell.bits} s{cell.seed}"
+    """A cell's MLflow run name: the row's label first (the UI cuts long names at the
+    right, and GAQ's variants differ only in their label's end), then model, bit-width
+    and seed (one experiment holds every model of a benchmark)."""
+    return f"{labels.method_label(cell.method.row)} · {cell.model} {cell.bits} s{cell.seed}"
 
 
 def _size(n: float) -> str:

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CELL_ID_TAG",
+    "SWEEP_ID_TAG",
     "SWEEP_TAG",
+    "VIEW_KEY",
     "artifact_root",
     "check_store",
     "close_sweep",
@@ -39,7 +41,15 @@ __all__ = [
 ]
 
 CELL_ID_TAG = "gaq.cell_id"
-SWEEP_TAG = "gaq.sweep"  # on the parent run of one `gaq bench` invocation
+SWEEP_TAG = "gaq.sweep"  # on the run of one `gaq bench` invocation
+# on each cell's run: its sweep's run id. Cells are top-level runs tagged with their sweep,
+# not nested under it: MLflow's runs table shows nested runs only after a click on their
+# parent, and the parent's row has no metric columns of its own
+SWEEP_ID_TAG = "gaq.sweep_id"
+# the experiment's saved view (an `mlflow.sharedViewState.<key>` experiment tag, which the
+# UI opens from a link with ?viewStateShareKey=<key>): every cell, headline metrics as columns
+VIEW_KEY = "gaq-cells"
+_VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 
 # MLflow's own limits (mlflow.utils.validation); copied so importing this module stays cheap.
 _MAX_PARAM_VAL = 6000
@@ -168,7 +178,8 @@ def _experiment_tags(name: str) -> dict[str, str]:
     return {"mlflow.experimentKind": "custom_model_development",
             "mlflow.note.content": (
                 f"gaq benchmark `{bench}`: one run per cell (model x method x bit-width x "
-                "seed) nested under one parent run per `gaq bench` invocation. Metrics are "
+                "seed), named method · model bits seed and tagged `gaq.sweep_id` with the "
+                "run of the `gaq bench` invocation that made it. Metrics are "
                 "the cell's image and paired metrics; per-timestep curves are artifacts "
                 "(curves/*.csv and *.png); the layer report, sample grid and quantization "
                 "state are artifacts too.")}
@@ -280,8 +291,9 @@ def log_run(
     is a shortcut for the :data:`CELL_ID_TAG` tag that :func:`find_run` looks up.
     ``start_time`` (seconds since the epoch) is when the cell started, so the run's
     duration in the UI is the cell's, though it is logged once the cell is done (a killed
-    cell leaves no half-logged run); ``parent`` nests it under its sweep's run. A cell that
-    failed is logged with ``status="FAILED"`` (and its error as a tag).
+    cell leaves no half-logged run); ``parent``, its sweep's run id, is written as the
+    :data:`SWEEP_ID_TAG` tag (a top-level run, not a nested one). A cell that failed is
+    logged with ``status="FAILED"`` (and its error as a tag).
     """
     from mlflow.entities import Metric, Param
 
@@ -294,13 +306,13 @@ def log_run(
     if cell_id is not None:
         all_tags[CELL_ID_TAG] = cell_id
     if parent is not None:
-        all_tags["mlflow.parentRunId"] = parent
+        all_tags[SWEEP_ID_TAG] = parent
 
     uri = tracking_uri()
     client = _client(uri)
     exp_id = _experiment_id(client, uri, experiment, create=True)
     # the tags go with the run's creation, in one transaction: a process killed right
-    # after it still leaves a run its sweep (parentRunId) and cell (gaq.cell_id) identify,
+    # after it still leaves a run its sweep (gaq.sweep_id) and cell (gaq.cell_id) identify,
     # which mark_stale_sweeps then closes
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags,
                             start_time=None if start_time is None else int(start_time * 1000))
@@ -339,9 +351,42 @@ def ui_links(base_url: str, uri: str | None = None) -> list[str]:
     MLflow 3's UI otherwise starts in its GenAI view (traces), whatever the experiment's
     kind, until "Model training" is chosen once at its top left."""
     client = _client(uri or tracking_uri())
+    # the saved view opens only on the runs tab's own route (/runs), not the experiment's
     return [f"{e.name}: {base_url.rstrip('/')}/#/experiments/{e.experiment_id}"
-            "?workflowType=machine_learning"
+            + (f"/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+               if _VIEW_TAG in e.tags else "?workflowType=machine_learning")
             for e in client.search_experiments() if e.name.startswith("gaq-")]
+
+
+#: Columns of the saved view besides the headline metrics: what tells cells apart.
+_VIEW_PARAMS = ("model", "row", "bits", "seed")
+#: Headline metrics in the order the tables show them; others a benchmark measures follow.
+_HEADLINE = ("fid", "kid", "precision", "recall", "psnr", "eps_mse", "class_acc")
+
+
+def default_view(headline: list[str]) -> dict:
+    """The saved view's state: every run shown (charts included, not the first ten), the
+    cells' identifying parameters and ``headline`` metrics as table columns, newest
+    first."""
+    ordered = [m for m in _HEADLINE if m in headline] + [m for m in headline
+                                                          if m not in _HEADLINE]
+    columns = ([f"params.`{p}`" for p in _VIEW_PARAMS]
+               + [f"metrics.`{m}`" for m in ordered])
+    return {"selectedColumns": columns, "columnOrder": columns, "runsHiddenMode": "SHOW_ALL",
+            "orderByKey": "attributes.start_time", "orderByAsc": False,
+            "searchFilter": "", "hideEmptyCharts": True,
+            "chartsSearchFilter": "|".join(ordered)}
+
+
+def set_default_view(experiment: str, headline: list[str]) -> None:
+    """Store :func:`default_view` as the experiment's saved view (the link
+    :func:`ui_links` prints opens it)."""
+    import json
+
+    uri = tracking_uri()
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, experiment, create=True)
+    client.set_experiment_tag(exp_id, _VIEW_TAG, json.dumps(default_view(headline)))
 
 
 def check_store(experiment: str) -> str:
@@ -393,9 +438,11 @@ def find_run(experiment: str, cell_id: str) -> str | None:
 
 def open_sweep(experiment: str, run_name: str, params: Mapping[str, Any],
                tags: Mapping[str, str]) -> str:
-    """The parent run of one benchmark invocation, RUNNING until :func:`close_sweep`; its
-    cells' runs nest under it. It records this process's host and pid, so a sweep that
-    was killed is recognised later (:func:`mark_stale_sweeps`)."""
+    """The run of one benchmark invocation, RUNNING until :func:`close_sweep`; its cells'
+    runs carry its id (:data:`SWEEP_ID_TAG`). It records this process's host and pid, so
+    a sweep that was killed is recognised later (:func:`mark_stale_sweeps`). The
+    experiment's saved view gets the benchmark's metrics (``params["eval"]["metrics"]``)
+    as columns."""
     import socket
 
     from mlflow.entities import Param
@@ -412,6 +459,9 @@ def open_sweep(experiment: str, run_name: str, params: Mapping[str, Any],
     for batch in _chunks([Param(k[:_MAX_KEY], v) for k, v in flatten(params).items()],
                          _PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, params=batch)
+    metrics = (params.get("eval") or {}).get("metrics") if isinstance(params, Mapping) else None
+    if metrics:
+        set_default_view(experiment, list(metrics))
     return run_id
 
 
@@ -442,9 +492,10 @@ def mark_stale_sweeps(experiment: str) -> list[str]:
             continue
         client.set_terminated(run.info.run_id, "KILLED")
         stale.append(run.info.run_id)
-        # a cell killed while its run was being logged: that run ends KILLED too
-        for child in client.search_runs([exp_id], filter_string=(
-                f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and "
-                "attributes.status = 'RUNNING'")):
-            client.set_terminated(child.info.run_id, "KILLED")
+        # a cell killed while its run was being logged: that run ends KILLED too (cells
+        # of stores written before cells were top-level runs are nested instead)
+        for tag in (SWEEP_ID_TAG, "mlflow.parentRunId"):
+            for child in client.search_runs([exp_id], filter_string=(
+                    f"tags.`{tag}` = '{run.info.run_id}' and attributes.status = 'RUNNING'")):
+                client.set_terminated(child.info.run_id, "KILLED")
     return stale

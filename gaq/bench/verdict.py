@@ -236,10 +236,18 @@ def conclusions(folder: Path, anchor: str = "gaq", model_key: str | None = None
         frames.append(seed_paired_comparisons(metrics, anchor).assign(kind="seed-paired"))
         best = []
         for t in build_tables(folder.parent, folder.name, model_key):
+            measured = sorted({r.method for r in t.rows if not r.reference
+                               and not labels.is_fp(r.method)})
+            for bits in t.groups:  # what each group measured, whatever it resolves
+                best.append({"kind": "rows", "model": t.model, "bits": bits, "metric": "",
+                             "method": "", "versus": ",".join(measured),
+                             "estimate": math.nan, "low": math.nan, "high": math.nan,
+                             "resolved": False})
             for i, (bits, metric) in t.best:
                 direction = 1.0 if labels.better(metric) == "higher" else -1.0
+                # the rows it beat: a run of fewer rows cannot confirm or deny it
                 best.append({"kind": "best", "model": t.model, "bits": bits, "metric": metric,
-                             "method": t.rows[i].method, "versus": "every other row",
+                             "method": t.rows[i].method, "versus": ",".join(measured),
                              "estimate": direction, "low": math.nan, "high": math.nan,
                              "resolved": True})
         frames.append(pd.DataFrame(best, columns=_CONCLUSION_COLS))
@@ -260,15 +268,23 @@ def check_conclusions(reference: pd.DataFrame, run: pd.DataFrame) -> pd.DataFram
     *unresolved* (in both, or newly resolved in the estimate's direction) or *not run*."""
     key = ["kind", "model", "bits", "metric", "method"]
     run_best = run[run["kind"] == "best"]
+    rows = run[run["kind"] == "rows"]
+    run_rows = {(m, b): set(v.split(",")) for m, b, v in
+                rows[["model", "bits", "versus"]].itertuples(index=False)}
     other = run[run["kind"] != "best"]
     table = reference.merge(other.drop(columns=["versus"]), on=key, how="left",
                             suffixes=("", "_run"))
     status = []
     for r in table.itertuples(index=False):
+        if r.kind == "rows":
+            status.append("unresolved")  # bookkeeping for the best rows' check
+            continue
         if r.kind == "best":
             rival = run_best[(run_best["model"] == r.model) & (run_best["bits"] == r.bits)
                              & (run_best["metric"] == r.metric)]
-            if r.method in set(rival["method"]):
+            if not run_rows.get((r.model, r.bits), set()) >= set(r.versus.split(",")):
+                status.append("not run")
+            elif r.method in set(rival["method"]):
                 status.append("preserved")
             else:
                 status.append("reversed" if len(rival) else "lost")
