@@ -29,6 +29,8 @@ _ROW_LABELS = {
     "fp": "FP", "ptq4dm": "PTQ4DM",
     "ptqd-base": "PTQD base PTQ (no correction)", "ptqd-no-vsc": "PTQD (no VSC)",
     "ptqd-negk": "PTQD (k < 0 corrected too)", "tfmq-lsq": "TFMQ-DM + LSQ acts",
+    "ptqd-per-channel": "PTQD (per-channel weights)",
+    "brecq-no-lsq": "BRECQ (no learned act. steps)",
 }  # fmt: skip
 # ablations first, the full method last, as the paper's ablation tables list them
 _GAQ_ORDER = ("gaq-uniform", "gaq-timestep", "gaq-mse", "gaq")
