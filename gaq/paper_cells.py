@@ -247,7 +247,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, device: str) -
         else:
             cells = [f"{r['phases'][p]['seconds']:.1f} s / "
                      f"{(r['phases'][p]['peak_anon_mb'] or 0) / 1024:.1f}" for p in PHASES]
-            cells += [f"{r['cache_mb']:.0f}", str(r["calibration_rows"]),
+            cells += [f"{r['cache_mb']:.2f}", str(r["calibration_rows"]),
                       f"{r['psnr_db']:.1f}"]
             status = "ok"
         lines.append(f"| {r['arch']} | {r['method']} | {status} | " + " | ".join(cells) + " |")

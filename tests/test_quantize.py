@@ -374,3 +374,29 @@ def test_a_state_of_another_model_is_refused(fp_case, make_tiny_model, tmp_path)
                         tmp_path / "state")
     with pytest.raises(GaqError, match="another model|does not match|shape"):
         load_state(make_tiny_model("dit"), folder)
+
+
+def test_the_quantized_copy_shares_the_fp_weights_and_never_writes_them():
+    """One copy of the FP weights, not two: the quantized model's layers hold the original
+    parameters, and a whole reconstruction method leaves them bit-identical."""
+    import copy
+
+    from gaq.calibration import CalibrationSpec, record_calibration
+    from gaq.methods.brecq import BRECQ
+    from gaq.models.loading import load_model
+    from gaq.quantize import quant_layers
+    from gaq.reconstruction import ReconConfig
+
+    torch.set_num_threads(1)
+    pipe = load_model("digits")
+    before = copy.deepcopy(pipe.denoiser.state_dict())
+    calib = record_calibration(pipe, CalibrationSpec(steps=2, interval=1, samples_per_step=2),
+                               cache=False)
+    cfg = BRECQ.Config(recon=ReconConfig(weight_iters=2, act_iters=1, cache="memory"))
+    result = BRECQ(cfg).quantize(pipe.denoiser, adapter_for(pipe.denoiser), calib,
+                                 QuantConfig.from_bits("W4A8"))
+    fp_ids = {id(p) for p in pipe.denoiser.parameters()}
+    layers = list(quant_layers(result.model))
+    assert layers and all(id(lay.fp.weight) in fp_ids for _, lay in layers)
+    after = pipe.denoiser.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
