@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from gaq.methods.base import Method, QuantResult
     from gaq.models.pipeline import Pipeline
 
-__all__ = ["quantize_pipeline", "save_quantized"]
+__all__ = ["quantize_pipeline", "save_quantized", "state_size_bound"]
 
 
 def quantize_pipeline(pipe: Pipeline, method: Method, quant: QuantConfig,
@@ -51,3 +51,34 @@ def save_quantized(result: QuantResult, folder: str | Path, pipe: Pipeline,
         result.report.to_markdown(weight_sqnr_db(result.model))
         + "\n## Pipeline components\n\n| component | precision |\n|---|---|\n" + rows)
     return Path(out)
+
+
+# state.json's share of a state beyond the layers: a method's per-channel numbers (HTG's
+# fold: a shift and a scale per input channel) and GAQ's meta-step history (one record per
+# block and meta-iteration), at most this many bytes each as indented JSON
+_JSON_FLOAT_BYTES = 24
+_HISTORY_RECORD_BYTES = 160
+
+
+def state_size_bound(pipe: Pipeline, method: Method, quant: QuantConfig) -> int:
+    """Bytes at most of the state :func:`save_quantized` writes for ``pipe``'s denoiser
+    quantized by ``method`` at ``quant`` (``state.safetensors`` and ``state.json``;
+    :func:`gaq.quantize.state_bytes_bound`): the layers the method quantizes at their
+    bit-widths, activation tables of every timestep the scheduler or the method knows,
+    and the numbers the method keeps in ``state.json``."""
+    from gaq.models.adapters import QUANTIZABLE, adapter_for
+    from gaq.quantize import state_bytes_bound
+
+    model = pipe.denoiser
+    adapter = adapter_for(model)
+    config = method.config
+    rows = max(int(getattr(pipe.scheduler.config, "num_train_timesteps", 0) or 0),
+               int(getattr(config, "num_train_timesteps", 0) or 0), 1000)
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZABLE)]
+    channels = sum(m.weight.shape[1] for m in layers)
+    meta_iters = int(getattr(getattr(config, "meta", None), "iters", 0) or 0)
+    json_extra = (2 * channels * _JSON_FLOAT_BYTES
+                  + meta_iters * len(layers) * _HISTORY_RECORD_BYTES)
+    return state_bytes_bound(model, adapter, method.effective_quant(quant),
+                             method.skip_filter(adapter), table_rows=rows,
+                             json_bytes=json_extra)

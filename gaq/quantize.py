@@ -4,7 +4,9 @@ quantization state that saves to safetensors and loads back bit-identically.
 ``plan`` decides (from the adapter's skip policy, any method rules, and the
 :class:`~gaq.config.QuantConfig`) what happens to each layer; ``build`` applies a plan
 to a copy of the model. A saved state stores the plan, so loading rebuilds exactly the
-same structure before loading the tensors.
+same structure before loading the tensors. Each quantized weight is saved as integer codes
+packed at its bit-width with its grid (:mod:`gaq.quant.packing`), about ``bits/32`` of
+its float32 size, and rebuilt from them bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from gaq.finite import first_non_finite
 from gaq.models.adapters import QUANTIZABLE, ModelAdapter, SkipFilter
 from gaq.quant import FakeQuantizer, QuantLayer, attach_timestep_context, quantize_layer
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 W8A8 = 8
 
 
@@ -275,21 +277,72 @@ def freeze(model: nn.Module) -> nn.Module:
 
 # -- state -------------------------------------------------------------------------------
 
+# format 2: frozen weights as integer codes packed at their bit-width, with their grid
+# (Δ, z per channel); format 1 (every frozen weight in full precision) still loads
+STATE_FORMATS = (1, STATE_FORMAT)
+
+
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything a method calibrated: activation quantizers, attention operand quantizers
-    and the frozen (quantized) weights. FP weights come from the FP model."""
-    out = {}
+    """Everything a method calibrated, as a format-1 state holds it: activation quantizers,
+    attention operand quantizers and the frozen (quantized) weights. FP weights come from
+    the FP model."""
+    out = _act_tensors(model)
     for key, value in model.state_dict().items():
-        if ".weight_quantizers." in f".{key}":
-            continue  # weights are saved quantized, as frozen_weight
-        if "quantizer" in key or key.endswith("frozen_weight"):
+        if key.endswith("frozen_weight"):
             out[key] = value.detach().contiguous().clone()
     return out
 
 
+def _act_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantizer tensors of a state (per-timestep tables, TDQ's, HTG's...), without
+    the weights."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if ".weight_quantizers." in f".{key}":
+            continue  # weights are saved quantized, not as their quantizers
+        if "quantizer" in key:
+            out[key] = value.detach().contiguous().clone()
+    return out
+
+
+def _packed_keys(name: str, index: int) -> tuple[str, str, str]:
+    base = f"{name}.packed_weight.{index}"
+    return f"{base}.codes", f"{base}.scale", f"{base}.zero_point"
+
+
+def _weight_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Each quantized layer's frozen weight in compact form: per weight part, its integer
+    codes packed at the grid's bit-width, with Δ and z; and the state.json entry saying
+    how to rebuild it. A weight that does not rebuild bit for bit from codes on its
+    quantizer's grid is kept in full precision, with the reason in its entry."""
+    from gaq.quant.packing import encode_weight, pack_codes
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    for name, layer in quant_layers(model):
+        frozen = layer.frozen_weight
+        parts, reason = encode_weight(layer)
+        if not parts:
+            tensors[f"{name}.frozen_weight"] = frozen.detach().contiguous().clone()
+            entries[name] = {"stored": "full", "reason": reason}
+            continue
+        rows = []
+        for i, (codes, grid, sign) in enumerate(parts):
+            k_codes, k_scale, k_zero = _packed_keys(name, i)
+            tensors[k_codes] = pack_codes(codes, grid.bits)
+            tensors[k_scale] = grid.scale.detach().contiguous().clone()
+            tensors[k_zero] = grid.zero_point.detach().contiguous().clone()
+            rows.append({"bits": grid.bits, "qmin": grid.qmin, "qmax": grid.qmax,
+                         "zero_sign": sign, "shape": list(codes.shape)})
+        entries[name] = {"stored": "packed", "dtype": str(frozen.dtype).removeprefix("torch."),
+                         "parts": rows}
+    return tensors, entries
+
+
 def save_state(model: nn.Module, report: LayerReport, quant: QuantConfig, folder: str | Path,
                meta: dict | None = None) -> Path:
-    """Write ``state.safetensors`` and ``state.json`` (plan, config, metadata) to ``folder``."""
+    """Write ``state.safetensors`` and ``state.json`` (plan, config, how each weight is
+    stored, metadata) to ``folder``."""
     from safetensors.torch import save_file
 
     for name, layer in quant_layers(model):
@@ -298,19 +351,29 @@ def save_state(model: nn.Module, report: LayerReport, quant: QuantConfig, folder
                            "before saving a quantization state")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(_state_tensors(model), str(folder / "state.safetensors"))
+    weights, entries = _weight_tensors(model)
+    save_file({**_act_tensors(model), **weights}, str(folder / "state.safetensors"))
     doc = {"format": STATE_FORMAT, "quant": quant.to_dict(), "layers": report.to_rows(),
-           "meta": meta or {}}
+           "weights": entries, "meta": meta or {}}
     (folder / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
     return folder
 
 
+def state_weight_storage(folder: str | Path) -> dict[str, dict]:
+    """How a saved state stores each quantized layer's weight (``state.json``'s
+    ``weights``: packed codes, or full precision with the reason); empty for format 1."""
+    doc = json.loads((Path(folder) / "state.json").read_text())
+    return doc.get("weights", {})
+
+
 def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerReport, dict]:
-    """Rebuild the quantized model on a fresh FP ``model`` and load a saved state into it.
+    """Rebuild the quantized model on a fresh FP ``model`` and load a saved state into it
+    (either format: packed weight codes, or format 1's full-precision frozen weights).
 
     Every way a folder can be wrong (missing, not a folder, truncated or malformed files,
-    a state of another model, non-finite values) is one :class:`GaqError` naming the
-    folder and what to do, never a raw parser or safetensors exception."""
+    a state of another model or of an unknown format, non-finite values) is one
+    :class:`GaqError` naming the folder and what to do, never a raw parser or safetensors
+    exception."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -327,11 +390,14 @@ def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerRe
         doc = json.loads((folder / "state.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise GaqError(f"{folder / 'state.json'} is not valid JSON ({err}); {redo}") from None
-    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise GaqError(f"{folder}: quantization state format {found} is not "
-                       f"{STATE_FORMAT}; re-run the quantization with this version of gaq")
-    absent = [k for k in ("quant", "layers", "meta") if k not in doc]
+    found = doc.get("format") if isinstance(doc, dict) else None
+    if found not in STATE_FORMATS or isinstance(found, bool):
+        shown = repr(found) if isinstance(doc, dict) else type(doc).__name__
+        raise GaqError(f"{folder}: quantization state format {shown} is not one this "
+                       f"version of gaq reads ({', '.join(map(str, STATE_FORMATS))}); "
+                       "re-run the quantization with this version of gaq")
+    absent = [k for k in ("quant", "layers", "meta") + (("weights",) if found >= 2 else ())
+              if k not in doc]
     if absent:
         raise GaqError(f"{folder / 'state.json'} lacks {', '.join(absent)}; {redo}")
     quant = QuantConfig.from_dict(doc["quant"])
@@ -342,16 +408,21 @@ def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerRe
         raise GaqError(f"{folder}: the state was saved for another model (no layer "
                        f"{foreign[0]!r} here); load it onto the model it was made for")
     qmodel = build(model, report, quant)
-    for _, layer in quant_layers(qmodel):
-        # allocate the buffer so load_state_dict can fill it
-        layer.frozen_weight = torch.empty_like(layer.fp.weight)
     try:
         tensors = load_file(str(folder / "state.safetensors"))
     except (SafetensorError, OSError, ValueError) as err:
         raise GaqError(f"{folder / 'state.safetensors'} cannot be read ({err}); "
                        f"{redo}") from None
-    missing = set(_state_tensors(qmodel)) - set(tensors)
-    unexpected = set(tensors) - set(qmodel.state_dict())
+    if found == 1:
+        for _, layer in quant_layers(qmodel):
+            # allocate the buffer so load_state_dict can fill it
+            layer.frozen_weight = torch.empty_like(layer.fp.weight)
+        expected = set(_state_tensors(qmodel))
+        packed: dict[str, dict] = {}
+    else:
+        expected, packed = _expected_v2(qmodel, doc["weights"], folder, redo)
+    missing = expected - set(tensors)
+    unexpected = set(tensors) - expected
     if missing or unexpected:
         raise GaqError(f"{folder}: state does not match the model "
                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
@@ -359,11 +430,110 @@ def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerRe
     if bad is not None:
         raise GaqError(f"{folder}: tensor {bad} holds NaN or infinite values; {redo} "
                        "(and check the model's weights are finite)")
+    module_tensors = {k: v for k, v in tensors.items() if ".packed_weight." not in k}
     try:
-        qmodel.load_state_dict(tensors, strict=False)
-    except RuntimeError as err:  # size mismatches: a state of a same-named other model
+        qmodel.load_state_dict(module_tensors, strict=False)
+        for name, entry in packed.items():
+            _unpack_layer(qmodel.get_submodule(name), name, entry, tensors)
+    # size mismatches (a same-named other model), malformed packed entries
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[-1].strip()[:200]
         raise GaqError(f"{folder}: the state does not fit this model ({first}); load it onto "
                        "the model it was made for") from None
     return qmodel, report, doc["meta"]
 
+
+def _expected_v2(qmodel: nn.Module, entries: object, folder: Path, redo: str
+                 ) -> tuple[set[str], dict[str, dict]]:
+    """The tensor names a format-2 state of ``qmodel`` holds, and the packed layers'
+    entries; a ``weights`` table that does not describe ``qmodel``'s layers is one error."""
+    if not isinstance(entries, dict):
+        raise GaqError(f"{folder / 'state.json'}: weights is not a table; {redo}")
+    expected = set(_act_tensors(qmodel))
+    packed = {}
+    for name, _ in quant_layers(qmodel):
+        entry = entries.get(name)
+        stored = entry.get("stored") if isinstance(entry, dict) else None
+        if stored == "full":
+            expected.add(f"{name}.frozen_weight")
+        elif stored == "packed" and isinstance(entry.get("parts"), list):
+            packed[name] = entry
+            for i in range(len(entry["parts"])):
+                expected.update(_packed_keys(name, i))
+        else:
+            raise GaqError(f"{folder / 'state.json'}: no valid weight entry for layer "
+                           f"{name!r}; {redo}")
+    return expected, packed
+
+
+def _unpack_layer(layer: QuantLayer, name: str, entry: dict,
+                  tensors: dict[str, torch.Tensor]) -> None:
+    """Set ``layer``'s frozen weight from its packed codes: the float32 (q − z)·Δ its
+    quantizer computed, bit for bit."""
+    from gaq.quant.packing import Grid, dequantize, unpack_codes
+
+    parts = layer.weight_parts()
+    rows = entry["parts"]
+    if len(rows) != len(parts):
+        raise ValueError(f"{name}: {len(rows)} weight parts saved, the layer has {len(parts)}")
+    dtype = getattr(torch, str(entry.get("dtype", "")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name}: unknown weight dtype {entry.get('dtype')!r}")
+    pieces = []
+    for i, (row, fp_part) in enumerate(zip(rows, parts, strict=True)):
+        if list(row["shape"]) != list(fp_part.shape):
+            raise ValueError(f"{name}: weight part {i} saved with shape {row['shape']}, the "
+                             f"layer's is {list(fp_part.shape)}")
+        k_codes, k_scale, k_zero = _packed_keys(name, i)
+        bits, qmin = int(row["bits"]), int(row["qmin"])
+        codes = unpack_codes(tensors[k_codes], bits, fp_part.numel())
+        grid = Grid(tensors[k_scale].float(), tensors[k_zero].float(), bits, qmin,
+                    int(row["qmax"]))
+        pieces.append(dequantize(codes + qmin, grid, str(row["zero_sign"]), fp_part, dtype))
+    weight = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    layer.frozen_weight = weight.to(layer.fp.weight.dtype)
+
+
+# the state size bound's allowances: safetensors' header entry of one tensor beyond its
+# name (dtype, shape, offsets as JSON), the tensors of one activation quantizer (scale,
+# zero point, timesteps, mode), the operand quantizers of an attention module (q, k, v,
+# softmax) and state.json's lines for one layer (its plan row and weight entry)
+_HEADER_BYTES = 128
+_ACT_TENSORS = 4
+_ATTN_QUANTIZERS = 4
+_JSON_LAYER_BYTES = 1024
+_JSON_BYTES = 64 * 2**10
+
+
+def state_bytes_bound(model: nn.Module, adapter: ModelAdapter, quant: QuantConfig,
+                      extra_skip: SkipFilter | None = None, table_rows: int = 1000,
+                      json_bytes: int = 0) -> int:
+    """Bytes a saved state of ``model`` quantized at ``quant`` takes at most
+    (``state.safetensors`` and ``state.json``), from parameter counts and bit-widths: each
+    quantized weight's codes at its bit-width with a scale and zero point per output
+    channel, each activation quantizer as a table of ``table_rows`` timesteps, plus
+    ``json_bytes`` of what a method keeps in ``state.json`` beyond the layers (HTG's
+    fold, GAQ's meta-step history). Preflight's disk estimate. A weight a method moved
+    off its grid would be stored in full precision; no registered method does that (the
+    compact-state test checks every one)."""
+    from gaq.quant.packing import packed_bytes
+
+    # per-timestep statistics a sampler correction keeps (PTQD's) ride in state.json too
+    total = _JSON_BYTES + json_bytes + 64 * table_rows
+    act = table_rows * (4 + 4 + 8) + 1 + _ACT_TENSORS * _HEADER_BYTES
+    for d in plan(model, adapter, quant, extra_skip):
+        total += _JSON_LAYER_BYTES
+        if d.status == "fp":
+            continue
+        name_bytes = len(d.name) + 64  # each tensor's key: the layer's name and a suffix
+        if d.kind == "attention":
+            total += _ATTN_QUANTIZERS * (act + _ACT_TENSORS * name_bytes)
+            continue
+        weight = model.get_submodule(d.name).weight
+        parts = 1 if d.split is None else 2
+        bits = 32 if d.weight_bits is None else d.weight_bits
+        total += (packed_bytes(weight.numel(), bits) + parts
+                  * (2 * 4 * weight.shape[0] + 8 + 3 * (_HEADER_BYTES + name_bytes)))
+        if d.act_bits is not None:
+            total += parts * (act + _ACT_TENSORS * name_bytes)
+    return total
