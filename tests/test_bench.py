@@ -516,8 +516,16 @@ def test_space_needed_counts_activation_rows_and_skips_left_out_cells(tmp_path):
     assert cache_every == 2 * cache  # 4 steps against the 2 kept at interval 2
     art_htg, _, _ = needed(base.replace('  { name = "rtn", preset = "cpu" },',
                                         '  { name = "htg", preset = "cpu" },'))
-    # rtn and ptqd keep a state; htg on a UNet does not, nor does it run (no grid, curves)
-    state = sum(p.numel() * p.element_size()
-                for p in runners[0].model("digits").pipe.denoiser.parameters())
-    per_cell = (art - 2 * state) / 3  # fp, rtn, ptqd: each a grid and curve files
-    assert per_cell > 0 and art_htg == state + 2 * per_cell
+    # rtn and ptqd keep a state (codes at their bit-width, tables); htg on a UNet does
+    # not, nor does it run (no grid, curves)
+    from gaq.cell import state_size_bound
+    from gaq.config import QuantConfig
+    from gaq.registry import get_method
+
+    bench = runners[0].bench
+    state = {e.name: state_size_bound(runners[0].model("digits").pipe,
+                                      get_method(e.name)(e.config()),
+                                      QuantConfig.from_bits(bench.bits[0]))
+             for e in bench.methods if e.name != "fp"}
+    per_cell = (art - state["rtn"] - state["ptqd"]) / 3  # fp, rtn, ptqd: grid and curves
+    assert per_cell > 0 and art_htg == state["ptqd"] + 2 * per_cell

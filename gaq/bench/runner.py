@@ -399,13 +399,14 @@ class Runner:
 
     def space_needed(self) -> SpaceNeeded:
         """Bytes the sweep writes, per place (an upper estimate: every file a cell
-        writes). The MLflow artifact store: each quantized cell's state (about the
-        denoiser's size: real models reach GBs per cell; cells a method is left out of
-        keep nothing), and each cell's sample grid and curve files. The calibration cache:
-        each model's calibration sets. The results folder: each cell's sample grid, its
-        Parquet rows (twice: a table is rewritten beside the old one, then renamed) and
-        the tables and plots. Block caches streamed during reconstruction are transient
-        and not counted."""
+        writes). The MLflow artifact store: each quantized cell's state (weight codes at
+        their bit-width and activation tables, :func:`gaq.cell.state_size_bound`; cells a
+        method is left out of keep nothing), and each cell's sample grid and curve files.
+        The calibration cache: each model's calibration sets. The results folder: each
+        cell's sample grid, its Parquet rows (twice: a table is rewritten beside the old
+        one, then renamed) and the tables and plots. Block caches streamed during
+        reconstruction are transient and not counted."""
+        from gaq.cell import state_size_bound
         from gaq.registry import get_method
 
         grid = cells(self.bench)
@@ -413,13 +414,18 @@ class Runner:
         artifacts = cache = written = 0
         for model_id in self.bench.models:
             ctx = self.model(model_id)
-            model_bytes = sum(p.numel() * p.element_size()
-                              for p in ctx.pipe.denoiser.parameters())
             run = [c for c in grid if c.model == model_id and (
                 c.method.name == FP
                 or not get_method(c.method.name).unsupported(ctx.adapter.arch))]
             quantized = sum(1 for c in run if c.method.name != FP)
-            artifacts += quantized * model_bytes
+            bounds: dict[tuple[int, str], int] = {}  # a method's seeds share a state size
+            for c in run:
+                if c.method.name != FP and (id(c.method), c.bits) not in bounds:
+                    bounds[id(c.method), c.bits] = state_size_bound(
+                        ctx.pipe, get_method(c.method.name)(c.method.config()),
+                        QuantConfig.from_bits(c.bits))
+                if c.method.name != FP:
+                    artifacts += bounds[id(c.method), c.bits]
             # the grid of up to 64 images at twice their size, as uncompressed RGB at
             # most; a copy goes to the artifact store
             _, h, w = ctx.pipe.latent_shape
