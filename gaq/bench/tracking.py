@@ -375,7 +375,8 @@ def default_view(headline: list[str]) -> dict:
     return {"selectedColumns": columns, "columnOrder": columns, "runsHiddenMode": "SHOW_ALL",
             "orderByKey": "attributes.start_time", "orderByAsc": False,
             "searchFilter": "", "hideEmptyCharts": True,
-            "chartsSearchFilter": "|".join(ordered)}
+            # the chart view's filter is a regular expression over metric names
+            "chartsSearchFilter": "^(" + "|".join(ordered) + ")$"}
 
 
 def set_default_view(experiment: str, headline: list[str]) -> None:
