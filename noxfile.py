@@ -92,7 +92,8 @@ def train_default(session: nox.Session) -> None:
 @nox.session(name="bench-w4a8", default=False)
 def bench_w4a8(session: nox.Session) -> None:
     """The main job: every registered method at W4A8 on the three bundled models, computed
-    into runs/w4a8 and compared with the committed reference in results/w4a8.
+    into runs/w4a8 and compared with the committed reference in results/w4a8, ending with
+    the verdict line (REPRODUCED, or NOT REPRODUCED and a failed session).
 
     Runs benchmarks/w4a8.toml; extra arguments go to `gaq bench`
     (e.g. `nox -s bench-w4a8 -- --methods rtn,gaq`).
@@ -160,6 +161,14 @@ def tolerance(session: nox.Session) -> None:
     _env(session)
     args = session.posargs or ["benchmarks/w4a8.toml"]
     session.run(_bin("gaq"), "tolerance", *args, external=True)
+
+
+@nox.session(default=False)
+def readme(session: nox.Session) -> None:
+    """Rewrite the README's generated sections from results/ (`-- --check`: only compare,
+    failing when a section is not what its files give)."""
+    _env(session)
+    session.run(_bin("gaq"), "readme", *session.posargs, external=True)
 
 
 @nox.session(name="fid-spread", default=False)

@@ -242,6 +242,9 @@ def _bench(args: argparse.Namespace) -> int | None:
     threads = args.threads or bench.setup.get("threads")
     if args.threads is not None and args.threads < 1:
         raise GaqError(f"--threads must be a positive integer, got {args.threads}")
+    import time
+
+    started = time.perf_counter()
     if engine == "ray":
         from gaq.bench.ray_engine import run_ray
 
@@ -255,7 +258,7 @@ def _bench(args: argparse.Namespace) -> int | None:
             torch.set_num_threads(threads)
         runner.run()
     print(f"results: {Path(args.results) / bench.name}; tables: {Path(args.results) / 'tables'}")
-    reproduced = _against_reference(args, runner)
+    reproduced = _against_reference(args, runner, time.perf_counter() - started)
     if runner.failures:  # after the tables and the report, which show them as failed
         names = "; ".join(label for label, _ in runner.failures)
         raise GaqError(f"{len(runner.failures)} cell(s) failed and were recorded as failed in "
@@ -266,7 +269,8 @@ def _bench(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _against_reference(args: argparse.Namespace, runner) -> bool | None:
+def _against_reference(args: argparse.Namespace, runner,
+                       wall_seconds: float | None = None) -> bool | None:
     """Compare the run with the committed reference, ending with the verdict line (the last
     line printed), and with --update-reference make the run the reference. Returns whether
     it reproduced; None when there was nothing to compare."""
@@ -297,7 +301,8 @@ def _against_reference(args: argparse.Namespace, runner) -> bool | None:
               "reference with --update-reference)")
         return None
     tolerance = verdict.read_tolerance(ref_dir)
-    table = reproduce.compare(results.read(runner.metrics_path), reference, tolerance)
+    run_metrics = results.read(runner.metrics_path)
+    table = reproduce.compare(run_metrics, reference, tolerance)
     anchor, key = runner.bench.anchor, runner.bench.model_key or None
     checks = verdict.check_conclusions(verdict.conclusions(ref_dir, anchor, key),
                                        verdict.conclusions(run_dir, anchor, key))
@@ -306,6 +311,19 @@ def _against_reference(args: argparse.Namespace, runner) -> bool | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(reproduce.report(table, name, ref_dir, checks, tolerance, line),
                    encoding="utf-8")
+    # the same verdict for machines: what README sections quote (with the run's wall time)
+    computed = None
+    if wall_seconds is not None and "timestamp" in run_metrics and len(run_metrics):
+        import pandas as pd
+
+        since = pd.Timestamp.now(tz="UTC") - pd.Timedelta(seconds=wall_seconds)
+        computed = int(run_metrics.loc[run_metrics["timestamp"] >= since, "cell_id"].nunique())
+    record = verdict.record(table, checks, ok, line, wall_seconds,
+                            engine=args.engine or runner.bench.setup.get("engine", "local"),
+                            threads=args.threads or runner.bench.setup.get("threads"))
+    record["computed_cells"] = computed  # the others were in --results already
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n",
+                                        encoding="utf-8")
     print(f"{reproduce.summary(table)}; details: {out}")
     if tolerance is None:
         print(f"{ref_dir} has no measured numerical tolerance: judged at "
@@ -340,18 +358,25 @@ def _tolerance(args: argparse.Namespace) -> None:
     runs, commands = {}, {}
     for label in labels:
         cmd, env = verdict.condition_command(str(path), label, Path(args.runs))
+        if args.methods:  # a subset of rows: cheaper, and the tolerance says which
+            cmd += ["--methods", args.methods]
         simd = env.get("ATEN_CPU_CAPABILITY")
         commands[label] = (f"ATEN_CPU_CAPABILITY={simd} " if simd else "") + " ".join(cmd)
         if not args.derive_only:
             print(f"condition {label}: {commands[label]}", flush=True)
-            done = subprocess.run([sys.executable, "-m", "gaq.cli", *cmd[1:]],
-                                  env={**os.environ, **env}, check=False)
+            # through the `gaq` script where there is one, so that the process list shows
+            # a `gaq bench` running (what anyone sharing the machine looks for)
+            script = Path(sys.executable).with_name("gaq")
+            argv = ([sys.executable, str(script)] if script.exists()
+                    else [sys.executable, "-m", "gaq.cli"])
+            done = subprocess.run([*argv, *cmd[1:]], env={**os.environ, **env}, check=False)
             if done.returncode not in (0, 1):  # 1: not reproduced, which is what is measured
                 raise GaqError(f"condition {label}: gaq bench exited {done.returncode}")
         runs[label] = results.read(Path(args.runs) / label / name / "metrics.parquet")
         if runs[label].empty:
             raise GaqError(f"condition {label}: no results under {Path(args.runs) / label}")
-    how = (f"every cell of {name} rerun from scratch under each condition (its own "
+    rows = f"the rows {args.methods} (and FP) of" if args.methods else "every cell of"
+    how = (f"{rows} {name} rerun from scratch under each condition (its own "
            f"calibration cache), on {verdict.machine()}; the reference ran with the benchmark "
            "file's engine and threads at the default SIMD path")
     tol = verdict.derive_tolerance(reference, runs, args.margin, how, commands)
@@ -362,6 +387,25 @@ def _tolerance(args: argparse.Namespace) -> None:
     table.write_text(md, encoding="utf-8")
     print(md)
     print(f"tolerance: {written}; table: {table}")
+
+
+def _readme(args: argparse.Namespace) -> int | None:
+    from gaq import readme
+
+    path = Path(args.readme)
+    text = path.read_text(encoding="utf-8")
+    if args.check:
+        problems = readme.check(text, Path(args.results))
+        for line in problems:
+            print(line, file=sys.stderr)
+        print(f"README sections from {args.results}: "
+              f"{'not as their sources give' if problems else 'as their sources give'}")
+        return 1 if problems else None
+    new = readme.update(text, Path(args.results))
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    print(f"{path}: generated sections {'rewritten' if new != text else 'unchanged'}")
+    return None
 
 
 def _fid_spread(args: argparse.Namespace) -> None:
@@ -579,11 +623,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "runs/tolerance)")
     tl.add_argument("--reference", default=str(RESULTS))
     tl.add_argument("--conditions", help="comma-separated subset of threads-2,local,avx2")
+    tl.add_argument("--methods", help="rerun only these rows (FP always runs), e.g. "
+                    "rtn,ptqd,tfmq,gaq: a cheaper measurement that still covers every metric "
+                    "those rows measure")
     tl.add_argument("--margin", type=float, default=4.0,
                     help="tolerance = margin x the largest observed change (default 4)")
     tl.add_argument("--derive-only", action="store_true",
                     help="derive from the reruns already under --runs, run nothing")
     tl.set_defaults(func=_tolerance)
+
+    rd = sub.add_parser("readme", help="rewrite the README's generated sections from results/",
+                        description="Rewrite every <!-- gen:NAME --> section of the README "
+                        "from the committed files under results/ (the numbers they quote); "
+                        "--check instead fails (exit 1) when a section is not what its "
+                        "files give.")
+    rd.add_argument("--check", action="store_true", help="compare, write nothing")
+    rd.add_argument("--readme", default="README.md")
+    rd.add_argument("--results", default=str(RESULTS))
+    rd.set_defaults(func=_readme)
 
     for name, fn, what in (("tables", _tables, "Markdown and LaTeX tables"),
                            ("plots", _plots, "plots (PNG and PDF)")):
