@@ -36,8 +36,21 @@ cache = "memory"
 iters = 1
 
 [benchmark]
-name = "state-size"
+name = "smallest"
 """
+
+
+def smallest_budget_entries() -> dict:
+    """Every registered method's benchmark entry (``cpu`` preset) with the smallest
+    budgets that still run each of its stages, by name: what the state-size report and
+    the whole-grid tests quantize with."""
+    from gaq.bench.spec import load_benchmark
+    from gaq.tempdirs import temp_dir
+
+    with temp_dir("grid") as root:
+        (root / "grid.toml").write_text(_GRID)
+        return {e.name: e for e in load_benchmark(root / "grid.toml").methods
+                if e.name != "fp"}
 
 
 def _bytes(folder: Path, name: str) -> int:
@@ -50,7 +63,6 @@ def measure(families: tuple[str, ...] = FAMILIES, bits: str = "W4A8") -> list[di
     precision (and why), and preflight's bound for the cell."""
     from safetensors.torch import load_file, save_file
 
-    from gaq.bench.spec import load_benchmark
     from gaq.calibration import CalibrationSpec, record_calibration
     from gaq.cell import save_quantized, state_size_bound
     from gaq.config import QuantConfig
@@ -63,8 +75,7 @@ def measure(families: tuple[str, ...] = FAMILIES, bits: str = "W4A8") -> list[di
     rows = []
     with tempfile.TemporaryDirectory(prefix="gaq-state-size-") as tmp:
         root = Path(tmp)
-        (root / "grid.toml").write_text(_GRID)
-        entries = [e for e in load_benchmark(root / "grid.toml").methods if e.name != "fp"]
+        entries = list(smallest_budget_entries().values())
         for family in families:
             pipe = load_model(family)
             adapter = adapter_for(pipe.denoiser)

@@ -17,7 +17,6 @@ import pytest
 import torch
 from strict_device import OwnTensorsOn, misplaced
 
-from gaq.bench.spec import load_benchmark
 from gaq.calibration import CalibrationSpec
 from gaq.cell import quantize_pipeline, save_quantized
 from gaq.config import QuantConfig
@@ -30,32 +29,12 @@ from gaq.sampling import SamplerConfig, sample_batch
 FAMILIES = ("digits", "digits-ldm", "digits-dit")
 SAMPLERS = ("ddim", "plms", "dpm-solver++")
 
-# every registered method, with the smallest budgets that still run each of its stages
-GRID = """
-models = ["digits"]
-bits = ["W4A8"]
-methods = "all"
-
-[method_overrides.recon]
-weight_iters = 2
-act_iters = 1
-batch_size = 4
-capture_batch = 4
-cache = "memory"
-
-[method_overrides.meta]
-iters = 1
-
-[benchmark]
-name = "placement"
-"""
-
 
 @pytest.fixture(scope="module")
-def entries(tmp_path_factory):
-    path = tmp_path_factory.mktemp("grid") / "placement.toml"
-    path.write_text(GRID)
-    return {e.name: e for e in load_benchmark(path).methods if e.name != "fp"}
+def entries():
+    from gaq.state_size import smallest_budget_entries
+
+    return smallest_budget_entries()
 
 
 @pytest.fixture(scope="module")
