@@ -3,7 +3,8 @@
 ``gaq perf --paper-cells ARCH[,ARCH...]`` runs, for each registered method (or
 ``--methods``) on each architecture of :data:`gaq.perf_paper.ARCHITECTURES`, the steps
 of a benchmark cell through the same functions the runner and ``gaq quantize`` use
-(``gaq.cell``), each cell in a fresh process so that its memory is its own:
+(calibration recording, the method's ``quantize``, the sampler, the metric), each cell
+in a fresh process so that its memory is its own:
 
 ``build``     the model at its real size (``random:ARCH``, a fixed seed);
 ``record``    the calibration set at the real resolution with both guidance halves, into
@@ -24,7 +25,6 @@ its quality: the numbers to read are time and memory.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -90,19 +90,19 @@ def _phase(out: dict[str, Any], name: str, device: str) -> Iterator[None]:
 
 def _method_config(method: str, budget: CellBudget):
     """The method's ``cpu`` preset with the budget's iterations and the block data
-    streamed from the disk cache (what a paper-size run needs)."""
-    from gaq.bench.spec import _merge
+    streamed from the disk cache (what a paper-size run needs), merged as a benchmark
+    file's overrides are."""
+    from gaq.bench.spec import MethodEntry
     from gaq.registry import get_method
 
-    base = get_method(method).from_preset("cpu").config
-    fields = base.to_dict()
+    fields = get_method(method).from_preset("cpu").config.to_dict()
     over: dict[str, Any] = {}
     if "recon" in fields:
         over["recon"] = {"weight_iters": budget.weight_iters, "act_iters": budget.act_iters,
                          "cache": "disk", "batch_size": 2, "capture_batch": 2}
     if "meta" in fields:
         over["meta"] = {"iters": budget.meta_iters}
-    return type(base).from_dict(_merge(fields, over))
+    return MethodEntry(method, "cpu", over).config()
 
 
 def run_cell(arch: str, method: str, budget: CellBudget, device: str,
@@ -112,9 +112,9 @@ def run_cell(arch: str, method: str, budget: CellBudget, device: str,
     import torch
 
     from gaq.calibration import CalibrationSpec, record_calibration
-    from gaq.cell import quantize_pipeline
     from gaq.config import QuantConfig
     from gaq.eval.metrics import paired_metrics
+    from gaq.models.adapters import adapter_for
     from gaq.models.loading import load_model
     from gaq.perf_paper import ARCHITECTURES
     from gaq.registry import get_method
@@ -134,10 +134,9 @@ def run_cell(arch: str, method: str, budget: CellBudget, device: str,
     with _phase(phases, "record", device):
         calib = record_calibration(pipe, spec, model_id=pipe.name, cache_dir=cache)
     cls = get_method(method)
-    with _phase(phases, "quantize", device):
-        os.environ["GAQ_CACHE"] = str(cache)  # quantize_pipeline reads the same cache
-        result = quantize_pipeline(pipe, cls(_method_config(method, budget)),
-                                   QuantConfig.from_bits("W4A8"), spec, model_id=pipe.name)
+    with _phase(phases, "quantize", device):  # on the set just recorded, not read again
+        result = cls(_method_config(method, budget)).quantize(
+            pipe.denoiser, adapter_for(pipe.denoiser), calib, QuantConfig.from_bits("W4A8"))
     run = SamplerConfig(steps=budget.steps, name=sampler, guidance=guidance)
     with _phase(phases, "sample", device):
         indices = list(range(budget.images))

@@ -7,26 +7,13 @@ import json
 
 import pytest
 import torch
+from test_perf_paper import _TINY_CONDITIONAL
 
 from gaq import paper_cells
 from gaq.errors import GaqError
 from gaq.perf_paper import ARCHITECTURES, Architecture, Protocol
 
-_TINY_DIT = Architecture(
-    description="tiny DiT + KL autoencoder",
-    unet={"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4,
-          "out_channels": 8, "num_layers": 1, "sample_size": 8, "patch_size": 2,
-          "num_embeds_ada_norm": 5},
-    vq={"in_channels": 3, "out_channels": 3, "latent_channels": 4,
-        "block_out_channels": (8, 8), "layers_per_block": 1, "norm_num_groups": 4,
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2},
-    denoiser="DiTTransformer2DModel", autoencoder="AutoencoderKL",
-    conditioning={"kind": "class", "num_classes": 5},
-    scheduler={"_class_name": "DDIMScheduler", "num_train_timesteps": 1000},
-    protocol=Protocol("test", steps=10, images=100, calibration_rows=40, trajectories=8,
-                      guidance=True),
-)
+_TINY_DIT = _TINY_CONDITIONAL["class"]  # one tiny guided DiT for both files
 
 _TINY_UNET = Architecture(
     description="tiny pixel UNet",
