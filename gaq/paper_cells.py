@@ -25,6 +25,7 @@ its quality: the numbers to read are time and memory.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -148,7 +149,10 @@ def run_cell(arch: str, method: str, budget: CellBudget, device: str,
     return {"arch": arch, "method": method, "status": "ok", "phases": phases,
             "calibration_rows": len(calib.train()), "cache_mb": _dir_mb(cache),
             "parameters": sum(p.numel() for p in pipe.denoiser.parameters()),
-            "psnr_db": psnr, "threads": torch.get_num_threads()}
+            "psnr_db": psnr, "threads": torch.get_num_threads(),
+            # the machine's load when the cell ended: timings taken beside other work
+            # are slower than the cell alone, and the table says so
+            "load_avg_1min": os.getloadavg()[0]}
 
 
 def _in_child(arch: str, method: str, budget: CellBudget, device: str, cache_dir: Path,
@@ -233,21 +237,22 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, device: str) -
     json_path = out / "paper_cells.json"
     json_path.write_text(json.dumps({"device": device, "cells": rows}, indent=1) + "\n")
     head = ("| architecture | method | status | " + " | ".join(PHASES)
-            + " | cache (MB) | rows | PSNR (dB) |")
+            + " | cache (MB) | rows | PSNR (dB) | load |")
     lines = ["# Every method end to end at paper size (random weights)", "",
              f"Device: {device}. Each phase: wall seconds / peak anonymous memory (GB) during "
-             "it; `gaq/paper_cells.py` says how each is measured. Budgets: "
+             "it; `gaq/paper_cells.py` says how each is measured; load: the 1-minute load average "
+             "when the cell ended (2 means the cores were busy with the cell alone). Budgets: "
              + (", ".join(f"{k} {v}" for k, v in rows[0]["budget"].items()) if rows else "-")
-             + ".", "", head, "|---|---|---|" + "---:|" * (len(PHASES) + 3)]
+             + ".", "", head, "|---|---|---|" + "---:|" * (len(PHASES) + 4)]
     for r in rows:
         if r["status"] != "ok":
-            cells = ["–"] * len(PHASES) + ["–", "–", "–"]
+            cells = ["–"] * len(PHASES) + ["–", "–", "–", "–"]
             status = f"{r['status']}: {r.get('error', '')}"
         else:
             cells = [f"{r['phases'][p]['seconds']:.1f} s / "
                      f"{(r['phases'][p]['peak_anon_mb'] or 0) / 1024:.1f}" for p in PHASES]
             cells += [f"{r['cache_mb']:.2f}", str(r["calibration_rows"]),
-                      f"{r['psnr_db']:.1f}"]
+                      f"{r['psnr_db']:.1f}", f"{r.get('load_avg_1min', float('nan')):.1f}"]
             status = "ok"
         lines.append(f"| {r['arch']} | {r['method']} | {status} | " + " | ".join(cells) + " |")
     md = out / "paper_cells.md"
