@@ -392,19 +392,23 @@ def _tolerance(args: argparse.Namespace) -> None:
 def _readme(args: argparse.Namespace) -> int | None:
     from gaq import readme
 
-    path = Path(args.readme)
-    text = path.read_text(encoding="utf-8")
+    pages = [Path(p) for p in args.pages] if args.pages else readme.pages()
+    results = Path(args.results)
     if args.check:
-        problems = readme.check(text, Path(args.results))
+        problems = readme.check_pages(pages, results)
         for line in problems:
             print(line, file=sys.stderr)
-        print(f"README sections from {args.results}: "
-              f"{'not as their sources give' if problems else 'as their sources give'}")
+        print(f"{len(pages)} page(s) against {args.results}: "
+              f"{len(problems)} problem(s)" if problems else
+              f"{len(pages)} page(s): generated sections as their sources give, every "
+              "number sourced")
         return 1 if problems else None
-    new = readme.update(text, Path(args.results))
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    print(f"{path}: generated sections {'rewritten' if new != text else 'unchanged'}")
+    for path in pages:
+        text = path.read_text(encoding="utf-8")
+        new = readme.update(text, results)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+        print(f"{path}: generated sections {'rewritten' if new != text else 'unchanged'}")
     return None
 
 
@@ -632,13 +636,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="derive from the reruns already under --runs, run nothing")
     tl.set_defaults(func=_tolerance)
 
-    rd = sub.add_parser("readme", help="rewrite the README's generated sections from results/",
+    rd = sub.add_parser("readme", help="rewrite the README's and docs' generated sections",
                         description="Rewrite every <!-- gen:NAME --> section of the README "
-                        "from the committed files under results/ (the numbers they quote); "
+                        "and docs/ from the committed files under results/ (the numbers they "
+                        "quote); "
                         "--check instead fails (exit 1) when a section is not what its "
                         "files give.")
-    rd.add_argument("--check", action="store_true", help="compare, write nothing")
-    rd.add_argument("--readme", default="README.md")
+    rd.add_argument("--check", action="store_true", help="compare, write nothing; also "
+                    "fail on a number in the README outside a generated section, or one in "
+                    "a results page that the results/ files it cites do not give")
+    rd.add_argument("pages", nargs="*", help="the pages (default: README.md and docs/*.md)")
     rd.add_argument("--results", default=str(RESULTS))
     rd.set_defaults(func=_readme)
 
