@@ -446,6 +446,19 @@ def _int_list(flag: str, text: str) -> list[int]:
                        f"{flag} 0,1,2") from None
 
 
+def _judge(args: argparse.Namespace) -> None:
+    from gaq.eval.judges import run_judges, write_judges
+
+    if args.num < 1 or args.steps < 1:
+        raise GaqError("--num and --steps must be positive integers")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    result = run_judges(models, num_images=args.num, steps=args.steps, guidance=args.guidance,
+                        seed=args.seed)
+    for path in write_judges(result, args.out):
+        print(path)
+    print(f"wall time {result['wall_s']:.1f} s")
+
+
 def _benchmarks_with_results(results: Path, name: str | None) -> list[str]:
     names = [name] if name else sorted(p.parent.name for p in results.glob("*/metrics.parquet"))
     if not names:
@@ -664,6 +677,22 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--workers", type=int, default=None,
                            help="processes rendering figures (default: the cores, at most 4)")
         c.set_defaults(func=fn)
+
+    jd = sub.add_parser("judge", help="score the bundled models' samples with two judges",
+                        description="Sample each bundled model as its quality figures are "
+                        "sampled (guided, conditional and null-class sets; the pixel model: "
+                        "unconditional) and score every set, and the real held-out digits, "
+                        "with the bundled classifier and an independent RBF SVC trained on "
+                        "scikit-learn's 8x8 digits. Writes JSON and a Markdown table beside it.")
+    jd.add_argument("--models", default="digits,digits-ldm,digits-dit",
+                    help="comma-separated bundled models (default: all three)")
+    jd.add_argument("--num", type=int, default=500, help="images per sample set")
+    jd.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    jd.add_argument("--guidance", type=float, default=3.0, help="guided sets' scale")
+    jd.add_argument("--seed", type=int, default=0)
+    jd.add_argument("--out", default=str(RESULTS / "bundled" / "judges.json"),
+                    help="the JSON file (the .md goes beside it)")
+    jd.set_defaults(func=_judge)
 
     ls = sub.add_parser("ls", help="list benchmarks and stored results",
                         description="List benchmark files and the results stored for them.")

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import torch
 
+# "digit-like": the judge's top class probability reaches this. The bundled classifier is
+# trained to be unsure on non-digits, so its confidence reads as digit-likeness; other judges
+# (gaq.eval.judges) reuse the same threshold so their shares compare.
+DIGIT_LIKE_CONFIDENCE = 0.8
+
 
 @torch.no_grad()
-def digit_likeness(images: torch.Tensor, confidence: float = 0.8,
+def digit_likeness(images: torch.Tensor, confidence: float = DIGIT_LIKE_CONFIDENCE,
                    classifier: torch.nn.Module | None = None,
                    labels: torch.Tensor | None = None) -> dict[str, float]:
     """Share of images the bundled classifier assigns to one digit with probability

@@ -419,29 +419,54 @@ def save_latent_grid(folder: str | Path, path: str | Path, rows: int = 6,
     return images
 
 
+QUALITY_MODES = ("guided", "conditional", "unconditional")
+
+
+@torch.no_grad()
+def quality_sample_sets(
+    folder: str | Path, num_images: int = 500, guidance: float = 3.0, steps: int = 50,
+    seed: int = 0, batch_size: int = 250,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """The DDIM sample sets a bundled model's quality figures judge, one at a time as
+    ``(mode, images, requested)``, image i asking for class i mod 10: ``guided`` with
+    classifier-free guidance ``guidance``, ``conditional`` with the conditional prediction
+    alone, ``unconditional`` from the null class alone (``requested`` None). A model without
+    class conditioning (the pixel ``digits``) has only its ``unconditional`` set, sampled as
+    :func:`gaq.models.train.save_sample_grid` samples it. Shared by
+    :func:`evaluate_family` and :mod:`gaq.eval.judges`, so every judge sees the same images."""
+    from gaq.sampling import SamplerConfig, sample
+
+    def draw(pipe, g: float | None) -> torch.Tensor:
+        return sample(pipe, num_images, seed=seed,
+                      sampler=SamplerConfig(steps=steps, guidance=g), batch_size=batch_size)
+
+    pipe = _pipeline(folder)
+    if not pipe.conditioning.supports_guidance:
+        yield "unconditional", draw(pipe, None), None
+        return
+    requested = torch.arange(num_images) % NUM_CLASSES
+    # each pipeline is loaded when its set is drawn: one model in memory at a time
+    yield "guided", draw(pipe, guidance), requested
+    yield "conditional", draw(pipe, None), requested
+    yield "unconditional", draw(_pipeline(folder, (NULL_CLASS,)), None), None
+
+
 @torch.no_grad()
 def evaluate_family(folder: str | Path, num_images: int = 500, guidance: float = 3.0,
                     steps: int = 50, seed: int = 0) -> dict:
     """What a bundled latent model is shown to do, judged by the bundled classifier
-    (:func:`gaq.eval.digits.digit_likeness`), on DDIM samples where image i asks for class
-    i mod 10: ``guided_*`` with classifier-free guidance ``guidance``, ``conditional_*`` with
-    the conditional prediction alone, ``unconditional_*`` from the null class alone.
-    ``*_class_accuracy`` is the share classified as requested; ``*_confident_share`` the
-    digit-likeness score (confidence >= 0.8) used for the bundled pixel model."""
+    (:func:`gaq.eval.digits.digit_likeness`), on the sample sets of
+    :func:`quality_sample_sets`. ``*_class_accuracy`` is the share classified as requested;
+    ``*_confident_share`` the digit-likeness score (confidence >= 0.8) used for the bundled
+    pixel model."""
     from gaq.eval.digits import digit_likeness
     from gaq.models.bundled import load_classifier
-    from gaq.sampling import SamplerConfig, sample
 
     classifier = load_classifier()
-    requested = torch.arange(num_images) % NUM_CLASSES
     out: dict = {"num_images": num_images, "steps": steps, "guidance": guidance, "seed": seed}
-    for key, pipe, g in (("guided", _pipeline(folder), guidance),
-                         ("conditional", _pipeline(folder), None),
-                         ("unconditional", _pipeline(folder, (NULL_CLASS,)), None)):
-        images = sample(pipe, num_images, seed=seed, sampler=SamplerConfig(steps=steps, guidance=g),
-                        batch_size=250)
-        scores = digit_likeness(images, classifier=classifier,
-                                labels=None if key == "unconditional" else requested)
+    for key, images, requested in quality_sample_sets(folder, num_images, guidance, steps,
+                                                      seed):
+        scores = digit_likeness(images, classifier=classifier, labels=requested)
         out.update({f"{key}_{k}": round(v, 4) for k, v in scores.items()})
     return out
 
