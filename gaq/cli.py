@@ -159,6 +159,15 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _perf(args: argparse.Namespace) -> None:
+    if args.paper_memory:
+        from gaq.device import check_device
+        from gaq.paper_memory import run as paper_memory
+
+        rows = _int_list("--rows", args.rows)
+        device = str(check_device(args.device))
+        runs = paper_memory(args.paper_memory, rows, device=device, out_dir=args.out)
+        print(json.dumps({f"{r['trajectories']}": r["status"] for r in runs}))
+        return
     if args.paper_cells:
         from gaq.device import check_device
         from gaq.paper_cells import BUDGETS, run_cells
@@ -725,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: run every method end to end on these paper architectures "
                    "(comma-separated), a fresh process per cell, phase by phase "
                    "(results/perf/paper_cells.md)")
+    f.add_argument("--paper-memory", metavar="ARCH",
+                   help="instead: peak memory of block reconstruction on this paper "
+                   "architecture against calibration rows (--rows) and block size "
+                   "(results/perf/paper_memory_ARCH.md)")
+    f.add_argument("--rows", default="2,4,8",
+                   help="with --paper-memory: trajectories per kept step, comma-separated "
+                   "(two kept steps; guided architectures record both halves)")
     f.add_argument("--budget", default="cpu",
                    help="with --paper-cells: the budget profile, cpu (default) or gpu")
     f.add_argument("--methods", help="with --paper-scale: comma-separated methods "
