@@ -102,3 +102,23 @@ def test_how_a_model_is_scored_belongs_to_its_entry(monkeypatch):
     assert isinstance(features.feature_space_for("my-digits-model", device="cpu"),
                       features.ClassifierFeatures)
     assert len(metrics.reference_images("my-digits-model")) == 1797
+
+
+def test_the_noise_floor_scores_a_plugin_image_metric(plugin_metrics):
+    """The reference's noise floor scores FP at more seeds through the same dispatch as a
+    cell; it used to call the built-in image function, which named a plugin's metric
+    unknown."""
+    from types import SimpleNamespace
+
+    from gaq.bench.reproduce import noise_floor
+
+    ctx = SimpleNamespace(pipe=SimpleNamespace(denoiser=None), judges_classes=False,
+                          reference=lambda: None, space=None)
+    runner = SimpleNamespace(
+        bench=SimpleNamespace(models=["m"], eval=SimpleNamespace(metrics=("alpha", "beta"))),
+        model=lambda model_id: ctx,
+        _sample=lambda ctx, denoiser, seed, hook: (torch.zeros(2, 1, 4, 4), None))
+    floor = noise_floor(runner, [5, 6])
+    assert sorted(floor["metric"]) == ["alpha", "beta"]
+    assert floor["n"].tolist() == [2, 2] and floor["sd"].tolist() == [0.0, 0.0]
+    assert CALLS == [("alpha", "beta")] * 2

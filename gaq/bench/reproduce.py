@@ -145,8 +145,7 @@ def _num(v: float) -> str:
 def noise_floor(runner, seeds: list[int]) -> pd.DataFrame:
     """Per model and image metric: the FP row's standard deviation across ``seeds`` (each
     a full sample of the benchmark's image count, scored as a cell is)."""
-    from gaq.eval.metrics import image_metrics
-    from gaq.eval.registry import metrics_of_kind
+    from gaq.eval.registry import compute_grouped, metrics_of_kind
     from gaq.sampling import to_uint8
 
     wanted = metrics_of_kind(runner.bench.eval.metrics, "image")
@@ -155,8 +154,10 @@ def noise_floor(runner, seeds: list[int]) -> pd.DataFrame:
         ctx = runner.model(model_id)
         for seed in seeds:
             images, _ = runner._sample(ctx, ctx.pipe.denoiser, seed, None)
-            values = image_metrics(to_uint8(images), ctx.reference(), ctx.space, wanted,
-                                   seed=seed) if wanted else {}
+            # through the registry, as a cell is scored: a plugin's image metric gets a
+            # noise floor too (calling the built-in function named it unknown)
+            values = compute_grouped(wanted, to_uint8(images), ctx.reference(), ctx.space,
+                                     seed=seed) if wanted else {}
             if "class_acc" in runner.bench.eval.metrics and ctx.judges_classes:
                 values["class_acc"] = runner.class_accuracy(ctx, images)
             rows += [{"model": model_id, "metric": k, "seed": seed, "value": float(v)}
