@@ -492,13 +492,18 @@ def _tables(args: argparse.Namespace) -> None:
 
 def _plots(args: argparse.Namespace) -> None:
     from gaq.bench.plots import default_workers, write_plots
+    from gaq.bench.spec import report_settings
 
     results = Path(args.results)
     if args.workers is not None and args.workers < 1:
         raise GaqError(f"--workers must be a positive integer, got {args.workers}")
     workers = args.workers or default_workers()
+    # the benchmark file's feature space, which the figures' titles name
+    settings = report_settings(args.benchmarks)
     for name in _benchmarks_with_results(results, args.benchmark):
-        for path in write_plots(results, name, results / "plots", workers=workers):
+        space = settings.get(name, {}).get("feature_space", "auto")
+        for path in write_plots(results, name, results / "plots", workers=workers,
+                                feature_space=space):
             print(path)
 
 
@@ -678,10 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "alone; nothing is re-run.")
         c.add_argument("--benchmark", help="one benchmark (default: every one with results)")
         c.add_argument("--results", default=str(RESULTS))
-        if name == "tables":
-            c.add_argument("--benchmarks", default="benchmarks",
-                           help="the benchmark files, read for each one's model_key and "
-                           "anchor (default: benchmarks)")
+        c.add_argument("--benchmarks", default="benchmarks",
+                       help="the benchmark files, read for each one's model_key, anchor "
+                       "and feature space (default: benchmarks)")
         if name == "plots":
             c.add_argument("--workers", type=int, default=None,
                            help="processes rendering figures (default: the cores, at most 4)")

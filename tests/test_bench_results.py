@@ -314,8 +314,8 @@ def test_tables_regenerate_from_parquet(tmp_path):
                                                     tmp_path / "tables")
     md, tex = md_path.read_text(), tex_path.read_text()
     # three seeds: RTN's set metrics paired with GAQ's by seed, per bit-width
-    assert [p.name for p in extra] == ["micro_paired.md"]
-    paired = extra[0].read_text()
+    assert [p.name for p in extra] == ["micro_onecol.tex", "micro_paired.md"]
+    paired = extra[1].read_text()
     assert "### m, W4A8" in paired.replace(MODEL, "m") and "| RTN |" in paired
     assert "Δ FID" in paired and "FP" not in paired.split("###", 1)[1]
     assert md_path.name == "micro.md" and tex_path.name == "micro.tex"
@@ -409,6 +409,200 @@ def test_plot_functions_return_figures(tmp_path):
     assert [p.suffix for p in out] == [".png", ".pdf"] and all(p.is_file() for p in out)
 
 
+def _figure_texts(fig) -> list[str]:
+    """Every text a reader sees in ``fig``: suptitle, axes titles, labels and legends."""
+    texts = [fig.get_suptitle()]
+    for ax in fig.axes:
+        texts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+    for legend in fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]:
+        texts += [t.get_text() for t in legend.get_texts()]
+    return texts
+
+
+def test_bit_settings_are_categories_not_a_line():
+    """W4A6 and W3A8 are not two points of an ordered axis: each method is a marker per
+    setting, and no line joins its settings (the FP line and the separators between
+    settings are the only lines drawn)."""
+    df = _metric_rows(methods={"fp": ["FP"], "rtn": ["W4A6", "W3A8"],
+                               "gaq-mse": ["W4A6", "W3A8"], "gaq": ["W4A6", "W3A8"]})
+    ax = plots.metric_vs_bits(df, "fid").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["W4A6", "W3A8"]
+    drawn = [ln for ln in ax.get_lines() if ln.get_linestyle() not in ("None", "", " ")]
+    assert all(ln.get_label() == "FP" or len(set(ln.get_xdata())) == 1 for ln in drawn), \
+        [ln.get_label() for ln in drawn]  # horizontal FP, vertical separators only
+    # each method's markers: the data line of its error-bar container
+    methods = {c.get_label(): c.lines[0] for c in ax.containers}
+    assert set(methods) == {"RTN", "GAQ (no L_GM)", "GAQ"}
+    for line in methods.values():
+        assert line.get_linestyle() == "None" and line.get_marker() == "o"
+        assert len(line.get_xdata()) == 2  # one marker per setting
+
+
+def test_the_fp_band_has_a_legend_entry():
+    fig = plots.metric_vs_bits(_metric_rows(), "fid")
+    names = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert names[:2] == ["FP", "FP 95 % CI"]
+    band = [p for p in fig.axes[0].patches if p.get_label() == "FP 95 % CI"]
+    assert len(band) == 1 and band[0].get_alpha() < 1
+    # one seed: no interval, no band, no entry for one
+    one = plots.metric_vs_bits(_metric_rows(seeds=(0,)), "fid")
+    assert "FP 95 % CI" not in [t.get_text() for t in one.legends[0].get_texts()]
+
+
+def test_figures_name_benchmark_model_and_feature_space(tmp_path):
+    """A figure's title says which benchmark and model it shows, and a metric computed in
+    a feature space says which one: the bundled models' FID is in a digit classifier's
+    features, not Inception's, and the figure must not let a reader assume Inception."""
+    assert plots.figure_title("w4a8", "digits", "fid") == "w4a8: digits (digit-classifier features)"
+    assert plots.figure_title("b", "my-ldm", "kid") == "b: my-ldm (Inception features)"
+    assert plots.figure_title("b", "digits", "fid", "inception") == "b: digits (Inception features)"
+    assert plots.figure_title("w4a8", "digits-dit", "psnr") == "w4a8: digits-dit"  # no space
+    df = _metric_rows()
+    for fig in (plots.metric_vs_bits(df, "fid", plots.figure_title("micro", MODEL, "fid")),
+                plots.calibration_cost(df, plots.figure_title("micro", MODEL)),
+                plots.timestep_error(_curve_rows(), title=plots.figure_title("micro", MODEL))):
+        assert "micro: digits" in fig.get_suptitle()
+    assert "digit-classifier features" in _figure_texts(plots.metric_vs_bits(
+        df, "fid", plots.figure_title("micro", MODEL, "fid")))[0]
+
+
+def test_write_plots_titles_every_figure_by_model(tmp_path, monkeypatch):
+    """Every figure ``write_plots`` makes carries the benchmark and its model in its title
+    (two models: each figure its own)."""
+    rows = pd.concat([_metric_rows(), _metric_rows(model="digits-ldm")], ignore_index=True)
+    _write_results(tmp_path / "results", rows)
+    titles: dict[str, str] = {}
+
+    def keep(fig, stem):
+        titles[Path(stem).name] = fig.get_suptitle()
+        return []
+
+    monkeypatch.setattr(plots, "save", keep)
+    plots.write_plots(tmp_path / "results", "micro", tmp_path / "plots")
+    assert titles and "micro_digits-ldm_fid_vs_bits" in titles
+    for stem, title in titles.items():
+        model = "digits-ldm" if "digits-ldm" in stem else "digits"
+        assert title.startswith(f"micro: {model}"), (stem, title)
+    assert titles["micro_digits_fid_vs_bits"].endswith("(digit-classifier features)")
+    assert "features" not in titles["micro_digits_calibration_cost"]
+
+
+def _lab(rgb) -> np.ndarray:
+    """sRGB (0-1) to CIELAB (D65)."""
+    c = np.asarray(rgb[:3], dtype=float)
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
+                    [0.0193, 0.1192, 0.9505]]) @ c / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_rows_of_one_benchmark_file_have_distinguishable_colours():
+    """The rows one benchmark file puts in a figure differ in colour by at least ΔE 20
+    (CIELAB; tab10's closest pair, Q-Diffusion's purple and TDQ's pink, is 28), none is
+    too pale for a thin line on white (L* ≤ 80), and at most one is near-black (L* < 30):
+    on a 1-pt line a dark navy and black read as one colour, as GAQ (ω per t) and GAQ
+    (no L_GM) did."""
+    import itertools
+    import warnings
+
+    from gaq.bench.spec import load_benchmark
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a method without a CPU preset here: not our concern
+        files = {p.name: [e.row for e in load_benchmark(p).methods]
+                 for p in sorted(root.glob("*.toml"))}
+    assert "w4a8.toml" in files and "gaq-mse" in files["w4a8.toml"]
+    for name, rows in files.items():
+        lab = {r: _lab(plots._color(r)) for r in rows}
+        for a, b in itertools.combinations(rows, 2):
+            assert np.linalg.norm(lab[a] - lab[b]) >= 20, (name, a, b)
+        assert all(v[0] <= 80 for v in lab.values()), name
+        assert sum(v[0] < 30 for v in lab.values()) <= 1, (name, [r for r in rows
+                                                                  if lab[r][0] < 30])
+    timestep, mse = _lab(plots._color("gaq-timestep")), _lab(plots._color("gaq-mse"))
+    assert abs(timestep[0] - mse[0]) >= 30  # told apart by lightness, not only by hue
+
+
+def _compile(tmp_path: Path, tex: Path, options: str = "twocolumn") -> str | None:
+    """pdflatex's log for ``tex`` in a plain article with booktabs, None without pdflatex."""
+    import shutil
+    import subprocess
+
+    if shutil.which("pdflatex") is None:
+        return None
+    doc = tmp_path / f"doc_{tex.stem}.tex"
+    doc.write_text(f"\\documentclass[{options}]{{article}}\n\\usepackage{{booktabs}}\n"
+                   f"\\begin{{document}}\n\\input{{{tex}}}\n\\end{{document}}\n")
+    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / f"{doc.stem}.log").read_text(errors="replace")
+    assert run.returncode == 0, log[-2000:]
+    return log
+
+
+def test_the_main_jobs_one_column_table_fits_a_column(tmp_path):
+    """The main job's shape (three models, every method, one seed): its one-column table
+    is a ``table`` (never ``table*``) of the headline metrics only, short row labels, the
+    three models side by side, and it compiles in a two-column article with no overfull
+    box (checked when pdflatex is installed)."""
+    from gaq.registry import list_methods
+
+    methods = {"fp": ["FP"]} | {m: ["W4A8"] for m in list_methods()}
+    metrics = {"fid": 18.0, "kid": 0.5, "precision": 0.8, "recall": 0.9, "psnr": 30.0,
+               "class_acc": 0.99}
+    rows = pd.concat([_metric_rows(methods, seeds=(0,), metrics=metrics, model=m)
+                      for m in ("digits", "digits-ldm", "digits-dit")], ignore_index=True)
+    _write_results(tmp_path / "results", rows, curves=False)
+    paths = tables.write_tables(tmp_path / "results", "micro", tmp_path / "t")
+    onecol = next(p for p in paths if p.name == "micro_onecol.tex")
+    tex = onecol.read_text()
+    assert r"\begin{table}" in tex and r"\end{table}" in tex and "table*" not in tex
+    assert tex.isascii() and tex.count(r"\begin{tabular}") == 1  # models side by side
+    head = next(ln for ln in tex.splitlines() if ln.startswith("Method &"))
+    assert head == "Method & " + " & ".join(["FID", "PSNR"] * 3) + r" \\"
+    assert "Prec." not in tex.split(r"\caption")[0] and "KID" not in tex
+    for model in ("digits", "digits-ldm", "digits-dit"):
+        assert rf"\multicolumn{{2}}{{c}}{{{model}}}" in tex
+    assert "GAQ unif. $\\omega$ &" in tex and "GAQ (uniform" not in tex.split(r"\caption")[0]
+    assert "digit-classifier features" in tex
+    log = _compile(tmp_path, onecol)
+    if log is not None:
+        assert "Overfull \\hbox" not in log
+    # the full tables stay as they were: every metric, both columns
+    assert "table*" in next(p for p in paths if p.name == "micro.tex").read_text()
+
+
+def test_one_column_table_stacks_what_does_not_fit_side_by_side(tmp_path):
+    """Intervals over three seeds are too wide for two bit-widths side by side in one
+    column: one tabular per bit-width, stacked, still a ``table`` that compiles with no
+    overfull box."""
+    rows = _metric_rows(metrics={"fid": 10.0, "psnr": 30.0, "is": 5.0},
+                        methods={"fp": ["FP"], "rtn": ["W8A8", "W4A8"],
+                                 "gaq-uniform": ["W8A8", "W4A8"], "gaq": ["W8A8", "W4A8"]})
+    _write_results(tmp_path / "results", rows, curves=False)
+    paths = tables.write_tables(tmp_path / "results", "micro", tmp_path / "t")
+    onecol = next(p for p in paths if p.name == "micro_onecol.tex")
+    tex = onecol.read_text()
+    assert "table*" not in tex and r"$\pm$" in tex
+    assert tex.count(r"\begin{tabular}") == 2 and "{W8A8}" in tex and "{W4A8}" in tex
+    assert "IS" not in tex.split(r"\caption")[0]  # headline metrics only
+    log = _compile(tmp_path, onecol)
+    if log is not None:
+        assert "Overfull \\hbox" not in log
+
+
+def test_report_settings_carry_the_feature_space(tmp_path):
+    from gaq.bench.spec import report_settings
+
+    (tmp_path / "a.toml").write_text('[benchmark]\nname = "a"\nanchor = "rtn"\n'
+                                     '[eval]\nfeature_space = "inception"\n')
+    (tmp_path / "b.toml").write_text('[benchmark]\nname = "b"\n')
+    assert report_settings(tmp_path) == {"a": {"anchor": "rtn", "feature_space": "inception"},
+                                         "b": {}}
+
+
 def test_empty_results_still_write_tables(tmp_path):
     paths = tables.write_tables(tmp_path / "results", "micro", tmp_path / "tables")
     assert all(p.is_file() for p in paths)
@@ -453,9 +647,6 @@ def test_latex_tables_compile_and_bold_only_resolved_bests(tmp_path):
     """Tables compile with a plain two-column article + booktabs (when pdflatex exists),
     with math-mode symbols, true minus signs, no overfull box; bold marks a best only where
     its interval is clear of every other row's."""
-    import shutil
-    import subprocess
-
     rows = _metric_rows(methods={"fp": ["FP"], "rtn": ["W8A8", "W4A8"],
                                  "gaq-uniform": ["W8A8", "W4A8"], "gaq": ["W8A8", "W4A8"]},
                         metrics={"fid": 10.0, "kid": -0.05, "precision": 0.5, "psnr": 30.0})
@@ -468,16 +659,9 @@ def test_latex_tables_compile_and_bold_only_resolved_bests(tmp_path):
     # psnr: rtn is 40 dB below the others, gaq and gaq-uniform tie within noise: the
     # best is not resolved, so nothing is bold there; nothing is bold for KID either
     assert "**" not in md and "\\textbf" not in tex
-    if shutil.which("pdflatex") is None:
-        return  # the source checks above still ran
-    doc = tmp_path / "doc.tex"
-    doc.write_text("\\documentclass[twocolumn]{article}\n\\usepackage{booktabs}\n"
-                   f"\\begin{{document}}\n\\input{{{tex_path}}}\n\\end{{document}}\n")
-    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", doc.name], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
-    log = (tmp_path / "doc.log").read_text(errors="replace")
-    assert run.returncode == 0, log[-2000:]
-    assert "Overfull \\hbox" not in log
+    log = _compile(tmp_path, tex_path)
+    if log is not None:  # without pdflatex the source checks above still ran
+        assert "Overfull \\hbox" not in log
 
 
 def test_a_resolved_best_is_bold():

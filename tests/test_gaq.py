@@ -224,6 +224,29 @@ def test_diagnostics_become_tables_and_figures(tmp_path):
     assert "| b2 | 0.1000 | 0.3000 | +0.2000 |" in text
 
 
+def test_diagnostics_figures_are_per_model_and_titled():
+    """A benchmark of several models gets GAQ's figures per model (their blocks and
+    timesteps differ: a mean over models shows none), each titled with the benchmark and
+    its model, the files named by model as the benchmark's other figures are."""
+    from gaq.methods.gaq_report import GAQReport
+
+    rows = [{"model": model, "method": "gaq", "bits": "W4A8", "seed": 0, "block": "b0",
+             "weights": weights, "t_i": ti, "t_j": tj, "cosine": 1.0 if ti == tj else 0.5}
+            for model in ("digits", "digits-dit") for weights in ("uniform", "learned")
+            for ti in (0, 500) for tj in (0, 500)]
+    weights = [{"model": model, "method": "gaq", "bits": "W4A8", "seed": 0, "block": "b0",
+                "timestep": t, "weight_mass": 0.5, "alignment": a}
+               for model in ("digits", "digits-dit") for t, a in ((0, 0.1), (500, 0.6))]
+    figures = dict(GAQReport().figures({"gaq_conflict": pd.DataFrame(rows),
+                                        "gaq_weights": pd.DataFrame(weights)}, "w4a8"))
+    assert set(figures) == {f"{m}_{kind}_gaq_W4A8" for m in ("digits", "digits-dit")
+                            for kind in ("conflict", "alignment")} | {
+        "digits_weights_by_t_W4A8", "digits-dit_weights_by_t_W4A8"}
+    for name, fig in figures.items():
+        model = "digits-dit" if name.startswith("digits-dit") else "digits"
+        assert fig.get_suptitle().startswith(f"w4a8: {model}, "), (name, fig.get_suptitle())
+
+
 @pytest.mark.parametrize("kind", ["unet", "dit"])
 def test_gaq_runs_at_weight_only_bits(make_tiny_model, kind):
     """At W4A32 attention stays unquantized, so the meta-gradient differentiates through

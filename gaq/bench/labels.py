@@ -12,11 +12,14 @@ __all__ = [
     "better",
     "bits_order",
     "decimals",
+    "feature_space_label",
+    "in_feature_space",
     "is_fp",
     "method_label",
     "method_order",
     "metric_label",
     "metric_unit",
+    "short_label",
     "table_metrics",
 ]
 
@@ -31,6 +34,14 @@ _ROW_LABELS = {
     "ptqd-negk": "PTQD (k < 0 corrected too)", "tfmq-lsq": "TFMQ-DM + LSQ acts",
     "ptqd-per-channel": "PTQD (per-channel weights)",
     "brecq-no-lsq": "BRECQ (no learned act. steps)",
+}  # fmt: skip
+# Shorter names for the rows whose labels are long, where a table must fit one column of a
+# two-column paper; the table's caption spells each out (``short_label``).
+_SHORT_LABELS = {
+    "gaq-uniform": "GAQ unif. ω", "gaq-timestep": "GAQ ω(t)", "gaq-mse": "GAQ w/o L_GM",
+    "ptqd-base": "PTQD base", "ptqd-no-vsc": "PTQD w/o VSC", "ptqd-negk": "PTQD k<0",
+    "ptqd-per-channel": "PTQD per-ch.", "brecq-no-lsq": "BRECQ w/o LSQ",
+    "tfmq-lsq": "TFMQ-DM+LSQ",
 }  # fmt: skip
 # ablations first, the full method last, as the paper's ablation tables list them
 _GAQ_ORDER = ("gaq-uniform", "gaq-timestep", "gaq-mse", "gaq")
@@ -51,6 +62,12 @@ def method_label(method: str) -> str:
     if m in _ROW_LABELS:
         return _ROW_LABELS[m]
     return _declared_label(m) or method
+
+
+def short_label(method: str) -> str:
+    """A row's name in a narrow table: a short form for the long variant labels, else
+    :func:`method_label`."""
+    return _SHORT_LABELS.get(method.lower()) or method_label(method)
 
 
 def _declared_label(name: str) -> str | None:
@@ -137,3 +154,25 @@ def metric_unit(metric: str) -> str:
 def decimals(metric: str) -> int:
     m = _metric(metric)
     return 2 if m is None else m.decimals
+
+
+def in_feature_space(metric: str) -> bool:
+    """Whether ``metric`` is computed in a feature space (FID, KID, precision, recall...): a
+    figure or caption showing it names the space, since the numbers mean nothing without."""
+    m = _metric(metric)
+    return m is not None and m.kind == "image"
+
+
+# How figures and captions name the feature spaces of ``gaq.eval.features``.
+_SPACE_LABELS = {"classifier": "digit-classifier features", "inception": "Inception features"}
+
+
+def feature_space_label(model: str, setting: str = "auto") -> str:
+    """The space ``model``'s image metrics were computed in, as a reader should see it:
+    the benchmark file's ``eval.feature_space``, or with "auto" the model's scoring entry
+    (the bundled digit classifier for the bundled models, Inception for any other), which
+    is how the runner chose it."""
+    from gaq.models.bundled import scoring_for
+
+    space = scoring_for(model).feature_space if setting == "auto" else setting
+    return _SPACE_LABELS.get(space, f"{space} features")

@@ -32,6 +32,7 @@ __all__ = [
     "COLUMN_WIDTH",
     "calibration_cost",
     "default_workers",
+    "figure_title",
     "metric_vs_bits",
     "sample_grids",
     "save",
@@ -51,16 +52,30 @@ _RC = {
 
 # Fixed colours per known method, so a method looks the same in every figure.
 _PALETTE = mpl.colormaps["tab10"].colors
-_WIDE_PALETTE = mpl.colormaps["tab20b"].colors + mpl.colormaps["tab20c"].colors
+_TAB20B = mpl.colormaps["tab20b"].colors
+# tab20b's and tab20c's two darker tones of each hue: their two lighter ones are too pale
+# for a 1-pt line or a small marker on white
+_WIDE_PALETTE = tuple(c for i, c in enumerate(_TAB20B + mpl.colormaps["tab20c"].colors)
+                      if i % 4 < 2)
 _COLOR_SLOTS = ("fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq", "gaq",
                 "gaq-uniform")
-# The suite's other rows, each a colour of its own that no tab10 slot uses (dark tab20b
-# tones and black), so no two shipped rows ever share one.
-_OWN_COLORS = {"gaq-timestep": (0.0, 0.0, 0.0), "gaq-mse": _WIDE_PALETTE[0],
-               "tfmq-lsq": _WIDE_PALETTE[12], "ptqd-base": _WIDE_PALETTE[8],
-               "ptqd-no-vsc": _WIDE_PALETTE[16], "ptqd-negk": _WIDE_PALETTE[4],
+# The suite's other rows, each a colour of its own that no tab10 slot uses, so no two rows
+# of a shipped benchmark file share one (tests/test_bench_results.py checks every file's
+# rows). At most one near-black tone per file: on a 1-pt line a dark navy or dark grey
+# reads as black, so GAQ (ω per t)'s black has no dark row beside it.
+_OWN_COLORS = {"gaq-timestep": (0.0, 0.0, 0.0), "gaq-mse": (0.45, 0.2, 0.95),  # violet
+               "tfmq-lsq": _TAB20B[12], "ptqd-base": _TAB20B[8],
+               "ptqd-no-vsc": _TAB20B[16], "ptqd-negk": _TAB20B[4],
                # dark teal and dark gold: no palette tone, readable on white
-               "apqdm": (0.0, 0.45, 0.45), "htg": (0.62, 0.46, 0.0)}
+               "apqdm": (0.0, 0.45, 0.45), "htg": (0.62, 0.46, 0.0),
+               # crimson, and a dark rose: the hash gave both a grey next to TFMQ-DM's
+               "dynamic": (0.75, 0.0, 0.25), "tfmq-quant-skips": (0.7, 0.3, 0.5),
+               # the ablation rows of tfmq-w3a8 and ptqd-dit: eight of them share a figure,
+               # too many for a 20-colour hash not to collide
+               "brecq-no-lsq": _WIDE_PALETTE[12], "brecq-attn8": _WIDE_PALETTE[3],
+               "tfmq-no-temporal": _WIDE_PALETTE[0], "tfmq-static-acts": _WIDE_PALETTE[7],
+               "tfmq-mse-init": _WIDE_PALETTE[17], "tfmq-softmax16": _WIDE_PALETTE[5],
+               "tfmq-ends-w8a8": _WIDE_PALETTE[15], "ptqd-per-channel": _WIDE_PALETTE[13]}
 
 
 def _color(method: str) -> tuple[float, ...]:
@@ -69,20 +84,40 @@ def _color(method: str) -> tuple[float, ...]:
         return _PALETTE[_COLOR_SLOTS.index(m) % len(_PALETTE)]
     if m in _OWN_COLORS:
         return _OWN_COLORS[m]
-    # other rows (new methods and variants): 40 colours, none of tab10 (a hash can still
+    # other rows (new methods and variants): 20 colours, none of tab10 (a hash can still
     # collide with another unknown row; the legend tells them apart by marker order)
     return _WIDE_PALETTE[zlib.crc32(m.encode()) % len(_WIDE_PALETTE)]
 
 
-def _legend_below(ax, n: int) -> None:
+def _legend_below(ax) -> None:
     """The legend under the axes, never over the data: the figure keeps its width (one
     paper column) and grows in height by the legend's rows."""
-    ncol = 3 if n > 4 else max(n, 1)
+    handles, names = ax.get_legend_handles_labels()
+    n = len(handles)
+    # as many columns (at most 3) as the longest name lets fit the figure's width: wider
+    # columns would push the legend past the figure's edges, where saving cuts it off
+    size = mpl.rcParams["legend.fontsize"]
+    size = size if isinstance(size, (int, float)) else 6.0
+    entry_pt = (0.55 * size * max((len(t) for t in names), default=1)  # ~ a character's width
+                + (1.5 + 0.8 + 1.0) * size)  # handle, its gap, the column spacing (ems)
+    fits = int(ax.figure.get_figwidth() * 72 // entry_pt)
+    ncol = max(1, min(3 if n > 4 else n, fits))
     fig = ax.figure
     fig.set_figheight(fig.get_figheight() + 0.13 * -(-n // ncol) + 0.05)
-    handles, names = ax.get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", frameon=False, ncol=ncol,
                handlelength=1.5, columnspacing=1.0)
+
+
+def figure_title(benchmark: str, model: str | None = None, metric: str | None = None,
+                 feature_space: str = "auto") -> str:
+    """What a figure shows, in its title: the benchmark and model (figures are per
+    benchmark and model, and look alike across them) and, for a metric computed in a
+    feature space (FID, KID...), that space: the bundled models are scored in a digit
+    classifier's features, not Inception's, and the numbers compare only within one."""
+    text = f"{benchmark}: {model}" if model else benchmark
+    if model and metric is not None and labels.in_feature_space(metric):
+        text += f" ({labels.feature_space_label(model, feature_space)})"
+    return text
 
 
 @contextlib.contextmanager
@@ -181,13 +216,20 @@ def _ylabel(metric: str) -> str:
     return f"{name} {labels.arrow(metric)}".strip()
 
 
-def metric_vs_bits(df: pd.DataFrame, metric: str) -> Figure:
-    """``metric`` (mean ± 95 % CI over seeds) against bit-width, one line per method; FP is
-    a dashed horizontal line with its CI as a band."""
+def metric_vs_bits(df: pd.DataFrame, metric: str, title: str = "") -> Figure:
+    """``metric`` (mean ± 95 % CI over seeds) per bit setting, one marker per method and
+    setting, methods side by side within a setting; FP is a dashed horizontal line with
+    its CI as a band, each with a legend entry.
+
+    Settings are categories, never joined by a line: W4A6 and W3A8 trade weight bits for
+    activation bits, so neither lies "between" the other and a slope would be read as a
+    trend along an axis that does not exist."""
     summary = results.summarize(df[df["metric"] == metric])
     with _style():
         fig = _figure()
         ax = fig.add_subplot()
+        if title:
+            fig.suptitle(title)
         quant = summary[~summary["method"].map(labels.is_fp)]
         order = labels.bits_order(quant["bits"])
         x = {b: i for i, b in enumerate(order)}
@@ -199,22 +241,27 @@ def metric_vs_bits(df: pd.DataFrame, metric: str) -> Figure:
             part = summary[summary["method"] == method]
             if labels.is_fp(method):
                 mean, ci = part["mean"].iloc[0], np.nan_to_num(part["ci95"].iloc[0])
-                ax.axhline(mean, color=_color(method), ls="--", label=labels.method_label(method))
-                if ci > 0:
-                    ax.axhspan(mean - ci, mean + ci, color=_color(method), alpha=0.15, lw=0)
+                name = labels.method_label(method)
+                ax.axhline(mean, color=_color(method), ls="--", label=name)
+                if ci > 0:  # a shaded area no legend explains reads as anything
+                    ax.axhspan(mean - ci, mean + ci, color=_color(method), alpha=0.15, lw=0,
+                               label=f"{name} 95 % CI")
                 continue
             part = part.assign(x=part["bits"].map(x) + offset[method]).sort_values("x")
             ax.errorbar(part["x"], part["mean"], yerr=np.nan_to_num(part["ci95"]),
-                        color=_color(method), marker="o", ms=3, capsize=2,
+                        color=_color(method), marker="o", ms=3, capsize=2, ls="none",
                         label=labels.method_label(method))
+        # thin rules between settings: each is a group of its own
+        for i in range(len(order) - 1):
+            ax.axvline(i + 0.5, color="0.85", lw=0.6, zorder=0)
         ax.set_xticks(range(len(order)), order)
         ax.set_xlim(-0.5, max(len(order), 1) - 0.5)
         n_max = int(summary["n"].max()) if len(summary) else 0
-        ax.set_xlabel("bit-width" + (f"  (bars: 95 % CI over {n_max} seeds)" if n_max > 1
-                                     else "  (one seed: no interval)"))
+        ax.set_xlabel("bit setting" + (f"  (bars: 95 % CI over {n_max} seeds)" if n_max > 1
+                                       else "  (one seed: no interval)"))
         ax.set_ylabel(_ylabel(metric))
         if len(summary):
-            _legend_below(ax, summary["method"].nunique())
+            _legend_below(ax)
     return fig
 
 
@@ -237,7 +284,7 @@ def _curve_metrics() -> list[str]:
     return [m.name for m in known_metrics() if m.kind == "curve"]
 
 
-def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse") -> Figure:
+def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse", title: str = "") -> Figure:
     """A per-timestep curve against FP (``eps_mse``, ``noise_k``), averaged over seeds; one
     line per method (and bit-width, when several are present). FP is left out: its error
     is 0. A method measured before its sampler correction too (PTQD) gets that curve as a
@@ -249,6 +296,8 @@ def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse") -> Figure:
     with _style():
         fig = _figure()
         ax = fig.add_subplot()
+        if title:
+            fig.suptitle(title)
         for method in labels.method_order(data["method"]):
             for bits in labels.bits_order(data.loc[data["method"] == method, "bits"]):
                 label = labels.method_label(method) + (f" {bits}" if several_bits else "")
@@ -268,7 +317,7 @@ def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse") -> Figure:
         ax.set_xlabel("timestep t")
         ax.set_ylabel(_curve_label(curve))
         if len(data):
-            _legend_below(ax, len(ax.get_lines()))
+            _legend_below(ax)
     return fig
 
 
@@ -277,7 +326,7 @@ def _shade(i: int, n: int) -> tuple[float, ...]:
     return mpl.colormaps["Greys"](0.8 - 0.5 * i / max(1, n - 1))
 
 
-def calibration_cost(df: pd.DataFrame) -> Figure:
+def calibration_cost(df: pd.DataFrame, title: str = "") -> Figure:
     """Calibration time per method (horizontal bars, so every method's name stays readable;
     95 % CI whiskers where there are several seeds), grouped by bit-width."""
     metric = "calibration_seconds"
@@ -289,6 +338,8 @@ def calibration_cost(df: pd.DataFrame) -> Figure:
     with _style():
         fig = _figure(height=0.9 + 0.22 * max(1, len(methods)) * max(1, len(order)) ** 0.5)
         ax = fig.add_subplot()
+        if title:
+            fig.suptitle(title)
         height = 0.8 / max(1, len(order))
         for j, bits in enumerate(order):
             part = summary[summary["bits"] == bits].set_index("method")
@@ -306,8 +357,9 @@ def calibration_cost(df: pd.DataFrame) -> Figure:
     return fig
 
 
-def sample_grids(paths: Mapping[str, Path], out: str | Path) -> list[Path]:
-    """Sample grids side by side, titled by method; writes ``<out>.png`` and ``<out>.pdf``."""
+def sample_grids(paths: Mapping[str, Path], out: str | Path, title: str = "") -> list[Path]:
+    """Sample grids side by side, titled by method under the figure's ``title``; writes
+    ``<out>.png`` and ``<out>.pdf``."""
     import matplotlib.image as mpimg
 
     items = [(m, Path(p)) for m, p in paths.items()]
@@ -322,7 +374,9 @@ def sample_grids(paths: Mapping[str, Path], out: str | Path) -> list[Path]:
     width = COLUMN_WIDTH if n <= 2 else PAGE_WIDTH
     aspect = max(img.shape[0] / img.shape[1] for img in images)
     with _style():
-        fig = _figure(width, rows * (width / cols * aspect + 0.3))
+        fig = _figure(width, rows * (width / cols * aspect + 0.3) + (0.2 if title else 0.0))
+        if title:
+            fig.suptitle(title)
         for i, ((method, _), img) in enumerate(zip(items, images, strict=True)):
             ax = fig.add_subplot(rows, cols, i + 1)
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
@@ -341,7 +395,8 @@ def _grid_path(grids: Path, model: str, method: str, bits: str, seed: int) -> Pa
     return None
 
 
-def _grid_figures(metrics: pd.DataFrame, grids: Path, model: str, stem: str) -> list[Path]:
+def _grid_figures(metrics: pd.DataFrame, grids: Path, model: str, stem: str,
+                  title: str) -> list[Path]:
     cells = metrics[["method", "bits", "seed"]].drop_duplicates()
     fp = cells[cells["method"].map(labels.is_fp)]
     quant = cells[~cells["method"].map(labels.is_fp)]
@@ -358,7 +413,8 @@ def _grid_figures(metrics: pd.DataFrame, grids: Path, model: str, stem: str) -> 
                         chosen[method] = path
                         break
             if any(not labels.is_fp(m) for m in chosen):  # the first seed that has grids
-                written += sample_grids(chosen, f"{stem}_samples_{bits}_seed{int(seed)}")
+                written += sample_grids(chosen, f"{stem}_samples_{bits}_seed{int(seed)}",
+                                        f"{title}, {bits}, seed {int(seed)}")
                 break
     return written
 
@@ -368,16 +424,18 @@ def _slug(text: str) -> str:
 
 
 def write_plots(results_dir: Path, benchmark: str, out_dir: Path,
-                workers: int = 1) -> list[Path]:
+                workers: int = 1, feature_space: str = "auto") -> list[Path]:
     """All figures of a benchmark into ``out_dir``; returns the files written.
 
     Reads ``metrics.parquet``, ``curves.parquet`` and the sample grids the runner saved under
     ``results_dir/<benchmark>/grids/``; nothing else. ``workers`` > 1 renders the figures in
-    that many processes (same files, about ``workers`` times faster).
+    that many processes (same files, about ``workers`` times faster). ``feature_space`` is
+    the benchmark file's ``eval.feature_space``, which the titles name (the results do not
+    record it).
     """
     if workers > 1:
         with _parallel_saves(workers):
-            return write_plots(results_dir, benchmark, out_dir)
+            return write_plots(results_dir, benchmark, out_dir, feature_space=feature_space)
     folder = Path(results_dir) / benchmark
     out_dir = Path(out_dir)
     metrics = results.read(folder / "metrics.parquet")
@@ -388,25 +446,28 @@ def write_plots(results_dir: Path, benchmark: str, out_dir: Path,
         stem = str(out_dir / benchmark) + (f"_{_slug(model)}" if len(models) > 1 else "")
         m = metrics[metrics["model"] == model]
         quantized = m[~m["method"].map(labels.is_fp) & (m["bits"] != FP_BITS)]
+        title = figure_title(benchmark, model)
         for metric in (*labels.table_metrics(), *_curve_metrics()):
             if (quantized["metric"] == metric).any():
-                written += save(metric_vs_bits(m, metric), f"{stem}_{metric}_vs_bits")
+                written += save(metric_vs_bits(m, metric, figure_title(
+                    benchmark, model, metric, feature_space)), f"{stem}_{metric}_vs_bits")
         if (quantized["metric"] == "calibration_seconds").any():
-            written += save(calibration_cost(m), f"{stem}_calibration_cost")
+            written += save(calibration_cost(m, title), f"{stem}_calibration_cost")
         # astype(bool): mapping an empty string column (no held-out trajectories) keeps
         # its string dtype, which ~ and & refuse
         c = curves[(curves["model"] == model) & ~curves["method"].map(labels.is_fp).astype(bool)]
         for curve in sorted(n for n in c["curve"].unique() if not n.endswith(UNCORRECTED)):
             for bits in labels.bits_order(c.loc[c["curve"] == curve, "bits"]):
                 part = c[c["curve"].isin([curve, curve + UNCORRECTED]) & (c["bits"] == bits)]
-                written += save(timestep_error(part, curve), f"{stem}_{curve}_{bits}_by_timestep")
+                written += save(timestep_error(part, curve, f"{title}, {bits}"),
+                                f"{stem}_{curve}_{bits}_by_timestep")
         grids = folder / "grids"
         if grids.is_dir():
-            written += _grid_figures(m, grids, model, stem)
+            written += _grid_figures(m, grids, model, stem, title)
     from gaq.bench.reports import method_reports
 
     for report, frames in method_reports(folder):
-        for suffix, fig in report.figures(frames):
+        for suffix, fig in report.figures(frames, benchmark):
             written += save(fig, f"{out_dir / benchmark}_{suffix}")
     return written
 

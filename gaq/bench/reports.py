@@ -29,8 +29,11 @@ class MethodReport:
         """Markdown files, as ``{suffix: text}``: written as ``<benchmark>_<suffix>.md``."""
         return {}
 
-    def figures(self, frames: dict[str, pd.DataFrame]) -> Iterator[tuple[str, Figure]]:
-        """Figures, as ``(suffix, figure)``: saved as ``<stem>_<suffix>.{pdf,png}``."""
+    def figures(self, frames: dict[str, pd.DataFrame],
+                benchmark: str) -> Iterator[tuple[str, Figure]]:
+        """Figures, as ``(suffix, figure)``: saved as ``<benchmark>_<suffix>.{pdf,png}``.
+        Each names ``benchmark`` and the model it shows in its title, as the suite's own
+        figures do (:func:`gaq.bench.plots.figure_title`)."""
         return iter(())
 
 

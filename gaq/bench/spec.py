@@ -352,17 +352,22 @@ def _parse(path: Path, raw: dict) -> Benchmark:
 
 
 def report_settings(benchmarks_dir: str | Path) -> dict[str, dict[str, str]]:
-    """Per benchmark name, the ``[benchmark]`` settings its tables depend on (``model_key``,
-    ``anchor``), read from the files in ``benchmarks_dir`` without validating the rest: a
-    file whose methods no longer load still says how its stored results are tabulated."""
+    """Per benchmark name, the settings its tables and figures depend on: ``[benchmark]``'s
+    ``model_key`` and ``anchor``, and ``[eval]``'s ``feature_space`` (which captions and
+    titles name; the results do not record it). Read from the files in ``benchmarks_dir``
+    without validating the rest: a file whose methods no longer load still says how its
+    stored results are tabulated."""
     out: dict[str, dict[str, str]] = {}
     for path in sorted(Path(benchmarks_dir).glob("*.toml")):
         try:
-            bench = loads_toml(path.read_text(encoding="utf-8")).get("benchmark", {})
+            raw = loads_toml(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # a broken file is reported when it is run, not when tables are made
+        bench, ev = raw.get("benchmark", {}), raw.get("eval", {})
         name = bench.get("name", path.stem)
-        out[str(name)] = {k: str(bench[k]) for k in ("model_key", "anchor") if bench.get(k)}
+        out[str(name)] = ({k: str(bench[k]) for k in ("model_key", "anchor") if bench.get(k)}
+                          | ({"feature_space": str(ev["feature_space"])}
+                             if ev.get("feature_space") else {}))
     return out
 
 

@@ -17,7 +17,8 @@ import pandas as pd
 from gaq.bench import labels, results
 from gaq.bench.published import FP_BITS, model_keys, published_rows, short_source
 
-__all__ = ["Row", "TableData", "build_tables", "to_latex", "to_markdown", "write_tables"]
+__all__ = ["HEADLINE_METRICS", "Row", "TableData", "build_tables", "to_latex", "to_latex_onecol",
+           "to_markdown", "write_tables"]
 
 Cell = tuple[str, str]  # (bits group, metric)
 
@@ -295,7 +296,7 @@ _LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$"
 _TEX_SYMBOLS = {"L\\_GM": r"$\mathcal{L}_{\mathrm{GM}}$", "ω": r"$\omega$", "ε": r"$\epsilon$",
                 "Δ": r"$\Delta$", "σ": r"$\sigma$", "×": r"$\times$", "±": r"$\pm$",
                 "−": r"$-$", "–": "--", "≤": r"$\leq$", "≥": r"$\geq$", "·": r"$\cdot$",
-                "²": r"$^2$"}
+                "²": r"$^2$", "↓": r"$\downarrow$", "↑": r"$\uparrow$"}
 
 
 def _tex(text: str) -> str:
@@ -312,20 +313,33 @@ def _tex_number(text: str) -> str:
 
 # Rough widths (pt) of \small text, to choose between a column-wide table and a table*
 # spanning both columns of a two-column paper; COLUMN is a typical two-column \columnwidth.
+# (This estimate runs 5-11 % over pdflatex's widths, which COLUMN allows for.)
 _PT_PER_CHAR, _PT_PER_COLUMN, _COLUMN = 5.0, 12.0, 240.0
+# The one-column table's: \footnotesize with \tabcolsep 3 pt, within 5 pt of pdflatex's
+# widths on the shipped tables, so it is held to a real \columnwidth, the standard
+# two-column article's (10 pt), narrower than most venues'.
+_TIGHT_PT_PER_CHAR, _TIGHT_PT_PER_COLUMN, _ARTICLE_COLUMN = 4.3, 6.0, 229.5
+
+
+def _visible(cell: str) -> int:
+    """Characters a LaTeX cell shows (markup stripped, a math group as one)."""
+    import re
+
+    cell = re.sub(r"\\(textbf|textit)\{(.*)\}", r"\2", cell)
+    cell = re.sub(r"\$[^$]*\$", "x", cell)
+    return len(cell.replace("--", "-"))
+
+
+def _column_widths(rows: list[list[str]], pt_per_char: float = _PT_PER_CHAR,
+                   pt_per_column: float = _PT_PER_COLUMN) -> list[float]:
+    """Estimated widths (pt) of the columns of a tabular whose cells are ``rows``."""
+    return [max(_visible(r[j]) for r in rows) * pt_per_char + pt_per_column
+            for j in range(len(rows[0]))]
 
 
 def _width_pt(rows: list[list[str]]) -> float:
-    """Estimated width of a tabular whose cells are ``rows`` (LaTeX markup stripped)."""
-    import re
-
-    def visible(cell: str) -> int:
-        cell = re.sub(r"\\(textbf|textit)\{(.*)\}", r"\2", cell)
-        cell = re.sub(r"\$[^$]*\$", "x", cell)
-        return len(cell.replace("--", "-"))
-
-    widths = [max(visible(r[j]) for r in rows) for j in range(len(rows[0]))]
-    return sum(w * _PT_PER_CHAR + _PT_PER_COLUMN for w in widths)
+    """Estimated width of a \\small tabular whose cells are ``rows``."""
+    return sum(_column_widths(rows))
 
 
 def _tex_arrow(metric: str) -> str:
@@ -335,6 +349,18 @@ def _tex_arrow(metric: str) -> str:
 
 def _tex_metric(metric: str) -> str:
     return _tex(labels.metric_label(metric))
+
+
+def _tex_cell(row: Row, g: str, m: str, bold: bool) -> str:
+    """A cell in LaTeX: true minus signs, ``--`` where there is nothing, italic for a
+    published number, bold for a resolved best."""
+    plain = _cell_text(row, g, m, " ± ")
+    if plain is None:
+        return "--"
+    text = _tex_number(plain).replace(" ± ", r" $\pm$ ").replace(" ‡", r"$^\ddagger$")
+    if row.reference:
+        return rf"\textit{{{text}}}"
+    return rf"\textbf{{{text}}}" if bold else text
 
 
 def _latex_block(t: TableData, groups: list[str]) -> tuple[list[str], float]:
@@ -350,18 +376,7 @@ def _latex_block(t: TableData, groups: list[str]) -> tuple[list[str], float]:
              "Method & " + " & ".join(heads) + r" \\", r"\midrule"]
     for i, row in enumerate(t.rows):
         cells = [rf"\textit{{{_tex(row.label)}}}" if row.reference else _tex(row.label)]
-        for g in groups:
-            for m in t.metrics:
-                plain = _cell_text(row, g, m, " ± ")
-                if plain is None:
-                    cells.append("--")
-                    continue
-                text = _tex_number(plain).replace(" ± ", r" $\pm$ ").replace(" ‡", r"$^\ddagger$")
-                if row.reference:
-                    text = rf"\textit{{{text}}}"
-                elif (i, (g, m)) in t.best:
-                    text = rf"\textbf{{{text}}}"
-                cells.append(text)
+        cells += [_tex_cell(row, g, m, (i, (g, m)) in t.best) for g in groups for m in t.metrics]
         body.append(cells)
         lines.append(" & ".join(cells) + r" \\")
         if labels.is_fp(row.method) and i + 1 < len(t.rows) \
@@ -371,11 +386,21 @@ def _latex_block(t: TableData, groups: list[str]) -> tuple[list[str], float]:
     return lines, _width_pt([["Method", *heads], *body])
 
 
-def to_latex(t: TableData) -> str:
+def _spaces_note(models: list[str], metrics: list[str], feature_space: str) -> str:
+    """"FID, KID in digit-classifier features" for the image metrics shown, or ""."""
+    shown = [labels.metric_label(m) for m in metrics if labels.in_feature_space(m)]
+    if not shown:
+        return ""
+    spaces = sorted({labels.feature_space_label(m, feature_space) for m in models})
+    return f"{', '.join(shown)} in {' / '.join(spaces)}"
+
+
+def to_latex(t: TableData, feature_space: str = "auto") -> str:
     """A booktabs table that compiles with a plain ``article`` + ``booktabs`` preamble
     (math-mode symbols, true minus signs). It takes one column when it fits one, both
     columns (``table*``) when not, and stacks one tabular per bit-width when even that is
-    too narrow for all of them side by side."""
+    too narrow for all of them side by side. ``feature_space`` is the benchmark file's
+    ``eval.feature_space``, which the caption names."""
     whole, width = _latex_block(t, t.groups)
     blocks = [whole]
     if width > 2 * _COLUMN and len(t.groups) > 1:
@@ -384,7 +409,9 @@ def to_latex(t: TableData) -> str:
         width = max(w for _, w in per_group)
     env = "table" if width <= _COLUMN else "table*"
     kid = f"; {KID_NOTE}" if "kid" in t.metrics else ""
-    caption = _tex(f"{t.benchmark} ({t.model}): {_seeds_note(t)}; {BOLD_NOTE}{kid}")
+    space = _spaces_note([t.model], t.metrics, feature_space)
+    space = f"; {space}" if space else ""
+    caption = _tex(f"{t.benchmark} ({t.model}): {_seeds_note(t)}; {BOLD_NOTE}{kid}{space}")
     if any(r.reference for r in t.rows):
         caption += r"; italic rows: published numbers, not measured here"
     if any(r.diverged for r in t.rows):
@@ -400,6 +427,109 @@ def to_latex(t: TableData) -> str:
         lines += block
     lines += [rf"\caption{{{caption}.}}",
               rf"\label{{tab:{_label(t.benchmark)}-{_label(t.model)}}}", rf"\end{{{env}}}"]
+    return "\n".join(lines) + "\n"
+
+
+#: The one-column table's metrics: FID, the distribution metric papers lead with, and
+#: PSNR against FP's image from the same noise, the paired one that separates rows at one
+#: seed. The full tables carry every metric.
+HEADLINE_METRICS = ("fid", "psnr")
+
+
+def _onecol_block(tables: list[TableData], groups: list[tuple[int, str]],
+                  names: dict[tuple[int, str], str], metrics: list[str],
+                  methods: list[str]) -> tuple[list[str], float]:
+    """One tabular of the one-column table: ``groups`` are (table index, bit-width) column
+    groups headed by ``names`` (none when empty), each with the ``metrics`` its table has;
+    rows are ``methods``' measured rows, less those with nothing in these columns. Metric
+    heads carry no arrows (the caption gives the directions): an arrow widens every PSNR
+    column by a third, which is what the main job's three models side by side lack."""
+    cols = [(ti, g, m) for ti, g in groups for m in metrics if m in tables[ti].metrics]
+    lines = [rf"\begin{{tabular}}{{@{{}}l{'r' * len(cols)}@{{}}}}", r"\toprule"]
+    if any(names[gr] for gr in groups):
+        start, spans, rules = 2, [], []
+        for group in groups:
+            k = sum(1 for c in cols if c[:2] == group)
+            spans.append(rf"\multicolumn{{{k}}}{{c}}{{{_tex(names[group])}}}")
+            rules.append(rf"\cmidrule(lr){{{start}-{start + k - 1}}}")
+            start += k
+        lines += [" & " + " & ".join(spans) + r" \\", " ".join(rules)]
+    heads = [_tex_metric(m) for _, _, m in cols]
+    lines += ["Method & " + " & ".join(heads) + r" \\", r"\midrule"]
+    body: list[list[str]] = []
+    for method in methods:
+        cells = [_tex(labels.short_label(method))]
+        for ti, g, m in cols:
+            at = [(i, r) for i, r in enumerate(tables[ti].rows)
+                  if r.method == method and not r.reference]
+            cells.append(_tex_cell(at[0][1], g, m, (at[0][0], (g, m)) in tables[ti].best)
+                         if at else "--")
+        if all(c == "--" for c in cells[1:]):
+            continue  # nothing here: a row of another model (HTG runs on DiTs only)
+        body.append(cells)
+        lines.append(" & ".join(cells) + r" \\")
+        if labels.is_fp(method):
+            lines.append(r"\midrule")  # FP apart from the quantized rows, as in papers
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    widths = _column_widths([["Method", *heads], *body], _TIGHT_PT_PER_CHAR,
+                            _TIGHT_PT_PER_COLUMN)
+    # a group name wider than its columns widens them
+    extra = sum(max(0.0, _visible(_tex(names[gr])) * _TIGHT_PT_PER_CHAR
+                    - sum(w for w, c in zip(widths[1:], cols, strict=True) if c[:2] == gr))
+                for gr in groups if names[gr])
+    return lines, sum(widths) + extra
+
+
+def to_latex_onecol(tables: list[TableData], feature_space: str = "auto") -> str | None:
+    """The benchmark's headline table for one column of a two-column paper (``table``, never
+    ``table*``): the measured rows of every model, :data:`HEADLINE_METRICS` only, short row
+    labels, ``\footnotesize`` with tight column gaps. Models (or bit-widths) sit side by side
+    where they fit the column, else one tabular each, stacked. None when the results have
+    none of the headline metrics."""
+    tables = [t for t in tables if any(m in t.metrics for m in HEADLINE_METRICS)]
+    if not tables:
+        return None
+    metrics = [m for m in HEADLINE_METRICS if any(m in t.metrics for t in tables)]
+    methods = labels.method_order(r.method for t in tables for r in t.rows if not r.reference)
+    groups = [(ti, g) for ti, t in enumerate(tables) for g in t.groups]
+    # a group is named by what varies across the table: the model, the bit-width, or both
+    several_models, several_bits = len(tables) > 1, len({g for _, g in groups}) > 1
+    names = {(ti, g): " ".join(([tables[ti].model] if several_models else [])
+                               + ([g] if several_bits else [])) for ti, g in groups}
+    # all groups side by side, else one tabular per model, else one per (model, bit-width)
+    for split in ([groups], [[gr for gr in groups if gr[0] == ti] for ti in range(len(tables))],
+                  [[gr] for gr in groups]):
+        blocks = [_onecol_block(tables, part, names, metrics, methods) for part in split]
+        if max(w for _, w in blocks) <= _ARTICLE_COLUMN - 6.0:  # 6 pt for the estimate's error
+            break
+    benchmark = tables[0].benchmark
+    models = [t.model for t in tables]
+    lo, hi = min(t.seeds[0] for t in tables), max(t.seeds[1] for t in tables)
+    seeds = _seeds_note(TableData(benchmark, "", [], [], [], (lo, hi), None))
+    directions = ", ".join(f"{labels.metric_label(m)} {labels.arrow(m)}".rstrip()
+                           for m in metrics)
+    notes = [f"{benchmark}, headline metrics ({directions}) of {', '.join(models)}", seeds,
+             _spaces_note(models, metrics, feature_space)]
+    if "psnr" in metrics:
+        notes.append("PSNR (dB): each image against FP's from the same noise")
+    short = [f"{labels.short_label(m)}: {labels.method_label(m)}" for m in methods
+             if labels.short_label(m) != labels.method_label(m)]
+    if short:
+        notes.append("; ".join(short))
+    notes += [BOLD_NOTE, f"every metric and the published rows: {benchmark}.tex"]
+    caption = _tex("; ".join(n for n in notes if n))
+    if any(r.diverged for t in tables for r in t.rows):
+        caption += "; " + _tex(DIVERGED_NOTE).replace("‡", r"$^\ddagger$")
+    lines = ["% generated by gaq.bench.tables from metrics.parquet and failures.parquet; "
+             "do not edit by hand",
+             r"\begin{table}[t]", r"\centering", r"\footnotesize",
+             r"\setlength{\tabcolsep}{3pt}"]
+    for j, (block, _) in enumerate(blocks):
+        if j:
+            lines += [r"\par\medskip"]
+        lines += block
+    lines += [rf"\caption{{{caption}.}}", rf"\label{{tab:{_label(benchmark)}-onecol}}",
+              r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
@@ -420,22 +550,24 @@ def _write_or_remove(path: Path, text: str | None, written: list[Path]) -> None:
 
 def write_tables(
     results_dir: Path, benchmark: str, out_dir: Path, *, model_key: str | None = None,
-    anchor: str = "gaq",
+    anchor: str = "gaq", feature_space: str = "auto",
 ) -> list[Path]:
-    """Write ``<benchmark>.md`` and ``<benchmark>.tex`` into ``out_dir``, and the noise,
-    paired and per-method tables the results allow; return their paths.
+    """Write ``<benchmark>.md`` and ``<benchmark>.tex`` into ``out_dir``, the one-column
+    headline table ``<benchmark>_onecol.tex``, and the noise, paired and per-method tables
+    the results allow; return their paths.
 
     Reads only the Parquet files under ``results_dir/<benchmark>``. ``model_key`` (the
     benchmark's setting, e.g. ``"cifar10-ddim100"``) selects published reference rows;
     without it a model id that is itself a published key is used. ``anchor`` is the row the
-    paired tables measure the others against.
+    paired tables measure the others against. ``feature_space`` (the benchmark file's
+    ``eval.feature_space``) is named in the LaTeX captions.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(Path(results_dir), benchmark, model_key)
     if tables:
         md = "\n".join(to_markdown(t) for t in tables)
-        tex = "\n".join(to_latex(t) for t in tables)
+        tex = "\n".join(to_latex(t, feature_space) for t in tables)
     else:
         md = f"## {benchmark}\n\nNo results with table metrics yet.\n"
         tex = f"% {benchmark}: no results with table metrics yet\n"
@@ -443,6 +575,8 @@ def write_tables(
     paths = [out_dir / f"{benchmark}.md", out_dir / f"{benchmark}.tex"]
     paths[0].write_text(md, encoding="utf-8")
     paths[1].write_text(tex, encoding="utf-8")
+    _write_or_remove(out_dir / f"{benchmark}_onecol.tex",
+                     to_latex_onecol(tables, feature_space), paths)
     from gaq.bench.noise import noise_table
 
     folder = Path(results_dir) / benchmark

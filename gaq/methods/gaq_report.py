@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from gaq.bench import labels
-from gaq.bench.plots import COLUMN_WIDTH, _color, _figure, _style
+from gaq.bench.plots import COLUMN_WIDTH, _color, _figure, _style, figure_title
 from gaq.bench.reports import MethodReport
 
 __all__ = ["GAQReport", "conflict_heatmap", "cosine_table", "weight_vs_alignment",
@@ -47,12 +47,14 @@ def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:
     return fig
 
 
-def weights_by_timestep(weights: pd.DataFrame) -> Figure:
+def weights_by_timestep(weights: pd.DataFrame, title: str = "") -> Figure:
     """Learned weight mass per timestep (×T, so uniform = 1), mean over blocks and seeds,
     one line per method."""
     with _style():
         fig = _figure()
         ax = fig.add_subplot()
+        if title:
+            fig.suptitle(title)
         for method in labels.method_order(weights["method"]):
             part = weights[weights["method"] == method]
             per_t = part.groupby("timestep")["weight_mass"].mean()
@@ -65,12 +67,14 @@ def weights_by_timestep(weights: pd.DataFrame) -> Figure:
     return fig
 
 
-def weight_vs_alignment(weights: pd.DataFrame) -> Figure:
+def weight_vs_alignment(weights: pd.DataFrame, title: str = "") -> Figure:
     """Each (block, timestep) group's learned weight mass against the cosine of its
     training gradient with the validation gradient (the paper's Figure 2)."""
     with _style():
         fig = _figure()
         ax = fig.add_subplot()
+        if title:
+            fig.suptitle(title)
         mean = weights.groupby(["block", "timestep"])[["weight_mass", "alignment"]].mean()
         n_t = weights["timestep"].nunique()
         points = ax.scatter(mean["alignment"], mean["weight_mass"] * n_t, s=5,
@@ -125,16 +129,30 @@ class GAQReport(MethodReport):
             return {}
         return {"gaq_diagnostics": cosine_table(blocks)}
 
-    def figures(self, frames: dict[str, pd.DataFrame]) -> Iterator[tuple[str, Figure]]:
+    def figures(self, frames: dict[str, pd.DataFrame],
+                benchmark: str) -> Iterator[tuple[str, Figure]]:
+        # One set of figures per model: the models' blocks and timesteps differ, so a mean
+        # over them shows no model. File names carry the model where there are several, as
+        # the benchmark's other figures do.
+        models = sorted({m for f in frames.values() if "model" in f for m in f["model"].dropna()})
+        for model in models or [None]:
+            yield from self._model_figures(
+                {n: f[f["model"] == model] if model is not None and "model" in f else f
+                 for n, f in frames.items()},
+                figure_title(benchmark, model), f"{model}_" if len(models) > 1 else "")
+
+    def _model_figures(self, frames: dict[str, pd.DataFrame], title: str,
+                       prefix: str) -> Iterator[tuple[str, Figure]]:
         conflict, weights = frames.get("gaq_conflict"), frames.get("gaq_weights")
         if conflict is not None and len(conflict):
             for (method, bits), part in conflict.groupby(["method", "bits"]):
-                yield (f"conflict_{method}_{bits}",
-                       conflict_heatmap(part, f"{labels.method_label(method)} {bits}, "
+                yield (f"{prefix}conflict_{method}_{bits}",
+                       conflict_heatmap(part, f"{title}, {labels.method_label(method)} {bits}, "
                                         "mean over blocks"))
         if weights is not None and len(weights):
             learned = weights[weights["method"] != "gaq-uniform"]  # its weights are all 1
             for bits, part in learned.groupby("bits"):
-                yield f"weights_by_t_{bits}", weights_by_timestep(part)
+                yield f"{prefix}weights_by_t_{bits}", weights_by_timestep(part, f"{title}, {bits}")
                 for method, mpart in part.groupby("method"):
-                    yield f"alignment_{method}_{bits}", weight_vs_alignment(mpart)
+                    yield (f"{prefix}alignment_{method}_{bits}", weight_vs_alignment(
+                        mpart, f"{title}, {labels.method_label(method)} {bits}"))
