@@ -62,6 +62,21 @@ class MetaConfig(MethodConfig):
     granularity: Literal["sample", "timestep"] = "sample"
     diagnostic_rows: int = 128  # training rows for the conflict matrices (0: none)
     seed: int = 0
+    # L_GM's scale. "paper": G_g = ∂L_MSE(θ'(ω); X^V_g)/∂ω over the N training rows, the
+    # paper's definition, estimated on a minibatch B with the factor N·|B| derived in
+    # METHOD.md. "minibatch": G_g taken w.r.t. the minibatch weights w = N·ω, which is
+    # the paper's L_GM divided by N·|B| (N² at full batch): the scale every committed
+    # GAQ result used, kept until the tuning study sets the defaults the paper's scale
+    # needs (see METHOD.md, "The matching term's scale").
+    matching_scale: Literal["paper", "minibatch"] = "minibatch"
+
+    def _plain_fields(self, toml: bool) -> dict:
+        out = super()._plain_fields(toml)
+        # added after results were committed: at its default it is not written, so no
+        # existing cell id changed
+        if self.matching_scale == "minibatch":
+            out.pop("matching_scale", None)
+        return out
 
     def validate(self) -> None:
         for name in ("iters", "diagnostic_rows", "seed"):
@@ -75,6 +90,9 @@ class MetaConfig(MethodConfig):
         if self.inner_params not in ("rounding", "rounding+scale"):
             raise ValueError("inner_params must be 'rounding' or 'rounding+scale', "
                              f"got {self.inner_params!r}")
+        if self.matching_scale not in ("paper", "minibatch"):
+            raise ValueError("matching_scale must be 'paper' or 'minibatch', got "
+                             f"{self.matching_scale!r}")
         if self.granularity not in ("sample", "timestep"):
             raise ValueError(f"granularity must be 'sample' or 'timestep', got "
                              f"{self.granularity!r}")
@@ -196,6 +214,11 @@ class MetaProblem:
         gram = grads @ grads.T
         pairs = self.n_groups * (self.n_groups - 1) / 2
         gm = -gram.triu(1).sum() / max(pairs, 1)
+        if cfg.matching_scale == "paper":
+            # the rows of `grads` are ∂L_g/∂w_i = (1/N)·∂L_g/∂ω_i of the minibatch step,
+            # which is |B|/N times the full-batch step's: the paper's Σ_{i≤N} G_g,i·G_h,i
+            # is N·|B| times this minibatch's sum (exactly N² at full batch; METHOD.md)
+            gm = gm * (len(w) * len(train["index"]))
         return cfg.matching_weight * gm + val_loss, (gm, val_loss)
 
     def meta_gradient(self, s: Tensor, train: dict) -> tuple[Tensor, tuple[Tensor, Tensor]]:
