@@ -34,6 +34,14 @@ _ROW_LABELS = {
     "ptqd-negk": "PTQD (k < 0 corrected too)", "tfmq-lsq": "TFMQ-DM + LSQ acts",
     "ptqd-per-channel": "PTQD (per-channel weights)",
     "brecq-no-lsq": "BRECQ (no learned act. steps)",
+    # benchmarks/tfmq-w3a8.toml: TFMQ-DM (and BRECQ) with one choice changed
+    "brecq-attn8": "BRECQ + 8-bit softmax attention",
+    "tfmq-no-temporal": "TFMQ-DM (no temporal unit)",
+    "tfmq-static-acts": "TFMQ-DM (one static act. range)",
+    "tfmq-mse-init": "TFMQ-DM (MSE act. ranges)",
+    "tfmq-softmax16": "TFMQ-DM (16-bit softmax)",
+    "tfmq-ends-w8a8": "TFMQ-DM (first/last layer W8A8)",
+    "tfmq-quant-skips": "TFMQ-DM (skip convs quantized)",
 }  # fmt: skip
 # Shorter names for the rows whose labels are long, where a table must fit one column of a
 # two-column paper; the table's caption spells each out (``short_label``).
