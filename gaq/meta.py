@@ -20,6 +20,7 @@ a third-order derivative of the block.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -271,7 +272,29 @@ def objective_summary(problem: MetaProblem, data: BlockData, logits: Tensor) -> 
         summary[f"objective_{label}"] = float(total)
         summary[f"matching_{label}"] = float(gm)
         summary[f"val_loss_{label}"] = float(val_loss)
+    # how much each term of L_VAL can move ω, at the start (s = 0): the values' ratio and
+    # the ratio of the two terms' gradients w.r.t. s (what Adam's first steps follow)
+    zero = torch.zeros_like(logits)
+    weight = problem.cfg.matching_weight if problem.cfg.matching else 0.0
+    g_match = torch.func.grad(lambda v: weight * problem.objective(v, first)[1][0])(zero)
+    g_val = torch.func.grad(lambda v: problem.objective(v, first)[1][1])(zero)
+    summary["matching_to_val_ratio"] = (abs(weight * summary["matching_uniform"])
+                                        / max(summary["val_loss_uniform"], 1e-30))
+    summary["matching_to_val_grad_ratio"] = float(g_match.norm() / g_val.norm().clamp_min(1e-30))
     return summary
+
+
+def weight_spread(weights: Tensor) -> dict[str, float]:
+    """How far the learned weights are from uniform: the largest over the smallest, the
+    entropy of ω relative to uniform's (1 = uniform), and the effective sample size
+    1 / Σω² relative to N (1 = uniform)."""
+    w = weights.double().flatten()
+    omega = w / w.sum()
+    n = len(omega)
+    entropy = float(-(omega * omega.clamp_min(1e-300).log()).sum())
+    return {"weight_max_min_ratio": float(w.max() / w.min().clamp_min(1e-300)),
+            "weight_entropy_rel": entropy / math.log(n) if n > 1 else 1.0,
+            "weight_ess_rel": float(1.0 / omega.pow(2).sum()) / n}
 
 
 def _flat(grads: Params) -> Tensor:

@@ -164,6 +164,49 @@ def test_gaq_and_ablations_run_on_tiny_models(make_tiny_model, kind):
     learned = results["gaq"].state["gaq"]["blocks"]
     assert any(b["weight_mass"] != uniform[0]["weight_mass"] for b in learned)
     assert all(b["matching_uniform"] == 0 for b in results["gaq-mse"].state["gaq"]["blocks"])
+    # whether the meta-step did anything, per block: ω's spread and the terms' weight
+    for b in learned:
+        assert b["weight_max_min_ratio"] >= 1.0
+        assert 0.0 < b["weight_entropy_rel"] <= 1.0 + 1e-12
+        assert 0.0 < b["weight_ess_rel"] <= 1.0 + 1e-12
+        assert b["matching_to_val_ratio"] > 0 and b["matching_to_val_grad_ratio"] > 0
+    for b in results["gaq-mse"].state["gaq"]["blocks"]:
+        assert b["matching_to_val_ratio"] == 0 and b["matching_to_val_grad_ratio"] == 0
+
+
+def test_weight_spread_against_hand_computed_values():
+    import math
+
+    from gaq.meta import weight_spread
+
+    flat = weight_spread(torch.ones(4))
+    assert flat == pytest.approx({"weight_max_min_ratio": 1.0, "weight_entropy_rel": 1.0,
+                                  "weight_ess_rel": 1.0})
+    # ω = (1/2, 1/6, 1/6, 1/6): H = ln 2 / 2 + ln 6 / 2, ESS = 1 / (1/4 + 3/36) = 3
+    got = weight_spread(torch.tensor([3.0, 1.0, 1.0, 1.0]))
+    assert got["weight_max_min_ratio"] == pytest.approx(3.0)
+    assert got["weight_entropy_rel"] == pytest.approx((math.log(2) + math.log(6)) / 2
+                                                      / math.log(4))
+    assert got["weight_ess_rel"] == pytest.approx(3.0 / 4)
+
+
+def test_the_paper_scale_multiplies_the_matching_ratio_by_n_times_the_batch(make_tiny_model):
+    """The diagnostics see the scale: at s = 0 on the same minibatch, L_GM / L_V under the
+    paper's scale is N·|B| times the minibatch scale's, and so is its gradient's norm."""
+    from gaq.meta import learn_weights, objective_summary
+
+    model = make_tiny_model("unet")
+    calib = calibration("unet", model)
+    out = {}
+    for scale in ("minibatch", "paper"):
+        cfg = MetaConfig(iters=1, batch_size=8, groups=2, matching_scale=scale)
+        problem, data = _block_problem(model, calib, "down_blocks.0.resnets.0", cfg,
+                                       torch.float64)
+        meta = learn_weights(problem, data)
+        out[scale] = objective_summary(problem, data, torch.zeros_like(meta.logits))
+    n, b = len(calib.train()), 8
+    for key in ("matching_to_val_ratio", "matching_to_val_grad_ratio"):
+        assert out["paper"][key] == pytest.approx(n * b * out["minibatch"][key], rel=1e-9)
 
 
 def test_fill_table_copies_the_nearest_calibrated_row():

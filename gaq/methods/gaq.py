@@ -31,6 +31,7 @@ from gaq.meta import (
     objective_summary,
     rounding_view,
     timestep_groups,
+    weight_spread,
 )
 from gaq.methods.base import Method, QuantResult
 from gaq.methods.stages import Run, start, wrap
@@ -124,7 +125,8 @@ class MetaWeighting:
                 else:
                     meta = learn_weights(problem, data)
                     weights = meta.weights
-                    info |= {"meta_seconds": meta.seconds, "history": meta.history}
+                    info |= {"meta_seconds": meta.seconds, "history": meta.history,
+                             **weight_spread(weights)}
                 diag_start = time.perf_counter()
                 if cfg.diagnostic_rows:
                     info |= gradient_diagnostics(problem, data.head(cfg.diagnostic_rows), weights)
@@ -201,7 +203,10 @@ def _tables(blocks: list[dict[str, Any]]) -> dict[str, list[dict]]:
                                              "val_loss_before_step", "objective_uniform",
                                              "objective_learned", "val_loss_uniform",
                                              "val_loss_learned", "matching_uniform",
-                                             "matching_learned")
+                                             "matching_learned", "matching_to_val_ratio",
+                                             "matching_to_val_grad_ratio",
+                                             "weight_max_min_ratio", "weight_entropy_rel",
+                                             "weight_ess_rel")
                            if k in b},
                         "matching_first": hist[0].get("matching", float("nan")),
                         "matching_last": hist[-1].get("matching", float("nan")),

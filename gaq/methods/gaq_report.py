@@ -115,6 +115,46 @@ def cosine_table(blocks: pd.DataFrame) -> str:
         for block, row in per_block.iterrows():
             u, ln = row[cols[0]], row[cols[1]]
             lines.append(f"| {block} | {u:.4f} | {ln:.4f} | {ln - u:+.4f} |")
+    return "\n".join(lines) + "\n" + effect_table(blocks)
+
+
+#: per-block columns saying whether the meta-step did anything (recorded since the
+#: matching term's scale became a choice; older results lack them)
+EFFECT_COLUMNS = {
+    "weight_max_min_ratio": "ω max/min", "weight_entropy_rel": "ω entropy / uniform",
+    "weight_ess_rel": "ω ESS / N", "matching_to_val_ratio": "abs(L_GM) / L_V",
+    "matching_to_val_grad_ratio": "‖∇_s L_GM‖ / ‖∇_s L_V‖",
+    "objective_change": "meta objective, learned − uniform (rel.)",
+}
+
+
+def effect_table(blocks: pd.DataFrame) -> str:
+    """Markdown: how far the learned ω moved from uniform and how much each term of the
+    meta objective weighed, per method and bit-width (median over blocks and seeds, with
+    the range); empty where the results predate these diagnostics."""
+    frame = blocks.copy()
+    if {"objective_learned", "objective_uniform"} <= set(frame):
+        frame["objective_change"] = ((frame["objective_learned"] - frame["objective_uniform"])
+                                     / frame["objective_uniform"].abs())
+    cols = [c for c in EFFECT_COLUMNS if c in frame and frame[c].notna().any()]
+    if not any(c.startswith("weight_") for c in cols):
+        return ""
+    lines = ["", "## What the learned weights did", "",
+             "Per block, at the start of its reconstruction: the spread of the learned ω "
+             "(1 = uniform for entropy and effective sample size), the gradient-matching "
+             "term against the validation loss at uniform ω (values, and the norms of their "
+             "gradients w.r.t. the logits s: what the first meta-steps follow), and the meta "
+             "objective's relative change on its first minibatch. Median [min, max] over "
+             "blocks and seeds.", "",
+             "| method | bits | " + " | ".join(EFFECT_COLUMNS[c] for c in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for (method, bits), part in frame.groupby(["method", "bits"]):
+        spread = [c for c in cols if c.startswith("weight_")]
+        if part[spread].isna().all().all():  # uniform ω: nothing was learned
+            continue
+        cells = [f"{part[c].median():.3g} [{part[c].min():.3g}, {part[c].max():.3g}]"
+                 for c in cols]
+        lines.append(f"| {labels.method_label(method)} | {bits} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
