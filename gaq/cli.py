@@ -7,8 +7,12 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gaq.errors import GaqError, one_line
+
+if TYPE_CHECKING:
+    from gaq.bench.spec import EvalSpec
 
 RESULTS = Path("results")  # the committed reference
 WORKING = Path("runs")  # what benchmark runs write
@@ -77,6 +81,41 @@ def _pipeline_and_sampler(args: argparse.Namespace):
     return pipe, sampler
 
 
+# the sampler flags' defaults; with --state, a flag left out takes the state's calibration
+# sampler instead (_fill_sampler_flags)
+_SAMPLER_DEFAULTS: dict[str, object] = {"sampler": "ddim", "steps": 50, "eta": 0.0,
+                                        "guidance": None}
+# the sampler flags and the calibration spec's keys (state.json: meta.calibration)
+_CALIBRATION_KEYS = {"sampler": "sampler_name", "steps": "steps", "eta": "eta",
+                     "guidance": "guidance"}
+
+
+def _fill_sampler_flags(args: argparse.Namespace, meta: dict | None) -> None:
+    """The sampler flags left out (None): the sampler a state was calibrated with when
+    there is one (``meta``: its state.json meta), else the usual defaults. A state samples
+    as it was calibrated unless told otherwise: its activation ranges were fitted on that
+    sampler's timesteps, and PTQD's correction refuses any other sampler."""
+    calibration = (meta or {}).get("calibration")
+    recorded = calibration if isinstance(calibration, dict) else {}
+    for flag, key in _CALIBRATION_KEYS.items():
+        if getattr(args, flag) is None:
+            value = recorded.get(key)
+            setattr(args, flag, _SAMPLER_DEFAULTS[flag] if value is None else value)
+
+
+def _state_and_model(args: argparse.Namespace) -> dict:
+    """With ``--state``: its meta, read first (a bad folder fails before any model loads),
+    and ``args.model`` set to the model to restore it on; without, the default model."""
+    from gaq.cell import read_state_meta, state_model
+
+    if args.state is None:
+        args.model = args.model or "digits"
+        return {}
+    meta = read_state_meta(args.state)
+    args.model = state_model(args.state, meta, args.model)
+    return meta
+
+
 def _sample(args: argparse.Namespace) -> None:
     import torch
     from torchvision.utils import save_image
@@ -87,18 +126,33 @@ def _sample(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise GaqError(f"--num must be a positive number of images, got {args.num}")
     check_output_file(args.out, "--out")  # before sampling, not after
+    meta = _state_and_model(args)
+    _fill_sampler_flags(args, meta)
     pipe, sampler = _pipeline_and_sampler(args)
+    hook = denoiser = restored = None  # the FP model
+    if args.state is not None:
+        from gaq.cell import load_quantized
+
+        restored = load_quantized(args.state, pipe, args.model, meta)
+        hook, denoiser = restored.sampler_hook, restored.model
+    # the same seeds and batches with or without --state: image i of both comes from the
+    # same noise, so FP and quantized grids compare image by image
     images = sample(pipe, args.num, seed=args.seed, sampler=sampler,
-                    batch_size=args.batch_size, progress=True)
+                    batch_size=args.batch_size, progress=True, hook=hook, denoiser=denoiser)
     bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
     if bad:  # would save as black squares with exit 0
-        raise GaqError(f"model {args.model}: {bad} of {len(images)} samples are not finite "
-                       "(NaN or inf); check the model's weights (nothing was written)")
+        what = "" if args.state is None else f" quantized by {args.state}"
+        raise GaqError(f"model {args.model}{what}: {bad} of {len(images)} samples are not "
+                       "finite (NaN or inf); check the model's weights (nothing was written)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image((images + 1) / 2, str(out), nrow=int(args.num**0.5) or 1)
     report: dict = {"model": args.model, "images": len(images), "out": str(out),
-                    "sampler": sampler.name, "guidance": sampler.guidance}
+                    "sampler": sampler.name, "steps": sampler.steps,
+                    "guidance": sampler.guidance}
+    if restored is not None:
+        report.update({"state": str(args.state), "method": meta.get("method"),
+                       "bits": restored.quant.label})
     from gaq.models.bundled import scoring_for
 
     if scoring_for(args.model).judges_classes:  # the digit classifier reads its samples
@@ -111,6 +165,77 @@ def _sample(args: argparse.Namespace) -> None:
                   if cond.kind == "class" else None)
         report.update(digit_likeness(images, labels=labels))
     print(json.dumps(report))
+
+
+# the flag of each EvalSpec field gaq evaluate sets, for its errors
+_EVAL_FLAGS = {"num_images": "--num-images", "batch_size": "--batch-size",
+               "seeds": "--seed", "metrics": "--metrics",
+               "heldout_trajectories": "--heldout-trajectories",
+               "feature_space": "--feature-space", "reference": "--reference"}
+
+
+def _evaluation(args: argparse.Namespace) -> EvalSpec:
+    """The evaluation settings the flags give (a benchmark's ``[eval]``, one seed), checked
+    before any model loads. Left out, --metrics is a benchmark's default set, without the
+    image metrics (FID...) for a model that has no reference images to score them on."""
+    from gaq.bench.spec import EvalSpec
+    from gaq.config import ConfigError
+    from gaq.eval.registry import metrics_of_kind
+    from gaq.models.bundled import scoring_for
+
+    has_reference = (scoring_for(args.model).reference is not None
+                     or args.reference is not None)
+    if args.metrics is not None:
+        metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    else:
+        default = EvalSpec().metrics
+        metrics = tuple(m for m in default
+                        if has_reference or m not in metrics_of_kind(default, "image"))
+    try:
+        evaluation = EvalSpec(num_images=args.num_images, batch_size=args.batch_size,
+                              seeds=(args.seed,), metrics=metrics,
+                              heldout_trajectories=args.heldout_trajectories,
+                              feature_space=args.feature_space, reference=args.reference)
+    except ConfigError as e:
+        flag = _EVAL_FLAGS.get(e.path[0], e.path[0]) if e.path else "evaluate"
+        raise GaqError(f"{flag} {e.reason}") from None
+    image = metrics_of_kind(metrics, "image")
+    if image and not has_reference:
+        raise GaqError(f"--metrics {','.join(image)}: model {args.model!r} has no bundled "
+                       "reference images; pass --reference FOLDER (real images), or leave "
+                       "the image metrics out (e.g. --metrics psnr,eps_mse)")
+    if args.reference is not None and not Path(args.reference).is_dir():
+        raise GaqError(f"--reference {args.reference} is not a folder; pass a folder of "
+                       "real images")
+    return evaluation
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from gaq.bench.spec import SamplerSpec
+    from gaq.cell import evaluate_state
+    from gaq.models.bundled import scoring_for
+    from gaq.outputs import check_output_file
+
+    if args.out is not None:
+        check_output_file(args.out, "--out")  # before the minutes of sampling
+    meta = _state_and_model(args)
+    _fill_sampler_flags(args, meta)
+    evaluation = _evaluation(args)
+    pipe, sampler = _pipeline_and_sampler(args)
+    if "class_acc" in evaluation.metrics and not (scoring_for(args.model).judges_classes
+                                                  and pipe.conditioning.kind == "class"):
+        raise GaqError("--metrics class_acc needs a bundled class-conditional model "
+                       f"(digits-ldm, digits-dit), not {args.model!r}; leave it out")
+    spec = SamplerSpec(steps=sampler.steps, eta=sampler.eta, guidance=sampler.guidance,
+                       name=sampler.name, prompts=args.prompts)
+    summary = evaluate_state(args.state, pipe, args.model, meta, sampler=spec,
+                             evaluation=evaluation, seed=args.seed)
+    text = json.dumps(summary, indent=1)
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -129,8 +254,8 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from gaq.calibration import CalibrationSpec
-    from gaq.cell import quantize_pipeline, save_quantized
+    from gaq.calibration import CalibrationSpec, state_dict_digest
+    from gaq.cell import WEIGHTS_DIGEST, quantize_pipeline, save_quantized
     from gaq.config import QuantConfig
     from gaq.outputs import check_output_folder, output_folder
     from gaq.registry import get_method
@@ -149,9 +274,13 @@ def _quantize(args: argparse.Namespace) -> None:
                            guidance=sampler.guidance, interval=args.interval,
                            samples_per_step=args.samples_per_step, seed=args.seed,
                            holdout_per_step=holdout)
+    # the FP weights the state is made from, so `gaq sample --state` and `gaq evaluate`
+    # can tell this model from another with the same layers
+    digest = state_dict_digest(model.denoiser)
     result = quantize_pipeline(model, method, quant, spec, model_id=args.model, progress=True)
     with output_folder(args.out, "--out", **out_flags) as tmp:
         save_quantized(result, tmp, model, meta={"model": args.model,
+                                                 WEIGHTS_DIGEST: digest,
                                                  "calibration": spec.to_dict(),
                                                  "stats": result.stats})
     print(json.dumps({"out": str(args.out), "layers": result.report.counts(),
@@ -520,15 +649,25 @@ def _ls(args: argparse.Namespace) -> None:
               f"methods: {', '.join(sorted(df['method'].unique()))}")
 
 
-def _sampler_flags(p: argparse.ArgumentParser) -> None:
+def _sampler_flags(p: argparse.ArgumentParser, *, state: str | None = None) -> None:
+    """The sampler flags. ``state``: the help's default with a state, a template of the
+    plain default ("{} ..."); the flags left out then take the sampler the state was
+    calibrated with, so they default to None here (filled in by _fill_sampler_flags)."""
     from gaq.sampling import SAMPLERS
 
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
-                   help="sampler (default: ddim)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    d = _SAMPLER_DEFAULTS if state is None else dict.fromkeys(_SAMPLER_DEFAULTS)
+
+    def default(plain: str) -> str:
+        return f"default: {plain if state is None else state.format(plain)}"
+
+    p.add_argument("--sampler", default=d["sampler"], choices=sorted(SAMPLERS),
+                   help=f"sampler ({default('ddim')})")
+    p.add_argument("--steps", type=int, default=d["steps"],
+                   help=f"sampler steps ({default('50')})")
+    p.add_argument("--eta", type=float, default=d["eta"],
+                   help=f"DDIM eta, 0: deterministic ({default('0')})")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (conditional models)")
+                   help=f"classifier-free guidance scale, conditional models ({default('off')})")
     p.add_argument("--prompts", help="text-conditional models: file of prompts, one per line")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -571,10 +710,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample a grid of images with a seeded sampler",
                        description="Sample images (decoded to pixels for latent models); "
-                       "image i depends only on (seed, i).")
-    s.add_argument("--model", default="digits", help="bundled name, pipeline folder or hub id")
+                       "image i depends only on (seed, i). With --state, the model "
+                       "quantized by a saved state (and its method's sampler correction) "
+                       "samples from the same noise as the FP model.")
+    s.add_argument("--model", default=None, help="bundled name, pipeline folder or hub id "
+                   "(default: digits, or the model the --state was made for)")
+    s.add_argument("--state", help="a quantization state (the folder `gaq quantize --out` "
+                   "wrote): sample the model it quantized")
     s.add_argument("--num", type=int, default=64)
-    _sampler_flags(s)
+    _sampler_flags(s, state="{}; with --state, the state's calibration sampler's")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=_sample)
@@ -603,6 +747,38 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true",
                    help="replace the quantization state an earlier run wrote to --out")
     q.set_defaults(func=_quantize)
+
+    ev = sub.add_parser("evaluate", help="score a saved quantization state against FP",
+                        description="Sample the FP model and the model a saved state "
+                        "quantized (with its method's sampler correction) from the same "
+                        "noise, and score both as a benchmark cell does: image metrics "
+                        "(FID...) against the reference set, paired metrics (PSNR) against "
+                        "the FP images, eps_mse on held-out FP trajectories. Prints a JSON "
+                        "summary (and writes it to --out); no MLflow run, no results rows.")
+    ev.add_argument("--state", required=True, help="the folder `gaq quantize --out` wrote")
+    ev.add_argument("--model", default=None, help="bundled name, pipeline folder or hub id "
+                    "(default: the model the state was made for)")
+    from gaq.bench.spec import EvalSpec
+
+    benchmark_eval = EvalSpec()  # a benchmark's defaults are evaluate's
+    ev.add_argument("--num-images", type=int, default=benchmark_eval.num_images,
+                    help=f"images per model (default: {benchmark_eval.num_images})")
+    ev.add_argument("--batch-size", type=int, default=benchmark_eval.batch_size)
+    ev.add_argument("--metrics", help="comma-separated, e.g. psnr,eps_mse,fid (default: "
+                    f"{','.join(benchmark_eval.metrics)}; without the image metrics for a "
+                    "model with no reference images)")
+    ev.add_argument("--heldout-trajectories", type=int,
+                    default=benchmark_eval.heldout_trajectories,
+                    help="held-out FP trajectories for eps_mse, on their own seed "
+                    f"(default: {benchmark_eval.heldout_trajectories})")
+    ev.add_argument("--feature-space", choices=("auto", "classifier", "inception"),
+                    default="auto", help="image metrics' features (default: auto, the "
+                    "bundled classifier's for bundled models)")
+    ev.add_argument("--reference", help="folder of real images, for image metrics of a "
+                    "model without a bundled reference set")
+    _sampler_flags(ev, state="the state's calibration sampler's, else {}")
+    ev.add_argument("--out", help="also write the JSON summary to this file")
+    ev.set_defaults(func=_evaluate)
 
     b = sub.add_parser("bench", help="run a benchmark file",
                        description="Run every cell of a benchmark (TOML under benchmarks/, or "

@@ -364,19 +364,16 @@ def state_weight_storage(folder: str | Path) -> dict[str, dict]:
     return doc.get("weights", {})
 
 
-def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerReport, dict]:
-    """Rebuild the quantized model on a fresh FP ``model`` and load a saved state into it
-    (either format: packed weight codes, or format 1's full-precision frozen weights).
+_REDO = "re-run `gaq quantize` to write it again"
 
-    Every way a folder can be wrong (missing, not a folder, truncated or malformed files,
-    a state of another model or of an unknown format, non-finite values) is one
-    :class:`GaqError` naming the folder and what to do, never a raw parser or safetensors
-    exception."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
+def read_state(folder: str | Path) -> dict:
+    """``state.json`` of a saved state, checked without any model: the folder holds both
+    files, the JSON parses, its format is one this version reads and it has every key.
+    What ``gaq sample --state`` and ``gaq evaluate`` read (the model the state was made
+    for) before loading anything; :func:`load_state` starts with it."""
     folder = Path(folder)
-    redo = "re-run `gaq quantize` to write it again"
+    redo = _REDO
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise GaqError(f"quantization state {folder} {what}; pass the folder `gaq quantize "
@@ -398,6 +395,24 @@ def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerRe
               if k not in doc]
     if absent:
         raise GaqError(f"{folder / 'state.json'} lacks {', '.join(absent)}; {redo}")
+    return doc
+
+
+def load_state(model: nn.Module, folder: str | Path) -> tuple[nn.Module, LayerReport, dict]:
+    """Rebuild the quantized model on a fresh FP ``model`` and load a saved state into it
+    (either format: packed weight codes, or format 1's full-precision frozen weights).
+
+    Every way a folder can be wrong (missing, not a folder, truncated or malformed files,
+    a state of another model or of an unknown format, non-finite values) is one
+    :class:`GaqError` naming the folder and what to do, never a raw parser or safetensors
+    exception."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    redo = _REDO
+    doc = read_state(folder)
+    found = doc["format"]
     quant = QuantConfig.from_dict(doc["quant"])
     report = LayerReport.from_rows(doc["layers"])
     names = {n for n, _ in model.named_modules()}

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
@@ -35,6 +35,9 @@ from gaq.config import QuantConfig, fingerprint
 from gaq.errors import DivergedError, GaqError
 from gaq.eval.registry import by_function, compute_grouped, metrics_of_kind
 from gaq.tempdirs import make_temp_dir, remove_dead_temp_dirs
+
+if TYPE_CHECKING:
+    from gaq.models.pipeline import Pipeline
 
 RESULTS_FORMAT = 2  # 2: eps_mse after the sampler hook; noise_k curves
 HELDOUT_SEED_OFFSET = 10_000  # held-out trajectories never share noise with calibration
@@ -94,19 +97,23 @@ def _bits(label: str) -> tuple[int | None, int | None]:
 class _ModelContext:
     """What every cell of one model shares: the pipeline, reference features, FP samples."""
 
-    def __init__(self, model_id: str, bench: Benchmark, device: str) -> None:
+    def __init__(self, model_id: str, bench: Benchmark, device: str,
+                 pipe: Pipeline | None = None) -> None:
         from gaq.calibration import state_dict_digest
         from gaq.models.adapters import adapter_for
         from gaq.models.loading import load_model
 
         self.id = model_id
-        prompts = bench.sampler.prompt_list(bench.path.parent)
-        try:
-            self.pipe = load_model(model_id, device=device, prompts=prompts)
-        except GaqError as e:
-            if not bench.model_help:
-                raise
-            raise GaqError(f"{e}. {bench.model_help}") from None
+        if pipe is not None:  # loaded by the caller (gaq evaluate checks a state against it)
+            self.pipe = pipe
+        else:
+            prompts = bench.sampler.prompt_list(bench.path.parent)
+            try:
+                self.pipe = load_model(model_id, device=device, prompts=prompts)
+            except GaqError as e:
+                if not bench.model_help:
+                    raise
+                raise GaqError(f"{e}. {bench.model_help}") from None
         # [sampler] guidance applies to the conditional models of a benchmark; an
         # unconditional one samples without it, and its rows say so (sampler.guidance off)
         self.sampler = bench.sampler
@@ -195,9 +202,11 @@ class Runner:
             doc["method_code"] = code
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
-    def model(self, model_id: str) -> _ModelContext:
+    def model(self, model_id: str, pipe: Pipeline | None = None) -> _ModelContext:
+        """What the cells of ``model_id`` share, made on first use; ``pipe``: the model
+        already loaded on the runner's device (else it is loaded here)."""
         if model_id not in self._models:
-            self._models[model_id] = _ModelContext(model_id, self.bench, self.device)
+            self._models[model_id] = _ModelContext(model_id, self.bench, self.device, pipe)
         return self._models[model_id]
 
     # -- running ----------------------------------------------------------------------
@@ -684,11 +693,21 @@ class Runner:
         state), sample, score, persist (artifacts, MLflow, Parquet)."""
         out = CellOutcome(cell, cid, started=time.time())
         self._quantize_step(out, state_dir)
-        self._sample_step(out)
-        if not self.world.main:  # metrics, artifacts and results are rank 0's
+        if not self.measure(out):
             return None
-        self._score_step(out)
         return self._persist_step(out, state_dir)
+
+    def measure(self, out: CellOutcome) -> bool:
+        """Sample ``out.model`` (with the sampler hook ``out.hook``) and score its images
+        into ``out``, as every cell does once its model is quantized: ``gaq evaluate``
+        calls this on a restored state, so a saved state and a benchmark cell are scored
+        by the same code. False on a torchrun rank other than 0, which only samples its
+        share (metrics are rank 0's)."""
+        self._sample_step(out)
+        if not self.world.main:
+            return False
+        self._score_step(out)
+        return True
 
     def _quantize_step(self, out: CellOutcome, state_dir: Path) -> None:
         """The method's quantization of the denoiser (FP: the denoiser itself), through
