@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from gaq.config import Config, ConfigError, non_negative_int, positive_float, positive_int
 from gaq.finite import first_non_finite, require_finite_tensors
+from gaq.models.adapters import denoise
 from gaq.sampling import SamplerConfig, batch_ranges, sample_batch, sampler_kind, sampling_timesteps
 
 if TYPE_CHECKING:
@@ -422,7 +423,8 @@ def combine_guidance(out: Tensor, guidance: float | None) -> Tensor:
 def forward_loop(calib: CalibrationSet, batch_size: int) -> Callable[[nn.Module], None]:
     """A ModelOpt-style ``forward_loop(model)`` that runs every row through ``model`` once.
 
-    Calls ``model(x, t, **cond)`` with ``t`` a per-sample (B,) tensor, on the device and
+    Calls ``model`` through its adapter (:func:`gaq.models.adapters.denoise`) with ``t`` a
+    per-sample (B,) tensor, on the device and
     floating dtype of the model's first parameter, under ``torch.no_grad`` (observers
     need activations, not gradients).
     """
@@ -450,7 +452,7 @@ def _rows_loop(calib: CalibrationSet, plan: list[Tensor]) -> Callable[[nn.Module
             for idx in plan:
                 idx = idx.to(calib.x.device)
                 cond = {k: move(v[idx]) for k, v in calib.cond.items()}
-                model(move(calib.x[idx]), calib.t[idx].to(device), **cond)
+                denoise(model, move(calib.x[idx]), calib.t[idx].to(device), cond)
 
     return loop
 

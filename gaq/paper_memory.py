@@ -50,8 +50,8 @@ def choose_blocks(model: Any, blocks: list) -> list[tuple[str, Any]]:
     return out
 
 
-def measure_rows(arch: str, trajectories: int, *, steps: int = 4, interval: int = 2,
-                 weight_iters: int = 2, device: str = "cpu",
+def measure_rows(arch: str, trajectories: int, *, device: str, steps: int = 4,
+                 interval: int = 2, weight_iters: int = 2,
                  cache_dir: str | Path | None = None) -> dict[str, Any]:
     """One calibration size in this process (call it in a fresh one): the chosen blocks
     reconstructed one at a time, each block's time and peak anonymous memory."""
@@ -61,7 +61,7 @@ def measure_rows(arch: str, trajectories: int, *, steps: int = 4, interval: int 
     from gaq.config import QuantConfig
     from gaq.memwatch import PeakMemory
     from gaq.methods.stages import start, wrap
-    from gaq.models.adapters import adapter_for
+    from gaq.models.adapters import adapter_for, denoise
     from gaq.models.loading import load_model
     from gaq.paper_cells import BUDGETS, _method_config
     from gaq.perf_paper import ARCHITECTURES
@@ -99,7 +99,7 @@ def measure_rows(arch: str, trajectories: int, *, steps: int = 4, interval: int 
             h = mod.register_forward_pre_hook(pre, with_kwargs=True)
             x, t, cond, _ = next(iter(run_.batches(1)()))
             with torch.no_grad():
-                pipe.denoiser(x, t, **cond)
+                denoise(pipe.denoiser, x, t, cond)
             h.remove()
             sizes[b.name] = got[0] / 2**20
         blocks = []

@@ -279,6 +279,8 @@ def _seconds_per_call(pipe, denoiser, batch: int, repeats: int) -> float:
     """The median time of one denoiser call at ``batch`` with its conditioning (class
     labels, class embedding or encoded prompts); guidance doubles the calls, which the
     projection counts."""
+    from gaq.models.adapters import denoise
+
     c, h, w = pipe.latent_shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, h, w, generator=g).to(pipe.device)
@@ -286,11 +288,11 @@ def _seconds_per_call(pipe, denoiser, batch: int, repeats: int) -> float:
     cond = pipe.conditioning.inputs(torch.arange(batch, device="cpu"), pipe.device)
     times = []
     with torch.no_grad():
-        denoiser(x, t, **cond)  # warm-up (allocator, kernels, lazy tables)
+        denoise(denoiser, x, t, cond)  # warm-up (allocator, kernels, lazy tables)
         for _ in range(repeats):
             _sync(pipe.device)
             start = time.perf_counter()
-            denoiser(x, t, **cond)
+            denoise(denoiser, x, t, cond)
             _sync(pipe.device)
             times.append(time.perf_counter() - start)
     return median(times)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from gaq.config import MethodConfig, non_negative_int, positive_float, positive_int
-from gaq.models.adapters import Block, ModelAdapter
+from gaq.models.adapters import Block, ModelAdapter, denoise
 from gaq.quant import QuantLayer, SplitQuantConv2d, annealed_beta, timestep_context
 from gaq.quant.quantizer import FakeQuantizer
 from gaq.tempdirs import make_temp_dir
@@ -240,7 +240,7 @@ def capture(qmodel: nn.Module, fpmodel: nn.Module, name: str, batches: BatchIter
         for x, t, cond, idx in batches():
             for model in (qmodel, fpmodel):
                 try:
-                    model(x, t, **cond)
+                    denoise(model, x, t, cond)
                 except _Stop:
                     pass
             data.add({"args": got["args"], "kwargs": got["kwargs"], "target": got["target"],

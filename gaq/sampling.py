@@ -25,6 +25,7 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from gaq.errors import GaqError, did_you_mean
+from gaq.models.adapters import denoise
 
 if TYPE_CHECKING:
     from gaq.models.pipeline import Pipeline
@@ -217,8 +218,8 @@ def predict(pipe: Pipeline, denoiser: torch.nn.Module, x: torch.Tensor, t: torch
         assert null is not None
         x_in, inputs = torch.cat([x, x]), _cat_inputs(null, cond)
     # a (B,) timestep: DiT's embedding refuses a 0-d one; UNets broadcast either
-    out = _noise_prediction(denoiser(x_in, t.to(x.device).expand(x_in.shape[0]), **inputs),
-                            channels)
+    out = _noise_prediction(denoise(denoiser, x_in, t.to(x.device).expand(x_in.shape[0]),
+                                    inputs), channels)
     if record is not None:
         record(x_in, out, inputs)
     if guidance is None:

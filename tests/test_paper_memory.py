@@ -40,7 +40,8 @@ def test_the_chosen_blocks_are_first_largest_first_attention_and_last(tiny):
 @pytest.mark.parametrize("arch", ["tiny-unet", "tiny-dit"])
 def test_every_size_measures_every_chosen_block(tiny, tmp_path, arch):
     runs = paper_memory.run(arch, [1, 2], device="cpu", out_dir=tmp_path,
-                            measure=lambda a, n: paper_memory.measure_rows(a, n) | {"status": "ok"},
+                            measure=lambda a, n: paper_memory.measure_rows(a, n, device="cpu")
+                            | {"status": "ok"},
                             log=lambda s: None)
     assert [r["status"] for r in runs] == ["ok", "ok"]
     # two kept steps; the guided DiT records both halves of each

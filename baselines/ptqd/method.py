@@ -23,7 +23,7 @@ from gaq.errors import GaqError
 from gaq.methods.base import Method, QuantResult
 from gaq.methods.brecq import brecq_stages
 from gaq.methods.stages import finish, start
-from gaq.models.adapters import SkipRule
+from gaq.models.adapters import SkipRule, denoise
 from gaq.reconstruction import ReconConfig
 from gaq.sampling import _noise_prediction
 
@@ -158,7 +158,7 @@ def noise_stats(qmodel: nn.Module, calib, batch_size: int, bias_of: str = "raw",
         for b in rows.batches(batch_size):
             cond = {k: v.to(ref.device) for k, v in b["cond"].items()}
             x = b["x"].to(ref.device, ref.dtype)
-            pred = qmodel(x, b["t"].to(ref.device), **cond)
+            pred = denoise(qmodel, x, b["t"].to(ref.device), cond)
             eps_q.append(_noise_prediction(pred, x.shape[1]).float().cpu())
         eps_fp = _noise_prediction(rows.eps_fp, rows.x.shape[1])
         out.append(fit_stats(t, combine_guidance(torch.cat(eps_q), calib.guidance),

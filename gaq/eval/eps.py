@@ -90,6 +90,7 @@ def noise_measurements(model: torch.nn.Module, heldout, batch_size: int = 128, h
     spread is the sampling uncertainty of that mean (the trajectories are independent).
     """
     from gaq.calibration import combine_guidance
+    from gaq.models.adapters import denoise
     from gaq.sampling import _noise_prediction, _split_hook
 
     eps_fn = _split_hook(hook)[0]
@@ -120,7 +121,7 @@ def noise_measurements(model: torch.nn.Module, heldout, batch_size: int = 128, h
         for b in rows.batches(batch_size):
             cond = {k: v.to(device) for k, v in b["cond"].items()}
             x = b["x"].to(device)
-            eps = _noise_prediction(model(x, b["t"].to(device), **cond), x.shape[1])
+            eps = _noise_prediction(denoise(model, x, b["t"].to(device), cond), x.shape[1])
             # with guidance: the guided prediction the sampler uses, not each half
             eps = combine_guidance(eps, guidance)
             fp = combine_guidance(b["eps_fp"], guidance)

@@ -67,6 +67,17 @@ class ModelAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    # -- the call ----------------------------------------------------------------------
+    @staticmethod
+    def forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> object:
+        """One call of ``model`` (this architecture, FP or quantized) on inputs ``x``,
+        per-sample timesteps ``t`` (B,) and conditioning ``cond`` (the pipeline's keyword
+        inputs), returning what the model returns. Every caller that runs a denoiser
+        (sampling, calibration, evaluation, reconstruction, PTQD) goes through
+        :func:`denoise`, so an architecture whose arguments are not ``(x, t, **cond)``
+        changes this method only. The UNets and DiT take the timestep second."""
+        return model(x, t, **cond)
+
     # -- architecture facts ------------------------------------------------------------
     def role(self, name: str) -> str | None:
         """The role (a key of :data:`ROLES`) of the layer ``name``; None for the rest."""
@@ -319,6 +330,14 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "DiTTransformer2DModel": DiTAdapter,
     "Transformer2DModel": DiTAdapter,
 }
+
+
+def denoise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> object:
+    """Run the denoiser ``model`` as its architecture's adapter calls it
+    (:meth:`ModelAdapter.forward`). A module of no known architecture (a test's plain
+    ``nn.Module``) is called as ``model(x, t, **cond)``."""
+    cls = ADAPTERS.get(type(model).__name__, ModelAdapter)
+    return cls.forward(model, x, t, cond)
 
 
 def check_architecture(class_name: str) -> type[ModelAdapter]:
