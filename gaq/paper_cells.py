@@ -227,7 +227,7 @@ def adapter_arch(arch: str) -> str:
     from gaq.models.adapters import ADAPTERS
     from gaq.perf_paper import ARCHITECTURES
 
-    return ADAPTERS[ARCHITECTURES[arch].denoiser].arch
+    return ADAPTERS.get(ARCHITECTURES[arch].denoiser).arch
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: str | Path, device: str) -> list[Path]:

@@ -1,9 +1,10 @@
-"""Name -> quantization method class, resolved lazily.
+"""Name -> plug-in class, resolved lazily: one :class:`Registry` for every kind of plug-in.
 
-Targets are stored as "module.path:ClassName" strings and imported only when a method is
-asked for, so ``gaq --help``, ``list_methods()`` and config parsing never pay for torch or
-for a method's dependencies. Third-party packages add methods through the ``gaq.methods``
-entry-point group; entry points are read (not imported) on the first lookup.
+Targets are stored as "module.path:ClassName" strings and imported only when asked for, so
+``gaq --help``, ``list_methods()`` and config parsing never pay for torch or for a plug-in's
+dependencies. Third-party packages add plug-ins through an entry-point group per kind
+(``gaq.methods``, ``gaq.adapters``); entry points are read (not imported) on the first
+lookup, and a loaded target must subclass the kind's base class.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "BUILTIN_METHODS",
     "ENTRY_POINT_GROUP",
     "MethodRegistry",
+    "Registry",
     "UnknownMethodError",
     "get_method",
     "list_methods",
@@ -55,14 +57,16 @@ Target = type | str | metadata.EntryPoint
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-class UnknownMethodError(GaqError, KeyError):
-    """A method name that nothing registered; the message suggests close names."""
+class UnknownPluginError(GaqError, KeyError):
+    """A name that nothing registered; the message suggests close names."""
+
+    kind = "plug-in"
 
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         self.known = known
         hint = did_you_mean(name, known, n=3)
-        msg = f"unknown method {name!r}" + (f"; {hint} " if hint else "; ")
+        msg = f"unknown {self.kind} {name!r}" + (f"; {hint} " if hint else "; ")
         msg += "known: " + (", ".join(known) if known else "(none)")
         self.message = msg
         super().__init__(msg)
@@ -71,11 +75,23 @@ class UnknownMethodError(GaqError, KeyError):
         return self.message
 
 
-class BrokenMethodError(GaqError, ImportError):
+class BrokenPluginError(GaqError, ImportError):
+    """A registered plug-in (typically an entry point) that cannot be imported."""
+
+
+class NotAPluginError(GaqError, TypeError):
+    """A registered target that is not a subclass of its kind's base class."""
+
+
+class UnknownMethodError(UnknownPluginError):
+    kind = "method"
+
+
+class BrokenMethodError(BrokenPluginError):
     """A registered method (typically a plugin's entry point) that cannot be imported."""
 
 
-class NotAMethodError(GaqError, TypeError):
+class NotAMethodError(NotAPluginError):
     """A registered target that is not a :class:`gaq.methods.base.Method` subclass."""
 
 
@@ -102,23 +118,26 @@ def _target_key(target: Target) -> str:
 
 def _describe(target: Target) -> str:
     if isinstance(target, metadata.EntryPoint):
-        return f"entry point {target.value!r} (group {ENTRY_POINT_GROUP!r})"
+        return f"entry point {target.value!r} (group {target.group!r})"
     if isinstance(target, str):
         return repr(target)
     return f"{target.__module__}.{target.__qualname__}"
 
 
-class MethodRegistry:
-    """A registry instance; the module functions use one shared default instance.
+class Registry:
+    """Name -> a subclass of ``base`` (a lazy "module:Class"), for one kind of plug-in.
 
     Separate instances exist so tests (and embedders) can work on an isolated registry.
     """
 
-    def __init__(
-        self,
-        builtins: dict[str, str] | None = None,
-        entry_point_group: str | None = ENTRY_POINT_GROUP,
-    ) -> None:
+    kind = "plug-in"
+    base = "builtins:object"
+    unknown: type[UnknownPluginError] = UnknownPluginError
+    broken: type[BrokenPluginError] = BrokenPluginError
+    not_a: type[NotAPluginError] = NotAPluginError
+
+    def __init__(self, builtins: dict[str, str] | None = None,
+                 entry_point_group: str | None = None) -> None:
         self._targets: dict[str, Target] = {}
         self._group = entry_point_group
         self._entry_points_loaded = entry_point_group is None
@@ -131,24 +150,25 @@ class MethodRegistry:
         Re-registering the same target is a no-op, so module reloads are harmless; a
         different target needs ``overwrite=True`` to avoid silent shadowing.
         """
+        kind = self.kind
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"method name must be a non-empty string, got {name!r}")
+            raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
         if isinstance(target, str):
             if not _TARGET_RE.match(target):
                 raise ValueError(
-                    f"lazy target for method {name!r} must look like 'package.module:Class', "
+                    f"lazy target for {kind} {name!r} must look like 'package.module:Class', "
                     f"got {target!r}"
                 )
         elif not isinstance(target, (type, metadata.EntryPoint)):
             raise TypeError(
-                f"target for method {name!r} must be a class or a 'module:Class' string, "
+                f"target for {kind} {name!r} must be a class or a 'module:Class' string, "
                 f"got {target!r}"
             )
         current = self._targets.get(name)
         if current is not None and _target_key(current) != _target_key(target):
             if not overwrite:
                 raise ValueError(
-                    f"method {name!r} is already registered as {_describe(current)}; "
+                    f"{kind} {name!r} is already registered as {_describe(current)}; "
                     "pass overwrite=True to replace it"
                 )
         elif isinstance(current, type) and not isinstance(target, type):
@@ -175,13 +195,13 @@ class MethodRegistry:
         self._load_entry_points()
         return sorted(self._targets)
 
-    def get(self, name: str) -> type[Method]:
-        """The method class for ``name``, importing it now if it was registered lazily."""
+    def get(self, name: str) -> type:
+        """The class registered as ``name``, importing it now if it was registered lazily."""
         self._load_entry_points()
         try:
             target = self._targets[name]
         except (KeyError, TypeError):
-            raise UnknownMethodError(str(name), sorted(self._targets)) from None
+            raise self.unknown(str(name), sorted(self._targets)) from None
         if isinstance(target, type):
             return target
         try:
@@ -191,17 +211,16 @@ class MethodRegistry:
                 obj = _import_target(target)
         except Exception as e:  # noqa: BLE001 - a plugin's import may raise anything
             first = (str(e).strip().splitlines() or [""])[0]
-            raise BrokenMethodError(
-                f"method {name!r} is registered as {_describe(target)} but could not be "
+            raise self.broken(
+                f"{self.kind} {name!r} is registered as {_describe(target)} but could not be "
                 f"loaded: {type(e).__name__}: {first}; fix or uninstall the package that "
                 "provides it"
             ) from e
-        from gaq.methods.base import Method  # torch-free; deferred to keep imports lazy
-
-        if not (isinstance(obj, type) and issubclass(obj, Method)):
-            raise NotAMethodError(
-                f"method {name!r} ({_describe(target)}) must be a subclass of "
-                f"gaq.methods.base.Method, got {obj!r}"
+        base = _import_target(self.base)  # deferred: keeps the registry torch-free
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            raise self.not_a(
+                f"{self.kind} {name!r} ({_describe(target)}) must be a subclass of "
+                f"{self.base.replace(':', '.')}, got {obj!r}"
             )
         self._targets[name] = obj  # cache: import once
         return obj
@@ -209,6 +228,23 @@ class MethodRegistry:
     def __contains__(self, name: object) -> bool:
         self._load_entry_points()
         return name in self._targets
+
+
+class MethodRegistry(Registry):
+    """The quantization methods (``gaq.methods`` entry points)."""
+
+    kind = "method"
+    base = "gaq.methods.base:Method"
+    unknown = UnknownMethodError
+    broken = BrokenMethodError
+    not_a = NotAMethodError
+
+    def __init__(self, builtins: dict[str, str] | None = None,
+                 entry_point_group: str | None = ENTRY_POINT_GROUP) -> None:
+        super().__init__(builtins, entry_point_group)
+
+    def get(self, name: str) -> type[Method]:
+        return super().get(name)
 
 
 _DEFAULT = MethodRegistry(BUILTIN_METHODS)

@@ -15,6 +15,7 @@ import torch
 from gaq.calibration import CalibrationSpec, record_calibration
 from gaq.cli import main
 from gaq.errors import GaqError
+from gaq.models.adapters import denoise
 from gaq.models.loading import load_model
 from gaq.sampling import SamplerConfig, sample
 
@@ -114,11 +115,25 @@ def build(kind: str, root: Path) -> Path:
         return _save(path, {"vae": diffusers.AutoencoderKL(**VAE),
                             "unet": diffusers.UNet2DConditionModel(**COND_UNET),
                             "text_encoder": enc, "tokenizer": tok, "scheduler": sched})
+    if kind == "pixart":  # PixArt-like: a text-conditional DiT, T5 text encoder
+        from transformers import T5Config, T5EncoderModel
+
+        tok, vocab = _tokenizer(root / "tok-src-pixart")
+        enc = T5EncoderModel(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32,
+                                      num_layers=1, num_heads=2, pad_token_id=1,
+                                      eos_token_id=1))
+        return _save(path, {"vae": diffusers.AutoencoderKL(**VAE),
+                            "transformer": diffusers.PixArtTransformer2DModel(**PIXART),
+                            "text_encoder": enc, "tokenizer": tok, "scheduler": sched})
     raise ValueError(kind)
 
 
-FAMILIES = ["vq-ldm", "kl-class-ldm", "class-unet", "dit", "sd"]
-CONDITIONAL = ["kl-class-ldm", "class-unet", "dit", "sd"]
+PIXART = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4,
+          "out_channels": 8, "num_layers": 2, "cross_attention_dim": 16, "caption_channels": 16,
+          "sample_size": 8, "patch_size": 2, "norm_num_groups": 4}
+FAMILIES = ["vq-ldm", "kl-class-ldm", "class-unet", "dit", "sd", "pixart"]
+CONDITIONAL = ["kl-class-ldm", "class-unet", "dit", "sd", "pixart"]
+TEXT = ("sd", "pixart")
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +147,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 def _load(folders, kind):
-    prompts = ["a cat", "the dog"] if kind == "sd" else None
+    prompts = ["a cat", "the dog"] if kind in TEXT else None
     return load_model(str(folders[kind]), prompts=prompts)
 
 
@@ -141,7 +156,7 @@ def test_loads_as_a_pipeline_and_samples_decoded_pixels(folders, kind):
     pipe = _load(folders, kind)
     assert pipe.latent == (kind != "class-unet")
     expected = {"vq-ldm": "none", "kl-class-ldm": "class", "class-unet": "class",
-                "dit": "class", "sd": "text"}[kind]
+                "dit": "class", "sd": "text", "pixart": "text"}[kind]
     assert pipe.conditioning.kind == expected
     images = sample(pipe, 3, seed=0, sampler=SamplerConfig(steps=3), batch_size=2)
     # decoded through the autoencoder: 16x16 single-channel pixels, not 8x8x4 latents
@@ -165,9 +180,9 @@ def test_guidance_changes_samples_and_calibration_holds_both_halves(folders, kin
     is_null = [torch.equal(row, null[0].to(row.dtype)) for row in calib.cond[key]]
     assert sum(is_null) == len(calib) // 2
     # the rows are the denoiser calls as made: the FP output at each recorded input
-    with torch.no_grad():
-        args = (calib.x[:4], calib.t[:4])
-        out = pipe.denoiser(*args, **{k: v[:4] for k, v in calib.cond.items()}).sample
+    with torch.no_grad():  # called as the adapter calls it (PixArt: the timestep by name)
+        out = denoise(pipe.denoiser, calib.x[:4], calib.t[:4],
+                      {k: v[:4] for k, v in calib.cond.items()}).sample
     torch.testing.assert_close(calib.eps_fp[:4], out[:, :4], atol=1e-5, rtol=0)
 
 
@@ -244,7 +259,7 @@ def test_bench_runs_every_family(folders, kind, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("GAQ_CACHE", str(tmp_path / "cache"))
     extra = "" if kind == "vq-ldm" else "guidance = 3.0"
-    if kind == "sd":
+    if kind in TEXT:
         extra += f'\nprompts = "{folders["prompts"]}"'
     sampler = "plms" if kind in ("sd", "kl-class-ldm") else "ddim"
     bench = tmp_path / "b.toml"
@@ -298,7 +313,7 @@ TINY_OVERRIDES = {"recon": {"weight_iters": 2, "act_iters": 2, "cache": "memory"
                   "iters": 1}
 
 
-@pytest.mark.parametrize("kind", ["kl-class-ldm", "dit"])
+@pytest.mark.parametrize("kind", ["kl-class-ldm", "dit", "pixart"])
 def test_every_registered_method_quantizes_a_guided_latent_family(folders, kind, tmp_path):
     """Every registered method (tiny budgets) on a guided latent pipeline: calibration with
     both halves, quantization, and sampling with the method's hook, decoded to pixels."""

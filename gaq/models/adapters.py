@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gaq.errors import GaqError
+from gaq.registry import Registry
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 # Layer types that a quantizer would have to handle but this suite does not: finding one
@@ -324,36 +325,55 @@ class DiTAdapter(ModelAdapter):
         return (x,), {"timestep": t, "class_labels": labels}
 
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {
-    "UNet2DModel": UNet2DAdapter,
-    "UNet2DConditionModel": UNet2DConditionAdapter,
-    "DiTTransformer2DModel": DiTAdapter,
-    "Transformer2DModel": DiTAdapter,
+#: Adapters shipped with gaq, keyed by the denoiser's class name (what a pipeline folder's
+#: ``model_index.json`` names), as lazy targets. Another package adds one through the
+#: ``gaq.adapters`` entry-point group: ``MyTransformer2DModel = "pkg.adapter:MyAdapter"``.
+BUILTIN_ADAPTERS: dict[str, str] = {
+    "UNet2DModel": "gaq.models.adapters:UNet2DAdapter",
+    "UNet2DConditionModel": "gaq.models.adapters:UNet2DConditionAdapter",
+    "DiTTransformer2DModel": "gaq.models.adapters:DiTAdapter",
+    "Transformer2DModel": "gaq.models.adapters:DiTAdapter",
+    "PixArtTransformer2DModel": "gaq.models.adapter_pixart:PixArtAdapter",
 }
+
+
+class AdapterRegistry(Registry):
+    """Denoiser class name -> its :class:`ModelAdapter` (``gaq.adapters`` entry points)."""
+
+    kind = "architecture"
+    base = "gaq.models.adapters:ModelAdapter"
+
+    def __init__(self, builtins: dict[str, str] | None = None,
+                 entry_point_group: str | None = "gaq.adapters") -> None:
+        super().__init__(builtins, entry_point_group)
+
+
+ADAPTERS = AdapterRegistry(BUILTIN_ADAPTERS)
 
 
 def denoise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> object:
     """Run the denoiser ``model`` as its architecture's adapter calls it
     (:meth:`ModelAdapter.forward`). A module of no known architecture (a test's plain
     ``nn.Module``) is called as ``model(x, t, **cond)``."""
-    cls = ADAPTERS.get(type(model).__name__, ModelAdapter)
+    name = type(model).__name__
+    cls = ADAPTERS.get(name) if name in ADAPTERS else ModelAdapter
     return cls.forward(model, x, t, cond)
 
 
 def check_architecture(class_name: str) -> type[ModelAdapter]:
     """The adapter class for a denoiser class name (a pipeline folder's ``model_index.json``
     names it, so this runs before any weight is read); an unknown one is one line."""
-    cls = ADAPTERS.get(class_name)
-    if cls is None:
+    if class_name not in ADAPTERS:
         raise GaqError(f"unsupported architecture {class_name}: gaq has adapters for "
-                       f"{', '.join(sorted(ADAPTERS))}")
-    return cls
+                       f"{', '.join(ADAPTERS.names())}")
+    return ADAPTERS.get(class_name)
 
 
 def is_dit(model: nn.Module) -> bool:
     """Whether ``model`` is a class-conditional DiT (the adapter family that takes
     ``class_labels``), by its architecture, not by a config key other models share."""
-    return ADAPTERS.get(type(model).__name__) is DiTAdapter and bool(
+    name = type(model).__name__
+    return name in ADAPTERS and ADAPTERS.get(name) is DiTAdapter and bool(
         getattr(model.config, "num_embeds_ada_norm", None))
 
 

@@ -189,13 +189,28 @@ class TextConditioning(Conditioning):
     def with_prompts(self, prompts: list[str] | tuple[str, ...]) -> TextConditioning:
         return TextConditioning(self.tokenizer, self.text_encoder, tuple(prompts))
 
+    @property
+    def masked(self) -> bool:
+        """Whether the padding is masked: PixArt's pipelines give a T5 encoder, and the
+        transformer, the prompt's attention mask; Stable Diffusion's CLIP gets none."""
+        return type(self.text_encoder).__name__.startswith("T5")
+
     @torch.no_grad()
-    def encode(self, prompts: list[str], device: torch.device | str) -> torch.Tensor:
+    def _encode(self, prompts: list[str], device: torch.device | str) -> dict[str, torch.Tensor]:
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="pt")
         enc_device = next(self.text_encoder.parameters()).device
-        out = self.text_encoder(tok.input_ids.to(enc_device))[0]
-        return out.to(device)
+        if not self.masked:
+            out = self.text_encoder(tok.input_ids.to(enc_device))[0]
+            return {"encoder_hidden_states": out.to(device)}
+        mask = tok.attention_mask.to(enc_device)
+        out = self.text_encoder(tok.input_ids.to(enc_device), attention_mask=mask)[0]
+        return {"encoder_hidden_states": out.to(device),
+                "encoder_attention_mask": mask.to(device)}
+
+    def encode(self, prompts: list[str], device: torch.device | str) -> torch.Tensor:
+        """The text encoder's output for ``prompts``, on ``device``."""
+        return self._encode(prompts, device)["encoder_hidden_states"]
 
     def inputs(self, indices: torch.Tensor, device: torch.device | str) -> dict[str, torch.Tensor]:
         if not self.prompts:
@@ -204,11 +219,10 @@ class TextConditioning(Conditioning):
             raise GaqError("this model is text-conditional: name a captions file (one prompt "
                            "per line) in the benchmark's [sampler] prompts, or --prompts")
         idx = torch.as_tensor(indices, dtype=torch.long, device="cpu").tolist()
-        return {"encoder_hidden_states": self.encode([self.prompts[i % len(self.prompts)]
-                                                      for i in idx], device)}
+        return self._encode([self.prompts[i % len(self.prompts)] for i in idx], device)
 
     def null_inputs(self, n: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-        return {"encoder_hidden_states": self.encode([""], device).expand(n, -1, -1)}
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._encode([""], device).items()}
 
     def identity(self) -> dict:
         import hashlib
