@@ -515,13 +515,13 @@ def test_rows_of_one_benchmark_file_have_distinguishable_colours():
                  for p in sorted(root.glob("*.toml"))}
     assert "w4a8.toml" in files and "gaq-mse" in files["w4a8.toml"]
     for name, rows in files.items():
-        lab = {r: _lab(plots._color(r)) for r in rows}
+        lab = {r: _lab(plots.method_color(r)) for r in rows}
         for a, b in itertools.combinations(rows, 2):
             assert np.linalg.norm(lab[a] - lab[b]) >= 20, (name, a, b)
         assert all(v[0] <= 80 for v in lab.values()), name
         assert sum(v[0] < 30 for v in lab.values()) <= 1, (name, [r for r in rows
                                                                   if lab[r][0] < 30])
-    timestep, mse = _lab(plots._color("gaq-timestep")), _lab(plots._color("gaq-mse"))
+    timestep, mse = _lab(plots.method_color("gaq-timestep")), _lab(plots.method_color("gaq-mse"))
     assert abs(timestep[0] - mse[0]) >= 30  # told apart by lightness, not only by hue
 
 

@@ -33,7 +33,10 @@ __all__ = [
     "calibration_cost",
     "default_workers",
     "figure_title",
+    "method_color",
     "metric_vs_bits",
+    "new_figure",
+    "plot_style",
     "sample_grids",
     "save",
     "timestep_error",
@@ -78,7 +81,7 @@ _OWN_COLORS = {"gaq-timestep": (0.0, 0.0, 0.0), "gaq-mse": (0.45, 0.2, 0.95),  #
                "tfmq-ends-w8a8": _WIDE_PALETTE[15], "ptqd-per-channel": _WIDE_PALETTE[13]}
 
 
-def _color(method: str) -> tuple[float, ...]:
+def method_color(method: str) -> tuple[float, ...]:
     m = method.lower()
     if m in _COLOR_SLOTS:
         return _PALETTE[_COLOR_SLOTS.index(m) % len(_PALETTE)]
@@ -121,12 +124,12 @@ def figure_title(benchmark: str, model: str | None = None, metric: str | None = 
 
 
 @contextlib.contextmanager
-def _style() -> Iterator[None]:
+def plot_style() -> Iterator[None]:
     with mpl.rc_context(_RC):
         yield
 
 
-def _figure(width: float = COLUMN_WIDTH, height: float = 2.2) -> Figure:
+def new_figure(width: float = COLUMN_WIDTH, height: float = 2.2) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -141,7 +144,7 @@ _QUEUE: contextvars.ContextVar[list[tuple[bytes, Path]] | None] = contextvars.Co
 
 def _render(fig: Figure, stem: Path) -> None:
     FigureCanvasAgg(fig)  # an unpickled figure has no canvas
-    with _style():
+    with plot_style():
         fig.savefig(f"{stem}.png")
         fig.savefig(f"{stem}.pdf", metadata={"CreationDate": None, "ModDate": None})
 
@@ -225,8 +228,8 @@ def metric_vs_bits(df: pd.DataFrame, metric: str, title: str = "") -> Figure:
     activation bits, so neither lies "between" the other and a slope would be read as a
     trend along an axis that does not exist."""
     summary = results.summarize(df[df["metric"] == metric])
-    with _style():
-        fig = _figure()
+    with plot_style():
+        fig = new_figure()
         ax = fig.add_subplot()
         if title:
             fig.suptitle(title)
@@ -242,14 +245,14 @@ def metric_vs_bits(df: pd.DataFrame, metric: str, title: str = "") -> Figure:
             if labels.is_fp(method):
                 mean, ci = part["mean"].iloc[0], np.nan_to_num(part["ci95"].iloc[0])
                 name = labels.method_label(method)
-                ax.axhline(mean, color=_color(method), ls="--", label=name)
+                ax.axhline(mean, color=method_color(method), ls="--", label=name)
                 if ci > 0:  # a shaded area no legend explains reads as anything
-                    ax.axhspan(mean - ci, mean + ci, color=_color(method), alpha=0.15, lw=0,
+                    ax.axhspan(mean - ci, mean + ci, color=method_color(method), alpha=0.15, lw=0,
                                label=f"{name} 95 % CI")
                 continue
             part = part.assign(x=part["bits"].map(x) + offset[method]).sort_values("x")
             ax.errorbar(part["x"], part["mean"], yerr=np.nan_to_num(part["ci95"]),
-                        color=_color(method), marker="o", ms=3, capsize=2, ls="none",
+                        color=method_color(method), marker="o", ms=3, capsize=2, ls="none",
                         label=labels.method_label(method))
         # thin rules between settings: each is a group of its own
         for i in range(len(order) - 1):
@@ -293,8 +296,8 @@ def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse", title: str =
     data = quant[quant["curve"] == curve]
     raw = quant[quant["curve"] == curve + UNCORRECTED]
     several_bits = data["bits"].nunique() > 1
-    with _style():
-        fig = _figure()
+    with plot_style():
+        fig = new_figure()
         ax = fig.add_subplot()
         if title:
             fig.suptitle(title)
@@ -306,7 +309,7 @@ def timestep_error(curves_df: pd.DataFrame, curve: str = "eps_mse", title: str =
                     part = part[(part["method"] == method) & (part["bits"] == bits)]
                     mean = part.groupby("timestep")["value"].mean().sort_index()
                     if len(mean) and not mean.equals(drawn):  # skip a correction that was off
-                        ax.plot(mean.index, mean.values, color=_color(method), ls=ls,
+                        ax.plot(mean.index, mean.values, color=method_color(method), ls=ls,
                                 label=label + suffix)
                     drawn = mean
         # Errors span decades between early and late steps: log scale when it is defined.
@@ -335,8 +338,8 @@ def calibration_cost(df: pd.DataFrame, title: str = "") -> Figure:
     methods = labels.method_order(summary["method"])
     order = labels.bits_order(summary["bits"])
     scale, unit = (60.0, "min") if len(summary) and summary["mean"].max() > 600 else (1.0, "s")
-    with _style():
-        fig = _figure(height=0.9 + 0.22 * max(1, len(methods)) * max(1, len(order)) ** 0.5)
+    with plot_style():
+        fig = new_figure(height=0.9 + 0.22 * max(1, len(methods)) * max(1, len(order)) ** 0.5)
         ax = fig.add_subplot()
         if title:
             fig.suptitle(title)
@@ -373,8 +376,8 @@ def sample_grids(paths: Mapping[str, Path], out: str | Path, title: str = "") ->
     rows = -(-n // cols)
     width = COLUMN_WIDTH if n <= 2 else PAGE_WIDTH
     aspect = max(img.shape[0] / img.shape[1] for img in images)
-    with _style():
-        fig = _figure(width, rows * (width / cols * aspect + 0.3) + (0.2 if title else 0.0))
+    with plot_style():
+        fig = new_figure(width, rows * (width / cols * aspect + 0.3) + (0.2 if title else 0.0))
         if title:
             fig.suptitle(title)
         for i, ((method, _), img) in enumerate(zip(items, images, strict=True)):

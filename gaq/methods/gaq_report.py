@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from gaq.bench import labels
-from gaq.bench.plots import COLUMN_WIDTH, _color, _figure, _style, figure_title
+from gaq.bench.plots import COLUMN_WIDTH, figure_title, method_color, new_figure, plot_style
 from gaq.bench.reports import MethodReport
 
 __all__ = ["GAQReport", "conflict_heatmap", "cosine_table", "weight_vs_alignment",
@@ -24,8 +24,8 @@ __all__ = ["GAQReport", "conflict_heatmap", "cosine_table", "weight_vs_alignment
 def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:
     """Cosine similarity between per-timestep gradients of the block loss, under uniform
     and under learned weights (mean over the rows given: blocks and seeds)."""
-    with _style():
-        fig = _figure(1.4 * COLUMN_WIDTH, 2.4)
+    with plot_style():
+        fig = new_figure(1.4 * COLUMN_WIDTH, 2.4)
         axes = fig.subplots(1, 2, sharey=True)
         image = None
         for ax, weights in zip(axes, ("uniform", "learned"), strict=True):
@@ -50,8 +50,8 @@ def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:
 def weights_by_timestep(weights: pd.DataFrame, title: str = "") -> Figure:
     """Learned weight mass per timestep (×T, so uniform = 1), mean over blocks and seeds,
     one line per method."""
-    with _style():
-        fig = _figure()
+    with plot_style():
+        fig = new_figure()
         ax = fig.add_subplot()
         if title:
             fig.suptitle(title)
@@ -59,7 +59,7 @@ def weights_by_timestep(weights: pd.DataFrame, title: str = "") -> Figure:
             part = weights[weights["method"] == method]
             per_t = part.groupby("timestep")["weight_mass"].mean()
             ax.plot(per_t.index, per_t.values * len(per_t), marker="o",
-                    color=_color(method), label=labels.method_label(method))
+                    color=method_color(method), label=labels.method_label(method))
         ax.axhline(1.0, color="0.5", lw=0.6, ls="--")
         ax.set_xlabel("timestep t")
         ax.set_ylabel("weight mass × T (uniform = 1)")
@@ -70,8 +70,8 @@ def weights_by_timestep(weights: pd.DataFrame, title: str = "") -> Figure:
 def weight_vs_alignment(weights: pd.DataFrame, title: str = "") -> Figure:
     """Each (block, timestep) group's learned weight mass against the cosine of its
     training gradient with the validation gradient (the paper's Figure 2)."""
-    with _style():
-        fig = _figure()
+    with plot_style():
+        fig = new_figure()
         ax = fig.add_subplot()
         if title:
             fig.suptitle(title)
