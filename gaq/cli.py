@@ -382,19 +382,12 @@ def _bench(args: argparse.Namespace) -> int | None:
         raise GaqError(f"--threads must be a positive integer, got {args.threads}")
     import time
 
+    from gaq.bench.engines import get_engine
+
+    runner_engine = get_engine(engine)
+    runner_engine.check(args.address)  # before any work
     started = time.perf_counter()
-    if engine == "ray":
-        from gaq.bench.ray_engine import run_ray
-
-        run_ray(runner, address=args.address, threads=threads)
-    else:
-        if args.address:
-            raise GaqError("--address is for --engine ray")
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        runner.run()
+    runner_engine.run(runner, threads=threads, address=args.address)
     print(f"results: {Path(args.results) / bench.name}; tables: {Path(args.results) / 'tables'}")
     reproduced = _against_reference(args, runner, time.perf_counter() - started)
     if runner.failures:  # after the tables and the report, which show them as failed
@@ -794,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run again the cells an earlier sweep recorded as failed (diverged); "
                    "by default they are skipped")
     b.add_argument("--device", help="cpu, cuda or cuda:N (default: the file's setup.device)")
-    b.add_argument("--engine", choices=("local", "ray"),
+    b.add_argument("--engine",
                    help="local (under torchrun, sampling is sharded across ranks) or ray (one "
                    "Ray task per cell, as many at once as the CPUs or GPUs allow; needs "
                    "gaq[ray]); default: the file's setup.engine, else local")

@@ -62,11 +62,11 @@ class UnknownPluginError(GaqError, KeyError):
 
     kind = "plug-in"
 
-    def __init__(self, name: str, known: list[str]) -> None:
+    def __init__(self, name: str, known: list[str], kind: str | None = None) -> None:
         self.name = name
         self.known = known
         hint = did_you_mean(name, known, n=3)
-        msg = f"unknown {self.kind} {name!r}" + (f"; {hint} " if hint else "; ")
+        msg = f"unknown {kind or self.kind} {name!r}" + (f"; {hint} " if hint else "; ")
         msg += "known: " + (", ".join(known) if known else "(none)")
         self.message = msg
         super().__init__(msg)
@@ -201,7 +201,7 @@ class Registry:
         try:
             target = self._targets[name]
         except (KeyError, TypeError):
-            raise self.unknown(str(name), sorted(self._targets)) from None
+            raise self.unknown(str(name), sorted(self._targets), self.kind) from None
         if isinstance(target, type):
             return target
         try:

@@ -141,7 +141,7 @@ class _FakeRay:
 
 def test_the_ray_engine_records_a_diverged_cell_and_goes_on(bench, tmp_path, monkeypatch):
     pytest.importorskip("ray")
-    from gaq.bench import ray_engine
+    from gaq.bench.engines import ray_tasks as ray_engine
     from gaq.bench.runner import Runner, cells
     from gaq.bench.spec import load_benchmark
 

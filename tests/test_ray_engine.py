@@ -65,7 +65,7 @@ def ray_runtime():
 
 def test_ray_engine_places_recovers_resumes_and_matches_local(ray_runtime, tmp_path,
                                                               monkeypatch):
-    from gaq.bench.ray_engine import CRASH_ONCE_ENV, run_ray
+    from gaq.bench.engines.ray_tasks import CRASH_ONCE_ENV, run_ray
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("GAQ_CACHE", str(tmp_path / "cache"))

@@ -211,43 +211,13 @@ class Runner:
 
     # -- running ----------------------------------------------------------------------
     def run(self) -> pd.DataFrame:
+        """Preflight, then every cell left to run, one after another in this process (the
+        local engine, :mod:`gaq.bench.engines`)."""
+        from gaq.bench.engines.local import LocalEngine
+
         self.preflight()
         with self.sweep():
-            return self._run_grid()
-
-    def _run_grid(self) -> pd.DataFrame:
-        from gaq.bench import results
-
-        grid = cells(self.bench)
-        done, failed = self.earlier()
-        spent, ran = 0.0, 0
-        for i, cell in enumerate(grid, 1):
-            if self.left_out(cell):
-                continue
-            cid = self.cell_id(cell)
-            skip = skip_reason(cid, done, failed)
-            if skip:
-                self.log(f"[{i}/{len(grid)}] {cell.label}: {skip}")
-                continue
-            left = sum(1 for c in grid[i:] if self.cell_id(c) not in done)
-            eta = f", ETA {(spent / ran) * (left + 1) / 60:.1f} min" if ran else ""
-            with self.claim(cid) as mine:
-                if not mine:
-                    self.log(f"[{i}/{len(grid)}] {cell.label}: running in another process, "
-                             "skipped")
-                    continue
-                if not self.force and cid in set(results.read(self.metrics_path)["cell_id"]):
-                    self.log(f"[{i}/{len(grid)}] {cell.label}: done by another process")
-                    continue
-                self.log(f"[{i}/{len(grid)}] {cell.label}{eta}")
-                start = time.perf_counter()
-                self.attempt_cell(cell, cid)
-            spent += time.perf_counter() - start
-            ran += 1
-        if not self.world.main:
-            return pd.DataFrame()
-        self.write_reports()
-        return results.read(self.metrics_path)
+            return LocalEngine().run_planned(self)
 
     @contextlib.contextmanager
     def sweep(self) -> Iterator[None]:

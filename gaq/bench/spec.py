@@ -161,7 +161,6 @@ _TOP = {"benchmark", "models", "sampler", "calibration", "eval", "bits", "method
 _BENCH = {"name", "description", "model_key", "model_help", "anchor"}
 _METHOD = {"name", "preset", "config", "label"}
 _SETUP = {"device", "gpus", "engine", "threads"}
-ENGINES = ("local", "ray")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -315,8 +314,10 @@ def _parse(path: Path, raw: dict) -> Benchmark:
     usable = functools.cache(_usable)
     setup = raw.get("setup", {})
     _unknown("setup.", setup, _SETUP)
+    from gaq.bench.engines import ENGINES
+
     if setup.get("engine", "local") not in ENGINES:
-        raise ConfigError("setup.engine", f"must be one of {', '.join(ENGINES)}, got "
+        raise ConfigError("setup.engine", f"must be one of {', '.join(ENGINES.names())}, got "
                           f"{setup['engine']!r}")
     threads = setup.get("threads", 1)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:

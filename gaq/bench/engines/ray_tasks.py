@@ -24,9 +24,10 @@ from typing import Any
 
 import pandas as pd
 
+from gaq.bench.engines.base import Engine, plan
 from gaq.errors import GaqError
 
-__all__ = ["run_ray"]
+__all__ = ["RayEngine", "run_ray"]
 
 #: Fault injection for the recovery test, read by the driver and handed to the tasks: a
 #: path; the first task to find it missing creates it and kills its own worker process,
@@ -106,8 +107,6 @@ def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
     ``ray://head:10001`` or ``auto``; None starts a local runtime)."""
     import torch
 
-    from gaq.bench.runner import cells, skip_reason
-
     ray = _import_ray()
     runner.preflight()  # everything that can fail, before any task is submitted
     bench = runner.bench
@@ -115,18 +114,8 @@ def run_ray(runner: Any, address: str | None = None, threads: int | None = None,
     on_cuda = torch.device(runner.device).type == "cuda"
     # GPUs per cell: the benchmark's [setup] gpus, else one on a CUDA device
     gpus = float(bench.setup.get("gpus", 1 if on_cuda else 0))
-    grid = cells(bench)
-    done, failed = runner.earlier()
-    todo = []
-    for i, cell in enumerate(grid):
-        if runner.left_out(cell):
-            continue
-        cid = runner.cell_id(cell)
-        skip = skip_reason(cid, done, failed)
-        if skip:
-            runner.log(f"[{i + 1}/{len(grid)}] {cell.label}: {skip}")
-        else:
-            todo.append((i, cid))
+    grid, planned = plan(runner)
+    todo = [(p.index, p.cid) for p in planned]
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports by default
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -165,3 +154,16 @@ def _run_tasks(ray, runner, task, todo, grid, threads, gpus, crash) -> pd.DataFr
     runner.write_reports()
     runner.placements = placed
     return results.read(runner.metrics_path)
+
+
+class RayEngine(Engine):
+    """One Ray task per cell (:func:`run_ray`)."""
+
+    name = "ray"
+
+    def check(self, address: str | None) -> None:
+        _import_ray()  # one line, before any work, when Ray is not installed
+
+    def run(self, runner: Any, *, threads: int | None = None,
+            address: str | None = None) -> pd.DataFrame:
+        return run_ray(runner, address=address, threads=threads)
