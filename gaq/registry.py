@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILTIN_METHODS",
+    "import_target",
     "ENTRY_POINT_GROUP",
     "MethodRegistry",
     "Registry",
@@ -95,7 +96,10 @@ class NotAMethodError(NotAPluginError):
     """A registered target that is not a :class:`gaq.methods.base.Method` subclass."""
 
 
-def _import_target(spec: str) -> Any:
+def import_target(spec: str) -> Any:
+    """The object a lazy ``"package.module:attr.path"`` target names, imported now: the
+    one spelling of a lazy import for every registry (methods, adapters, engines,
+    metrics' functions, methods' reports)."""
     module_name, _, attr_path = spec.partition(":")
     obj: Any = importlib.import_module(module_name)
     for attr in attr_path.split("."):
@@ -208,7 +212,7 @@ class Registry:
             if isinstance(target, metadata.EntryPoint):
                 obj = target.load()
             else:
-                obj = _import_target(target)
+                obj = import_target(target)
         except Exception as e:  # noqa: BLE001 - a plugin's import may raise anything
             first = (str(e).strip().splitlines() or [""])[0]
             raise self.broken(
@@ -216,7 +220,7 @@ class Registry:
                 f"loaded: {type(e).__name__}: {first}; fix or uninstall the package that "
                 "provides it"
             ) from e
-        base = _import_target(self.base)  # deferred: keeps the registry torch-free
+        base = import_target(self.base)  # deferred: keeps the registry torch-free
         if not (isinstance(obj, type) and issubclass(obj, base)):
             raise self.not_a(
                 f"{self.kind} {name!r} ({_describe(target)}) must be a subclass of "

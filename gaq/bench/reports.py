@@ -38,10 +38,9 @@ class MethodReport:
 
 
 def _load(target: str) -> MethodReport:
-    import importlib
+    from gaq.registry import import_target
 
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)()
+    return import_target(target)()
 
 
 def method_reports(folder: Path) -> list[tuple[MethodReport, dict[str, pd.DataFrame]]]:

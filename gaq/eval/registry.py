@@ -13,7 +13,6 @@ when a cell first computes them.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -85,8 +84,9 @@ class Metric:
     def function(self) -> Callable[..., dict[str, Any]]:
         if self.compute is None:
             raise GaqError(f"metric {self.name!r} is measured by the runner, not computed")
-        module, _, attr = self.compute.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        from gaq.registry import import_target
+
+        return import_target(self.compute)
 
 
 _IMAGE = "gaq.eval.metrics:image_metrics"
