@@ -15,32 +15,33 @@ import hashlib
 import json
 import math
 import os
-import re
-import resource
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import torch
 
 import gaq
-from gaq.bench import labels
-from gaq.bench.spec import FP, Benchmark, MethodEntry
+
+# the data a sweep is made of, re-exported where it was first defined
+from gaq.bench.context import Cell, CellOutcome, cells
+from gaq.bench.context import ModelContext as _ModelContext
+from gaq.bench.persistence import CellPersistence, _engine, _method_code
+from gaq.bench.scoring import CellScoring
+from gaq.bench.spec import FP, Benchmark
 from gaq.config import QuantConfig, fingerprint
 from gaq.errors import DivergedError, GaqError
-from gaq.eval.registry import by_function, compute_grouped, metrics_of_kind
+from gaq.eval.registry import metrics_of_kind
 from gaq.tempdirs import make_temp_dir, remove_dead_temp_dirs
 
 if TYPE_CHECKING:
     from gaq.models.pipeline import Pipeline
 
 RESULTS_FORMAT = 2  # 2: eps_mse after the sampler hook; noise_k curves
-HELDOUT_SEED_OFFSET = 10_000  # held-out trajectories never share noise with calibration
 
 
 # the disk estimate's allowances (space_needed): curves a cell logs (eps_mse before and
@@ -62,105 +63,11 @@ class SpaceNeeded(NamedTuple):
     results: int  # the results folder (grids, Parquet, tables, plots)
 
 
-@dataclass(frozen=True)
-class Cell:
-    model: str
-    method: MethodEntry
-    bits: str  # "FP" for the unquantized row
-    seed: int
+class Runner(CellScoring, CellPersistence):
+    """A benchmark sweep: the cells' identity, preflight, claims, the MLflow sweep and the
+    four steps of a cell (quantize here; sample and score in :mod:`gaq.bench.scoring`;
+    persist in :mod:`gaq.bench.persistence`)."""
 
-    @property
-    def label(self) -> str:
-        return f"{self.model} / {self.method.row} / {self.bits} / seed {self.seed}"
-
-
-def cells(bench: Benchmark) -> list[Cell]:
-    """The grid in its fixed order: per model, FP first, then bit-width x method x seed."""
-    out = []
-    for model in bench.models:
-        out += [Cell(model, m, "FP", s) for m in bench.methods if m.name == FP
-                for s in bench.eval.seeds]
-        for bits in bench.bits:
-            for m in bench.methods:
-                if m.name != FP:
-                    out += [Cell(model, m, bits, s) for s in bench.eval.seeds]
-    return out
-
-
-def _bits(label: str) -> tuple[int | None, int | None]:
-    if label == "FP":
-        return None, None
-    q = QuantConfig.from_bits(label)
-    return q.weight.bits, q.act.bits
-
-
-class _ModelContext:
-    """What every cell of one model shares: the pipeline, reference features, FP samples."""
-
-    def __init__(self, model_id: str, bench: Benchmark, device: str,
-                 pipe: Pipeline | None = None) -> None:
-        from gaq.calibration import state_dict_digest
-        from gaq.models.adapters import adapter_for
-        from gaq.models.loading import load_model
-
-        self.id = model_id
-        if pipe is not None:  # loaded by the caller (gaq evaluate checks a state against it)
-            self.pipe = pipe
-        else:
-            prompts = bench.sampler.prompt_list(bench.path.parent)
-            try:
-                self.pipe = load_model(model_id, device=device, prompts=prompts)
-            except GaqError as e:
-                if not bench.model_help:
-                    raise
-                raise GaqError(f"{e}. {bench.model_help}") from None
-        # [sampler] guidance applies to the conditional models of a benchmark; an
-        # unconditional one samples without it, and its rows say so (sampler.guidance off)
-        self.sampler = bench.sampler
-        self.calibration = bench.calibration
-        if bench.sampler.guidance is not None and not self.pipe.conditioning.supports_guidance:
-            if self.pipe.conditioning.kind != "none":
-                raise GaqError(f"{bench.path}: key 'sampler.guidance' is set but model "
-                               f"{model_id!r} has {self.pipe.conditioning.kind!r} conditioning "
-                               "with no unconditional input (null class or empty prompt)")
-            self.sampler = dataclasses.replace(bench.sampler, guidance=None)
-            self.calibration = dataclasses.replace(bench.calibration, guidance=None)
-        self.adapter = adapter_for(self.pipe.denoiser)
-        self.digest = state_dict_digest(self.pipe.denoiser)
-        # class_acc needs a classifier of the model's classes: the bundled digit classifier
-        # for the bundled class-conditional models
-        from gaq.models.bundled import scoring_for
-
-        self.scoring = scoring_for(model_id)
-        self.judges_classes = (self.scoring.judges_classes
-                               and self.pipe.conditioning.kind == "class")
-        # a feature space only where image metrics are asked for: paired metrics alone
-        # need no Inception weights
-        needs_features = bool(metrics_of_kind(bench.eval.metrics, "image"))
-        self.space = (_feature_space(model_id, bench.eval.feature_space,
-                                     bench.eval.inception_weights, device)
-                      if needs_features else None)
-        self.reference_folder = bench.eval.reference
-        self._fp_images: dict[int, torch.Tensor] = {}
-        self._heldout: dict[int, object] = {}
-
-    def reference(self):
-        from gaq.eval.metrics import reference_features
-
-        return reference_features(self.id, self.space, self.reference_folder)
-
-
-def _feature_space(model_id: str, kind: str, weights: str | None, device: str):
-    from gaq.eval import features
-
-    if kind == "classifier":
-        return features.ClassifierFeatures(device=device)
-    if kind == "inception":
-        return features.InceptionFeatures(weights, device=device)
-    return features.feature_space_for(model_id, device=device, weights_path=weights)
-
-
-class Runner:
     def __init__(self, bench: Benchmark, results_dir: str | Path = "results", *,
                  force: bool = False, retry_failed: bool = False, device: str | None = None,
                  log=print) -> None:
@@ -493,81 +400,6 @@ class Runner:
                              anchor=self.bench.anchor)
                 + write_plots(root, self.bench.name, root / "plots", workers=default_workers()))
 
-    def _sample(self, ctx: _ModelContext, model: torch.nn.Module, seed: int, hook) -> tuple:
-        """All images of the cell, on rank 0 (under torchrun each rank samples its share of
-        the global batches, and rank 0 gathers them in global order)."""
-        from gaq.sampling import batch_ranges, sample_batch
-
-        start = time.perf_counter()
-        layout = batch_ranges(self.bench.eval.num_images, self.bench.eval.batch_size)
-        with torch.no_grad():
-            local = [sample_batch(ctx.pipe, layout[b], seed=seed, sampler=ctx.sampler.config(),
-                                  hook=hook, denoiser=model)
-                     for b in self.world.shard(len(layout))]
-        # every rank agrees, so under torchrun all of them move on to the next cell
-        if self.world.any(any(not bool(torch.isfinite(x).all()) for x in local)):
-            what = "the FP model" if model is ctx.pipe.denoiser else "the quantized model"
-            raise DivergedError(f"sampling {ctx.id} with {what} produced NaN or infinite "
-                                "images")
-        images = self.world.gather_batches(local, len(layout))
-        return images, time.perf_counter() - start
-
-    @staticmethod
-    def _paired(keys: list[str], images: torch.Tensor, fp_images: torch.Tensor,
-                metrics: dict[str, float]) -> pd.DataFrame | None:
-        """Paired metrics against the FP images of the same noise, added to ``metrics``;
-        the per-image values of the requested ones as rows (image i of every row comes from
-        the same noise: kept for paired differences)."""
-        frames = []
-        for fn, served in by_function(keys):
-            paired = fn(images, fp_images)
-            metrics.update({k: float(v) for k, v in paired.items() if _is_number(v)})
-            frames += [pd.DataFrame({"image": range(len(images)), "metric": k,
-                                     "value": paired[f"{k}_per_image"]})
-                       for k in served if f"{k}_per_image" in paired]
-        return pd.concat(frames, ignore_index=True) if frames else None
-
-    def class_accuracy(self, ctx: _ModelContext, images: torch.Tensor) -> float:
-        """The share of ``images`` the bundled classifier reads as the class each was asked
-        for (image ``i`` is asked for the class the conditioning assigns to index ``i``)."""
-        from gaq.eval.digits import digit_likeness
-        from gaq.models.bundled import load_classifier
-
-        if self._classifier is None:  # loaded once, on the device the cells run on
-            self._classifier = load_classifier(self.device)
-        requested = ctx.pipe.conditioning.label_of(torch.arange(len(images), device="cpu"))
-        scores = digit_likeness(images, classifier=self._classifier, labels=requested)
-        return float(scores["class_accuracy"])
-
-    def _heldout(self, ctx: _ModelContext, seed: int):
-        from gaq.calibration import CalibrationSpec, record_calibration
-
-        if seed not in ctx._heldout:
-            s = ctx.sampler
-            spec = CalibrationSpec(steps=s.steps, eta=s.eta, sampler_name=s.name,
-                                   guidance=s.guidance, interval=1,
-                                   samples_per_step=max(1, self.bench.eval.heldout_trajectories),
-                                   seed=seed + HELDOUT_SEED_OFFSET)
-            ctx._heldout[seed] = record_calibration(ctx.pipe, spec, model_id=ctx.id)
-        return ctx._heldout[seed]
-
-    def _noise_curves(self, ctx: _ModelContext, model: torch.nn.Module, seed: int,
-                      hook) -> tuple[dict[str, pd.Series], pd.DataFrame | None]:
-        """Per-timestep noise-prediction MSE against FP and the slope k_t of the error on
-        eps_fp, on held-out FP trajectories, after the method's sampler correction (and
-        before it, for a method that has one); and each held-out trajectory's MSE averaged
-        over the timesteps, as rows (the spread the reproduction report's tolerance for
-        ``eps_mse`` is computed from)."""
-        from gaq.eval.eps import noise_measurements
-
-        curves, by_traj = noise_measurements(model, self._heldout(ctx, seed),
-                                             self.bench.eval.batch_size, hook)
-        frames = [pd.DataFrame({"trajectory": list(values), "metric": name,
-                                "value": list(values.values())})
-                  for name, values in by_traj.items()]
-        per_traj = pd.concat(frames, ignore_index=True) if frames else None
-        return {name: pd.Series(points) for name, points in curves.items()}, per_traj
-
     def left_out(self, cell: Cell) -> str | None:
         """Why ``cell`` is not part of this run: its method is defined only for other
         architectures (``Method.archs``, e.g. HTG for DiT) than its model's. Said once per
@@ -608,44 +440,6 @@ class Runner:
             if self.world.main:
                 self.record_failure(cell, cid, str(e))
             return None
-
-    def record_failure(self, cell: Cell, cid: str, error: str) -> None:
-        from gaq.bench import results
-        from gaq.bench.tracking import log_run
-
-        ctx = self.model(cell.model)
-        run_id = log_run(f"gaq-{self.bench.name}", _run_name(cell),
-                         self._params(cell, ctx), {},
-                         self._tags(cell, cid, ctx) | {"gaq.error": error},
-                         start_time=time.time(), parent=self.sweep_run, status="FAILED")
-        row = _cell_keys(cell, cid, run_id, self.bench.name) | {"error": error}
-        results.append(self.dir / "failures.parquet", pd.DataFrame([row]))
-
-    def _params(self, cell: Cell, ctx: _ModelContext) -> dict:
-        return {"model": cell.model, "method": cell.method.name, "row": cell.method.row,
-                "preset": cell.method.preset, "bits": cell.bits, "seed": cell.seed,
-                "sampler": ctx.sampler.to_dict(),
-                "calibration": ctx.calibration.to_dict(),
-                "eval": self.bench.eval.to_dict(),
-                "method_config": (cell.method.config().to_dict()
-                                  if cell.method.name != FP else {})}
-
-    def _tags(self, cell: Cell, cid: str, ctx: _ModelContext) -> dict[str, str]:
-        from gaq.bench.provenance import provenance
-
-        code = _method_code(cell.method.name) or {}
-        tags = provenance([cell.seed]) | {f"gaq.method_code.{k}": v for k, v in code.items()}
-        what = ("the full-precision model" if cell.method.name == FP else
-                f"{labels.method_label(cell.method.row)} (`{cell.method.row}`, preset "
-                f"`{cell.method.preset}`) at {cell.bits}")
-        note = (f"Benchmark `{self.bench.name}`, model `{cell.model}`: {what}, seed "
-                f"{cell.seed}. Its rows in Parquet carry cell id `{cid}`.")
-        return tags | {"mlflow.note.content": note,
-                       "gaq.cell_id": cid, "gaq.benchmark": self.bench.name,
-                       "gaq.backend": "fake-quant (PyTorch)",
-                       "gaq.engine": _engine(self.engine, self.world.size),
-                       "gaq.dtype": str(ctx.pipe.dtype).replace("torch.", ""),
-                       "gaq.device": self.device}
 
     def run_cell(self, cell: Cell, cid: str) -> dict[str, float] | None:
         """Run one cell, log it to MLflow and append it to the results; returns the headline
@@ -709,118 +503,6 @@ class Runner:
                            for name, records in result.diagnostics.items() if records}
         save_quantized(result, state_dir, ctx.pipe)
 
-    def _sample_step(self, out: CellOutcome) -> None:
-        """Peak memory so far, the cell's images and their throughput, the model's size;
-        the FP images of the seed, which paired metrics compare against."""
-        cell, ctx, metrics = out.cell, self.model(out.cell.model), out.metrics
-        # the device actually used (cuda:1 included); on the CPU, the process's peak RSS
-        metrics["peak_memory_mb"] = (
-            torch.cuda.max_memory_allocated(self.device) / 2**20
-            if torch.device(self.device).type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        out.images, seconds = self._sample(ctx, out.model, cell.seed, out.hook)
-        metrics["images_per_second"] = self.bench.eval.num_images / seconds
-        metrics["model_size_mb"] = _model_size_mb(ctx.pipe.denoiser, out.report)
-        if cell.method.name == FP:
-            ctx._fp_images[cell.seed] = out.images
-        elif (metrics_of_kind(self.bench.eval.metrics, "paired")
-              and ctx._fp_images.get(cell.seed) is None):
-            ctx._fp_images[cell.seed] = self._sample(ctx, ctx.pipe.denoiser, cell.seed, None)[0]
-
-    def _score_step(self, out: CellOutcome) -> None:
-        """Every requested metric, by its kind (:mod:`gaq.eval.registry`)."""
-        from gaq.sampling import to_uint8
-
-        cell, ctx, metrics, images = out.cell, self.model(out.cell.model), out.metrics, out.images
-        wanted = self.bench.eval.metrics
-        image_keys = metrics_of_kind(wanted, "image")
-        if image_keys:
-            metrics.update(compute_grouped(image_keys, to_uint8(images), ctx.reference(),
-                                           ctx.space, seed=cell.seed))
-        paired_keys = metrics_of_kind(wanted, "paired")
-        if cell.method.name != FP and paired_keys:
-            out.per_image = self._paired(paired_keys, images, ctx._fp_images[cell.seed],
-                                         metrics)
-        if metrics_of_kind(wanted, "classes") and ctx.judges_classes:
-            metrics["class_acc"] = self.class_accuracy(ctx, images)
-        if metrics_of_kind(wanted, "curve") and self.bench.eval.heldout_trajectories > 0:
-            out.curves, out.per_trajectory = self._noise_curves(ctx, out.model, cell.seed,
-                                                                 out.hook)
-            for name, curve in out.curves.items():
-                if name.startswith("eps_mse"):
-                    metrics[name] = float(curve.mean())
-                else:  # a slope k_t: its mean and the step farthest from 0
-                    metrics[f"{name}_mean"] = float(curve.mean())
-                    metrics[f"{name}_max_abs"] = float(curve.abs().max())
-
-    def _persist_step(self, out: CellOutcome, state_dir: Path) -> dict[str, float]:
-        """The sample grid, the MLflow run (with the state files as artifacts), then the
-        Parquet rows; returns the headline metrics it logged."""
-        from gaq.bench import results
-        from gaq.bench.tracking import log_run
-
-        cell, cid, ctx, metrics = out.cell, out.cid, self.model(out.cell.model), out.metrics
-        stem = _file_name(f"{ctx.pipe.name}_{cell.method.row}_{cell.bits}_seed{cell.seed}")
-        grid_path = self.dir / "grids" / f"{stem}.png"
-        _save_grid(out.images[:64], grid_path)
-        artifacts = {"samples": grid_path}  # the noise curves go as curves/*.csv and *.png
-        for f in state_dir.iterdir():
-            artifacts[f"state/{f.name}"] = f
-
-        w_bits, a_bits = _bits(cell.bits)
-        run_id = log_run(f"gaq-{self.bench.name}", _run_name(cell),
-                         self._params(cell, ctx), metrics, self._tags(cell, cid, ctx), artifacts,
-                         {f"{name}_by_timestep": list(curve.items())
-                          for name, curve in out.curves.items()},
-                         start_time=out.started, parent=self.sweep_run)
-        setup = _setup_label(self.device, ctx.pipe.dtype, self.world.size)
-        base = _cell_keys(cell, cid, run_id, self.bench.name) | {
-            "w_bits": w_bits, "a_bits": a_bits, "setup": setup}
-        # the columns that tie a curve or diagnostic row to its cell; the metric rows go
-        # last: they mark the cell done, so a cell killed before them is re-run, and the
-        # rerun's rows replace what the killed attempt appended (same cell id)
-        keys = ("run_id", "cell_id", "benchmark", "model", "method", "bits", "seed")
-        tables = dict(out.diagnostics)
-        if out.per_image is not None:
-            tables["per_image"] = out.per_image
-        if out.per_trajectory is not None and cell.method.name != FP:
-            tables["per_trajectory"] = out.per_trajectory
-        for name, frame in tables.items():
-            for k in reversed(keys):
-                frame.insert(0, k, base[k])
-            results.append(self.dir / f"{name}.parquet", frame)
-        if out.curves:
-            crow = [{k: base[k] for k in keys}
-                    | {"curve": name, "timestep": int(t), "value": float(v)}
-                    for name, curve in out.curves.items() for t, v in curve.items()]
-            results.append(self.curves_path, pd.DataFrame(crow))
-        rows = [base | {"metric": k, "value": float(v)} for k, v in metrics.items()]
-        results.append(self.metrics_path, pd.DataFrame(rows))
-        shown = {k: round(v, 4) for k, v in metrics.items()
-                 if k in ("fid", "kid", "psnr", "eps_mse", "calibration_seconds")}
-        self.log(f"    {shown}")
-        return shown
-
-
-@dataclass
-class CellOutcome:
-    """What one cell has produced so far; each step of :meth:`Runner._run_cell` adds to it.
-    ``metrics`` keeps insertion order: it is the order of the cell's Parquet rows."""
-
-    cell: Cell
-    cid: str
-    started: float  # the MLflow run's start: its duration in the UI is the cell's
-    model: torch.nn.Module | None = None
-    hook: Any = None
-    report: Any = None
-    images: torch.Tensor | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    diagnostics: dict[str, pd.DataFrame] = field(default_factory=dict)
-    per_image: pd.DataFrame | None = None
-    per_trajectory: pd.DataFrame | None = None
-    curves: dict[str, pd.Series] = field(default_factory=dict)
-
-
 def skip_reason(cid: str, done: set[str], failed: set[str]) -> str | None:
     """Why a sweep skips cell ``cid`` (see :meth:`Runner.earlier`), or None to run it."""
     if cid in done:
@@ -830,72 +512,5 @@ def skip_reason(cid: str, done: set[str], failed: set[str]) -> str | None:
     return None
 
 
-def _cell_keys(cell: Cell, cid: str, run_id: str, benchmark: str) -> dict:
-    """The columns that identify a cell's rows in every results table."""
-    return {"run_id": run_id, "cell_id": cid, "benchmark": benchmark, "model": cell.model,
-            "method": cell.method.row, "preset": cell.method.preset, "bits": cell.bits,
-            "seed": cell.seed}
-
-
-def _run_name(cell: Cell) -> str:
-    """A cell's MLflow run name: the row's label first (the UI cuts long names at the
-    right, and GAQ's variants differ only in their label's end), then model, bit-width
-    and seed (one experiment holds every model of a benchmark)."""
-    return f"{labels.method_label(cell.method.row)} · {cell.model} {cell.bits} s{cell.seed}"
-
-
 def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
-
-
-def _engine(engine: str, world_size: int) -> str:
-    return "torchrun" if world_size > 1 else engine
-
-
-def _method_code(name: str) -> dict[str, str] | None:
-    from gaq.bench.provenance import method_code
-    from gaq.bench.spec import FP
-    from gaq.registry import get_method
-
-    return None if name == FP else method_code(get_method(name))
-
-
-def _setup_label(device: str, dtype: torch.dtype, world_size: int) -> str:
-    """The setup a row was measured on, for tables and plots to pivot on: device type and
-    GPU model, world size, dtype and engine (e.g. ``cpu x1 float32 local``)."""
-    dev = torch.device(device)
-    name = dev.type
-    if dev.type == "cuda":
-        name += f" {torch.cuda.get_device_name(dev)}"
-    dtype_name = str(dtype).replace("torch.", "")
-    # a Ray task runs its cell exactly as the local engine does (identical results at the
-    # same thread count), so its rows pivot with the local ones; the run's tags name Ray
-    return f"{name} x{world_size} {dtype_name} {_engine('local', world_size)}"
-
-
-def _file_name(text: str) -> str:
-    """A name that stays one file inside its folder: model ids may be paths or hub ids."""
-    return re.sub(r"[^A-Za-z0-9._=+-]", "_", text).lstrip(".") or "_"
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _model_size_mb(model: torch.nn.Module, report) -> float:
-    """Storage of the denoiser: quantized weights at their bit-width, everything else fp32."""
-    bits = {d.name: d.weight_bits for d in report or [] if d.weight_bits is not None}
-    total = 0
-    for name, p in model.named_parameters():
-        layer = name.rsplit(".", 1)[0]
-        total += p.numel() * (bits[layer] if name.endswith(".weight") and layer in bits else 32)
-    return total / 8 / 2**20
-
-
-def _save_grid(images: torch.Tensor, path: Path) -> None:
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = max(1, int(len(images) ** 0.5))
-    big = torch.nn.functional.interpolate((images + 1) / 2, scale_factor=2, mode="nearest")
-    save_image(big, str(path), nrow=n, padding=1, pad_value=1.0)
