@@ -506,10 +506,14 @@ def _tolerance(args: argparse.Namespace) -> None:
         runs[label] = results.read(Path(args.runs) / label / name / "metrics.parquet")
         if runs[label].empty:
             raise GaqError(f"condition {label}: no results under {Path(args.runs) / label}")
-    rows = f"the rows {args.methods} (and FP) of" if args.methods else "every cell of"
+    rows = f"the rows {args.methods} (and FP) of" if args.methods else "the cells of"
+    # what each condition's folder holds: a condition rerun for fewer rows (an earlier,
+    # cheaper measurement) says so here rather than passing for the whole grid
+    held = ", ".join(f"{label} {runs[label]['cell_id'].nunique()}" for label in labels)
     how = (f"{rows} {name} rerun from scratch under each condition (its own "
-           f"calibration cache), on {verdict.machine()}; the reference ran with the benchmark "
-           "file's engine and threads at the default SIMD path")
+           f"calibration cache; cells per condition: {held} of the reference's "
+           f"{reference['cell_id'].nunique()}), on {verdict.machine()}; the reference ran "
+           "with the benchmark file's engine and threads at the default SIMD path")
     tol = verdict.derive_tolerance(reference, runs, args.margin, how, commands)
     written = verdict.write_tolerance(ref_dir, tol)
     md = verdict.tolerance_markdown(tol, name)
