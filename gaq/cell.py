@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from gaq.errors import GaqError
 
 if TYPE_CHECKING:
+    import torch
+
     from gaq.bench.spec import EvalSpec, SamplerSpec
     from gaq.calibration import CalibrationSpec
     from gaq.config import QuantConfig
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from gaq.models.pipeline import Pipeline
 
 __all__ = ["evaluate_state", "load_quantized", "quantize_pipeline", "read_state_meta",
-           "save_quantized", "state_model", "state_size_bound"]
+           "restore", "save_quantized", "state_model", "state_size_bound"]
 
 #: the key of ``state.json``'s meta holding the FP denoiser's weights digest
 #: (:func:`gaq.calibration.state_dict_digest`): it tells a state's own model from another
@@ -49,7 +51,7 @@ def save_quantized(result: QuantResult, folder: str | Path, pipe: Pipeline,
     """Write ``result`` to ``folder``: the state (``state.safetensors``, ``state.json``
     with the method's state and ``meta``), the layer report with the pipeline's other
     components (``layers.md``) and the method's diagnostics tables as CSV. Returns the
-    folder; ``gaq.methods.base.restore`` reads it back."""
+    folder; :func:`restore` reads it back."""
     import pandas as pd
 
     from gaq.quantize import save_state, weight_sqnr_db
@@ -71,6 +73,32 @@ def save_quantized(result: QuantResult, folder: str | Path, pipe: Pipeline,
 # block and meta-iteration), at most this many bytes each as indented JSON
 _JSON_FLOAT_BYTES = 24
 _HISTORY_RECORD_BYTES = 160
+
+
+def restore(model: torch.nn.Module, folder: str | Path) -> QuantResult:
+    """A saved quantization (``gaq.quantize.save_state``) rebuilt on a fresh FP ``model``,
+    with everything the method needs at sampling time: the FP model rewritten as the
+    method rewrote it (:meth:`Method.prepare_restore`), the quantized layers (finished by
+    :meth:`Method.finish_restore`) and, for methods that correct the sampler (PTQD), their
+    sampler hook."""
+    import json
+
+    from gaq.methods.base import QuantResult
+    from gaq.quantize import load_state
+    from gaq.registry import get_method
+
+    try:  # unreadable states get load_state's one-line errors below
+        saved = json.loads((Path(folder) / "state.json").read_text()).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        saved = {}
+    method = get_method(saved["method"]) if "method" in saved else None
+    if method is not None:
+        model = method.prepare_restore(model, saved)
+    qmodel, report, meta = load_state(model, folder)
+    if method is not None:
+        qmodel = method.finish_restore(qmodel, meta)
+    hook = None if method is None else method.restore_hook(meta)
+    return QuantResult(model=qmodel, state=meta, sampler_hook=hook, report=report)
 
 
 def state_size_bound(pipe: Pipeline, method: Method, quant: QuantConfig) -> int:
@@ -136,7 +164,6 @@ def load_quantized(folder: str | Path, pipe: Pipeline, model_id: str, meta: dict
     device. A state whose recorded weights digest is not the denoiser's (``digest``, when
     the caller has it) is refused before anything is rebuilt."""
     from gaq.calibration import state_dict_digest
-    from gaq.methods.base import restore
 
     expected = meta.get(WEIGHTS_DIGEST)
     if expected is not None:

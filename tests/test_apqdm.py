@@ -13,8 +13,8 @@ from torch import nn
 
 from baselines.apqdm import APQDM, APQDMConfig
 from gaq.calibration import CalibrationSpec, record_calibration, srm_select
+from gaq.cell import restore
 from gaq.config import QuantConfig
-from gaq.methods.base import restore
 from gaq.models.adapters import adapter_for
 from gaq.quantize import act_quantizers, save_state
 from gaq.reconstruction import ReconConfig

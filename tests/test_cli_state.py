@@ -65,7 +65,7 @@ def _last_json(capsys) -> dict:
 
 def _restored(state: Path):
     """The independent path: the FP pipeline and the state restored on it in Python."""
-    from gaq.methods.base import restore
+    from gaq.cell import restore
     from gaq.models.loading import load_model
 
     pipe = load_model("digits")
@@ -250,9 +250,8 @@ def test_sample_state_applies_the_methods_sampler_correction(tiny_pipeline_dir, 
     hook, on the sampler the state was calibrated with (which PTQD's hook insists on)."""
     from baselines.ptqd import PTQD, PTQDConfig
     from gaq.calibration import CalibrationSpec, state_dict_digest
-    from gaq.cell import WEIGHTS_DIGEST, quantize_pipeline, save_quantized
+    from gaq.cell import WEIGHTS_DIGEST, quantize_pipeline, restore, save_quantized
     from gaq.config import QuantConfig
-    from gaq.methods.base import restore
     from gaq.models.loading import load_model
     from gaq.reconstruction import ReconConfig
     from gaq.sampling import SamplerConfig, sample

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from gaq.calibration import CalibrationSpec
-from gaq.cell import quantize_pipeline, save_quantized, state_size_bound
+from gaq.cell import quantize_pipeline, restore, save_quantized, state_size_bound
 from gaq.config import QuantConfig
 from gaq.errors import GaqError
-from gaq.methods.base import restore
 from gaq.models.adapters import adapter_for
 from gaq.models.loading import load_model
 from gaq.quant.packing import pack_codes, packed_bytes, same_bits, unpack_codes

@@ -18,9 +18,8 @@ import torch
 from strict_device import OwnTensorsOn, misplaced
 
 from gaq.calibration import CalibrationSpec
-from gaq.cell import quantize_pipeline, save_quantized
+from gaq.cell import quantize_pipeline, restore, save_quantized
 from gaq.config import QuantConfig
-from gaq.methods.base import restore
 from gaq.models.adapters import adapter_for
 from gaq.models.loading import load_model
 from gaq.registry import get_method

@@ -13,8 +13,8 @@ from torch import nn
 
 from baselines.dynamic import Dynamic, DynamicConfig, DynamicQuantizer, dynamic_rows
 from gaq.calibration import CalibrationSpec, record_calibration
+from gaq.cell import restore
 from gaq.config import ConfigError, QuantConfig
-from gaq.methods.base import restore
 from gaq.models.adapters import adapter_for
 from gaq.quantize import _state_tensors, act_quantizers, quant_layers, save_state
 from gaq.reconstruction import ReconConfig

@@ -167,7 +167,7 @@ def test_quantize_then_sample(digits_dit, quantized):
 
 
 def test_save_restore_round_trip(digits_dit, quantized, tmp_path):
-    from gaq.methods.base import restore
+    from gaq.cell import restore
 
     res, calib = quantized
     save_state(res.model, res.report, res.quant, tmp_path, meta=res.state)

@@ -12,8 +12,8 @@ from tiny_inputs import tiny_pipeline
 from baselines.ptqd import PTQD, PTQDConfig
 from baselines.tfmq import TFMQ, TFMQConfig
 from gaq.calibration import CalibrationSpec, record_calibration
+from gaq.cell import restore
 from gaq.config import QuantConfig
-from gaq.methods.base import restore
 from gaq.models.adapters import adapter_for
 from gaq.quantize import save_state
 from gaq.reconstruction import ReconConfig

@@ -23,7 +23,7 @@ from gaq.errors import GaqError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ForwardLoop", "Method", "QuantResult", "UnknownPresetError", "restore"]
+__all__ = ["ForwardLoop", "Method", "QuantResult", "UnknownPresetError"]
 
 M = TypeVar("M", bound="Method")
 
@@ -200,29 +200,3 @@ class Method(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__qualname__}({self.config!r})"
-
-
-def restore(model: torch.nn.Module, folder: Any) -> QuantResult:
-    """A saved quantization (``gaq.quantize.save_state``) rebuilt on a fresh FP ``model``,
-    with everything the method needs at sampling time: the FP model rewritten as the
-    method rewrote it (:meth:`Method.prepare_restore`), the quantized layers (finished by
-    :meth:`Method.finish_restore`) and, for methods that correct the sampler (PTQD), their
-    sampler hook."""
-    import json
-    from pathlib import Path
-
-    from gaq.quantize import load_state
-    from gaq.registry import get_method
-
-    try:  # unreadable states get load_state's one-line errors below
-        saved = json.loads((Path(folder) / "state.json").read_text()).get("meta", {})
-    except (OSError, ValueError, AttributeError):
-        saved = {}
-    method = get_method(saved["method"]) if "method" in saved else None
-    if method is not None:
-        model = method.prepare_restore(model, saved)
-    qmodel, report, meta = load_state(model, folder)
-    if method is not None:
-        qmodel = method.finish_restore(qmodel, meta)
-    hook = None if method is None else method.restore_hook(meta)
-    return QuantResult(model=qmodel, state=meta, sampler_hook=hook, report=report)
