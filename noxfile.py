@@ -66,7 +66,8 @@ def rebuild_env(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite (pytest); extra arguments go to pytest."""
+    """Run the test suite (pytest); extra arguments go to pytest. The inner loop, without
+    the slowest tests: nox -s tests -- -m "not slow"."""
     _env(session)
     # pytest exits 5 when it collects no test: that must fail, never pass silently.
     session.run(_bin("python"), "-m", "pytest", *(session.posargs or ["-q"]), external=True)

@@ -7,6 +7,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the slowest tests (chosen from measured durations, not guessed): benchmarks, every
+    # method on every model, training, Ray, torchrun. The inner loop leaves them out,
+    # nox -s tests -- -m "not slow"; CI runs everything.
+    config.addinivalue_line("markers", "slow: one of the slowest tests; the inner loop "
+                            "is -m 'not slow'")
+
 TINY_UNET = {
     "sample_size": 8,
     "in_channels": 1,

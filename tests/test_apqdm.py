@@ -81,6 +81,7 @@ def test_srm_select_balances_risk_and_coverage():
 # ---------------------------------------------------------------------- group search
 
 
+@pytest.mark.slow
 def test_group_search_beats_one_shared_quantizer_on_held_out_timesteps(digits):
     """Activations at 4 bits (weights 8-bit round-to-nearest): K groups against K = 1 (one
     quantizer shared by every timestep, learned the same way), on other trajectories at
@@ -120,6 +121,7 @@ def _sample(pipe, denoiser: nn.Module, steps: int, guidance: float | None = None
                         decode=False)
 
 
+@pytest.mark.slow
 def test_end_to_end_on_bundled_digits(digits, tmp_path):
     calib = record_calibration(digits, spec(protocol="srm"), model_id="digits", cache=False)
     quant = QuantConfig.from_bits("W4A8")
@@ -137,6 +139,7 @@ def test_end_to_end_on_bundled_digits(digits, tmp_path):
     assert torch.equal(_sample(digits, restored.model, 10), images)
 
 
+@pytest.mark.slow
 def test_end_to_end_on_tiny_dit(make_tiny_model):
     model = make_tiny_model("dit")
     pipe = tiny_pipeline("dit", model, DDIMScheduler(num_train_timesteps=100))

@@ -9,6 +9,8 @@ from gaq.bench.spec import load_benchmark
 from gaq.cli import main
 from gaq.errors import GaqError
 
+pytestmark = pytest.mark.slow  # real benchmark sweeps through the CLI: every test here
+
 MICRO = """
 models = ["digits"]
 bits = ["W8A8"]

@@ -115,6 +115,7 @@ def test_flatten_nests_and_truncates():
     assert len(flat["long"]) == 6000 and flat["long"].endswith("[truncated]")
 
 
+@pytest.mark.slow
 def test_log_run_and_find_run(tmp_path, monkeypatch):
     uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -351,6 +352,7 @@ def test_published_rows_only_for_matching_model_key(tmp_path):
     assert "*3.26*" in other and "4.32" not in other and "3.26" not in plain
 
 
+@pytest.mark.slow
 def test_plots_regenerate_from_parquet(tmp_path):
     import matplotlib.image as mpimg
 
@@ -377,6 +379,7 @@ def test_plots_regenerate_from_parquet(tmp_path):
         assert im.size[0] == pytest.approx(plots.COLUMN_WIDTH * 200, abs=2)
 
 
+@pytest.mark.slow
 def test_plots_rendered_in_parallel_are_the_serial_files(tmp_path):
     """Figures rendered by two child processes are byte for byte the serial ones (the
     PDFs carry no dates), and the same paths come back in the same order."""
@@ -466,6 +469,7 @@ def test_figures_name_benchmark_model_and_feature_space(tmp_path):
         df, "fid", plots.figure_title("micro", MODEL, "fid")))[0]
 
 
+@pytest.mark.slow
 def test_write_plots_titles_every_figure_by_model(tmp_path, monkeypatch):
     """Every figure ``write_plots`` makes carries the benchmark and its model in its title
     (two models: each figure its own)."""
@@ -542,6 +546,7 @@ def _compile(tmp_path: Path, tex: Path, options: str = "twocolumn") -> str | Non
     return log
 
 
+@pytest.mark.slow
 def test_the_main_jobs_one_column_table_fits_a_column(tmp_path):
     """The main job's shape (three models, every method, one seed): its one-column table
     is a ``table`` (never ``table*``) of the headline metrics only, short row labels, the

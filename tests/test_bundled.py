@@ -62,6 +62,7 @@ def test_real_digits_are_digit_like_and_noise_is_not(classifier):
     assert digit_likeness(noise, classifier=classifier)["confident_share"] <= 0.1
 
 
+@pytest.mark.slow
 def test_sampled_digits_are_digit_like(no_network, classifier):
     model = load_model("digits")
     images = sample(model, 16, seed=0,

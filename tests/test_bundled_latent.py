@@ -58,6 +58,7 @@ def test_latent_models_share_one_autoencoder():
         assert (ldm / name).read_bytes() == (dit / name).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(DENOISERS))
 def test_guided_samples_are_the_requested_digits(name):
     """20 guided samples (two per class) at guidance 3.0: the classifier reads the requested
@@ -110,6 +111,7 @@ heldout_trajectories = 0
 """
 
 
+@pytest.mark.slow
 def test_class_accuracy_metric_matches_a_direct_computation(tmp_path, monkeypatch, capsys):
     """class_acc is computed for the bundled class-conditional model only, equals the
     classifier's reading of the same guided samples drawn directly, and a benchmark that

@@ -39,6 +39,7 @@ def bundled(tmp_path_factory):
     return loaded.denoiser, calib
 
 
+@pytest.mark.slow
 def test_rtn_w8a8_is_accurate_and_w4a8_is_measurably_worse(bundled):
     denoiser, calib = bundled
     heldout = calib.holdout()
@@ -55,6 +56,7 @@ def test_rtn_w8a8_is_accurate_and_w4a8_is_measurably_worse(bundled):
     assert sqnr["W4A8"] <= sqnr["W8A8"] - 3, sqnr
 
 
+@pytest.mark.slow
 def test_adaround_beats_rtn_on_every_block(bundled):
     denoiser, calib = bundled
     train = calib.train()

@@ -114,6 +114,7 @@ def test_rows_are_the_sampler_trajectory_and_its_noise_prediction(tiny_unet, sch
     torch.testing.assert_close(calib.eps_fp, eps, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_the_set(tiny_unet, sched):
     ref = record(tiny_unet, sched, spec(eta=1.0, samples_per_step=4, batch_size=4))
     for bs in (1, 3):
@@ -141,6 +142,7 @@ def test_cpu_thread_count_names_a_different_set(tiny_unet, sched):
 # ------------------------------------------------------------------- gaussian protocol
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mean", [0.1, 0.9])
 def test_gaussian_protocol_concentrates_near_the_mean_in_timestep_terms(
     tiny_unet, sched, mean
@@ -159,6 +161,7 @@ def test_gaussian_protocol_concentrates_near_the_mean_in_timestep_terms(
         assert (calib.t <= 100).float().mean() > 0.5  # the clean tenth of the trajectory
 
 
+@pytest.mark.slow
 def test_gaussian_positions_are_per_trajectory(tiny_unet, sched):
     s = spec(protocol="gaussian", steps=4, num_samples=5, gauss_std=0.5)
     a = record(tiny_unet, sched, s)
@@ -384,6 +387,7 @@ def test_a_diverging_fp_model_is_named_while_recording(tiny_unet, sched):
 # ------------------------------------------------------------------- act_every_step
 
 
+@pytest.mark.slow
 def test_act_every_step_adds_activation_rows_and_leaves_the_set_unchanged(
         tiny_class_unet, sched, tmp_path):
     labels = ClassConditioning(2, null_class=2)

@@ -72,6 +72,7 @@ def _restored(state: Path):
     return pipe, restore(pipe.denoiser, state)
 
 
+@pytest.mark.slow
 def test_the_state_records_its_model_and_weights(state):
     from gaq.calibration import state_dict_digest
     from gaq.cell import WEIGHTS_DIGEST, read_state_meta
@@ -82,6 +83,7 @@ def test_the_state_records_its_model_and_weights(state):
     assert meta[WEIGHTS_DIGEST] == state_dict_digest(load_model("digits").denoiser)
 
 
+@pytest.mark.slow
 def test_sample_state_is_the_restored_model_and_not_fp(state, tmp_path, capsys, sampled):
     from torchvision.utils import save_image
 
@@ -115,6 +117,7 @@ def test_sample_state_is_the_restored_model_and_not_fp(state, tmp_path, capsys, 
     assert (fp - expected).abs().mean() < 0.2
 
 
+@pytest.mark.slow
 def test_evaluate_scores_the_state_as_the_library_does(state, tmp_path, capsys):
     from gaq.eval.metrics import paired_metrics
     from gaq.sampling import SamplerConfig, sample
@@ -244,6 +247,7 @@ def test_evaluate_flags_are_checked_before_sampling(state, tmp_path, capsys, mon
     assert message in _one_line(capsys)
 
 
+@pytest.mark.slow
 def test_sample_state_applies_the_methods_sampler_correction(tiny_pipeline_dir, tmp_path,
                                                             capsys, sampled):
     """PTQD corrects the sampler, not the model: `sample --state` samples with the restored

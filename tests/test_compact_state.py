@@ -62,6 +62,7 @@ def _sample(pipe, result, guidance):
                         denoiser=result.model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", sorted(list_methods()))
 def test_every_method_restores_bit_identically_from_the_compact_state(
@@ -174,6 +175,7 @@ def _write_format_1(result, folder):
     (folder / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
+@pytest.mark.slow
 def test_a_format_1_state_still_loads(rtn_digits, tmp_path):
     pipe, result = rtn_digits
     _write_format_1(result, tmp_path / "old")
@@ -248,6 +250,7 @@ def _unknown_storage(doc: dict) -> None:
     next(iter(doc["weights"].values()))["stored"] = "zip"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt", [_corrupt_entry, _drop_weights, _wrong_shape,
                                      _unknown_storage])
 def test_a_broken_compact_state_is_one_line(rtn_digits, tmp_path, corrupt):

@@ -71,6 +71,7 @@ def test_the_strict_mode_sends_only_the_projects_tensors_to_meta():
         assert not misplaced(torch.nn.Sequential(torch.nn.Linear(1, 1), placed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["rtn", "brecq", "qdiffusion", "tfmq", "tdq", "ptqd",
@@ -205,6 +206,7 @@ heldout_trajectories = 2
 """
 
 
+@pytest.mark.slow
 def test_a_scored_benchmark_cell_runs_under_the_strict_rule(tmp_path, monkeypatch):
     """The runner's half of a cell (held-out trajectories, FP and quantized sampling, the
     feature space, every image and noise metric, class accuracy) under the same rule,

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # torchrun runs of a benchmark at 1-3 ranks: every test here
+
 MICRO = """
 models = ["digits"]
 bits = ["W8A8"]

@@ -63,6 +63,7 @@ def _nan(out):
     return out
 
 
+@pytest.mark.slow
 def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(bench, tmp_path, monkeypatch,
                                                             capsys):
     results = tmp_path / "results"
@@ -139,6 +140,7 @@ class _FakeRay:
         return Task
 
 
+@pytest.mark.slow
 def test_the_ray_engine_records_a_diverged_cell_and_goes_on(bench, tmp_path, monkeypatch):
     pytest.importorskip("ray")
     from gaq.bench.engines import ray_tasks as ray_engine

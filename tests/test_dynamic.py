@@ -138,6 +138,7 @@ def _sample(pipe, denoiser: nn.Module) -> torch.Tensor:
                         sampler=SamplerConfig(steps=6), decode=False)
 
 
+@pytest.mark.slow
 def test_end_to_end_on_bundled_digits_with_save_and_restore(digits, tmp_path):
     spec = CalibrationSpec(steps=6, interval=2, samples_per_step=3, batch_size=8)
     calib = record_calibration(digits, spec, model_id="digits", cache=False)

@@ -74,6 +74,7 @@ def test_the_builtin_engines_are_registered():
     assert isinstance(get_engine("local"), LocalEngine)
 
 
+@pytest.mark.slow
 def test_a_registered_engine_runs_a_benchmark_and_resumes(bench, tmp_path):
     out = tmp_path / "results"
     assert main(["bench", str(bench), "--results", str(out), "--engine", "reversed"]) == 0

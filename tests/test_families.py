@@ -254,6 +254,7 @@ heldout_trajectories = 2
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_bench_runs_every_family(folders, kind, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -313,6 +314,7 @@ TINY_OVERRIDES = {"recon": {"weight_iters": 2, "act_iters": 2, "cache": "memory"
                   "iters": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kl-class-ldm", "dit", "pixart"])
 def test_every_registered_method_quantizes_a_guided_latent_family(folders, kind, tmp_path):
     """Every registered method (tiny budgets) on a guided latent pipeline: calibration with

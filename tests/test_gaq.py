@@ -138,6 +138,7 @@ def test_validation_rows_need_held_out_rows(make_tiny_model):
     assert bool(val.split.all())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unet", "cond_unet", "dit"])
 def test_gaq_and_ablations_run_on_tiny_models(make_tiny_model, kind):
     model = make_tiny_model(kind)

@@ -73,6 +73,7 @@ def test_a_missing_smoke_file_is_refused_before_measuring(tmp_path):
                   require_cuda=False)
 
 
+@pytest.mark.slow
 def test_sections_run_and_write_their_reports(tmp_path, monkeypatch):
     """The orchestration on the CPU at toy sizes: what a GPU run writes, and a failing
     section recorded without stopping the next one."""

@@ -122,6 +122,7 @@ def test_fold_leaves_the_fp_digits_dit_unchanged(digits_dit):
 
 # -- grouping vs one group ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_groups_lower_the_activation_quantization_error(digits_dit):
     calib = calibration(digits_dit, per_step=6)
     quant = QuantConfig.from_bits("W8A6")
@@ -143,6 +144,7 @@ def quantized(digits_dit):
     return res, calib
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_quantize_then_sample(digits_dit, quantized):
     from diffusers import DDIMScheduler
@@ -166,6 +168,7 @@ def test_quantize_then_sample(digits_dit, quantized):
     assert rel < 0.5, rel
 
 
+@pytest.mark.slow
 def test_save_restore_round_trip(digits_dit, quantized, tmp_path):
     from gaq.cell import restore
 

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RESULTS = Path(__file__).parents[1] / "results" / "bundled"
 
 
+@pytest.mark.slow
 def test_svc_is_accurate_on_real_heldout_digits():
     judge = train_svc_judge()
     assert judge.heldout_accuracy > 0.95

@@ -126,6 +126,7 @@ def clean(tmp_path_factory):
     return _values(root / "results")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["calibrating", "sampling", "metrics", "logging", "logged",
                                    "writing"])
 def test_a_sweep_killed_at_each_phase_resumes_to_the_same_numbers(clean, tmp_path,

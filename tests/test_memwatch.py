@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 MB = 2**20
 
 
+@pytest.mark.slow
 def test_an_allocation_counts_as_anonymous():
     # in a fresh process, as gaq perf measures: a long test session's allocator already
     # holds freed memory that a new tensor reuses without raising RssAnon

@@ -40,6 +40,7 @@ def tiny(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_every_phase_runs_and_is_measured(tiny, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setenv("GAQ_CACHE", str(tmp_path / "cache"))

@@ -80,6 +80,7 @@ _TINY = Architecture(
 )
 
 
+@pytest.mark.slow
 def test_paper_scale_report_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, "tiny", _TINY)
     calls = []
@@ -155,6 +156,7 @@ _TINY_CONDITIONAL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(_TINY_CONDITIONAL))
 def test_conditional_architectures_run_the_projection(kind, monkeypatch):
     """Class labels (DiT), a class embedding (LDM) and a text encoder (SD) reach the timed

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 BENCH = """
@@ -69,6 +71,7 @@ def _gaq(args: list[str], site: Path, root: Path) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_plugin_runs_beside_a_baseline_and_a_version_bump_reruns_it(tmp_path):
     site = tmp_path / "site"
     _install(site, "1.0")

@@ -188,6 +188,7 @@ def test_correction_removes_k_on_held_out_trajectories_where_the_model_holds(
         assert mse < curves["eps_mse_uncorrected"][t]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cond_unet", "dit"])
 def test_runs_on_conditional_unet_and_dit(make_tiny_model, sched, tmp_path, kind):
     model = make_tiny_model(kind)
@@ -252,6 +253,7 @@ def digits_ptqd(tmp_path_factory):
     return calib, held, result
 
 
+@pytest.mark.slow
 def test_every_step_option_refuses_an_interval_calibration(digits_ptqd):
     calib, _, _ = digits_ptqd
     missing_one = calib.subset(calib.t != calib.timesteps()[0])  # one step missing
@@ -260,6 +262,7 @@ def test_every_step_option_refuses_an_interval_calibration(digits_ptqd):
             None, None, missing_one, QuantConfig.from_bits("W4A8"))
 
 
+@pytest.mark.slow
 def test_k_refitted_on_held_out_trajectories_digits(digits_ptqd):
     """PTQD's rule (k > 0 only) leaves the correlation where the quantized model shrinks
     eps (k < 0: the last step, t = 0, on this model); ``negative_k`` removes it at every

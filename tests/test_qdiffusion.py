@@ -33,6 +33,7 @@ def bundled(tmp_path_factory):
     return model, calib, heldout
 
 
+@pytest.mark.slow
 def test_qdiffusion_beats_rtn_on_heldout_trajectories(bundled):
     model, calib, heldout = bundled
     quant = QuantConfig.from_bits("W4A8")

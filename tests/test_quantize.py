@@ -118,6 +118,7 @@ def quantized(fp_case):
 cases = pytest.mark.parametrize("kind,name", [(k, m) for k in KINDS for m in METHODS])
 
 
+@pytest.mark.slow
 @cases
 def test_report_covers_every_layer_once(fp_case, quantized, kind, name):
     model, _, _ = fp_case(kind)
@@ -153,6 +154,7 @@ def test_report_covers_every_layer_once(fp_case, quantized, kind, name):
             assert isinstance(result.model.get_submodule(d.name), QuantLayer), d.name
 
 
+@pytest.mark.slow
 @cases
 def test_w8a8_output_is_close_to_fp_but_quantized(fp_case, quantized, kind, name):
     model, calib, fp_out = fp_case(kind)
@@ -246,6 +248,7 @@ def _per_timestep(label: str) -> QuantConfig:
     return dataclasses.replace(base, act=dataclasses.replace(base.act, per_timestep=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_save_load_is_bit_identical(fp_case, make_tiny_model, tmp_path, name):
     model, calib, _ = fp_case("unet")
@@ -341,6 +344,7 @@ def _nan_tensor(folder):
     save_file(tensors, str(folder / "state.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, expected", [
     (lambda f: shutil.rmtree(f), "does not exist"),
     (lambda f: (shutil.rmtree(f), f.write_text("x")), "is not a folder"),
@@ -376,6 +380,7 @@ def test_a_state_of_another_model_is_refused(fp_case, make_tiny_model, tmp_path)
         load_state(make_tiny_model("dit"), folder)
 
 
+@pytest.mark.slow
 def test_a_reconstruction_method_never_writes_the_fp_model():
     """A whole reconstruction method leaves the FP model bit-identical, and the quantized
     model's layers hold their own copies of its weights."""

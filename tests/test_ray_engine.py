@@ -63,6 +63,7 @@ def ray_runtime():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_engine_places_recovers_resumes_and_matches_local(ray_runtime, tmp_path,
                                                               monkeypatch):
     from gaq.bench.engines.ray_tasks import CRASH_ONCE_ENV, run_ray

@@ -55,6 +55,7 @@ def weights_only_model(model):
     return quantize_model(model, adapter_for(model), QuantConfig.from_bits("W4A32"))[0]
 
 
+@pytest.mark.slow
 def test_adaround_beats_rtn_on_every_block(unet_and_calib):
     model, calib = unet_and_calib
     adapter = adapter_for(model)
@@ -80,6 +81,7 @@ def test_adaround_beats_rtn_on_every_block(unet_and_calib):
             assert ada < rtn, f"{r.block}: AdaRound {ada:.3g} >= RTN {rtn:.3g}"
 
 
+@pytest.mark.slow
 def test_adaround_with_the_authors_minibatches_beats_rtn_overall(unet_and_calib):
     model, calib = unet_and_calib
     cfg = dataclasses.replace(RECON, minibatch="all_rows")

@@ -411,6 +411,7 @@ def _killed(script: str, root: pathlib.Path) -> None:
     assert proc.returncode == -9, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_cell_run_killed_right_after_creation_is_closed_by_the_next_sweep(stores):
     from gaq.bench.tracking import CELL_ID_TAG, mark_stale_sweeps
 
@@ -424,6 +425,7 @@ def test_a_cell_run_killed_right_after_creation_is_closed_by_the_next_sweep(stor
         "kill sweep": "KILLED", "cell": "KILLED"}
 
 
+@pytest.mark.slow
 def test_a_kill_while_logging_curves_leaves_a_temp_folder_the_next_start_removes(stores):
     from gaq.tempdirs import remove_dead_temp_dirs
 
@@ -448,6 +450,7 @@ def _open_store(root: pathlib.Path, name: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_store_initialisation_waits_for_the_store_lock(tmp_path):
     """A process opening a fresh store waits while another holds its lock (migrating the
     schema), then opens it."""
@@ -465,6 +468,7 @@ def test_store_initialisation_waits_for_the_store_lock(tmp_path):
     assert (tmp_path / ".mlflow.db.lock").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_open_a_fresh_store_at_once(tmp_path):
     procs = [_open_store(tmp_path, f"gaq-{i}") for i in range(2)]
     for proc in procs:

@@ -72,6 +72,7 @@ def fitted_unet(make_tiny_model):
     return model, calib, qmodel, n, run.blocks
 
 
+@pytest.mark.slow
 def test_step_sizes_vary_with_t_exactly_where_a_fit_was_kept(fitted_unet):
     _, _, qmodel, n, results = fitted_unet
     assert n > 0 and results
@@ -98,6 +99,7 @@ def test_step_sizes_vary_with_t_exactly_where_a_fit_was_kept(fitted_unet):
             assert not any(varies(q) for q in block_quantizers), r.block
 
 
+@pytest.mark.slow
 def test_table_is_bit_identical_to_provider(fitted_unet):
     _, calib, qmodel, n, _ = fitted_unet
     frozen = copy.deepcopy(qmodel)
@@ -108,6 +110,7 @@ def test_table_is_bit_identical_to_provider(fitted_unet):
         assert torch.equal(denoise("unet", qmodel, x, t, {}), denoise("unet", frozen, x, t, {}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cond_unet", "dit"])
 def test_runs_and_state_round_trips(make_tiny_model, tmp_path, kind):
     model = make_tiny_model(kind)
@@ -123,6 +126,7 @@ def test_runs_and_state_round_trips(make_tiny_model, tmp_path, kind):
     assert torch.equal(denoise(kind, loaded, calib.x, calib.t, calib.cond), out)
 
 
+@pytest.mark.slow
 def test_result_depends_on_the_seed_not_on_the_global_rng(make_tiny_model):
     """A benchmark runs many cells in one process: TDQ's MLP initialisation must come from
     its own seed, so one cell gives the same model whatever ran before it."""
@@ -140,6 +144,7 @@ def test_result_depends_on_the_seed_not_on_the_global_rng(make_tiny_model):
     assert any(not torch.equal(a[k], other[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_beats_rtn_on_bundled_model_w4a8(tmp_path):
     from gaq.models.loading import load_model
 

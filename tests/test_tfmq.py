@@ -170,6 +170,7 @@ def tfmq_digits(bundled):
     return TFMQ(TFMQConfig(recon=SMALL)).quantize(denoiser, adapter_for(denoiser), calib, W4A8)
 
 
+@pytest.mark.slow
 def test_temporal_reconstruction_beats_rtn(bundled):
     denoiser, calib, _ = bundled
     adapter = adapter_for(denoiser)
@@ -183,6 +184,7 @@ def test_temporal_reconstruction_beats_rtn(bundled):
     assert all(isinstance(m, QuantLayer) and m.frozen_weight is not None for m in frozen)
 
 
+@pytest.mark.slow
 def test_per_timestep_parameters_follow_the_actual_timestep(tfmq_digits, bundled):
     _, calib, _ = bundled
     qmodel = tfmq_digits.model
@@ -208,6 +210,7 @@ def test_per_timestep_parameters_follow_the_actual_timestep(tfmq_digits, bundled
         qmodel(x, torch.full((2,), t_lo + 1))
 
 
+@pytest.mark.slow
 def test_tfmq_beats_rtn_on_held_out_trajectories(tfmq_digits, bundled):
     denoiser, calib, held = bundled
     rtn = RTN.from_preset("cpu").quantize(denoiser, adapter_for(denoiser), calib, W4A8)
@@ -221,6 +224,7 @@ def test_tfmq_beats_rtn_on_held_out_trajectories(tfmq_digits, bundled):
     assert err_tfmq < 0.7 * err_rtn, (err_tfmq, err_rtn)
 
 
+@pytest.mark.slow
 def test_activation_rows_at_every_sampler_step(bundled, tmp_path):
     """``act_every_step``: each per-timestep table row is calibrated on its own timestep's
     inputs (the row equals min/max over exactly those inputs), where an interval set

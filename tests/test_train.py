@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -30,6 +31,7 @@ def test_unet_training_is_reproducible_from_seed(tmp_path):
     assert (tmp_path / "a" / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_classifier_training_is_reproducible_from_seed(tmp_path):
     cfg = ClassifierTrainConfig(epochs=1, batch_size=256)
     ma = train_classifier(tmp_path / "a", cfg)

@@ -93,6 +93,7 @@ def test_autoencoder_is_reproducible_from_seed(tiny_vae, tmp_path):
         (path / "config.json").read_text())["scaling_factor"]
 
 
+@pytest.mark.slow
 def test_ldm_learns_reloads_and_is_reproducible(tiny_vae, tmp_path):
     from diffusers import DDIMScheduler, UNet2DConditionModel
 

@@ -251,6 +251,7 @@ def test_dtype_cast_keeps_float32_grid() -> None:
     assert fq.scale is param and param.dtype == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [None, 3, 64])
 def test_provider_rows_do_not_depend_on_batch_size(channels) -> None:
     # freezing evaluates a thousand timesteps at once; conditioned mode one at a time
