@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -453,6 +454,8 @@ def _against_reference(args: argparse.Namespace, runner,
                             engine=args.engine or runner.bench.setup.get("engine", "local"),
                             threads=args.threads or runner.bench.setup.get("threads"))
     record["computed_cells"] = computed  # the others were in --results already
+    # the machine's 1-minute load at the end: a wall time taken beside other work says so
+    record["load_avg_1min"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n",
                                         encoding="utf-8")
     print(f"{reproduce.summary(table)}; details: {out}")

@@ -40,6 +40,8 @@ def _rerun(results: Path, benchmark: str = "w4a8") -> str:
     setup = rec.get("setup", {})
     how = ", ".join(f"{k} {v}" for k, v in setup.items() if v is not None)
     wall = f"took **{_minutes(rec['wall_seconds'])}**" if rec.get("wall_seconds") else "ran"
+    if rec.get("load_avg_1min") is not None:  # 2 on this machine: its two cores busy
+        wall += f" (1-minute load {rec['load_avg_1min']:g} at its end)"
     done = rec.get("computed_cells")
     cells = (f"computed {done} of its {rec['cells']} cells" if done is not None
              else f"covered {rec['cells']} cells")
