@@ -174,19 +174,22 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, device: str) -
     ok = [r for r in rows if r.get("status") == "ok"]
     lines = [f"# Block reconstruction memory at paper size: {arch} (random weights)", "",
              f"Device: {device}. BRECQ's weight reconstruction (W4A8) of the chosen blocks, "
-             "one at a time, captures streamed from the disk cache; per block: peak anonymous "
-             "memory above what the process held before it (FP model, quantized copy, "
-             "calibration set) in MB, and wall seconds. `gaq/paper_memory.py` says how the "
-             "blocks are chosen and how memory is measured.", ""]
+             "one at a time, captures streamed from the disk cache; per block: the process's "
+             "peak anonymous memory while it ran, in parentheses the rise over what the "
+             "process held just before (FP model, quantized copy, calibration set, and what "
+             "the allocator kept from earlier steps, so a rise can hide under an earlier "
+             "high), and wall seconds. `gaq/paper_memory.py` says how the blocks are chosen.",
+             ""]
     if ok:
         head = "| block | why | parameters (M) | one row's input (MB) | " + " | ".join(
-            f"{r['rows']} rows: MB above / s" for r in ok) + " |"
+            f"{r['rows']} rows: peak MB (above) / s" for r in ok) + " |"
         lines += [head, "|---|---|---:|---:|" + "---:|" * len(ok)]
         for i, b in enumerate(ok[0]["blocks"]):
             cells = []
             for r in ok:
                 m = r["blocks"][i]
-                cells.append(f"{m['above_baseline_mb']:.0f} / {m['seconds']:.1f}")
+                cells.append(f"{m['peak_anon_mb']:.0f} ({m['above_baseline_mb']:+.0f}) / "
+                             f"{m['seconds']:.1f}")
             lines.append(f"| `{b['block']}` | {b['why']} | {b['parameters'] / 1e6:.1f} | "
                          f"{b['input_mb_per_row']:.1f} | " + " | ".join(cells) + " |")
         lines += ["", "Process baseline before the first block (FP model, quantized copy, "
