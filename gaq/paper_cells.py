@@ -155,18 +155,27 @@ def run_cell(arch: str, method: str, budget: CellBudget, device: str,
             "load_avg_1min": os.getloadavg()[0]}
 
 
-def _in_child(arch: str, method: str, budget: CellBudget, device: str, cache_dir: Path,
-              threads: int) -> dict[str, Any]:
-    code = ("import json, torch\n"
-            f"torch.set_num_threads({threads})\n"
-            "from gaq.paper_cells import CellBudget, run_cell\n"
-            f"print(json.dumps(run_cell({arch!r}, {method!r}, CellBudget(**{asdict(budget)!r}),"
-            f" {device!r}, {str(cache_dir)!r})))\n")
+def child_json(setup: str, call: str, threads: int) -> tuple[dict[str, Any] | None, str]:
+    """``call`` (an expression whose value is JSON-able) evaluated after ``setup`` (its
+    imports) in a fresh Python process with ``threads`` intra-op threads, so that every
+    memory figure is that process's own: (its value, "") or (None, its error's last line)."""
+    code = (f"import json, torch\ntorch.set_num_threads({threads})\n{setup}\n"
+            f"print(json.dumps({call}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"arch": arch, "method": method, "status": "failed", "error": tail[:300]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return None, (out.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+    return json.loads(out.stdout.strip().splitlines()[-1]), ""
+
+
+def _in_child(arch: str, method: str, budget: CellBudget, device: str, cache_dir: Path,
+              threads: int) -> dict[str, Any]:
+    row, error = child_json(
+        "from gaq.paper_cells import CellBudget, run_cell",
+        f"run_cell({arch!r}, {method!r}, CellBudget(**{asdict(budget)!r}), {device!r}, "
+        f"{str(cache_dir)!r})", threads)
+    if row is None:
+        return {"arch": arch, "method": method, "status": "failed", "error": error}
+    return row
 
 
 def run_cells(archs: Sequence[str], methods: Sequence[str] | None, *, device: str,

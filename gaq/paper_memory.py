@@ -19,8 +19,6 @@ size of one captured batch. The table shows both.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -80,8 +78,8 @@ def measure_rows(arch: str, trajectories: int, *, device: str, steps: int = 4,
         calib = record_calibration(pipe, spec, model_id=pipe.name,
                                    cache_dir=Path(cache_dir or tmp))
         budget = BUDGETS["cpu"].__class__(weight_iters=weight_iters)
-        cfg = _method_config("brecq", budget).recon
-        method = get_method("brecq")(_method_config("brecq", budget))
+        config = _method_config("brecq", budget)
+        cfg, method = config.recon, get_method("brecq")(config)
         adapter = adapter_for(pipe.denoiser)
         run_ = start(method, pipe.denoiser, adapter, calib, QuantConfig.from_bits("W4A8"))
         wrap(run_)
@@ -127,17 +125,16 @@ def measure_rows(arch: str, trajectories: int, *, device: str, steps: int = 4,
 
 def _in_child(arch: str, trajectories: int, weight_iters: int, device: str,
               threads: int) -> dict[str, Any]:
-    code = ("import json, torch\n"
-            f"torch.set_num_threads({threads})\n"
-            "from gaq.paper_memory import measure_rows\n"
-            f"print(json.dumps(measure_rows({arch!r}, {trajectories}, "
-            f"weight_iters={weight_iters}, device={device!r})))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+    from gaq.paper_cells import child_json
+
+    row, error = child_json(
+        "from gaq.paper_memory import measure_rows",
+        f"measure_rows({arch!r}, {trajectories}, weight_iters={weight_iters}, "
+        f"device={device!r})", threads)
+    if row is None:
         return {"arch": arch, "trajectories": trajectories, "status": "failed",
-                "error": tail[:300]}
-    return json.loads(out.stdout.strip().splitlines()[-1]) | {"status": "ok"}
+                "error": error}
+    return row | {"status": "ok"}
 
 
 def run(arch: str, trajectories: Sequence[int], *, device: str, out_dir: str | Path,
