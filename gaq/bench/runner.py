@@ -13,14 +13,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
-from urllib.parse import unquote, urlparse
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -30,6 +28,7 @@ import gaq
 # the data a sweep is made of, re-exported where it was first defined
 from gaq.bench.context import Cell, CellOutcome, cells
 from gaq.bench.context import ModelContext as _ModelContext
+from gaq.bench.diskspace import SpaceNeeded, check_free_space, space_needed
 from gaq.bench.persistence import CellPersistence, _engine, _method_code
 from gaq.bench.scoring import CellScoring
 from gaq.bench.spec import FP, Benchmark
@@ -42,25 +41,6 @@ if TYPE_CHECKING:
     from gaq.models.pipeline import Pipeline
 
 RESULTS_FORMAT = 2  # 2: eps_mse after the sampler hook; noise_k curves
-
-
-# the disk estimate's allowances (space_needed): curves a cell logs (eps_mse before and
-# after a sampler correction, slopes), each curve's PNG on the run page, a Parquet row,
-# diagnostics rows of a quantized cell, the tables and plots (per bit-width, and fixed)
-_CURVES_PER_CELL = 4
-_CURVE_PNG_BYTES = 200 * 2**10
-_PARQUET_ROW_BYTES = 128
-_DIAGNOSTIC_ROWS = 10_000
-_REPORT_BYTES_PER_BITS = 4 * 2**20
-_REPORT_BYTES = 4 * 2**20
-
-
-class SpaceNeeded(NamedTuple):
-    """Bytes a sweep writes (:meth:`Runner.space_needed`), per place."""
-
-    artifacts: int  # the MLflow artifact store
-    cache: int  # the calibration cache
-    results: int  # the results folder (grids, Parquet, tables, plots)
 
 
 class Runner(CellScoring, CellPersistence):
@@ -268,7 +248,7 @@ class Runner(CellScoring, CellPersistence):
         from gaq.bench.results import probe_writable
         from gaq.bench.tracking import check_store
 
-        self._check_free_space()  # first: it writes nothing
+        check_free_space(self)  # first: it writes nothing
         made = [p for p in (self.dir, *self.dir.parents) if not p.exists()]
         try:
             try:
@@ -284,101 +264,8 @@ class Runner(CellScoring, CellPersistence):
             raise
 
     def space_needed(self) -> SpaceNeeded:
-        """Bytes the sweep writes, per place (an upper estimate: every file a cell
-        writes). The MLflow artifact store: each quantized cell's state (weight codes at
-        their bit-width and activation tables, :func:`gaq.cell.state_size_bound`; cells a
-        method is left out of keep nothing), and each cell's sample grid and curve files.
-        The calibration cache: each model's calibration sets. The results folder: each
-        cell's sample grid, its Parquet rows (twice: a table is rewritten beside the old
-        one, then renamed) and the tables and plots. Block caches streamed during
-        reconstruction are transient and not counted."""
-        from gaq.cell import state_size_bound
-        from gaq.registry import get_method
-
-        grid = cells(self.bench)
-        ev = self.bench.eval
-        artifacts = cache = written = 0
-        for model_id in self.bench.models:
-            ctx = self.model(model_id)
-            run = [c for c in grid if c.model == model_id and (
-                c.method.name == FP
-                or not get_method(c.method.name).unsupported(ctx.adapter.arch))]
-            quantized = sum(1 for c in run if c.method.name != FP)
-            bounds: dict[tuple[int, str], int] = {}  # a method's seeds share a state size
-            for c in run:
-                if c.method.name != FP and (id(c.method), c.bits) not in bounds:
-                    bounds[id(c.method), c.bits] = state_size_bound(
-                        ctx.pipe, get_method(c.method.name)(c.method.config()),
-                        QuantConfig.from_bits(c.bits))
-                if c.method.name != FP:
-                    artifacts += bounds[id(c.method), c.bits]
-            # the grid of up to 64 images at twice their size, as uncompressed RGB at
-            # most; a copy goes to the artifact store
-            _, h, w = ctx.pipe.latent_shape
-            if ctx.pipe.autoencoder is not None:
-                scale = 2 ** (len(getattr(ctx.pipe.autoencoder.config, "block_out_channels",
-                                          (0,))) - 1)
-                h, w = h * scale, w * scale
-            images = min(64, ev.num_images)
-            grid_bytes = images * 3 * (2 * h + 2) * (2 * w + 2) + 2**16
-            curves = (_CURVES_PER_CELL if metrics_of_kind(ev.metrics, "curve")
-                      and ev.heldout_trajectories > 0 else 0)
-            steps = ctx.sampler.steps + 1
-            artifacts += len(run) * (grid_bytes + curves * (_CURVE_PNG_BYTES + 32 * steps))
-            rows = (len(ev.metrics) + 16 + curves * (steps + ev.heldout_trajectories)
-                    + ev.num_images * len(metrics_of_kind(ev.metrics, "paired")))
-            written += len(run) * (grid_bytes + 2 * rows * _PARQUET_ROW_BYTES)
-            written += quantized * 2 * _DIAGNOSTIC_ROWS * _PARQUET_ROW_BYTES
-            written += len(self.bench.bits) * _REPORT_BYTES_PER_BITS
-            cal = ctx.calibration
-            kept = len(cal.kept_steps())  # held-out rows at each; training rows too (interval)
-            # training trajectories: at the kept steps (interval, srm), at every step with
-            # activation-only rows, at one step each (gaussian)
-            train_steps = (cal.steps if cal.act_every_step
-                           else kept if cal.protocol in ("interval", "srm") else 1)
-            rows = (cal.num_train_trajectories * train_steps
-                    + cal.holdout_per_step * kept) * (2 if cal.guidance else 1)
-            per_row = 2 * math.prod(ctx.pipe.latent_shape) * 4  # x_t and the FP noise
-            cache += len(self.bench.eval.seeds) * rows * per_row
-        return SpaceNeeded(artifacts, cache, written + _REPORT_BYTES)
-
-    def _check_free_space(self) -> None:
-        """Enough free disk for :meth:`space_needed`, checked before any cell runs: per
-        place, and summed over the places that share a file system."""
-        from gaq.bench.tracking import artifact_root
-        from gaq.calibration import default_cache_dir
-
-        need = self.space_needed()
-        root = artifact_root()
-        places = [(Path(unquote(urlparse(root).path)) if root else self.dir, need.artifacts,
-                   "the MLflow artifact store (a quantized state per cell)",
-                   "or move the store (MLFLOW_TRACKING_URI)"),
-                  (default_cache_dir(), need.cache, "the calibration cache ($GAQ_CACHE)",
-                   "or move the cache (GAQ_CACHE)"),
-                  (self.dir, need.results, "the results (sample grids, Parquet tables, "
-                   "tables and plots)", "or choose another --results")]
-        devices: dict[int, list] = {}
-        for folder, bytes_, what, fix in places:
-            probe = next((p for p in (folder, *folder.parents) if p.exists()), None)
-            if probe is None or bytes_ == 0:
-                continue
-            devices.setdefault(probe.stat().st_dev, []).append((folder, bytes_, what, fix,
-                                                                probe))
-        for shared in devices.values():
-            free = shutil.disk_usage(shared[0][4]).free
-            for folder, bytes_, what, fix, _ in shared:
-                if bytes_ * 1.1 > free:
-                    raise GaqError(f"{self.bench.path}: this sweep needs about {_size(bytes_)} "
-                                   f"free for {what} under {folder}, but {_size(free)} are "
-                                   f"free; free some space, {fix}")
-            total = sum(b for _, b, *_ in shared)
-            if total * 1.1 > free:
-                names = "; ".join(f"{_size(b)} for {what} under {folder}"
-                                  for folder, b, what, _, _ in shared)
-                raise GaqError(f"{self.bench.path}: this sweep needs about {_size(total)} "
-                               f"free on one file system ({names}), but {_size(free)} are "
-                               "free; free some space, or move the MLflow store, the cache "
-                               "(MLFLOW_TRACKING_URI, GAQ_CACHE) or --results elsewhere")
+        """Bytes the sweep writes, per place (:func:`gaq.bench.diskspace.space_needed`)."""
+        return space_needed(self)
 
     @property
     def metrics_path(self) -> Path:
@@ -510,7 +397,3 @@ def skip_reason(cid: str, done: set[str], failed: set[str]) -> str | None:
     if cid in failed:
         return "failed earlier, skipped (--retry-failed runs it again)"
     return None
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
