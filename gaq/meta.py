@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -70,13 +71,19 @@ class MetaConfig(MethodConfig):
     # GAQ result used, kept until the tuning study sets the defaults the paper's scale
     # needs (see METHOD.md, "The matching term's scale").
     matching_scale: Literal["paper", "minibatch"] = "minibatch"
+    # How meta-iterations draw their minibatches. "random": each a random minibatch of one
+    # captured batch (rows may repeat or never be seen); "epochs": the training rows in a
+    # fresh random order each meta-epoch, cut into minibatches, so every row is seen once
+    # per ceil(N/batch_size) iterations.
+    coverage: Literal["random", "epochs"] = "random"
 
     def _plain_fields(self, toml: bool) -> dict:
         out = super()._plain_fields(toml)
         # added after results were committed: at its default it is not written, so no
         # existing cell id changed
-        if self.matching_scale == "minibatch":
-            out.pop("matching_scale", None)
+        for name, default in (("matching_scale", "minibatch"), ("coverage", "random")):
+            if getattr(self, name) == default:
+                out.pop(name, None)
         return out
 
     def validate(self) -> None:
@@ -94,6 +101,8 @@ class MetaConfig(MethodConfig):
         if self.matching_scale not in ("paper", "minibatch"):
             raise ValueError("matching_scale must be 'paper' or 'minibatch', got "
                              f"{self.matching_scale!r}")
+        if self.coverage not in ("random", "epochs"):
+            raise ValueError(f"coverage must be 'random' or 'epochs', got {self.coverage!r}")
         if self.granularity not in ("sample", "timestep"):
             raise ValueError(f"granularity must be 'sample' or 'timestep', got "
                              f"{self.granularity!r}")
@@ -244,8 +253,7 @@ def learn_weights(problem: MetaProblem, data: BlockData) -> MetaResult:
     opt = torch.optim.Adam([s], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
-    for it in range(cfg.iters):
-        train = data.sample(cfg.batch_size, gen)
+    for it, train in enumerate(_minibatches(data, cfg, gen)):
         if it == 0:
             problem.set_inner_scale(train)
         grad, (gm, val_loss) = problem.meta_gradient(s.detach(), train)
@@ -255,6 +263,21 @@ def learn_weights(problem: MetaProblem, data: BlockData) -> MetaResult:
     with torch.no_grad():
         w = problem.weights(s) * len(problem.row_t)
     return MetaResult(w.detach().float(), s.detach(), history, time.perf_counter() - start)
+
+
+def _minibatches(data: BlockData, cfg: MetaConfig, gen: torch.Generator) -> Iterator[dict]:
+    """``cfg.iters`` training minibatches in the order ``cfg.coverage`` describes."""
+    if cfg.coverage == "random":
+        for _ in range(cfg.iters):
+            yield data.sample(cfg.batch_size, gen)
+        return
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(cfg.iters):
+        if len(order) == 0:  # a new meta-epoch: every row once, in a fresh order
+            order = torch.randperm(len(data), generator=gen)
+        # the last minibatch of an epoch may be short: rows are not drawn twice in one
+        take, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        yield data.rows(take.sort().values) | {"n": len(take)}
 
 
 def objective_summary(problem: MetaProblem, data: BlockData, logits: Tensor) -> dict:

@@ -202,7 +202,11 @@ class BlockData:
             n = self._sizes[i]
             idx = torch.randperm(n, generator=gen)[: min(size, n)]
             return select_rows(self.record(i), idx, n) | {"n": len(idx)}
-        rows = torch.randperm(len(self), generator=gen)[: min(size, len(self))]
+        return self.rows(torch.randperm(len(self), generator=gen)[: min(size, len(self))])
+
+    def rows(self, rows: Tensor) -> dict:
+        """The captured rows at positions ``rows`` (0..len-1, in capture order) as one
+        record, each stored batch read once."""
         starts = torch.tensor([0] + self._sizes, device="cpu").cumsum(0)
         which = torch.bucketize(rows, starts[1:], right=True)
         recs, sizes = [], []
