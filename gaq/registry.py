@@ -1,10 +1,12 @@
-"""Name -> plug-in class, resolved lazily: one :class:`Registry` for every kind of plug-in.
+"""Name -> plug-in, resolved lazily: one :class:`Registry` for every kind of plug-in.
 
-Targets are stored as "module.path:ClassName" strings and imported only when asked for, so
+Targets are stored as "module.path:attr" strings and imported only when asked for, so
 ``gaq --help``, ``list_methods()`` and config parsing never pay for torch or for a plug-in's
 dependencies. Third-party packages add plug-ins through an entry-point group per kind
-(``gaq.methods``, ``gaq.adapters``); entry points are read (not imported) on the first
-lookup, and a loaded target must subclass the kind's base class.
+(``gaq.methods``, ``gaq.adapters``, ``gaq.engines``, ``gaq.metrics``, ``gaq.samplers``,
+``gaq.calibration_protocols``); entry points are read (not imported) on the first lookup.
+A loaded target must subclass the kind's base class, or, for the kinds whose plug-ins are
+descriptions rather than classes (metrics, samplers), be an instance of it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib
 import re
 import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,7 +56,8 @@ BUILTIN_METHODS: dict[str, str] = {
 }
 
 T = TypeVar("T", bound=type)
-Target = type | str | metadata.EntryPoint
+# a class, an instance (registries of descriptions), a lazy "module:attr" or an entry point
+Target = Any
 
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -117,7 +121,13 @@ def _target_key(target: Target) -> str:
         return target.value
     if isinstance(target, str):
         return target
+    if not isinstance(target, type):  # a loaded description: compared by value
+        return target
     return f"{target.__module__}:{target.__qualname__}"
+
+
+def _is_loaded(target: Target) -> bool:
+    return not isinstance(target, (str, metadata.EntryPoint))
 
 
 def _describe(target: Target) -> str:
@@ -125,17 +135,28 @@ def _describe(target: Target) -> str:
         return f"entry point {target.value!r} (group {target.group!r})"
     if isinstance(target, str):
         return repr(target)
+    if not isinstance(target, type):
+        return repr(target)
     return f"{target.__module__}.{target.__qualname__}"
 
 
 class Registry:
-    """Name -> a subclass of ``base`` (a lazy "module:Class"), for one kind of plug-in.
+    """Name -> a subclass of ``base`` (a lazy "module:Class"), for one kind of plug-in; with
+    ``instances``, name -> an instance of ``base`` (a lazy "module:object"), for the kinds
+    described by a value (a :class:`~gaq.eval.registry.Metric`, a
+    :class:`~gaq.sampling.SamplerKind`).
 
-    Separate instances exist so tests (and embedders) can work on an isolated registry.
+    Iterating yields the names in registration order (built-ins first, as declared: the
+    order tables and messages list them in); :meth:`names` sorts them. Separate instances
+    exist so tests (and embedders) can work on an isolated registry.
     """
 
     kind = "plug-in"
     base = "builtins:object"
+    instances = False
+    #: list known names in registration order in "unknown name" messages (metrics,
+    #: samplers: the order they are documented in) rather than sorted
+    known_in_order = False
     unknown: type[UnknownPluginError] = UnknownPluginError
     broken: type[BrokenPluginError] = BrokenPluginError
     not_a: type[NotAPluginError] = NotAPluginError
@@ -163,7 +184,7 @@ class Registry:
                     f"lazy target for {kind} {name!r} must look like 'package.module:Class', "
                     f"got {target!r}"
                 )
-        elif not isinstance(target, (type, metadata.EntryPoint)):
+        elif not self.instances and not isinstance(target, (type, metadata.EntryPoint)):
             raise TypeError(
                 f"target for {kind} {name!r} must be a class or a 'module:Class' string, "
                 f"got {target!r}"
@@ -175,8 +196,8 @@ class Registry:
                     f"{kind} {name!r} is already registered as {_describe(current)}; "
                     "pass overwrite=True to replace it"
                 )
-        elif isinstance(current, type) and not isinstance(target, type):
-            return  # already loaded: keep the class rather than going back to a string
+        elif current is not None and _is_loaded(current) and not _is_loaded(target):
+            return  # already loaded: keep the object rather than going back to a string
         self._targets[name] = target
 
     def _load_entry_points(self) -> None:
@@ -199,14 +220,32 @@ class Registry:
         self._load_entry_points()
         return sorted(self._targets)
 
-    def get(self, name: str) -> type:
-        """The class registered as ``name``, importing it now if it was registered lazily."""
+    def __iter__(self) -> Iterator[str]:
+        self._load_entry_points()
+        return iter(list(self._targets))
+
+    def loaded(self) -> list[Any]:
+        """Every registered plug-in, loaded, in registration order. One that cannot be
+        loaded (a broken entry point) is warned about once and dropped: listing a kind
+        must not fail because of another package."""
+        out = []
+        for name in self:
+            try:
+                out.append(self.get(name))
+            except (BrokenPluginError, NotAPluginError) as e:
+                warnings.warn(f"{e}; skipped", stacklevel=2)
+                del self._targets[name]
+        return out
+
+    def get(self, name: str) -> Any:
+        """The plug-in registered as ``name``, importing it now if it was registered
+        lazily."""
         self._load_entry_points()
         try:
             target = self._targets[name]
         except (KeyError, TypeError):
-            raise self.unknown(str(name), sorted(self._targets), self.kind) from None
-        if isinstance(target, type):
+            raise self.unknown(str(name), list(self._known()), self.kind) from None
+        if _is_loaded(target):
             return target
         try:
             if isinstance(target, metadata.EntryPoint):
@@ -221,13 +260,21 @@ class Registry:
                 "provides it"
             ) from e
         base = import_target(self.base)  # deferred: keeps the registry torch-free
-        if not (isinstance(obj, type) and issubclass(obj, base)):
+        if self.instances:
+            if not isinstance(obj, base):
+                raise self.not_a(f"{self.kind} {name!r} ({_describe(target)}) must be a "
+                                 f"{self.base.replace(':', '.')}, got {obj!r}")
+        elif not (isinstance(obj, type) and issubclass(obj, base)):
             raise self.not_a(
                 f"{self.kind} {name!r} ({_describe(target)}) must be a subclass of "
                 f"{self.base.replace(':', '.')}, got {obj!r}"
             )
         self._targets[name] = obj  # cache: import once
         return obj
+
+    def _known(self) -> list[str]:
+        """The names an "unknown name" message lists (see :attr:`known_in_order`)."""
+        return list(self) if self.known_in_order else sorted(self._targets)
 
     def __contains__(self, name: object) -> bool:
         self._load_entry_points()

@@ -24,8 +24,9 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from gaq.errors import GaqError, did_you_mean
+from gaq.errors import GaqError
 from gaq.models.adapters import denoise
+from gaq.registry import Registry, UnknownPluginError
 
 if TYPE_CHECKING:
     from gaq.models.pipeline import Pipeline
@@ -72,31 +73,47 @@ class SamplerKind:
     description: str = ""
 
 
-SAMPLERS: dict[str, SamplerKind] = {
-    s.name: s for s in (
-        SamplerKind("ddim", "DDIMScheduler", stochastic=True,
-                    description="DDIM (Song et al.), eta = 0 deterministic, 1 DDPM-like"),
-        # PLMS is PNDM without its Runge-Kutta warm-up, as the LDM and SD pipelines use it
-        SamplerKind("plms", "PNDMScheduler", (("skip_prk_steps", True),),
-                    description="PLMS (pseudo linear multi-step), the LDM/Stable Diffusion "
-                    "default"),
-        SamplerKind("dpm-solver++", "DPMSolverMultistepScheduler",
-                    (("algorithm_type", "dpmsolver++"), ("solver_order", 2)),
-                    description="DPM-Solver++(2M), multistep, deterministic"),
-    )
-}
+class UnknownSamplerError(UnknownPluginError, ValueError):
+    """A sampler name nothing registered (a ValueError too: a bad config value)."""
+
+    kind = "sampler"
+
+
+class SamplerRegistry(Registry):
+    """Name -> :class:`SamplerKind` (``gaq.samplers`` entry points, each naming a
+    SamplerKind object under the sampler's own name)."""
+
+    kind = "sampler"
+    base = "gaq.sampling:SamplerKind"
+    instances = True
+    known_in_order = True
+    unknown = UnknownSamplerError
+
+    def __init__(self, builtins: Iterable[SamplerKind] = (),
+                 entry_point_group: str | None = "gaq.samplers") -> None:
+        super().__init__({s.name: s for s in builtins}, entry_point_group)
+
+
+SAMPLERS = SamplerRegistry((
+    SamplerKind("ddim", "DDIMScheduler", stochastic=True,
+                description="DDIM (Song et al.), eta = 0 deterministic, 1 DDPM-like"),
+    # PLMS is PNDM without its Runge-Kutta warm-up, as the LDM and SD pipelines use it
+    SamplerKind("plms", "PNDMScheduler", (("skip_prk_steps", True),),
+                description="PLMS (pseudo linear multi-step), the LDM/Stable Diffusion "
+                "default"),
+    SamplerKind("dpm-solver++", "DPMSolverMultistepScheduler",
+                (("algorithm_type", "dpmsolver++"), ("solver_order", 2)),
+                description="DPM-Solver++(2M), multistep, deterministic"),
+))
 
 # scheduler families whose update is not a function of a noise/v/x0 prediction
 _UNSUPPORTED_SCHEDULERS = ("FlowMatch",)
 
 
 def sampler_kind(name: str) -> SamplerKind:
-    """The registered sampler ``name``; an unknown one names the known ones."""
-    if name not in SAMPLERS:
-        hint = did_you_mean(name, SAMPLERS)
-        hint = f"; {hint}" if hint else ""
-        raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)}){hint}")
-    return SAMPLERS[name]
+    """The registered sampler ``name``; an unknown one (:class:`UnknownSamplerError`, a
+    ValueError) names the known ones and the close ones."""
+    return SAMPLERS.get(name)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def two_numbers(gen, reference, space, keys, seed=0) -> dict:
 @pytest.fixture
 def plugin_metrics(monkeypatch):
     """Registers two metrics in the global registry for one test, then removes them."""
-    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    monkeypatch.setattr(registry, "METRICS", registry.MetricRegistry(registry.known_metrics()))
     CALLS.clear()
     register_metric(Metric("max_err", "paired", "Max. error", "lower", 3,
                            compute=f"{__name__}:max_abs_error"))

@@ -4,7 +4,8 @@ its direction, its label and precision in tables and plots, and the function com
 The benchmark files' ``eval.metrics``, the runner's dispatch, tables and plots all read
 this registry, so a metric of an existing kind is one new file: a :class:`Metric` and its
 function, registered here or by a package through the ``gaq.metrics`` entry-point group
-(the entry point names the :class:`Metric` object). The kinds are fixed because each needs
+(the entry point names the :class:`Metric` object) in the one plug-in registry
+(:class:`gaq.registry.Registry`). The kinds are fixed because each needs
 different inputs from the runner (:data:`KINDS`).
 
 Imports nothing heavy: computing functions are ``"module:function"`` targets, imported
@@ -13,18 +14,19 @@ when a cell first computes them.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, Literal
 
-from gaq.errors import GaqError, did_you_mean
+from gaq.errors import GaqError
+from gaq.registry import Registry, UnknownPluginError, import_target
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "KINDS",
+    "METRICS",
     "Metric",
+    "MetricRegistry",
     "UnknownMetricError",
     "get_metric",
     "known_metrics",
@@ -84,8 +86,6 @@ class Metric:
     def function(self) -> Callable[..., dict[str, Any]]:
         if self.compute is None:
             raise GaqError(f"metric {self.name!r} is measured by the runner, not computed")
-        from gaq.registry import import_target
-
         return import_target(self.compute)
 
 
@@ -111,57 +111,46 @@ _BUILTIN: tuple[Metric, ...] = (
     Metric("images_per_second", "cost", "Images/s", "higher"),
 )
 
-_registry: dict[str, Metric] = {m.name: m for m in _BUILTIN}
-_entry_points_read = False
-
-
-class UnknownMetricError(GaqError, KeyError):
+class UnknownMetricError(UnknownPluginError):
     """A metric name nothing registered; the message suggests close names."""
 
-    def __init__(self, name: str, known: list[str]) -> None:
-        hint = did_you_mean(name, known, n=3)
-        hint = f"; {hint}" if hint else ""
-        self.message = f"unknown metric {name!r}{hint}; known: {', '.join(known)}"
-        super().__init__(self.message)
-
-    def __str__(self) -> str:
-        return self.message
+    kind = "metric"
 
 
-def _read_entry_points() -> None:
-    global _entry_points_read
-    if _entry_points_read:
-        return
-    _entry_points_read = True
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            metric = ep.load()
-        except Exception as e:  # a broken plugin is reported, never fatal
-            warnings.warn(f"metric plugin {ep.name!r} ({ep.value}) cannot be imported: {e}",
-                          stacklevel=2)
-            continue
-        if not isinstance(metric, Metric):
-            warnings.warn(f"metric plugin {ep.name!r} ({ep.value}) is not a "
-                          "gaq.eval.registry.Metric; skipped", stacklevel=2)
-            continue
-        _registry.setdefault(metric.name, metric)
+class MetricRegistry(Registry):
+    """Name -> :class:`Metric` (``gaq.metrics`` entry points, each naming a Metric object
+    under the metric's own name); listed in registration order, built-ins first in their
+    table order."""
+
+    kind = "metric"
+    base = "gaq.eval.registry:Metric"
+    instances = True
+    known_in_order = True
+    unknown = UnknownMetricError
+
+    def __init__(self, builtins: Iterable[Metric] = (),
+                 entry_point_group: str | None = ENTRY_POINT_GROUP) -> None:
+        super().__init__({m.name: m for m in builtins}, entry_point_group)
+
+
+METRICS = MetricRegistry(_BUILTIN)
 
 
 def register_metric(metric: Metric) -> Metric:
     """Add ``metric``; registering the same spec again is a no-op, another under a taken
     name is refused."""
-    _read_entry_points()
-    held = _registry.get(metric.name)
-    if held is not None and held != metric:
-        raise GaqError(f"metric {metric.name!r} is already registered differently")
-    _registry[metric.name] = metric
+    if metric.name in METRICS:
+        if find_metric(metric.name) != metric:
+            raise GaqError(f"metric {metric.name!r} is already registered differently")
+        return metric
+    METRICS.register(metric.name, metric)
     return metric
 
 
 def known_metrics() -> list[Metric]:
-    """Every registered metric, built-in ones first in their table order."""
-    _read_entry_points()
-    return list(_registry.values())
+    """Every registered metric, built-in ones first in their table order (a plugin metric
+    that cannot be imported is warned about and left out)."""
+    return METRICS.loaded()
 
 
 def requestable() -> list[str]:
@@ -170,17 +159,12 @@ def requestable() -> list[str]:
 
 
 def get_metric(name: str) -> Metric:
-    _read_entry_points()
-    try:
-        return _registry[name]
-    except KeyError:
-        raise UnknownMetricError(name, list(_registry)) from None
+    return METRICS.get(name)
 
 
 def find_metric(name: str) -> Metric | None:
     """The registered metric ``name``, or None (derived rows such as ``kid_std``)."""
-    _read_entry_points()
-    return _registry.get(name)
+    return METRICS.get(name) if name in METRICS else None
 
 
 def metrics_of_kind(names: Iterable[str], kind: str) -> list[str]:
