@@ -28,7 +28,7 @@ __all__ = ["evaluate_state", "load_quantized", "quantize_pipeline", "read_state_
            "restore", "save_quantized", "state_model", "state_size_bound"]
 
 #: the key of ``state.json``'s meta holding the FP denoiser's weights digest
-#: (:func:`gaq.calibration.state_dict_digest`): it tells a state's own model from another
+#: (:func:`gaq.identity.state_dict_digest`): it tells a state's own model from another
 #: that has the same layer names (a retrained checkpoint, another pipeline folder)
 WEIGHTS_DIGEST = "weights_digest"
 
@@ -163,7 +163,7 @@ def load_quantized(folder: str | Path, pipe: Pipeline, model_id: str, meta: dict
     copy: the FP model stays usable), with the method's sampler hook, on the pipeline's
     device. A state whose recorded weights digest is not the denoiser's (``digest``, when
     the caller has it) is refused before anything is rebuilt."""
-    from gaq.calibration import state_dict_digest
+    from gaq.identity import state_dict_digest
 
     expected = meta.get(WEIGHTS_DIGEST)
     if expected is not None:

@@ -255,9 +255,10 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from gaq.calibration import CalibrationSpec, state_dict_digest
+    from gaq.calibration import CalibrationSpec
     from gaq.cell import WEIGHTS_DIGEST, quantize_pipeline, save_quantized
     from gaq.config import QuantConfig
+    from gaq.identity import state_dict_digest
     from gaq.outputs import check_output_folder, output_folder
     from gaq.registry import get_method
 
@@ -271,10 +272,9 @@ def _quantize(args: argparse.Namespace) -> None:
     holdout = args.holdout_per_step
     if holdout is None:  # GAQ's validation set: 5 % of the training rows per timestep
         holdout = math.ceil(0.05 * args.samples_per_step)
-    spec = CalibrationSpec(steps=sampler.steps, eta=sampler.eta, sampler_name=sampler.name,
-                           guidance=sampler.guidance, interval=args.interval,
-                           samples_per_step=args.samples_per_step, seed=args.seed,
-                           holdout_per_step=holdout)
+    spec = CalibrationSpec.for_sampler(sampler, interval=args.interval,
+                                       samples_per_step=args.samples_per_step, seed=args.seed,
+                                       holdout_per_step=holdout)
     # the FP weights the state is made from, so `gaq sample --state` and `gaq evaluate`
     # can tell this model from another with the same layers
     digest = state_dict_digest(model.denoiser)

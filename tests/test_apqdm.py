@@ -12,7 +12,8 @@ from tiny_inputs import denoise, tiny_pipeline
 from torch import nn
 
 from baselines.apqdm import APQDM, APQDMConfig
-from gaq.calibration import CalibrationSpec, record_calibration, srm_select
+from baselines.apqdm.srm import srm_select
+from gaq.calibration import CalibrationSpec, record_calibration
 from gaq.cell import restore
 from gaq.config import QuantConfig
 from gaq.models.adapters import adapter_for

@@ -10,7 +10,8 @@ every timestep towards one group. Each timestep then takes its most important gr
 
 The result is stored in the per-timestep activation tables (one row per sampling
 timestep, rows of one group identical), so sampling, saving and loading need nothing new.
-Calibration timesteps can be chosen by the ``"srm"`` protocol of :mod:`gaq.calibration`.
+Calibration timesteps can be chosen by the ``"srm"`` calibration protocol
+(:mod:`baselines.apqdm.srm`, registered in :data:`gaq.calibration.PROTOCOLS`).
 """
 
 from __future__ import annotations

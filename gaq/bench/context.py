@@ -59,7 +59,7 @@ class ModelContext:
 
     def __init__(self, model_id: str, bench: Benchmark, device: str,
                  pipe: Pipeline | None = None) -> None:
-        from gaq.calibration import state_dict_digest
+        from gaq.identity import state_dict_digest
         from gaq.models.adapters import adapter_for
         from gaq.models.loading import load_model
 

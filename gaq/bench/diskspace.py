@@ -90,10 +90,10 @@ def space_needed(runner: Runner) -> SpaceNeeded:
         written += len(runner.bench.bits) * _REPORT_BYTES_PER_BITS
         cal = ctx.calibration
         kept = len(cal.kept_steps())  # held-out rows at each; training rows too (interval)
-        # training trajectories: at the kept steps (interval, srm), at every step with
-        # activation-only rows, at one step each (gaussian)
+        # training trajectories: at the kept steps (interval, a step selection such as
+        # srm), at every step with activation-only rows, at one step each (gaussian)
         train_steps = (cal.steps if cal.act_every_step
-                       else kept if cal.protocol in ("interval", "srm") else 1)
+                       else kept if cal.protocol != "gaussian" else 1)
         rows = (cal.num_train_trajectories * train_steps
                 + cal.holdout_per_step * kept) * (2 if cal.guidance else 1)
         per_row = 2 * math.prod(ctx.pipe.latent_shape) * 4  # x_t and the FP noise

@@ -85,11 +85,10 @@ class CellScoring:
         from gaq.calibration import CalibrationSpec, record_calibration
 
         if seed not in ctx._heldout:
-            s = ctx.sampler
-            spec = CalibrationSpec(steps=s.steps, eta=s.eta, sampler_name=s.name,
-                                   guidance=s.guidance, interval=1,
-                                   samples_per_step=max(1, self.bench.eval.heldout_trajectories),
-                                   seed=seed + HELDOUT_SEED_OFFSET)
+            spec = CalibrationSpec.for_sampler(
+                ctx.sampler.config(), interval=1,
+                samples_per_step=max(1, self.bench.eval.heldout_trajectories),
+                seed=seed + HELDOUT_SEED_OFFSET)
             ctx._heldout[seed] = record_calibration(ctx.pipe, spec, model_id=ctx.id)
         return ctx._heldout[seed]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from gaq.calibration import CalibrationSpec
+from gaq.calibration import CalibrationSpec, sampler_fields
 from gaq.config import (
     Config,
     ConfigError,
@@ -291,11 +291,8 @@ def _parse(path: Path, raw: dict) -> Benchmark:
     sampler = _section(SamplerSpec, raw.get("sampler"), "sampler")
     calib_raw = dict(raw.get("calibration", {}))
     # the calibration trajectory uses the benchmark's sampler unless it says otherwise
-    calib_raw.setdefault("steps", sampler.steps)
-    calib_raw.setdefault("eta", sampler.eta)
-    calib_raw.setdefault("sampler_name", sampler.name)
-    if sampler.guidance is not None:
-        calib_raw.setdefault("guidance", sampler.guidance)
+    for key, value in sampler_fields(sampler.config()).items():
+        calib_raw.setdefault(key, value)
     calibration = _section(CalibrationSpec, calib_raw, "calibration")
     ev = _section(EvalSpec, raw.get("eval"), "eval")
     bits = raw.get("bits", ["W4A8"])
