@@ -597,6 +597,33 @@ def _judge(args: argparse.Namespace) -> None:
     print(f"wall time {result['wall_s']:.1f} s")
 
 
+def _tune_gaq(args: argparse.Namespace) -> None:
+    from gaq.device import check_device
+    from gaq.gaq_tuning import StudyConfig, run_study, write
+    from gaq.outputs import check_output_folder, output_folder
+
+    out = Path(args.out)
+    if args.render_only:  # the table and plot again from the stored rows
+        record_file = out / "study.json"
+        if not record_file.is_file():
+            raise GaqError(f"--render-only: no {record_file}; run `gaq tune-gaq` first")
+        for path in write(json.loads(record_file.read_text()), out):
+            print(path)
+        return
+    seeds = tuple(_int_list("--seeds", args.seeds))
+    if args.blocks < 1 or args.weight_iters < 1 or not seeds:
+        raise GaqError("--blocks and --weight-iters must be positive and --seeds non-empty")
+    flags = {"what": "tuning study", "marker": "study.json", "overwrite": args.overwrite}
+    check_output_folder(out, "--out", **flags)  # before the study's minutes, not after
+    cfg = StudyConfig(model=args.model, blocks=args.blocks, seeds=seeds,
+                      weight_iters=args.weight_iters)
+    record = run_study(cfg, device=str(check_device(args.device)),
+                       log=lambda m: print(m, flush=True))
+    with output_folder(out, "--out", **flags) as tmp:
+        write(record, tmp)
+    print(f"{out}: study.json, study.md, proxy_vs_heldout.png")
+
+
 def _benchmarks_with_results(results: Path, name: str | None) -> list[str]:
     names = [name] if name else sorted(p.parent.name for p in results.glob("*/metrics.parquet"))
     if not names:
@@ -882,6 +909,27 @@ def build_parser() -> argparse.ArgumentParser:
     jd.add_argument("--out", default=str(RESULTS / "bundled" / "judges.json"),
                     help="the JSON file (the .md goes beside it)")
     jd.set_defaults(func=_judge)
+
+    tg = sub.add_parser("tune-gaq", help="GAQ's tuning study: meta objective against "
+                        "held-out block error, per setting",
+                        description="On a few blocks of a model and several AdaRound seeds, "
+                        "learn ω under each meta-learning setting, reconstruct the block with "
+                        "learned and with uniform ω, and compare their errors on test rows of "
+                        "trajectories nothing trains on (gaq/METHOD.md, 'Tuning study'). "
+                        "Writes study.json, study.md and proxy_vs_heldout.png.")
+    tg.add_argument("--model", default="digits", help="model to study (default: digits)")
+    tg.add_argument("--blocks", type=int, default=3,
+                    help="blocks studied, spread over the reconstruction order (default 3)")
+    tg.add_argument("--seeds", default="0,1", help="AdaRound seeds (default 0,1)")
+    tg.add_argument("--weight-iters", type=int, default=200,
+                    help="AdaRound iterations per block (default 200, GAQ's cpu preset)")
+    tg.add_argument("--device", default="cpu")
+    tg.add_argument("--out", default=str(RESULTS / "gaq_tuning"))
+    tg.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier study in --out")
+    tg.add_argument("--render-only", action="store_true",
+                    help="rewrite study.md and the plot from the stored study.json")
+    tg.set_defaults(func=_tune_gaq)
 
     ls = sub.add_parser("ls", help="list benchmarks and stored results",
                         description="List benchmark files and the results stored for them.")
