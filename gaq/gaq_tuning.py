@@ -24,7 +24,6 @@ predict the target?). The protocol and how the defaults were read from it are in
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gaq.meta import (
     MetaConfig,
@@ -45,7 +44,8 @@ from gaq.meta import (
     timestep_groups,
     weight_spread,
 )
-from gaq.reconstruction import BlockData, adaround_block, block_error, block_layers, capture
+from gaq.methods.gaq import heldout_error
+from gaq.reconstruction import BlockData, block_layers, capture
 
 __all__ = ["SETTINGS", "Setting", "StudyConfig", "render", "run_study", "summarise", "write"]
 
@@ -103,21 +103,6 @@ class _Done(Exception):
     """Raised after the last studied block: nothing after it is needed."""
 
 
-def _split_holdout(calib, val_per_t: int):
-    """(validation rows as GAQ draws them, test rows): the first ``val_per_t`` held-out
-    rows at every training timestep, and every other held-out row at those timesteps."""
-    train, held = calib.train(), calib.holdout()
-    val, test = [], []
-    for t in train.timesteps():
-        rows = (held.t == t).nonzero().flatten()
-        if len(rows) <= val_per_t:
-            raise ValueError(f"timestep {t} has {len(rows)} held-out rows; the study needs "
-                             f"more than {val_per_t}")
-        val.append(rows[:val_per_t])
-        test.append(rows[val_per_t:])
-    return held.subset(torch.cat(val)), held.subset(torch.cat(test))
-
-
 def _one_batch(rows, device):
     def it():
         b = next(rows.to(device).batches(len(rows)))
@@ -158,11 +143,11 @@ class _Study:
                       "memory")
         test = capture(run.qmodel, run.fpmodel, block.name, _one_batch(self.test, run.device),
                        "memory")
-        val_rec, n_test = val.record(0), len(test)
+        val_rec = val.record(0)
         recon = run.method.config.recon
         for seed in cfg.seeds:
             rc = replace(recon, seed=seed)
-            uniform_err = _heldout_error(module, data, rc, None, test, n_test)
+            uniform_err = heldout_error(module, data, rc, None, test)
             for setting in self.settings:
                 start = time.perf_counter()
                 mcfg = replace(cfg.base, **setting.changes, seed=seed)
@@ -174,8 +159,7 @@ class _Study:
                 meta = learn_weights(problem, data)
                 obj_uniform, obj_learned = _meta_objective(problem, data, meta.logits, seed,
                                                            cfg.eval_minibatches)
-                err = _heldout_error(module, data, rc, meta.weights.to(run.device), test,
-                                     n_test)
+                err = heldout_error(module, data, rc, meta.weights.to(run.device), test)
                 hist = meta.history
                 self.rows.append({
                     "block": block.name, "kind": block.kind, "seed": seed,
@@ -203,22 +187,12 @@ def _rel(new: float, old: float) -> float:
     return (new - old) / max(abs(old), 1e-30)
 
 
-def _heldout_error(module: nn.Module, data: BlockData, rc, weights: Tensor | None,
-                   test: BlockData, n_test: int) -> float:
-    """AdaRound a copy of ``module`` with ``weights`` and return its error on the test rows
-    (weights quantized, activations off, as AdaRound leaves it)."""
-    block = copy.deepcopy(module)
-    adaround_block(block, data, rc, weights)
-    for lay in block_layers(block):
-        lay.set_mode("weight")
-    return block_error(block, test, n_test)
-
-
 def run_study(cfg: StudyConfig, settings: Sequence[Setting] = SETTINGS,
               device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the study (see the module docstring); returns its record."""
     from gaq.calibration import CalibrationSpec, record_calibration
     from gaq.config import QuantConfig
+    from gaq.methods.gaq import split_holdout
     from gaq.methods.stages import start, temporal, wrap
     from gaq.models.adapters import adapter_for
     from gaq.models.loading import load_model
@@ -232,7 +206,7 @@ def run_study(cfg: StudyConfig, settings: Sequence[Setting] = SETTINGS,
                            samples_per_step=cfg.train_trajectories,
                            holdout_per_step=val_per_t + cfg.test_trajectories)
     calib = record_calibration(pipe, spec, model_id=cfg.model)
-    val, test = _split_holdout(calib, val_per_t)
+    val, test = split_holdout(calib, cfg.base.val_share)
     method = get_method("gaq-uniform").from_preset("cpu")
     recon: ReconConfig = replace(method.config.recon, weight_iters=cfg.weight_iters,
                                  cache="memory")
@@ -356,26 +330,14 @@ def render(record: dict[str, Any]) -> str:
 
 def plot(record: dict[str, Any]):
     """Change in meta objective against change in held-out block error, one point per
-    (setting, block, seed): does the proxy predict the target?"""
-    from gaq.bench.plots import COLUMN_WIDTH, new_figure, plot_style
+    (setting, block, seed), one marker per block: does the proxy predict the target?"""
+    import pandas as pd
 
-    rows = record["rows"]
-    with plot_style():
-        fig = new_figure(1.3 * COLUMN_WIDTH, 2.6)
-        ax = fig.add_subplot()
-        markers = "osD^v<>"
-        for i, block in enumerate(record["blocks"]):
-            part = [r for r in rows if r["block"] == block]
-            ax.scatter([100 * r["objective_change"] for r in part],
-                       [100 * r["heldout_change"] for r in part], s=9,
-                       marker=markers[i % len(markers)], label=block, alpha=0.8)
-        ax.axhline(0.0, color="0.5", lw=0.6, ls="--")
-        ax.axvline(0.0, color="0.5", lw=0.6, ls="--")
-        ax.set_xlabel("meta objective, learned vs uniform ω (%)")
-        ax.set_ylabel("held-out block error,\nlearned vs uniform ω (%)")
-        ax.set_title("Does GAQ's proxy predict the held-out error?")
-        ax.legend(frameon=False, fontsize=6)
-    return fig
+    from gaq.methods.gaq_report import proxy_vs_target
+
+    return proxy_vs_target(pd.DataFrame(record["rows"]), "block",
+                           f"GAQ tuning study, {record['config']['model']} "
+                           f"{record['config']['bits']}")
 
 
 def write(record: dict[str, Any], out_dir: str | Path) -> list[Path]:

@@ -76,12 +76,17 @@ class MetaConfig(MethodConfig):
     # fresh random order each meta-epoch, cut into minibatches, so every row is seen once
     # per ceil(N/batch_size) iterations.
     coverage: Literal["random", "epochs"] = "random"
+    # Instrumentation: per block, AdaRound copies of the block with learned and with
+    # uniform ω and measure both on held-out rows (the error GAQ exists to lower); two
+    # more AdaRounds per block, timed apart from the calibration.
+    heldout_check: bool = False
 
     def _plain_fields(self, toml: bool) -> dict:
         out = super()._plain_fields(toml)
         # added after results were committed: at its default it is not written, so no
         # existing cell id changed
-        for name, default in (("matching_scale", "minibatch"), ("coverage", "random")):
+        for name, default in (("matching_scale", "minibatch"), ("coverage", "random"),
+                              ("heldout_check", False)):
             if getattr(self, name) == default:
                 out.pop(name, None)
         return out

@@ -247,7 +247,11 @@ def test_diagnostics_become_tables_and_figures(tmp_path):
                "mean_cos_uniform": 0.133, "mean_cos_learned": 0.333,
                "group_mean_cos_uniform": 0.1, "group_mean_cos_learned": 0.3,
                "weight_mass": [0.2, 0.3, 0.5], "alignment": [0.1, 0.4, 0.8 - 0.1 * i],
-               "history": [{"iter": 0, "matching": -1.0, "val_loss": 2.0}]}
+               "history": [{"iter": 0, "matching": -1.0, "val_loss": 2.0}],
+               "weight_max_min_ratio": 2.0, "weight_entropy_rel": 0.99, "weight_ess_rel": 0.9,
+               "objective_uniform": 2.0, "objective_learned": 2.0 - 0.1 * i,
+               "heldout_uniform": 1.0, "heldout_learned": 1.0 + 0.01 * i,
+               "heldout_change": 0.01 * i, "heldout_rows": "test"}
               for i in range(3)]
     folder = tmp_path / "bench"
     for name, records in _tables(blocks).items():
@@ -260,12 +264,15 @@ def test_diagnostics_become_tables_and_figures(tmp_path):
     written = write_plots(tmp_path, "bench", tmp_path / "out")
     names = {p.name for p in written}
     assert {"bench_conflict_gaq_W4A8.png", "bench_weights_by_t_W4A8.png",
-            "bench_alignment_gaq_W4A8.pdf"} <= names
+            "bench_alignment_gaq_W4A8.pdf", "bench_proxy_vs_heldout_gaq_W4A8.png"} <= names
     md = [p for p in write_tables(tmp_path, "bench", tmp_path / "tables")
           if p.name.endswith("_gaq_diagnostics.md")]
     text = md[0].read_text()
     assert "| GAQ | W4A8 | 0.1000 | 0.3000 |" in text
     assert "| b2 | 0.1000 | 0.3000 | +0.2000 |" in text
+    # the held-out change per block: median 0.01 over 0, 0.01, 0.02
+    assert "held-out block error, learned vs uniform ω (rel.)" in text
+    assert "0.01 [0, 0.02]" in text
 
 
 def test_diagnostics_figures_are_per_model_and_titled():
@@ -310,3 +317,36 @@ def test_gaq_runs_at_weight_only_bits(make_tiny_model, kind):
     out = denoise(kind, result.model, calib.x[:4], calib.t[:4],
                   {k: v[:4] for k, v in calib.cond.items()})
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_heldout_check_measures_without_changing_the_result(make_tiny_model):
+    """The held-out check AdaRounds copies of each block with learned and uniform ω and
+    measures them on held-out rows nothing trains on; the quantized model is bit-identical
+    to the one quantized without it. With no rows beyond X^V it says it measured on X^V."""
+    model = make_tiny_model("unet")
+    cls = get_method("gaq")
+    base = dataclasses.replace(cls.presets["cpu"], recon=TINY,
+                               meta=dataclasses.replace(cls.presets["cpu"].meta, iters=2,
+                                                        batch_size=8, groups=2,
+                                                        diagnostic_rows=0))
+    checked_cfg = dataclasses.replace(base, meta=dataclasses.replace(base.meta,
+                                                                     heldout_check=True))
+    calib = calibration("unet", model, held_per_t=3)  # X^V takes one row per timestep
+    plain = cls(base).quantize(model, adapter_for(model), calib, W4A8)
+    checked = cls(checked_cfg).quantize(model, adapter_for(model), calib, W4A8)
+    a, b = plain.model.state_dict(), checked.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    blocks = checked.state["gaq"]["blocks"]
+    assert blocks and all(k not in blk for blk in plain.state["gaq"]["blocks"]
+                          for k in ("heldout_learned", "heldout_rows"))
+    for blk in blocks:
+        assert blk["heldout_rows"] == "test"
+        assert blk["heldout_uniform"] > 0 and blk["heldout_learned"] > 0
+        assert blk["heldout_change"] == pytest.approx(
+            blk["heldout_learned"] / blk["heldout_uniform"] - 1)
+    summary = checked.diagnostics["gaq_blocks"]
+    assert all("heldout_change" in row for row in summary)
+    only_val = cls(checked_cfg).quantize(model, adapter_for(model),
+                                         calibration("unet", model), W4A8)
+    assert {blk["heldout_rows"] for blk in only_val.state["gaq"]["blocks"]} == {"validation"}

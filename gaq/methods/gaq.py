@@ -12,6 +12,7 @@ matching), ``gaq-timestep`` (one weight per timestep).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -38,9 +39,18 @@ from gaq.methods.stages import Run, start, wrap
 from gaq.methods.tfmq import TFMQConfig, finish_tfmq, tfmq_quant, tfmq_skip, tfmq_stages
 from gaq.models.adapters import Block, SkipRule
 from gaq.quantize import QuantConfig
-from gaq.reconstruction import BatchIter, BlockData, ReconConfig, capture
+from gaq.reconstruction import (
+    BatchIter,
+    BlockData,
+    ReconConfig,
+    adaround_block,
+    block_error,
+    block_layers,
+    capture,
+)
 
-__all__ = ["GAQ", "GAQConfig", "GAQMSE", "GAQTimestep", "GAQUniform", "validation_rows"]
+__all__ = ["GAQ", "GAQConfig", "GAQMSE", "GAQTimestep", "GAQUniform", "heldout_error",
+           "split_holdout", "validation_rows"]
 
 
 @dataclass(frozen=True)
@@ -58,10 +68,17 @@ class GAQConfig(TFMQConfig):
 def validation_rows(calib, share: float):
     """X^V: ``ceil(share × training rows per timestep)`` held-out rows at every training
     timestep (equal count per timestep), from the set's held-out trajectories."""
+    return split_holdout(calib, share)[0]
+
+
+def split_holdout(calib, share: float):
+    """(X^V, test rows): X^V as :func:`validation_rows` draws it (the first held-out rows
+    at each training timestep), and every other held-out row at those timesteps, which
+    nothing trains on (empty when the set holds no more than X^V)."""
     train, held = calib.train(), calib.holdout()
     per_t = torch.bincount(torch.unique(train.t, return_inverse=True)[1])
     need = max(1, math.ceil(share * int(per_t.min())))
-    picked = []
+    picked, rest = [], []
     for t in train.timesteps():
         rows = (held.t == t).nonzero().flatten()
         if len(rows) < need:
@@ -70,7 +87,20 @@ def validation_rows(calib, share: float):
                 f"{share:g} of {int(per_t.min())} training rows) but timestep {t} has "
                 f"{len(rows)}: record the calibration set with holdout_per_step >= {need}")
         picked.append(rows[:need])
-    return held.subset(torch.cat(picked))
+        rest.append(rows[need:])
+    return held.subset(torch.cat(picked)), held.subset(torch.cat(rest))
+
+
+def heldout_error(module: nn.Module, data: BlockData, recon: ReconConfig,
+                  weights: Tensor | None, test: BlockData) -> float:
+    """AdaRound a copy of ``module`` on ``data`` with sample ``weights`` (None: uniform)
+    and return the copy's error on the ``test`` rows (weights quantized, activations off,
+    as AdaRound leaves a block); ``module`` itself is not touched."""
+    block = copy.deepcopy(module)
+    adaround_block(block, data, recon, weights)
+    for lay in block_layers(block):
+        lay.set_mode("weight")
+    return block_error(block, test, len(test))
 
 
 def _batches(rows) -> BatchIter:
@@ -88,8 +118,11 @@ class MetaWeighting:
     calls it as its ``weight_fn``; it keeps each block's weights for the activation phase,
     what it measured per block (``blocks``) and the time spent on instrumentation."""
 
-    def __init__(self, run: Run, val: BatchIter, cfg: MetaConfig, uniform: bool) -> None:
+    def __init__(self, run: Run, val: BatchIter, cfg: MetaConfig, uniform: bool,
+                 test: tuple[BatchIter, str] | None = None) -> None:
         self.run, self.val, self.cfg, self.uniform = run, val, cfg, uniform
+        # (rows, which rows) the held-out check measures on (MetaConfig.heldout_check)
+        self.test = test
         self.row_t = run.calib.train().t
         self.weights: dict[str, Tensor] = {}
         self.blocks: list[dict[str, Any]] = []
@@ -132,6 +165,8 @@ class MetaWeighting:
                     info |= gradient_diagnostics(problem, data.head(cfg.diagnostic_rows), weights)
                     if meta is not None:
                         info |= objective_summary(problem, data, meta.logits)
+                if cfg.heldout_check and meta is not None and self.test is not None:
+                    info |= self._heldout(block, module, data, weights)
         finally:
             val.close()
         # instrumentation is timed apart from the calibration; with uniform weights all of
@@ -140,6 +175,21 @@ class MetaWeighting:
         self.weights[block.name] = weights
         self.blocks.append(info)
         return None if uniform else weights
+
+    def _heldout(self, block: Block, module: nn.Module, data: BlockData,
+                 weights: Tensor) -> dict[str, Any]:
+        """The block AdaRounded (on copies, with the run's settings and seed) with learned
+        and with uniform ω, each copy's error on the held-out rows."""
+        run, (rows, source) = self.run, self.test
+        recon = run.method.config.recon
+        test = capture(run.qmodel, run.fpmodel, block.name, rows, "memory")
+        try:
+            learned = heldout_error(module, data, recon, weights, test)
+            uniform = heldout_error(module, data, recon, None, test)
+        finally:
+            test.close()
+        return {"heldout_learned": learned, "heldout_uniform": uniform,
+                "heldout_change": learned / uniform - 1.0, "heldout_rows": source}
 
     def stats(self) -> dict[str, float]:
         """Run-level numbers: the time split and the mean gradient cosines."""
@@ -177,11 +227,15 @@ class GAQ(Method):
 
     def quantize(self, model: nn.Module, adapter, calib, quant: QuantConfig) -> QuantResult:
         cfg = self.config
-        val = validation_rows(calib, cfg.meta.val_share)
+        val, rest = split_holdout(calib, cfg.meta.val_share)
         run = start(self, model, adapter, calib, quant)
         wrap(run)
+        # the held-out check measures on rows nothing trains on where the set has them,
+        # else on X^V (which AdaRound never sees, but ω was fitted on: said in the tables)
+        test = (_batches(rest.to(run.device)), "test") if len(rest) else (
+            _batches(val.to(run.device)), "validation")
         weighting = MetaWeighting(run, _batches(val.to(run.device)), cfg.meta,
-                                  uniform=cfg.weights == "uniform")
+                                  uniform=cfg.weights == "uniform", test=test)
         tfmq_stages(run, cfg, weight_fn=weighting)
         seconds = time.perf_counter() - run.started - weighting.diag_seconds
         result = finish_tfmq(run, seconds=seconds, **weighting.stats(),
@@ -206,7 +260,9 @@ def _tables(blocks: list[dict[str, Any]]) -> dict[str, list[dict]]:
                                              "matching_learned", "matching_to_val_ratio",
                                              "matching_to_val_grad_ratio",
                                              "weight_max_min_ratio", "weight_entropy_rel",
-                                             "weight_ess_rel")
+                                             "weight_ess_rel", "heldout_learned",
+                                             "heldout_uniform", "heldout_change",
+                                             "heldout_rows")
                            if k in b},
                         "matching_first": hist[0].get("matching", float("nan")),
                         "matching_last": hist[-1].get("matching", float("nan")),

@@ -17,8 +17,8 @@ from gaq.bench import labels
 from gaq.bench.plots import COLUMN_WIDTH, figure_title, method_color, new_figure, plot_style
 from gaq.bench.reports import MethodReport
 
-__all__ = ["GAQReport", "conflict_heatmap", "cosine_table", "weight_vs_alignment",
-           "weights_by_timestep"]
+__all__ = ["GAQReport", "conflict_heatmap", "cosine_table", "proxy_vs_target",
+           "weight_vs_alignment", "weights_by_timestep"]
 
 
 def conflict_heatmap(conflict: pd.DataFrame, title: str = "") -> Figure:
@@ -125,7 +125,39 @@ EFFECT_COLUMNS = {
     "weight_ess_rel": "ω ESS / N", "matching_to_val_ratio": "abs(L_GM) / L_V",
     "matching_to_val_grad_ratio": "‖∇_s L_GM‖ / ‖∇_s L_V‖",
     "objective_change": "meta objective, learned − uniform (rel.)",
+    "heldout_change": "held-out block error, learned vs uniform ω (rel.)",
 }
+
+
+def objective_change(frame: pd.DataFrame) -> pd.Series:
+    """The meta objective's relative change from uniform to learned ω."""
+    return ((frame["objective_learned"] - frame["objective_uniform"])
+            / frame["objective_uniform"].abs())
+
+
+def proxy_vs_target(frame: pd.DataFrame, by: str, title: str = "") -> Figure:
+    """Change of the meta objective (the proxy ω is learned on) against change of the
+    reconstructed block's held-out error (what GAQ exists to lower), learned vs uniform ω,
+    one point per row of ``frame`` (columns ``objective_change``, ``heldout_change``),
+    one marker per value of ``by``: does the proxy predict the target?"""
+    with plot_style():
+        fig = new_figure(1.3 * COLUMN_WIDTH, 2.6)
+        ax = fig.add_subplot()
+        markers = "osD^v<>p*"
+        for i, (key, part) in enumerate(frame.groupby(by, sort=False)):
+            ax.scatter(100 * part["objective_change"], 100 * part["heldout_change"], s=9,
+                       marker=markers[i % len(markers)], label=str(key), alpha=0.8)
+        if len(frame) > 2:
+            r = np.corrcoef(frame["objective_change"], frame["heldout_change"])[0, 1]
+            ax.set_title(f"Pearson r = {r:.2f} over {len(frame)} points")
+        ax.axhline(0.0, color="0.5", lw=0.6, ls="--")
+        ax.axvline(0.0, color="0.5", lw=0.6, ls="--")
+        ax.set_xlabel("meta objective, learned vs uniform ω (%)")
+        ax.set_ylabel("held-out block error,\nlearned vs uniform ω (%)")
+        ax.legend(frameon=False, fontsize=6)
+        if title:
+            fig.suptitle(title)
+    return fig
 
 
 def effect_table(blocks: pd.DataFrame) -> str:
@@ -134,8 +166,7 @@ def effect_table(blocks: pd.DataFrame) -> str:
     the range); empty where the results predate these diagnostics."""
     frame = blocks.copy()
     if {"objective_learned", "objective_uniform"} <= set(frame):
-        frame["objective_change"] = ((frame["objective_learned"] - frame["objective_uniform"])
-                                     / frame["objective_uniform"].abs())
+        frame["objective_change"] = objective_change(frame)
     cols = [c for c in EFFECT_COLUMNS if c in frame and frame[c].notna().any()]
     if not any(c.startswith("weight_") for c in cols):
         return ""
@@ -144,8 +175,11 @@ def effect_table(blocks: pd.DataFrame) -> str:
              "(1 = uniform for entropy and effective sample size), the gradient-matching "
              "term against the validation loss at uniform ω (values, and the norms of their "
              "gradients w.r.t. the logits s: what the first meta-steps follow), and the meta "
-             "objective's relative change on its first minibatch. Median [min, max] over "
-             "blocks and seeds.", "",
+             "objective's relative change on its first minibatch; with the held-out check "
+             "(`heldout_check`), the block's error after AdaRound with learned ω relative to "
+             "uniform ω at the same seed, on held-out rows (`heldout_rows`: `test`, rows "
+             "nothing trains on, or `validation`, X^V, which ω was fitted on). Median "
+             "[min, max] over blocks and seeds.", "",
              "| method | bits | " + " | ".join(EFFECT_COLUMNS[c] for c in cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for (method, bits), part in frame.groupby(["method", "bits"]):
@@ -189,6 +223,13 @@ class GAQReport(MethodReport):
                 yield (f"{prefix}conflict_{method}_{bits}",
                        conflict_heatmap(part, f"{title}, {labels.method_label(method)} {bits}, "
                                         "mean over blocks"))
+        blocks = frames.get("gaq_blocks")
+        if blocks is not None and {"heldout_change", "objective_uniform"} <= set(blocks):
+            checked = blocks[blocks["heldout_change"].notna()].copy()
+            checked["objective_change"] = objective_change(checked)
+            for (method, bits), part in checked.groupby(["method", "bits"]):
+                yield (f"{prefix}proxy_vs_heldout_{method}_{bits}", proxy_vs_target(
+                    part, "block", f"{title}, {labels.method_label(method)} {bits}"))
         if weights is not None and len(weights):
             learned = weights[weights["method"] != "gaq-uniform"]  # its weights are all 1
             for bits, part in learned.groupby("bits"):
