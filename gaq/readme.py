@@ -167,7 +167,19 @@ def _embed(results: Path, rel: str) -> str:
     return text.rstrip("\n") + f"\n\n(source: `{path.as_posix()}`)\n"
 
 
+def _gaq_tuning(results: Path) -> str:
+    """GAQ's tuning study in a few lines (the table is in docs/gaq.md)."""
+    import json
+
+    from gaq.gaq_tuning import headline
+
+    path = results / "gaq_tuning" / "study.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return headline(record) + f"\nSource: `{path.as_posix()}`.\n"
+
+
 GENERATORS: dict[str, Callable[[Path], str]] = {
+    "gaq-tuning": _gaq_tuning,
     "w4a8-rerun": _rerun,
     "w4a8-tolerance": _tolerance,
     "w4a8-headline": _headline,
