@@ -529,6 +529,27 @@ def test_rows_of_one_benchmark_file_have_distinguishable_colours():
     assert abs(timestep[0] - mse[0]) >= 30  # told apart by lightness, not only by hue
 
 
+def test_every_variant_row_is_declared_by_its_method():
+    """A variant row of a shipped benchmark file (``label = "ptqd-base"``) has its label and
+    colour declared on its method (``Method.rows``), where the row is defined, so tables
+    and figures never show the bare row name."""
+    import warnings
+
+    from gaq.bench import labels
+    from gaq.bench.spec import load_benchmark
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        variants = {e.row: e.name for p in sorted(root.glob("*.toml"))
+                    for e in load_benchmark(p).methods if e.row != e.name}
+    assert "ptqd-base" in variants and "tfmq-quant-skips" in variants
+    for row, method in variants.items():
+        style = labels.row_style(row)
+        assert style is not None and row.startswith(f"{method}-"), row
+        assert labels.method_label(row) == style.label and style.color is not None, row
+
+
 def _compile(tmp_path: Path, tex: Path, options: str = "twocolumn") -> str | None:
     """pdflatex's log for ``tex`` in a plain article with booktabs, None without pdflatex."""
     import shutil

@@ -241,6 +241,7 @@ def search_groups(run: Run, cfg: APQDMConfig) -> None:
 class APQDM(Method):
     name = "apqdm"
     label = "APQ-DM"
+    color = (0.0, 0.45, 0.45)  # dark teal: no palette tone, readable on white
     Config = APQDMConfig
     presets = {
         # AdaRound as BRECQ/Q-Diffusion (20k weight iterations); 8 groups as the authors'

@@ -64,6 +64,7 @@ def install_dynamic(qmodel: nn.Module, cfg: DynamicConfig) -> int:
 class Dynamic(Method):
     name = "dynamic"
     label = "Dynamic"
+    color = (0.75, 0.0, 0.25)  # crimson: the name's derived colour was a grey by TFMQ-DM's
     Config = DynamicConfig
     # the benchmark's paired tables anchored on this row: how close each static one comes
     report = "baselines.dynamic.report:DynamicReport"

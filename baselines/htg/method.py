@@ -59,6 +59,7 @@ class HTGConfig(MethodConfig):
 class HTG(Method):
     name = "htg"
     label = "HTG"
+    color = (0.62, 0.46, 0.0)  # dark gold: no palette tone, readable on white
     Config = HTGConfig
     archs = frozenset({"DiT"})
     presets = {

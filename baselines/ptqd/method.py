@@ -6,6 +6,7 @@ DDIM variance schedule."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import ClassVar, Literal
 
 import torch
@@ -20,7 +21,7 @@ from baselines.ptqd.hook import (
 )
 from gaq.config import MethodConfig, QuantConfig, positive_int
 from gaq.errors import GaqError
-from gaq.methods.base import Method, QuantResult
+from gaq.methods.base import Method, QuantResult, RowStyle
 from gaq.methods.brecq import brecq_stages
 from gaq.methods.stages import finish, start
 from gaq.models.adapters import SkipRule, denoise
@@ -72,6 +73,12 @@ class PTQDConfig(MethodConfig):
 class PTQD(Method):
     name = "ptqd"
     label = "PTQD"
+    rows = MappingProxyType({
+        "ptqd-base": RowStyle("PTQD base PTQ (no correction)", "PTQD base", "#8c6d31"),
+        "ptqd-no-vsc": RowStyle("PTQD (no VSC)", "PTQD w/o VSC", "#7b4173"),
+        "ptqd-negk": RowStyle("PTQD (k < 0 corrected too)", "PTQD k<0", "#637939"),
+        "ptqd-per-channel": RowStyle("PTQD (per-channel weights)", "PTQD per-ch.", "#fd8d3c"),
+    })
     Config = PTQDConfig
     presets = {
         "paper": PTQDConfig(),

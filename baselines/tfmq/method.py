@@ -7,10 +7,12 @@ authors' layer rules and presets.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from torch import Tensor, nn
 
 from gaq.config import QuantConfig
-from gaq.methods.base import Method, QuantResult
+from gaq.methods.base import Method, QuantResult, RowStyle
 from gaq.methods.stages import start, wrap
 from gaq.methods.tfmq import TFMQConfig, finish_tfmq, tfmq_quant, tfmq_skip, tfmq_stages
 from gaq.models.adapters import Block, SkipRule
@@ -22,6 +24,18 @@ __all__ = ["TFMQ", "TFMQConfig"]
 class TFMQ(Method):
     name = "tfmq"
     label = "TFMQ-DM"
+    rows = MappingProxyType({
+        "tfmq-lsq": RowStyle("TFMQ-DM + LSQ acts", "TFMQ-DM+LSQ", "#843c39"),
+        # the ablation rows of benchmarks/tfmq-w3a8.toml: TFMQ-DM with one choice changed
+        "tfmq-no-temporal": RowStyle("TFMQ-DM (no temporal unit)", color="#393b79"),
+        "tfmq-static-acts": RowStyle("TFMQ-DM (one static act. range)", color="#ad494a"),
+        "tfmq-mse-init": RowStyle("TFMQ-DM (MSE act. ranges)", color="#9e9ac8"),
+        "tfmq-softmax16": RowStyle("TFMQ-DM (16-bit softmax)", color="#bd9e39"),
+        "tfmq-ends-w8a8": RowStyle("TFMQ-DM (first/last layer W8A8)", color="#74c476"),
+        # a dark rose: the name's derived colour was a grey next to TFMQ-DM's
+        "tfmq-quant-skips": RowStyle("TFMQ-DM (skip convs quantized)",
+                                     color=(0.7, 0.3, 0.5)),
+    })
     Config = TFMQConfig
     presets = {
         "paper": TFMQConfig(),

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gaq.methods.base import RowStyle
 
 __all__ = [
     "FP_METHODS",
@@ -12,6 +16,7 @@ __all__ = [
     "better",
     "bits_order",
     "decimals",
+    "declared_color",
     "feature_space_label",
     "in_feature_space",
     "is_fp",
@@ -19,38 +24,22 @@ __all__ = [
     "method_order",
     "metric_label",
     "metric_unit",
+    "row_style",
     "short_label",
     "table_metrics",
 ]
 
 FP_METHODS = frozenset({"fp", "fp32", "fp16", "full_precision"})
 
-# Rows that are not registered methods: FP, methods of published tables that the suite does
-# not implement, and the variant rows of the shipped benchmark files (a method with a
-# config). A registered method's label is its class's ``label`` (plugins included).
-_ROW_LABELS = {
-    "fp": "FP", "ptq4dm": "PTQ4DM",
-    "ptqd-base": "PTQD base PTQ (no correction)", "ptqd-no-vsc": "PTQD (no VSC)",
-    "ptqd-negk": "PTQD (k < 0 corrected too)", "tfmq-lsq": "TFMQ-DM + LSQ acts",
-    "ptqd-per-channel": "PTQD (per-channel weights)",
-    "brecq-no-lsq": "BRECQ (no learned act. steps)",
-    # benchmarks/tfmq-w3a8.toml: TFMQ-DM (and BRECQ) with one choice changed
-    "brecq-attn8": "BRECQ + 8-bit softmax attention",
-    "tfmq-no-temporal": "TFMQ-DM (no temporal unit)",
-    "tfmq-static-acts": "TFMQ-DM (one static act. range)",
-    "tfmq-mse-init": "TFMQ-DM (MSE act. ranges)",
-    "tfmq-softmax16": "TFMQ-DM (16-bit softmax)",
-    "tfmq-ends-w8a8": "TFMQ-DM (first/last layer W8A8)",
-    "tfmq-quant-skips": "TFMQ-DM (skip convs quantized)",
-}  # fmt: skip
-# Shorter names for the rows whose labels are long, where a table must fit one column of a
-# two-column paper; the table's caption spells each out (``short_label``).
-_SHORT_LABELS = {
-    "gaq-uniform": "GAQ unif. ω", "gaq-timestep": "GAQ ω(t)", "gaq-mse": "GAQ w/o L_GM",
-    "ptqd-base": "PTQD base", "ptqd-no-vsc": "PTQD w/o VSC", "ptqd-negk": "PTQD k<0",
-    "ptqd-per-channel": "PTQD per-ch.", "brecq-no-lsq": "BRECQ w/o LSQ",
-    "tfmq-lsq": "TFMQ-DM+LSQ",
-}  # fmt: skip
+# Rows that are not registered methods: FP and the methods of published tables that the
+# suite does not implement. A registered method's label is its class's ``label`` (plugins
+# included), a variant row's the one its method declares (``Method.rows``).
+_ROW_LABELS = {"fp": "FP", "ptq4dm": "PTQ4DM"}
+# Shorter names for GAQ's ablation rows (registered methods of their own), where a table
+# must fit one column of a two-column paper; the table's caption spells each out
+# (``short_label``). Variant rows declare theirs (``RowStyle.short``).
+_SHORT_LABELS = {"gaq-uniform": "GAQ unif. ω", "gaq-timestep": "GAQ ω(t)",
+                 "gaq-mse": "GAQ w/o L_GM"}
 # ablations first, the full method last, as the paper's ablation tables list them
 _GAQ_ORDER = ("gaq-uniform", "gaq-timestep", "gaq-mse", "gaq")
 # Baselines roughly by publication date, as papers list them; unknown methods sort after
@@ -69,23 +58,51 @@ def method_label(method: str) -> str:
     m = method.lower()
     if m in _ROW_LABELS:
         return _ROW_LABELS[m]
+    style = row_style(m)
+    if style is not None:
+        return style.label
     return _declared_label(m) or method
 
 
 def short_label(method: str) -> str:
     """A row's name in a narrow table: a short form for the long variant labels, else
     :func:`method_label`."""
-    return _SHORT_LABELS.get(method.lower()) or method_label(method)
+    style = row_style(method)
+    return (_SHORT_LABELS.get(method.lower()) or (style and style.short)
+            or method_label(method))
 
 
-def _declared_label(name: str) -> str | None:
+def _method_class(name: str) -> type | None:
     from gaq.errors import GaqError
     from gaq.registry import get_method
 
     try:
-        return get_method(name).label
+        return get_method(name)
     except GaqError:  # not a method (a row name), or a plugin that cannot be loaded here
         return None
+
+
+def row_style(row: str) -> RowStyle | None:
+    """How a variant row shows, as its method declares it (``Method.rows``; the method is
+    the row name up to its first dash), or None for any other row."""
+    m = row.lower()
+    cls = _method_class(m.split("-", 1)[0]) if "-" in m else None
+    return None if cls is None else cls.__dict__.get("rows", {}).get(m)
+
+
+def declared_color(row: str) -> str | tuple[float, float, float] | None:
+    """The colour declared for ``row``: its variant style's, else its method's own
+    (``Method.color``), else None."""
+    style = row_style(row)
+    if style is not None:
+        return style.color
+    cls = _method_class(row.lower())
+    return None if cls is None else cls.__dict__.get("color")
+
+
+def _declared_label(name: str) -> str | None:
+    cls = _method_class(name)
+    return None if cls is None else cls.label
 
 
 def _method_key(method: str) -> tuple[int, str]:

@@ -62,23 +62,13 @@ _WIDE_PALETTE = tuple(c for i, c in enumerate(_TAB20B + mpl.colormaps["tab20c"].
                       if i % 4 < 2)
 _COLOR_SLOTS = ("fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq", "gaq",
                 "gaq-uniform")
-# The suite's other rows, each a colour of its own that no tab10 slot uses, so no two rows
-# of a shipped benchmark file share one (tests/test_bench_results.py checks every file's
-# rows). At most one near-black tone per file: on a 1-pt line a dark navy or dark grey
-# reads as black, so GAQ (ω per t)'s black has no dark row beside it.
-_OWN_COLORS = {"gaq-timestep": (0.0, 0.0, 0.0), "gaq-mse": (0.45, 0.2, 0.95),  # violet
-               "tfmq-lsq": _TAB20B[12], "ptqd-base": _TAB20B[8],
-               "ptqd-no-vsc": _TAB20B[16], "ptqd-negk": _TAB20B[4],
-               # dark teal and dark gold: no palette tone, readable on white
-               "apqdm": (0.0, 0.45, 0.45), "htg": (0.62, 0.46, 0.0),
-               # crimson, and a dark rose: the hash gave both a grey next to TFMQ-DM's
-               "dynamic": (0.75, 0.0, 0.25), "tfmq-quant-skips": (0.7, 0.3, 0.5),
-               # the ablation rows of tfmq-w3a8 and ptqd-dit: eight of them share a figure,
-               # too many for a 20-colour hash not to collide
-               "brecq-no-lsq": _WIDE_PALETTE[12], "brecq-attn8": _WIDE_PALETTE[3],
-               "tfmq-no-temporal": _WIDE_PALETTE[0], "tfmq-static-acts": _WIDE_PALETTE[7],
-               "tfmq-mse-init": _WIDE_PALETTE[17], "tfmq-softmax16": _WIDE_PALETTE[5],
-               "tfmq-ends-w8a8": _WIDE_PALETTE[15], "ptqd-per-channel": _WIDE_PALETTE[13]}
+# GAQ's ablation rows (registered methods of their own), each a colour no tab10 slot uses;
+# every other row's own colour is declared where the row is (``Method.color``, a variant's
+# ``RowStyle.color``), so no two rows of a shipped benchmark file share one
+# (tests/test_bench_results.py checks every file's rows). At most one near-black tone per
+# file: on a 1-pt line a dark navy or dark grey reads as black, so GAQ (ω per t)'s black has
+# no dark row beside it.
+_OWN_COLORS = {"gaq-timestep": (0.0, 0.0, 0.0), "gaq-mse": (0.45, 0.2, 0.95)}  # violet
 
 
 def method_color(method: str) -> tuple[float, ...]:
@@ -87,6 +77,9 @@ def method_color(method: str) -> tuple[float, ...]:
         return _PALETTE[_COLOR_SLOTS.index(m) % len(_PALETTE)]
     if m in _OWN_COLORS:
         return _OWN_COLORS[m]
+    declared = labels.declared_color(m)
+    if declared is not None:
+        return tuple(mpl.colors.to_rgb(declared))
     # other rows (new methods and variants): 20 colours, none of tab10 (a hash can still
     # collide with another unknown row; the legend tells them apart by marker order)
     return _WIDE_PALETTE[zlib.crc32(m.encode()) % len(_WIDE_PALETTE)]

@@ -71,6 +71,17 @@ class QuantResult:
         return QuantConfig.from_dict(self.state["quant"])
 
 
+@dataclasses.dataclass(frozen=True)
+class RowStyle:
+    """How a variant row shows: its ``label`` in tables and legends, a ``short`` form for
+    narrow tables (default: the label), its ``color`` in figures (a matplotlib colour;
+    default: derived from the row name)."""
+
+    label: str
+    short: str | None = None
+    color: str | tuple[float, float, float] | None = None
+
+
 class Method(abc.ABC):
     """Base class of quantization methods.
 
@@ -85,6 +96,14 @@ class Method(abc.ABC):
     presets: ClassVar[Mapping[str, MethodConfig]] = MappingProxyType({})
     #: the method's name in tables, plots and figure legends (default: ``name``)
     label: ClassVar[str | None] = None
+    #: its colour in figures (a matplotlib colour); None: a palette slot or a colour
+    #: derived from the name (:func:`gaq.bench.plots.method_color`). Not inherited.
+    color: ClassVar[str | tuple[float, float, float] | None] = None
+    #: the variant rows of this method that the shipped benchmark files define
+    #: (``{ name = "ptqd", label = "ptqd-base", config = {...} }``), each row name (this
+    #: method's name, a dash, a suffix) with how tables and figures show it; a variant
+    #: sorts beside its method. Not inherited.
+    rows: ClassVar[Mapping[str, RowStyle]] = MappingProxyType({})
     #: the model architectures (``ModelAdapter.arch``: "UNet2D", "DiT", ...) the method
     #: is defined for; None = every one. A benchmark with ``methods = "all"`` leaves the
     #: method out on the other models instead of failing their cells.

@@ -10,12 +10,13 @@ options that default to off.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import ClassVar, Literal
 
 from torch import nn
 
 from gaq.config import ConfigError, MethodConfig, QuantConfig
-from gaq.methods.base import Method, QuantResult
+from gaq.methods.base import Method, QuantResult, RowStyle
 from gaq.methods.stages import (
     Run,
     finish,
@@ -54,6 +55,11 @@ class BRECQConfig(MethodConfig):
 class BRECQ(Method):
     name = "brecq"
     label = "BRECQ"
+    rows = MappingProxyType({
+        "brecq-no-lsq": RowStyle("BRECQ (no learned act. steps)", "BRECQ w/o LSQ", "#e6550d"),
+        # benchmarks/tfmq-w3a8.toml: BRECQ with one choice changed
+        "brecq-attn8": RowStyle("BRECQ + 8-bit softmax attention", color="#8ca252"),
+    })
     Config = BRECQConfig
     presets = {
         "paper": BRECQConfig(),
