@@ -151,3 +151,15 @@ def test_end_to_end_on_tiny_dit(make_tiny_model):
     assert grouped and all(b["metrics"]["groups_used"] <= TINY.groups for b in grouped)
     images = _sample(pipe, result.model, 6, guidance=2.0)
     assert torch.isfinite(images).all()
+
+
+def test_srm_is_a_calibration_protocol_registered_by_the_baseline():
+    """The step selection lives with APQ-DM and is found through the protocol registry;
+    a misspelt protocol suggests it."""
+    from baselines.apqdm.srm import SRM
+    from gaq.calibration import PROTOCOLS
+    from gaq.config import ConfigError
+
+    assert PROTOCOLS.get("srm") is SRM
+    with pytest.raises(ConfigError, match="did you mean 'srm'"):
+        CalibrationSpec(protocol="smr")

@@ -284,3 +284,47 @@ def test_a_broken_plugin_is_one_line_and_skipped_by_methods_all(
         spec = load_benchmark(bench)
     rows = {m.name for m in spec.methods}
     assert "rtn" in rows and "crashy" not in rows and "paperonly" not in rows
+
+
+def test_descriptions_come_from_entry_points_through_the_one_registry(
+    monkeypatch: pytest.MonkeyPatch, make_module: Callable[[str, str], str]
+) -> None:
+    """Metrics and samplers are instances of a description class in the same Registry: an
+    entry point names the object, a wrong type or a broken import is left out with a
+    warning when the kind is listed, and unknown names still suggest close ones."""
+    from gaq.eval.registry import MetricRegistry, UnknownMetricError
+    from gaq.sampling import SamplerKind, SamplerRegistry, UnknownSamplerError
+
+    make_module("descplug.things", """
+        from gaq.eval.registry import Metric
+        from gaq.sampling import SamplerKind
+
+        MAX_ERR = Metric("max_err", "paired", "Max. error", "lower")
+        EULER = SamplerKind("euler", "EulerDiscreteScheduler")
+        NOT_ONE = 3
+    """)
+    eps = {
+        "gaq.metrics": [("max_err", "descplug.things:MAX_ERR"),
+                        ("wrong", "descplug.things:NOT_ONE"),
+                        ("broken", "descplug.missing:X")],
+        "gaq.samplers": [("euler", "descplug.things:EULER")],
+    }
+
+    def fake_entry_points(group: str | None = None) -> list[importlib.metadata.EntryPoint]:
+        return [importlib.metadata.EntryPoint(name=n, value=v, group=group)
+                for n, v in eps.get(group or "", [])]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+    samplers = SamplerRegistry((SamplerKind("ddim", "DDIMScheduler", stochastic=True),))
+    assert list(samplers) == ["ddim", "euler"]
+    assert samplers.get("euler").scheduler == "EulerDiscreteScheduler"
+    with pytest.raises(UnknownSamplerError, match="did you mean 'euler'") as err:
+        samplers.get("eulr")
+    assert isinstance(err.value, ValueError)  # a bad config value, as before
+    metrics = MetricRegistry()
+    with pytest.warns(UserWarning) as warned:
+        loaded = metrics.loaded()
+    assert [m.name for m in loaded] == ["max_err"] and len(warned) == 2
+    assert list(metrics) == ["max_err"]  # the two bad ones are dropped, once
+    with pytest.raises(UnknownMetricError, match="did you mean 'max_err'"):
+        metrics.get("max_er")
