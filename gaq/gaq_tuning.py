@@ -188,9 +188,9 @@ def _rel(new: float, old: float) -> float:
     return (new - old) / max(abs(old), 1e-30)
 
 
-def run_study(cfg: StudyConfig, settings: Sequence[Setting] = SETTINGS,
-              device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the study (see the module docstring); returns its record."""
+def run_study(cfg: StudyConfig, settings: Sequence[Setting] = SETTINGS, *, device: str,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the study (see the module docstring) on ``device``; returns its record."""
     from gaq.calibration import CalibrationSpec, record_calibration
     from gaq.config import QuantConfig
     from gaq.methods.gaq import split_holdout

@@ -67,7 +67,7 @@ def test_study_runs_on_a_tiny_pipeline_and_renders(tiny_pipeline_dir, tmp_path, 
                       eval_minibatches=1,
                       base=MetaConfig(iters=1, batch_size=4, matching_scale="paper",
                                       diagnostic_rows=0, groups=2))
-    record = run_study(cfg, settings, log=lambda m: None)
+    record = run_study(cfg, settings, device="cpu", log=lambda m: None)
     rows = record["rows"]
     assert len(rows) == 2 * 2 * 3 and len(record["blocks"]) == 2
     # 2 kept timesteps: 4 training trajectories, 1 validation and 2 test ones each
