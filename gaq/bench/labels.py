@@ -35,11 +35,6 @@ FP_METHODS = frozenset({"fp", "fp32", "fp16", "full_precision"})
 # suite does not implement. A registered method's label is its class's ``label`` (plugins
 # included), a variant row's the one its method declares (``Method.rows``).
 _ROW_LABELS = {"fp": "FP", "ptq4dm": "PTQ4DM"}
-# Shorter names for GAQ's ablation rows (registered methods of their own), where a table
-# must fit one column of a two-column paper; the table's caption spells each out
-# (``short_label``). Variant rows declare theirs (``RowStyle.short``).
-_SHORT_LABELS = {"gaq-uniform": "GAQ unif. ω", "gaq-timestep": "GAQ ω(t)",
-                 "gaq-mse": "GAQ w/o L_GM"}
 # ablations first, the full method last, as the paper's ablation tables list them
 _GAQ_ORDER = ("gaq-uniform", "gaq-timestep", "gaq-mse", "gaq")
 # Baselines roughly by publication date, as papers list them; unknown methods sort after
@@ -65,11 +60,12 @@ def method_label(method: str) -> str:
 
 
 def short_label(method: str) -> str:
-    """A row's name in a narrow table: a short form for the long variant labels, else
-    :func:`method_label`."""
+    """A row's name in a narrow table: the short form its method (``Method.short``) or
+    variant (``RowStyle.short``) declares, else :func:`method_label`."""
     style = row_style(method)
-    return (_SHORT_LABELS.get(method.lower()) or (style and style.short)
-            or method_label(method))
+    cls = _method_class(method.lower())
+    declared = None if cls is None else cls.__dict__.get("short")
+    return declared or (style and style.short) or method_label(method)
 
 
 def _method_class(name: str) -> type | None:

@@ -62,21 +62,15 @@ _WIDE_PALETTE = tuple(c for i, c in enumerate(_TAB20B + mpl.colormaps["tab20c"].
                       if i % 4 < 2)
 _COLOR_SLOTS = ("fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "ptqd", "tdq", "tfmq", "gaq",
                 "gaq-uniform")
-# GAQ's ablation rows (registered methods of their own), each a colour no tab10 slot uses;
-# every other row's own colour is declared where the row is (``Method.color``, a variant's
+# Every other row's own colour is declared where the row is (``Method.color``, a variant's
 # ``RowStyle.color``), so no two rows of a shipped benchmark file share one
-# (tests/test_bench_results.py checks every file's rows). At most one near-black tone per
-# file: on a 1-pt line a dark navy or dark grey reads as black, so GAQ (ω per t)'s black has
-# no dark row beside it.
-_OWN_COLORS = {"gaq-timestep": (0.0, 0.0, 0.0), "gaq-mse": (0.45, 0.2, 0.95)}  # violet
+# (tests/test_bench_results.py checks every file's rows).
 
 
 def method_color(method: str) -> tuple[float, ...]:
     m = method.lower()
     if m in _COLOR_SLOTS:
         return _PALETTE[_COLOR_SLOTS.index(m) % len(_PALETTE)]
-    if m in _OWN_COLORS:
-        return _OWN_COLORS[m]
     declared = labels.declared_color(m)
     if declared is not None:
         return tuple(mpl.colors.to_rgb(declared))

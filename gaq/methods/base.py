@@ -96,6 +96,9 @@ class Method(abc.ABC):
     presets: ClassVar[Mapping[str, MethodConfig]] = MappingProxyType({})
     #: the method's name in tables, plots and figure legends (default: ``name``)
     label: ClassVar[str | None] = None
+    #: its name in narrow tables (one column of a two-column paper, the caption spells it
+    #: out); None: the label. Not inherited.
+    short: ClassVar[str | None] = None
     #: its colour in figures (a matplotlib colour); None: a palette slot or a colour
     #: derived from the name (:func:`gaq.bench.plots.method_color`). Not inherited.
     color: ClassVar[str | tuple[float, float, float] | None] = None

@@ -295,6 +295,7 @@ class GAQUniform(GAQ):
 
     name = "gaq-uniform"
     label = "GAQ (uniform ω)"
+    short = "GAQ unif. ω"
     presets = _presets(weights="uniform")
 
 
@@ -303,6 +304,8 @@ class GAQMSE(GAQ):
 
     name = "gaq-mse"
     label = "GAQ (no L_GM)"
+    short = "GAQ w/o L_GM"
+    color = (0.45, 0.2, 0.95)  # violet: no tab10 slot uses it
     presets = _presets(matching=False)
 
 
@@ -311,4 +314,8 @@ class GAQTimestep(GAQ):
 
     name = "gaq-timestep"
     label = "GAQ (ω per t)"
+    short = "GAQ ω(t)"
+    # black: at most one near-black tone per figure (on a 1-pt line a dark navy or grey
+    # reads as black), so no shipped benchmark gives another row a dark colour beside it
+    color = (0.0, 0.0, 0.0)
     presets = _presets(granularity="timestep")
