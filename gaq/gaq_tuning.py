@@ -279,13 +279,14 @@ def seed_spread(record: dict[str, Any]) -> float:
 
 
 def proxy_correlation(record: dict[str, Any]) -> float:
-    """Pearson r between the meta objective's change and the held-out change over every
-    (setting, block, seed) with learned ω that moved the objective."""
-    pairs = [(r["objective_change"], r["heldout_change"]) for r in record["rows"]]
-    if len(pairs) < 3:
-        return float("nan")
-    x, y = torch.tensor(pairs, dtype=torch.float64).T
-    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+    """Spearman's ρ between the meta objective's change and the held-out change over every
+    (setting, block, seed)."""
+    import pandas as pd
+
+    from gaq.methods.gaq_report import rank_correlation
+
+    return rank_correlation(pd.DataFrame(record["rows"])) if len(record["rows"]) > 2 \
+        else float("nan")
 
 
 def headline(record: dict[str, Any]) -> str:
@@ -307,7 +308,7 @@ def headline(record: dict[str, Any]) -> str:
         f"{', '.join(below) if below else 'none'}; above zero (learned ω worse): "
         f"{', '.join(above) if above else 'none'}. AdaRound's own seed-to-seed spread is "
         f"{seed_spread(record):.2%}; the meta objective's change and the held-out change "
-        f"correlate at Pearson r = {proxy_correlation(record):.2f}.\n")
+        f"correlate at Spearman ρ = {proxy_correlation(record):.2f}.\n")
 
 
 def render(record: dict[str, Any]) -> str:
