@@ -16,6 +16,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -34,7 +35,7 @@ from gaq.meta import (
     timestep_groups,
     weight_spread,
 )
-from gaq.methods.base import Method, QuantResult
+from gaq.methods.base import Method, QuantResult, RowStyle
 from gaq.methods.stages import Run, start, wrap
 from gaq.methods.tfmq import TFMQConfig, finish_tfmq, tfmq_quant, tfmq_skip, tfmq_stages
 from gaq.models.adapters import Block, SkipRule
@@ -209,6 +210,10 @@ class GAQ(Method):
 
     name = "gaq"
     label = "GAQ"
+    rows = MappingProxyType({
+        # benchmarks/gaq-objective.toml: the cpu budget with the paper preset's objective
+        "gaq-paper": RowStyle("GAQ (paper's L_GM)", "GAQ paper L_GM", "#b2182b"),
+    })
     Config = GAQConfig
     report = "gaq.methods.gaq_report:GAQReport"
     presets = {
