@@ -999,6 +999,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from gaq.memwatch import bound_heap
+
+    bound_heap()  # freed tensor memory goes back to the kernel (see its docstring)
     try:
         code = args.func(args)  # a command with a verdict returns 1 when it fails
     except (GaqError, ValueError) as e:

@@ -159,7 +159,8 @@ def child_json(setup: str, call: str, threads: int) -> tuple[dict[str, Any] | No
     """``call`` (an expression whose value is JSON-able) evaluated after ``setup`` (its
     imports) in a fresh Python process with ``threads`` intra-op threads, so that every
     memory figure is that process's own: (its value, "") or (None, its error's last line)."""
-    code = (f"import json, torch\ntorch.set_num_threads({threads})\n{setup}\n"
+    code = (f"import json, torch\nfrom gaq.memwatch import bound_heap\nbound_heap()\n"
+            f"torch.set_num_threads({threads})\n{setup}\n"
             f"print(json.dumps({call}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:

@@ -6,10 +6,12 @@ denoiser as BRECQ does and reconstructs a few chosen blocks one at a time, each 
 captures streamed from the disk cache (the paper-size setting), in a fresh process per
 calibration size, so every figure is that process's own. Per block it reports the wall
 time and the peak anonymous memory above what the process held before the block (the FP
-model, its quantized copy and the calibration set): what capturing and fitting that block
-costs. The blocks are chosen from the architecture, not by hand: the first one, the one
-with the most parameters, the attention block at the highest resolution, and the last one
-(where the UNet's input resolution returns with the widest skip concatenation).
+model, the quantized model's wrappers around its weights and the calibration set): what
+capturing and fitting that block costs; and the process's peak while it recorded the
+calibration set and while it built the quantized model. The blocks are chosen from the
+architecture, not by hand: the first one, the one with the most parameters, the attention
+block at the highest resolution, and the last one (where the UNet's input resolution
+returns with the widest skip concatenation).
 
 Bounded means: the per-block figure does not grow with the calibration rows (captures are
 streamed from disk one batch at a time), and grows with the block's parameters and the
@@ -74,15 +76,20 @@ def measure_rows(arch: str, trajectories: int, *, device: str, steps: int = 4,
     spec = CalibrationSpec(steps=steps, interval=interval, samples_per_step=trajectories,
                            holdout_per_step=0, sampler_name=sampler, guidance=guidance,
                            batch_size=min(trajectories, 8))
+    stages: dict[str, float | None] = {}  # the steps before the blocks: their peaks too
     with temp_dir("papermem") as tmp:
-        calib = record_calibration(pipe, spec, model_id=pipe.name,
-                                   cache_dir=Path(cache_dir or tmp))
+        with PeakMemory() as peak:
+            calib = record_calibration(pipe, spec, model_id=pipe.name,
+                                       cache_dir=Path(cache_dir or tmp))
+        stages["record_peak_anon_mb"] = peak.result()["peak_anon_mb"]
         budget = BUDGETS["cpu"].__class__(weight_iters=weight_iters)
         config = _method_config("brecq", budget)
         cfg, method = config.recon, get_method("brecq")(config)
         adapter = adapter_for(pipe.denoiser)
-        run_ = start(method, pipe.denoiser, adapter, calib, QuantConfig.from_bits("W4A8"))
-        wrap(run_)
+        with PeakMemory() as peak:
+            run_ = start(method, pipe.denoiser, adapter, calib, QuantConfig.from_bits("W4A8"))
+            wrap(run_)
+        stages["wrap_peak_anon_mb"] = peak.result()["peak_anon_mb"]
         chosen = choose_blocks(pipe.denoiser, adapter.blocks())
         # the size of one captured batch: the block's inputs and its FP target
         sizes: dict[str, float] = {}
@@ -120,7 +127,7 @@ def measure_rows(arch: str, trajectories: int, *, device: str, steps: int = 4,
                 "peak_rss_mb": mem["peak_rss_mb"]})
     return {"arch": arch, "trajectories": trajectories, "rows": len(calib.train()),
             "capture_batch": cfg.capture_batch, "weight_iters": weight_iters,
-            "threads": torch.get_num_threads(), "blocks": blocks}
+            "threads": torch.get_num_threads(), "blocks": blocks, **stages}
 
 
 def _in_child(arch: str, trajectories: int, weight_iters: int, device: str,
@@ -173,8 +180,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, device: str) -
              f"Device: {device}. BRECQ's weight reconstruction (W4A8) of the chosen blocks, "
              "one at a time, captures streamed from the disk cache; per block: the process's "
              "peak anonymous memory while it ran, in parentheses the rise over what the "
-             "process held just before (FP model, quantized copy, calibration set, and what "
-             "the allocator kept from earlier steps, so a rise can hide under an earlier "
+             "process held just before (FP model, the quantized model's quantizers, calibration "
+             "set, and what an earlier step kept, so a rise can hide under an earlier "
              "high), and wall seconds. `gaq/paper_memory.py` says how the blocks are chosen.",
              ""]
     if ok:
@@ -189,9 +196,13 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, device: str) -
                              f"{m['seconds']:.1f}")
             lines.append(f"| `{b['block']}` | {b['why']} | {b['parameters'] / 1e6:.1f} | "
                          f"{b['input_mb_per_row']:.1f} | " + " | ".join(cells) + " |")
-        lines += ["", "Process baseline before the first block (FP model, quantized copy, "
+        lines += ["", "Process baseline before the first block (FP model, quantizers, "
                   "calibration set), MB: " + ", ".join(
                       f"{r['rows']} rows {r['blocks'][0]['baseline_anon_mb']:.0f}" for r in ok)
+                  + ". Peak while recording the calibration set, then while building the "
+                  "quantized model (weight ranges included), MB: " + ", ".join(
+                      f"{r['rows']} rows {r.get('record_peak_anon_mb') or 0:.0f}, "
+                      f"{r.get('wrap_peak_anon_mb') or 0:.0f}" for r in ok)
                   + f". Capture batch {ok[0]['capture_batch']} rows, "
                   f"{ok[0]['weight_iters']} AdaRound iterations per block, "
                   f"{ok[0]['threads']} threads."]

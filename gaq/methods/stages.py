@@ -108,6 +108,11 @@ def start(method: Method, model: nn.Module, adapter: ModelAdapter, calib: Any,
           quant: QuantConfig, *, needs_set: bool = True) -> Run:
     """A run of ``method`` with its own quantization choices applied to ``quant``;
     ``needs_set``: the method reconstructs blocks, so a bare forward loop is refused."""
+    from gaq.memwatch import bound_heap
+
+    # a method's passes allocate and free a layer's worth at a time: without this the
+    # process keeps every freed transient resident (gaq.memwatch.bound_heap says why)
+    bound_heap()
     if needs_set and (callable(calib) or not hasattr(calib, "train")):
         raise GaqError(f"method {method.name!r} reconstructs blocks and needs a calibration "
                        "set (gaq.calibration.record_calibration), not a forward_loop")
