@@ -44,7 +44,7 @@ from gaq.meta import (
     timestep_groups,
     weight_spread,
 )
-from gaq.methods.gaq import heldout_error
+from gaq.methods.gaq import _batches, heldout_error
 from gaq.reconstruction import BlockData, block_layers, capture
 
 __all__ = ["SETTINGS", "Setting", "StudyConfig", "chosen", "headline", "proxy_correlation",
@@ -104,14 +104,6 @@ class _Done(Exception):
     """Raised after the last studied block: nothing after it is needed."""
 
 
-def _one_batch(rows, device):
-    def it():
-        b = next(rows.to(device).batches(len(rows)))
-        yield b["x"], b["t"], b["cond"], b["index"]
-
-    return it
-
-
 def _meta_objective(problem: MetaProblem, data: BlockData, logits: Tensor, seed: int,
                     count: int) -> tuple[float, float]:
     """The setting's own meta objective at uniform and at learned ω, each the mean over
@@ -140,9 +132,9 @@ class _Study:
             return None
         run, cfg = self.run, self.cfg
         module = run.qmodel.get_submodule(block.name)
-        val = capture(run.qmodel, run.fpmodel, block.name, _one_batch(self.val, run.device),
+        val = capture(run.qmodel, run.fpmodel, block.name, _batches(self.val.to(run.device)),
                       "memory")
-        test = capture(run.qmodel, run.fpmodel, block.name, _one_batch(self.test, run.device),
+        test = capture(run.qmodel, run.fpmodel, block.name, _batches(self.test.to(run.device)),
                        "memory")
         val_rec = val.record(0)
         recon = run.method.config.recon
