@@ -210,6 +210,35 @@ def test_the_paper_scale_multiplies_the_matching_ratio_by_n_times_the_batch(make
         assert out["paper"][key] == pytest.approx(n * b * out["minibatch"][key], rel=1e-9)
 
 
+def test_without_l_gm_the_weights_do_not_depend_on_its_scale_or_weight(make_tiny_model):
+    """gaq-mse and gaq-uniform keep L_GM's fields at their defaults so that their cells do
+    not change with GAQ's objective: that is sound only if, with the term off, ω learned
+    under any scale and weight is the same, bit for bit."""
+    from gaq.meta import learn_weights
+    from gaq.methods.gaq import GAQ, GAQMSE, GAQUniform
+
+    model = make_tiny_model("unet")
+    calib = calibration("unet", model)
+    learned = []
+    for scale, weight in (("minibatch", 1.0), ("paper", 10.0)):
+        cfg = MetaConfig(iters=2, batch_size=8, groups=2, matching=False,
+                         matching_scale=scale, matching_weight=weight)
+        problem, data = _block_problem(model, calib, "down_blocks.0.resnets.0", cfg,
+                                       torch.float64)
+        learned.append(learn_weights(problem, data).weights)
+    assert torch.equal(*learned) and not torch.equal(learned[0], torch.ones_like(learned[0]))
+    # the ablations differ from GAQ's presets in their own switch and those two fields only
+    for cls, switch in ((GAQMSE, {"matching": False}), (GAQUniform, {"weights": "uniform"})):
+        for name, cfg in cls.presets.items():
+            base = GAQ.presets[name]
+            meta = {"matching_scale": cfg.meta.matching_scale,
+                    "matching_weight": cfg.meta.matching_weight}
+            meta |= {k: v for k, v in switch.items() if k == "matching"}
+            top = {k: v for k, v in switch.items() if k != "matching"}
+            assert cfg == dataclasses.replace(
+                base, meta=dataclasses.replace(base.meta, **meta), **top)
+
+
 def test_fill_table_copies_the_nearest_calibrated_row():
     from gaq.quant import FakeQuantizer
 

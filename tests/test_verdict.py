@@ -228,6 +228,26 @@ def test_a_tolerance_survives_a_reference_update(tmp_path):
     assert verdict.read_tolerance(ref_dir).metrics["fid"]["rel"] == 0.01
 
 
+def test_a_reference_update_keeps_only_each_cells_newest_run(tmp_path):
+    # a run into a copy of the reference recomputes the cells a change touched: the rows
+    # they replaced (older cell id, same model/method/bits/seed) must not reach the reference
+    run_dir, ref_dir = tmp_path / "run", tmp_path / "ref"
+    run_dir.mkdir()
+    stamp = pd.Timestamp("2026-12-01", tz="UTC")
+    cells = [("old", "gaq", stamp), ("new", "gaq", stamp + pd.Timedelta(days=1)),
+             ("keep", "rtn", stamp)]
+    pd.DataFrame([BASE | {"method": m, "cell_id": c, "timestamp": t, "metric": "fid",
+                          "value": float(i)} for i, (c, m, t) in enumerate(cells)]
+                 ).to_parquet(run_dir / "metrics.parquet")
+    pd.DataFrame([{"cell_id": c, "method": m, "image": 0, "value": 1.0}
+                  for c, m, _ in cells]).to_parquet(run_dir / "per_image.parquet")
+    reproduce.update_reference(run_dir, ref_dir, pd.DataFrame(columns=["model", "metric"]))
+    for name in ("metrics.parquet", "per_image.parquet"):
+        assert sorted(pd.read_parquet(ref_dir / name)["cell_id"]) == ["keep", "new"], name
+    # the store the run wrote is left as it was
+    assert len(pd.read_parquet(run_dir / "per_image.parquet")) == 3
+
+
 def test_paired_comparisons_are_the_paired_tables_numbers():
     from gaq.bench.paired import paired_comparisons, paired_table
 
