@@ -49,3 +49,25 @@ def test_a_section_without_a_source_fails(tmp_path):
     with pytest.raises(GaqError, match="tolerance.json"):
         readme.check("<!-- gen:w4a8-tolerance -->\n1\n<!-- /gen:w4a8-tolerance -->\n",
                      results)
+
+
+def test_the_gaq_ablation_section_states_gaqs_gain_with_its_sign(tmp_path):
+    # GAQ 0.5 dB closer to FP than uniform ω on every image of every seed (a little noise
+    # per seed), equal to no L_GM: the section must say +0.5 (GAQ better), bold, and ~0
+    import pandas as pd
+
+    rows = []
+    for seed, jitter in enumerate((0.0, 0.02, -0.02)):
+        for image in range(4):
+            for method, v in (("gaq", 30.5 + jitter), ("gaq-uniform", 30.0),
+                              ("gaq-mse", 30.5 + jitter)):
+                rows.append({"model": "digits", "bits": "W4A8", "seed": seed, "image": image,
+                             "cell_id": f"{method}{seed}", "method": method, "metric": "psnr",
+                             "value": v + 0.001 * image})
+    (tmp_path / "results" / "w4a8-full").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(tmp_path / "results" / "w4a8-full" / "per_image.parquet")
+    text = readme.render("gaq-ablations", tmp_path / "results")
+    line = next(x for x in text.splitlines() if x.startswith("| w4a8-full |"))
+    assert "3 × 4" in line
+    assert "vs GAQ (uniform ω) **+0.500**" in line
+    assert "vs GAQ (no L_GM) +0.000" in line

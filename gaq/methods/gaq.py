@@ -211,8 +211,9 @@ class GAQ(Method):
     name = "gaq"
     label = "GAQ"
     rows = MappingProxyType({
-        # benchmarks/gaq-objective.toml: the cpu budget with the paper preset's objective
-        "gaq-paper": RowStyle("GAQ (paper's L_GM)", "GAQ paper L_GM", "#b2182b"),
+        # benchmarks/gaq-objective.toml: GAQ with L_GM at the minibatch scale (the paper's
+        # divided by N·|B|), the objective of every GAQ row committed before the paper's
+        "gaq-minibatch": RowStyle("GAQ (minibatch L_GM)", "GAQ mb. L_GM", "#b2182b"),
     })
     Config = GAQConfig
     report = "gaq.methods.gaq_report:GAQReport"
