@@ -417,9 +417,15 @@ def _against_reference(args: argparse.Namespace, runner,
         print("this run wrote into the reference itself; nothing to compare against")
         return None
     if args.update_reference:
-        seeds = [max(runner.bench.eval.seeds) + 1 + i for i in range(reproduce.FLOOR_SEEDS)]
-        print(f"measuring the noise floor: FP at seeds {seeds[0]}..{seeds[-1]} per model")
-        floor = reproduce.noise_floor(runner, seeds)
+        floor = reproduce.kept_floor(runner.metrics_path, ref_dir)
+        if floor is not None:
+            # FP's cells are the reference's own, so its spread at other seeds is too
+            print(f"keeping the noise floor of {ref_dir}: FP's cells did not change")
+        else:
+            seeds = [max(runner.bench.eval.seeds) + 1 + i
+                     for i in range(reproduce.FLOOR_SEEDS)]
+            print(f"measuring the noise floor: FP at seeds {seeds[0]}..{seeds[-1]} per model")
+            floor = reproduce.noise_floor(runner, seeds)
         reproduce.update_reference(run_dir, ref_dir, floor)
         runner.write_reports(ref_root)
         print(f"reference updated: {ref_dir} (tables and plots under {ref_root})")

@@ -248,6 +248,29 @@ def test_a_reference_update_keeps_only_each_cells_newest_run(tmp_path):
     assert len(pd.read_parquet(run_dir / "per_image.parquet")) == 3
 
 
+def test_a_reference_update_keeps_the_noise_floor_only_while_fp_is_unchanged(tmp_path):
+    ref_dir, run = tmp_path / "ref", tmp_path / "run" / "metrics.parquet"
+    ref_dir.mkdir()
+    run.parent.mkdir()
+
+    def metrics(fp_cell: str) -> pd.DataFrame:
+        base = results.read(tmp_path / "none.parquet")
+        rows = [{"cell_id": c, "method": m, "model": "m", "bits": b, "seed": 0,
+                 "metric": "fid", "value": 1.0, "benchmark": "b",
+                 "timestamp": pd.Timestamp("2026-12-01", tz="UTC")}
+                for c, m, b in ((fp_cell, "fp", "FP"), ("g1", "gaq", "W4A8"))]
+        return pd.concat([base, pd.DataFrame(rows)], ignore_index=True)
+
+    floor = pd.DataFrame({"model": ["m"], "metric": ["fid"], "n": [6], "sd": [0.5]})
+    metrics("fp0").to_parquet(ref_dir / "metrics.parquet")
+    assert reproduce.kept_floor(run, ref_dir) is None  # no floor in the reference yet
+    floor.to_parquet(ref_dir / reproduce.FLOOR_FILE)
+    metrics("fp0").to_parquet(run)
+    assert reproduce.kept_floor(run, ref_dir).equals(floor)
+    metrics("fp-new").to_parquet(run)  # FP itself was recomputed: measure again
+    assert reproduce.kept_floor(run, ref_dir) is None
+
+
 def test_paired_comparisons_are_the_paired_tables_numbers():
     from gaq.bench.paired import paired_comparisons, paired_table
 

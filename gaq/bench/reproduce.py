@@ -207,6 +207,22 @@ def update_reference(run_dir: Path, reference_dir: Path, floor: pd.DataFrame) ->
     return written
 
 
+def kept_floor(metrics_path: Path, reference_dir: Path) -> pd.DataFrame | None:
+    """The reference's noise floor, if a run that replaces the reference may keep it: the
+    floor is FP's spread over other seeds, so it stands while every FP cell of the run is
+    one the reference already holds (same code, config and seeds). None: measure it."""
+    floor = read_floor(reference_dir)
+    reference = reference_metrics(reference_dir)
+    run = results.read(metrics_path)
+    if floor is None or reference.empty or run.empty:
+        return None
+    from gaq.bench.spec import FP
+
+    fp_run = set(run.loc[run["method"] == FP, "cell_id"])
+    fp_ref = set(reference.loc[reference["method"] == FP, "cell_id"])
+    return floor if fp_run and fp_run <= fp_ref else None
+
+
 def read_floor(reference_dir: Path) -> pd.DataFrame | None:
     path = reference_dir / FLOOR_FILE
     return pd.read_parquet(path) if path.exists() else None
