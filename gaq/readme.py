@@ -214,8 +214,9 @@ def _gaq_ablations(results: Path) -> str:
                 est, low, high = (round(-v, 3) + 0.0 for v in (r["estimate"], r["high"],
                                                                 r["low"]))
                 mark = "**" if r["resolved"] else ""
-                cells.append(f"vs {labels.method_label(m)} {mark}{est:+.3f}{mark} "
-                             f"[{low:+.3f}, {high:+.3f}]")
+                signed = [f"{v:+.3f}".replace("-", "−") for v in (est, low, high)]
+                cells.append(f"vs {labels.method_label(m)} {mark}{signed[0]}{mark} "
+                             f"[{signed[1]}, {signed[2]}]")
             lines.append(f"| {bench} | {model}, {bits} | {size} | {'; '.join(cells)} |")
     return ("\n".join(lines) + "\n\nPositive: GAQ's images are closer to FP's; **bold**: the "
             "interval excludes 0. Sources: " + ", ".join(sources) + ".\n")
