@@ -95,8 +95,9 @@ def test_rtn_fid_moved_to_fp_fid_does_not_reproduce(reference):
 def test_psnr_shifts_that_reverse_a_resolved_comparison_do_not_reproduce(
         tmp_path, reference, reference_conclusions, tolerance):
     """GAQ +0.40 dB and TFMQ-DM −0.40 dB at once on digits: the reference's resolved
-    'TFMQ-DM − GAQ = +0.102 dB' (and its twin row, GAQ with uniform ω) is reversed. With a tolerance lax enough to pass every
-    value, the flipped conclusion alone fails the verdict."""
+    'TFMQ-DM − GAQ = +0.102 dB' (and its twin row, GAQ with uniform ω) is reversed. With a
+    tolerance lax enough to pass every value, the flipped conclusion alone fails the
+    verdict."""
     run_dir = _run_folder(tmp_path)
     shift = {"gaq": 0.40, "tfmq": -0.40}
     for name in ("per_image.parquet", "metrics.parquet"):
