@@ -64,6 +64,9 @@ class Protocol:
     weight_iters: int = 20_000
     act_iters: int = 5_000
     guidance: bool = False
+    # the setting of gaq/bench/published.toml whose reported costs (GPU hours of each
+    # method's calibration) the projections are set beside; None: no paper reports one
+    published_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,8 @@ _LDM4_LSUN = Architecture(
         "down_block_types": ("DownEncoderBlock2D",) * 3,
         "up_block_types": ("UpDecoderBlock2D",) * 3},
     protocol=Protocol("GAQ / Q-Diffusion LSUN-Bedroom, DDIM 200", steps=200, images=50_000,
-                      calibration_rows=5_120, trajectories=256),
+                      calibration_rows=5_120, trajectories=256,
+                      published_key="lsun-bedroom-ldm4-ddim200"),
 )
 
 # CompVis LDM-4 ImageNet (cin256-v2): UNet with cross-attention to a learned 512-d class
@@ -515,6 +519,42 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         per_iter = f"{m['seconds_per_iteration']:.3f}" if m["iterative"] else "– (none)"
         lines.append(f"| {m['method']} | {m['fixed_seconds']:.1f} | {m['seconds_per_row']:.3f} "
                      f"| {per_iter} | {check} | {mem} |")
+    lines += _reported_costs(report)
     md = stem.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     return [json_path, md]
+
+
+def _reported_costs(report: dict[str, Any]) -> list[str]:
+    """Markdown lines setting each method's projected calibration hours beside the cost a
+    paper reports for the same protocol (``published.toml``'s ``calibration_gpu_hours``);
+    nothing when the protocol has no published costs."""
+    from gaq.bench.published import published_rows
+
+    key = report["protocol"].get("published_key")
+    if not key:
+        return []
+    rows = published_rows(key, report["bits"])
+    rows = rows[rows["metric"] == "calibration_gpu_hours"]
+    if rows.empty:
+        return []
+    reported = {r.method: r for r in rows.itertuples()}
+    on_gpu = report["device"].startswith("cuda")
+    here = "measured here, GPU h" if on_gpu else "projected here, CPU h"
+    lines = ["", f"Calibration cost beside what the papers report for {report['bits']} "
+             f"({', '.join(sorted({r.source for r in reported.values()}))}). "
+             + ("" if on_gpu else "The papers' figures are GPU hours; no GPU run has "
+                "replaced this machine's CPU projection yet, so the two columns are not the "
+                "same unit: the ratio says how far a CPU is from the papers' setting, not "
+                "whether the implementation is slower."), "",
+             f"| method | {here} (one rank) | reported (GPU h) |", "|---|---:|---:|"]
+    projected = {m["method"]: m["projected_hours"] for m in report["methods"]}
+    for method in sorted(set(projected) | set(reported)):
+        mine = f"{projected[method]:.1f}" if method in projected else "not run"
+        theirs = "–"
+        if method in reported:
+            r = reported[method]
+            # an approximate figure ("about 3.5 h") keeps its "about"
+            theirs = ("~" if "approximate" in r.note else "") + f"{r.value:g}"
+        lines.append(f"| {method} | {mine} | {theirs} |")
+    return lines

@@ -184,3 +184,34 @@ def test_conditional_architectures_run_the_projection(kind, monkeypatch):
 def test_paper_scale_refuses_a_bad_grid():
     with pytest.raises(ValueError, match="increasing"):
         perf_paper.paper_scale("ddpm-cifar10", device="cpu", rows=(32, 16))
+
+
+def test_report_sets_projections_beside_the_papers_reported_costs(tmp_path):
+    """The LSUN protocol's table quotes the calibration GPU hours GAQ's paper reports (3.5
+    for GAQ, 2.32 for TFMQ-DM, 5.29 for Q-Diffusion: read from the paper, not from our
+    table) beside each projection, says a method without a projection was not run, and
+    says CPU and GPU hours are different units; a protocol without reported costs adds
+    nothing."""
+    method = {"runs": {}, "peak_memory_mb": {}, "fixed_seconds": 1.0, "seconds_per_row": 0.1,
+              "seconds_per_iteration": 0.01, "fit_check_error": 0.02, "iterative": True}
+    report = {
+        "architecture": "ldm4-lsun", "description": "d", "parameters": 274e6,
+        "protocol": vars(ARCHITECTURES["ldm4-lsun"].protocol), "bits": "W4A8",
+        "device": "cpu x86_64", "threads": 2, "batch": 8, "fp_seconds_per_call": 1.0,
+        "quant_seconds_per_call": 1.1, "fake_quant_ratio": 1.1,
+        "projected_hours": {"recording": 1.0, "sampling_fp": {1: 2.0},
+                            "sampling_quantized": {1: 2.2}},
+        "methods": [{**method, "method": "gaq", "projected_hours": 400.0},
+                    {**method, "method": "tfmq", "projected_hours": 250.0}],
+    }
+    _, md = perf_paper.write_report(report, tmp_path)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+            for line in md.read_text().splitlines()[-4:] if line.startswith("| ")}
+    assert rows["gaq"] == ["400.0", "~3.5"]
+    assert rows["tfmq"] == ["250.0", "2.32"]
+    assert rows["qdiffusion"] == ["not run", "5.29"]
+    assert "not the same unit" in md.read_text()
+    cifar = {**report, "architecture": "ddpm-cifar10",
+             "protocol": vars(ARCHITECTURES["ddpm-cifar10"].protocol)}
+    _, md = perf_paper.write_report(cifar, tmp_path)
+    assert "reported (GPU h)" not in md.read_text()
