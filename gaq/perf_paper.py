@@ -540,7 +540,8 @@ def _reported_costs(report: dict[str, Any]) -> list[str]:
         return []
     reported = {r.method: r for r in rows.itertuples()}
     on_gpu = report["device"].startswith("cuda")
-    here = "measured here, GPU h" if on_gpu else "projected here, CPU h"
+    # a GPU run still fits and projects the protocol; only its unit changes
+    here = f"projected here, {'GPU' if on_gpu else 'CPU'} h"
     lines = ["", f"Calibration cost beside what the papers report for {report['bits']} "
              f"({', '.join(sorted({r.source for r in reported.values()}))}). "
              + ("" if on_gpu else "The papers' figures are GPU hours; no GPU run has "
