@@ -289,6 +289,14 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _perf(args: argparse.Namespace) -> None:
+    if args.block_memory:
+        from gaq.block_memory import run as block_memory
+        from gaq.device import check_device
+
+        row = block_memory(args.block_memory, device=str(check_device(args.device)),
+                           out_dir=args.out, block=args.block)
+        print(json.dumps({"block": row["block"], "stages": len(row["stages"])}))
+        return
     if args.paper_memory:
         from gaq.device import check_device
         from gaq.paper_memory import run as paper_memory
@@ -972,6 +980,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: peak memory of block reconstruction on this paper "
                    "architecture against calibration rows (--rows) and block size "
                    "(results/perf/paper_memory_ARCH.md)")
+    f.add_argument("--block-memory", metavar="ARCH",
+                   help="instead: one block's AdaRound on this paper architecture, stage by "
+                   "stage (rounding variables, forward, backward, Adam, freeze), its memory "
+                   "in weight-sized copies (results/perf/block_memory_ARCH.md)")
+    f.add_argument("--block", help="with --block-memory: the block (default: the one with "
+                   "the most parameters)")
     f.add_argument("--rows", default="2,4,8",
                    help="with --paper-memory: trajectories per kept step, comma-separated "
                    "(two kept steps; guided architectures record both halves)")

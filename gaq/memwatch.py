@@ -32,6 +32,12 @@ def _status_mb() -> dict[str, float]:
     return out
 
 
+def anon_mb() -> float | None:
+    """This process's anonymous memory now, in MB (None off Linux)."""
+    s = _status_mb()
+    return s["RssAnon"] + s.get("RssShmem", 0.0) if s else None
+
+
 class PeakMemory:
     """``with PeakMemory(interval=0.02) as peak: ...`` then ``peak.result()``: the peak
     anonymous memory (sampled), the peak of anonymous + file-backed pages (sampled), and

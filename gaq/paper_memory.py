@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from gaq.errors import GaqError
 
-__all__ = ["choose_blocks", "measure_rows", "run", "write_report"]
+__all__ = ["brecq_setup", "choose_blocks", "measure_rows", "run", "write_report"]
 
 
 def choose_blocks(model: Any, blocks: list) -> list[tuple[str, Any]]:
@@ -50,22 +51,23 @@ def choose_blocks(model: Any, blocks: list) -> list[tuple[str, Any]]:
     return out
 
 
-def measure_rows(arch: str, trajectories: int, *, device: str, steps: int = 4,
-                 interval: int = 2, weight_iters: int = 2,
-                 cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """One calibration size in this process (call it in a fresh one): the chosen blocks
-    reconstructed one at a time, each block's time and peak anonymous memory."""
-    import torch
-
+@contextmanager
+def brecq_setup(arch: str, trajectories: int, *, device: str, steps: int = 4,
+                interval: int = 2, weight_iters: int = 2,
+                cache_dir: str | Path | None = None) -> Iterator[dict[str, Any]]:
+    """The paper architecture with random weights, a recorded calibration set and BRECQ's
+    quantized model (W4A8), as a paper-size block measurement starts from: yields
+    ``pipe``, ``calib``, ``run``, ``cfg``, ``adapter`` and the peaks of recording
+    (``record_peak_anon_mb``) and wrapping (``wrap_peak_anon_mb``). The calibration
+    cache lives until the block ends."""
     from gaq.calibration import CalibrationSpec, record_calibration
     from gaq.config import QuantConfig
     from gaq.memwatch import PeakMemory
     from gaq.methods.stages import start, wrap
-    from gaq.models.adapters import adapter_for, denoise
+    from gaq.models.adapters import adapter_for
     from gaq.models.loading import load_model
     from gaq.paper_cells import BUDGETS, _method_config
     from gaq.perf_paper import ARCHITECTURES
-    from gaq.reconstruction import reconstruct
     from gaq.registry import get_method
     from gaq.tempdirs import temp_dir
 
@@ -76,12 +78,11 @@ def measure_rows(arch: str, trajectories: int, *, device: str, steps: int = 4,
     spec = CalibrationSpec(steps=steps, interval=interval, samples_per_step=trajectories,
                            holdout_per_step=0, sampler_name=sampler, guidance=guidance,
                            batch_size=min(trajectories, 8))
-    stages: dict[str, float | None] = {}  # the steps before the blocks: their peaks too
     with temp_dir("papermem") as tmp:
         with PeakMemory() as peak:
             calib = record_calibration(pipe, spec, model_id=pipe.name,
                                        cache_dir=Path(cache_dir or tmp))
-        stages["record_peak_anon_mb"] = peak.result()["peak_anon_mb"]
+        record_peak = peak.result()["peak_anon_mb"]
         budget = BUDGETS["cpu"].__class__(weight_iters=weight_iters)
         config = _method_config("brecq", budget)
         cfg, method = config.recon, get_method("brecq")(config)
@@ -89,7 +90,27 @@ def measure_rows(arch: str, trajectories: int, *, device: str, steps: int = 4,
         with PeakMemory() as peak:
             run_ = start(method, pipe.denoiser, adapter, calib, QuantConfig.from_bits("W4A8"))
             wrap(run_)
-        stages["wrap_peak_anon_mb"] = peak.result()["peak_anon_mb"]
+        yield {"pipe": pipe, "calib": calib, "run": run_, "cfg": cfg, "adapter": adapter,
+               "record_peak_anon_mb": record_peak,
+               "wrap_peak_anon_mb": peak.result()["peak_anon_mb"]}
+
+
+def measure_rows(arch: str, trajectories: int, *, device: str, steps: int = 4,
+                 interval: int = 2, weight_iters: int = 2,
+                 cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """One calibration size in this process (call it in a fresh one): the chosen blocks
+    reconstructed one at a time, each block's time and peak anonymous memory."""
+    import torch
+
+    from gaq.memwatch import PeakMemory
+    from gaq.models.adapters import denoise
+    from gaq.reconstruction import reconstruct
+
+    with brecq_setup(arch, trajectories, device=device, steps=steps, interval=interval,
+                     weight_iters=weight_iters, cache_dir=cache_dir) as setup:
+        pipe, calib, run_, cfg, adapter = (setup[k] for k in
+                                           ("pipe", "calib", "run", "cfg", "adapter"))
+        stages = {k: setup[k] for k in ("record_peak_anon_mb", "wrap_peak_anon_mb")}
         chosen = choose_blocks(pipe.denoiser, adapter.blocks())
         # the size of one captured batch: the block's inputs and its FP target
         sizes: dict[str, float] = {}

@@ -339,8 +339,9 @@ def adaround(quantizers: list, loss_fn: Callable[[], Tensor], cfg: ReconConfig,
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=desc, leave=False, mininterval=2)
-    for q in quantizers:
+    for q in quantizers:  # soft, recomputing the soft weight's steps in backward
         q.set_soft(True)
+        q.recompute = True
     for step in steps:
         with torch.enable_grad():
             loss = loss_fn()
@@ -354,6 +355,7 @@ def adaround(quantizers: list, loss_fn: Callable[[], Tensor], cfg: ReconConfig,
         opt.step()
     for q in quantizers:
         q.set_soft(False)
+        q.recompute = False
 
 
 def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,

@@ -259,3 +259,62 @@ def test_rounding_variables_are_released_and_the_folded_weights_kept(unet_and_ca
     held = sum(q.alpha.numel() * 4 + q.w_floor.numel() * 4
                for q in kept.modules() if isinstance(q, AdaRoundQuantizer))
     assert held > 0 and nbytes(kept) - nbytes(released) == held
+
+
+def test_recomputed_soft_weight_and_regulariser_give_bit_identical_gradients():
+    """The AdaRound loop keeps only V for backward and recomputes the soft weight's and the
+    regulariser's steps there; the forward values and V's gradient equal, bit for bit,
+    those of autograd keeping every intermediate."""
+    from gaq.quant import AdaRoundQuantizer
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=gen)
+    scale = w.abs().amax(dim=(1, 2, 3)) / 7
+    x = torch.randn(2, 8, 6, 6, generator=gen)
+    target = torch.randn(2, 16, 4, 4, generator=gen)
+
+    def grad(recompute: bool):
+        q = AdaRoundQuantizer(w, scale, torch.zeros(16), bits=4, symmetric=True)
+        with torch.no_grad():  # away from the initial point, so every branch is used
+            q.alpha.add_(torch.randn(q.alpha.shape, generator=torch.Generator().manual_seed(1)))
+        q.recompute = recompute
+        out = torch.nn.functional.conv2d(x, q())
+        loss = (out - target).pow(2).mean() + 0.01 * q.rounding_regularizer(2.5)
+        loss.backward()
+        return out.detach(), loss.detach(), q.alpha.grad
+
+    kept, recomputed = grad(False), grad(True)
+    for a, b in zip(kept, recomputed, strict=True):
+        assert torch.equal(a, b)
+    assert kept[2].abs().sum() > 0
+
+
+def test_the_adaround_loop_recomputes_and_freezes_the_same_weights(unet_and_calib,
+                                                                   monkeypatch):
+    from gaq.quant import AdaRoundQuantizer
+
+    model, calib = unet_and_calib
+    cfg = dataclasses.replace(RECON, weight_iters=4)
+    used: list[bool] = []
+    real = AdaRoundQuantizer._recomputing
+
+    def spy(self):
+        used.append(real(self))
+        return used[-1]
+
+    def frozen(recompute: bool):
+        if recompute:
+            monkeypatch.setattr(AdaRoundQuantizer, "_recomputing", spy)
+        else:
+            monkeypatch.setattr(AdaRoundQuantizer, "_recomputing", lambda self: False)
+        qmodel = weights_only_model(model)
+        reconstruct(qmodel, model, adapter_for(model), calib_batches(calib, 4, "cpu"), cfg,
+                    phase="weights", progress=False)
+        monkeypatch.undo()
+        return {n: lay.frozen_weight for n, lay in quant_layers(qmodel)}
+
+    plain, recomputed = frozen(False), frozen(True)
+    assert any(used)  # the loop did take the recomputing path
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        assert torch.equal(plain[name], recomputed[name]), name
