@@ -295,7 +295,7 @@ def _perf(args: argparse.Namespace) -> None:
 
         row = block_memory(args.block_memory, device=str(check_device(args.device)),
                            out_dir=args.out, block=args.block)
-        print(json.dumps({"block": row["block"], "stages": len(row["stages"])}))
+        print(json.dumps({"block": row["block"], "variants": len(row["variants"])}))
         return
     if args.paper_memory:
         from gaq.device import check_device
