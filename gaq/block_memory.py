@@ -123,17 +123,25 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
             q.release()
         held.clear()
 
-    base = anon_mb() or 0.0
+    cuda = next(module.parameters()).device.type == "cuda"
+
+    def now() -> float:  # what the block's tensors occupy: device memory on a GPU
+        return torch.cuda.memory_allocated() / 2**20 if cuda else anon_mb() or 0.0
+
+    base = now()
     steps = (variables, forward, backward, lambda: held["opt"].step(), iteration, freeze)
     for (name, holds), fn in zip(STAGES, steps, strict=True):
-        before = anon_mb() or 0.0
+        before = now()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         with PeakMemory() as peak:
             fn()
-        after = anon_mb() or 0.0
+        after = now()
+        top = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+               else peak.result()["peak_anon_mb"] or 0.0)
         stages.append({"stage": name, "before_mb": before, "after_mb": after,
                        # the sampled peak, never below the two readings around it
-                       "peak_mb": max(peak.result()["peak_anon_mb"] or 0.0, before, after),
-                       "design_holds_copies": holds})
+                       "peak_mb": max(top, before, after), "design_holds_copies": holds})
     return {"recompute": recompute, "base_mb": base, "saved": saved, "stages": stages}
 
 
@@ -175,6 +183,7 @@ def itemise(arch: str, *, device: str = "cpu", trajectories: int = 2, steps: int
         finally:
             data.close()
     return {"arch": arch, "block": chosen.name, "kind": chosen.kind,
+            "memory": "max_memory_allocated" if device.startswith("cuda") else "anonymous",
             "parameters": sum(p.numel() for p in module.parameters()),
             "weight_mb": weight_mb, "layers": len(layers), "rows": len(setup["calib"].train()),
             "minibatch_rows": len(rec["index"]), "beta": beta, "variants": variants,
@@ -217,7 +226,10 @@ def write_report(row: dict[str, Any], out_dir: str | Path, device: str) -> list[
              f"one weight-sized copy in float32 = {w:.0f} MB), BRECQ's W4A8 weight "
              f"reconstruction, a minibatch of {row['minibatch_rows']} captured rows, "
              f"rounding regulariser at β = {row['beta']}, {row['threads']} threads. "
-             "Anonymous memory of the process above what it held when the stages began, "
+             + ("Allocated device memory (`max_memory_allocated` for the peaks)"
+                if row.get("memory") == "max_memory_allocated"
+                else "Anonymous memory of the process") +
+             " above what it held when the stages began, "
              "in weight copies, peak during the stage / held after it: first with autograd "
              "keeping every intermediate, then as the AdaRound loop runs (the soft weight "
              "and the regulariser keep only V and are recomputed in backward). "

@@ -1,7 +1,7 @@
 """``gaq gpu-check``: every measurement this suite needs a GPU for, in one command.
 
-Three sections, in this order (cheapest first, so a short lease still brings something
-back), each written to ``results/gpu/`` as soon as it finishes:
+Four sections and one on request, in this order (cheapest first, so a short lease still
+brings something back), each written to ``results/gpu/`` as soon as it finishes:
 
 ``overhead``
     sampling time of the fake-quantized (RTN W4A8, frozen weights) against the FP bundled
@@ -11,6 +11,11 @@ back), each written to ``results/gpu/`` as soon as it finishes:
     calibration time and ``max_memory_allocated`` of RTN, BRECQ, TFMQ-DM and GAQ on the
     CIFAR-10 DDPM architecture (35.7 M parameters, random weights), with the projection
     of the paper protocol (``paper_scale_ddpm-cifar10.md``; ``gaq/perf_paper.py``);
+``block-memory``
+    one block's AdaRound on the LDM-4 LSUN architecture (274 M, random weights), stage by
+    stage in weight-sized copies of ``max_memory_allocated``, autograd keeping every
+    intermediate against the loop's recomputation (``block_memory_ldm4-lsun.md``;
+    ``gaq/block_memory.py``);
 ``smoke``
     ``benchmarks/gpu-smoke.toml``: every registered method on the three bundled families
     end to end on CUDA (runs under ``runs/gpu-smoke``; a per-cell summary in
@@ -42,9 +47,9 @@ from gaq.errors import GaqError, did_you_mean
 
 __all__ = ["SECTIONS", "preflight", "run"]
 
-SECTIONS = ("overhead", "paper-scale", "smoke", "paper-cells")
+SECTIONS = ("overhead", "paper-scale", "block-memory", "smoke", "paper-cells")
 #: run when no --only is given (about ten minutes on one H100); paper-cells is asked for
-DEFAULT_SECTIONS = ("overhead", "paper-scale", "smoke")
+DEFAULT_SECTIONS = ("overhead", "paper-scale", "block-memory", "smoke")
 #: paper-cells: the methods the paper-size comparison needs, on the three largest models
 PAPER_CELL_ARCHS = ("ldm4-cin256", "dit-xl2-256", "sd-v1-4")
 PAPER_CELL_METHODS = ("rtn", "brecq", "tfmq", "gaq", "ptqd", "htg")
@@ -149,6 +154,15 @@ def _paper_scale(device: str, out: Path, methods: Sequence[str], batch: int
             "peak_memory_mb": {m["method"]: m["peak_memory_mb"] for m in report["methods"]}}
 
 
+def _block_memory(device: str, out: Path) -> dict[str, Any]:
+    from gaq.block_memory import run as block_memory
+
+    row = block_memory("ldm4-lsun", device=device, out_dir=out)
+    return {"block": row["block"],
+            "peak_above_start_mb": [max(s["peak_mb"] for s in v["stages"]) - v["base_mb"]
+                                    for v in row["variants"]]}
+
+
 def _smoke(device: str, out: Path, smoke_file: Path, results: Path) -> dict[str, Any]:
     import pandas as pd
 
@@ -210,6 +224,7 @@ def run(device: str, out: str | Path = "results/gpu", sections: Sequence[str] | 
         "overhead": lambda: _overhead(device, out, overhead_batches, overhead_images,
                                       overhead_steps, repeats),
         "paper-scale": lambda: _paper_scale(device, out, methods, paper_batch),
+        "block-memory": lambda: _block_memory(device, out),
         "smoke": lambda: _smoke(device, out, Path(smoke_file), Path(results)),
         "paper-cells": lambda: _paper_cells(device, out),
     }
