@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +135,17 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
         before = now()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
         with PeakMemory() as peak:
             fn()
+        seconds = time.perf_counter() - start
         after = now()
         top = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                else peak.result()["peak_anon_mb"] or 0.0)
         stages.append({"stage": name, "before_mb": before, "after_mb": after,
                        # the sampled peak, never below the two readings around it
-                       "peak_mb": max(top, before, after), "design_holds_copies": holds})
+                       "peak_mb": max(top, before, after), "design_holds_copies": holds,
+                       "seconds": seconds})
     return {"recompute": recompute, "base_mb": base, "saved": saved, "stages": stages}
 
 
@@ -254,6 +258,10 @@ def write_report(row: dict[str, Any], out_dir: str | Path, device: str) -> list[
               f"the start: {peak[0]:.0f} MB against {peak[1]:.0f} MB. "
               f"Starts: {keep['base_mb']:.0f} and {loop['base_mb']:.0f} MB (the FP model, "
               "the quantized model, the calibration set, the block's copy)."]
+    times = [v["stages"][4].get("seconds") for v in (keep, loop)]
+    if None not in times:
+        lines[-1] += (f" A whole iteration took {times[0]:.2f} s and {times[1]:.2f} s "
+                      "(one timing each, on a machine that may have been busy).")
     md = out / f"block_memory_{row['arch']}.md"
     md.write_text("\n".join(lines) + "\n")
     return [js, md]
