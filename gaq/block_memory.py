@@ -149,7 +149,7 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
     return {"recompute": recompute, "base_mb": base, "saved": saved, "stages": stages}
 
 
-def itemise(arch: str, *, device: str = "cpu", trajectories: int = 2, steps: int = 4,
+def itemise(arch: str, *, device: str, trajectories: int = 2, steps: int = 4,
             interval: int = 2, block: str | None = None) -> dict[str, Any]:
     """The stages of one block's AdaRound in this process (call it in a fresh one), on two
     copies of the block: autograd keeping every intermediate, and the loop's setting
