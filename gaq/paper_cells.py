@@ -254,7 +254,11 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, device: str) -
              "when the cell ended (2 means the cores were busy with the cell alone). Budgets: "
              + (", ".join(f"{k} {v}" for k, v in rows[0]["budget"].items()) if rows else "-")
              + ".", "", head, "|---|---|---|" + "---:|" * (len(PHASES) + 4)]
-    for r in rows:
+    from gaq.perf_paper import ARCHITECTURES
+
+    order = list(ARCHITECTURES)  # smallest architecture first, then methods by name
+    for r in sorted(rows, key=lambda r: (order.index(r["arch"]) if r["arch"] in order
+                                         else len(order), r["arch"], r["method"])):
         if r["status"] != "ok":
             cells = ["–"] * len(PHASES) + ["–", "–", "–", "–"]
             status = f"{r['status']}: {r.get('error', '')}"
