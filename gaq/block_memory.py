@@ -68,11 +68,18 @@ STAGES = (("rounding variables V and ⌊W/Δ⌋", 2.0),
 
 
 def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
-          recompute: bool) -> dict[str, Any]:
+          recompute: bool, cuda: bool) -> dict[str, Any]:
     """The stages of :data:`STAGES` on ``module`` (changed in place), as the AdaRound loop
-    takes them, with ``recompute`` set as that loop sets it or not."""
+    takes them, with ``recompute`` set as that loop sets it or not; ``cuda``: read device
+    memory instead of the process's."""
     from gaq.memwatch import PeakMemory, anon_mb
-    from gaq.reconstruction import block_forward, block_layers, split_reg_scales, weighted_error
+    from gaq.reconstruction import (
+        block_forward,
+        block_layers,
+        split_reg_scales,
+        weighted_error,
+        with_rounding_term,
+    )
 
     layers = block_layers(module)
     shapes = {tuple(w.shape) for lay in layers for w in lay.weight_parts()}
@@ -83,21 +90,16 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
     def variables() -> None:
         for lay in layers:
             lay.set_mode("weight")
-        held["q"] = [q for lay in layers for q in lay.use_adaround()]
-        for q in held["q"]:
-            q.set_soft(True)
-            q.recompute = recompute
+        held["q"] = [q.set_soft(True, recompute) for lay in layers for q in lay.use_adaround()]
         held["opt"] = torch.optim.Adam([q.alpha for q in held["q"]], lr=cfg.weight_lr)
-        held["scales"] = split_reg_scales(layers, cfg.split_reg)
+        held["regularised"] = [(s, q) for s, q in zip(split_reg_scales(layers, cfg.split_reg),
+                                                      held["q"], strict=True) if s != 0]
 
     def loss() -> torch.Tensor:
         with torch.enable_grad():
-            value = weighted_error(block_forward(module, rec), rec["target"], None)
-            if beta is not None:
-                value = value + cfg.reg_weight * sum(
-                    s * q.rounding_regularizer(beta)
-                    for s, q in zip(held["scales"], held["q"], strict=True) if s)
-        return value
+            return with_rounding_term(
+                weighted_error(block_forward(module, rec), rec["target"], None),
+                held["regularised"], cfg.reg_weight, beta)
 
     def forward() -> None:
         held["loss"], got = saved_for_backward(loss, shapes)
@@ -117,14 +119,11 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
     def freeze() -> None:
         for q in held["q"]:
             q.set_soft(False)
-            q.recompute = False
         for lay in layers:
             lay.freeze_weights()
         for q in held["q"]:
             q.release()
         held.clear()
-
-    cuda = next(module.parameters()).device.type == "cuda"
 
     def now() -> float:  # what the block's tensors occupy: device memory on a GPU
         return torch.cuda.memory_allocated() / 2**20 if cuda else anon_mb() or 0.0
@@ -181,13 +180,14 @@ def itemise(arch: str, *, device: str, trajectories: int = 2, steps: int = 4,
             rec = data.sample(cfg.batch_size, gen, cfg.minibatch)
             beta = annealed_beta(cfg.weight_iters, cfg.weight_iters, cfg.warmup,
                                  cfg.beta_start, cfg.beta_end)
-            variants = []
-            for recompute in (False, True):  # each on its own copy: the block stays as it was
-                variants.append(_walk(copy.deepcopy(module), rec, cfg, beta, recompute))
+            cuda = torch.device(device).type == "cuda"
+            # each on its own copy: the block stays as it was
+            variants = [_walk(copy.deepcopy(module), rec, cfg, beta, recompute, cuda)
+                        for recompute in (False, True)]
         finally:
             data.close()
     return {"arch": arch, "block": chosen.name, "kind": chosen.kind,
-            "memory": "max_memory_allocated" if device.startswith("cuda") else "anonymous",
+            "memory": "max_memory_allocated" if cuda else "anonymous",
             "parameters": sum(p.numel() for p in module.parameters()),
             "weight_mb": weight_mb, "layers": len(layers), "rows": len(setup["calib"].train()),
             "minibatch_rows": len(rec["index"]), "beta": beta, "variants": variants,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -322,6 +322,15 @@ def split_reg_scales(layers: list[QuantLayer], rule: str) -> list[float]:
     return scales
 
 
+def with_rounding_term(loss: Tensor, regularised: list[tuple[float, Any]],
+                       reg_weight: float, beta: float | None) -> Tensor:
+    """``loss`` plus AdaRound's rounding regulariser of each ``(scale, quantizer)`` at
+    ``beta``, weighted by ``reg_weight``; ``loss`` alone during the warm-up (``beta`` None)."""
+    if beta is None:
+        return loss
+    return loss + reg_weight * sum(s * q.rounding_regularizer(beta) for s, q in regularised)
+
+
 def adaround(quantizers: list, loss_fn: Callable[[], Tensor], cfg: ReconConfig,
              progress: bool = False, desc: str = "  adaround",
              reg_scales: list[float] | None = None) -> None:
@@ -340,22 +349,17 @@ def adaround(quantizers: list, loss_fn: Callable[[], Tensor], cfg: ReconConfig,
 
         steps = tqdm(steps, desc=desc, leave=False, mininterval=2)
     for q in quantizers:  # soft, recomputing the soft weight's steps in backward
-        q.set_soft(True)
-        q.recompute = True
+        q.set_soft(True, recompute=True)
     for step in steps:
         with torch.enable_grad():
-            loss = loss_fn()
             beta = annealed_beta(step + 1, cfg.weight_iters, cfg.warmup, cfg.beta_start,
                                  cfg.beta_end)
-            if beta is not None:
-                loss = loss + cfg.reg_weight * sum(s * q.rounding_regularizer(beta)
-                                                   for s, q in regularised)
+            loss = with_rounding_term(loss_fn(), regularised, cfg.reg_weight, beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
     for q in quantizers:
         q.set_soft(False)
-        q.recompute = False
 
 
 def adaround_block(block: nn.Module, data: BlockData, cfg: ReconConfig,

@@ -277,7 +277,7 @@ def test_recomputed_soft_weight_and_regulariser_give_bit_identical_gradients():
         q = AdaRoundQuantizer(w, scale, torch.zeros(16), bits=4, symmetric=True)
         with torch.no_grad():  # away from the initial point, so every branch is used
             q.alpha.add_(torch.randn(q.alpha.shape, generator=torch.Generator().manual_seed(1)))
-        q.recompute = recompute
+        q.set_soft(True, recompute)
         out = torch.nn.functional.conv2d(x, q())
         loss = (out - target).pow(2).mean() + 0.01 * q.rounding_regularizer(2.5)
         loss.backward()

@@ -60,8 +60,8 @@ class AdaRoundQuantizer(nn.Module):
         self.register_buffer("w_floor", w_floor)
         self.alpha = nn.Parameter(self._init_alpha(grid - w_floor))
         self.soft = True
-        # Set by the AdaRound loop: the soft weight and the regulariser keep only V for
-        # backward and recompute their elementwise steps there (see _recomputing).
+        # set_soft(True, recompute=True), as the AdaRound loop does: the soft weight and the
+        # regulariser keep only V for backward and recompute their steps there
         self.recompute = False
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
@@ -123,8 +123,11 @@ class AdaRoundQuantizer(nn.Module):
         # h(V) >= 0.5 exactly when V >= 0.
         return (self.alpha >= 0).to(self.w_floor.dtype)
 
-    def set_soft(self, soft: bool = True) -> AdaRoundQuantizer:
+    def set_soft(self, soft: bool = True, recompute: bool = False) -> AdaRoundQuantizer:
+        """Soft (``h(V)``) or hard rounding; ``recompute``: a soft forward keeps only V for
+        backward (see :meth:`_recomputing`). Leaving soft mode clears it."""
         self.soft = soft
+        self.recompute = soft and recompute
         return self
 
     def forward(self, x: Tensor | None = None) -> Tensor:
