@@ -32,10 +32,14 @@ def _status_mb() -> dict[str, float]:
     return out
 
 
+def _anon(status: dict[str, float]) -> float:
+    return status["RssAnon"] + status.get("RssShmem", 0.0)
+
+
 def anon_mb() -> float | None:
     """This process's anonymous memory now, in MB (None off Linux)."""
     s = _status_mb()
-    return s["RssAnon"] + s.get("RssShmem", 0.0) if s else None
+    return _anon(s) if s else None
 
 
 class PeakMemory:
@@ -54,7 +58,7 @@ class PeakMemory:
     def _sample(self) -> None:
         s = _status_mb()
         if s:
-            anon = s["RssAnon"] + s.get("RssShmem", 0.0)
+            anon = _anon(s)
             self.peak_anon_mb = max(self.peak_anon_mb, anon)
             self.peak_rss_sampled_mb = max(self.peak_rss_sampled_mb, anon + s["RssFile"])
 
