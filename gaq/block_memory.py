@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,6 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
     """The stages of :data:`STAGES` on ``module`` (changed in place), as the AdaRound loop
     takes them, with ``recompute`` set as that loop sets it or not; ``cuda``: read device
     memory instead of the process's."""
-    from gaq.memwatch import PeakMemory, anon_mb
     from gaq.reconstruction import (
         block_forward,
         block_layers,
@@ -85,7 +85,6 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
     shapes = {tuple(w.shape) for lay in layers for w in lay.weight_parts()}
     held: dict[str, Any] = {}
     saved: dict[str, float] = {}
-    stages: list[dict[str, Any]] = []
 
     def variables() -> None:
         for lay in layers:
@@ -125,27 +124,100 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
             q.release()
         held.clear()
 
-    def now() -> float:  # what the block's tensors occupy: device memory on a GPU
-        return torch.cuda.memory_allocated() / 2**20 if cuda else anon_mb() or 0.0
-
-    base = now()
     steps = (variables, forward, backward, lambda: held["opt"].step(), iteration, freeze)
-    for (name, holds), fn in zip(STAGES, steps, strict=True):
-        before = now()
+    base, stages = _measure(STAGES, steps, cuda)
+    return {"recompute": recompute, "base_mb": base, "saved": saved, "stages": stages}
+
+
+def _now(cuda: bool) -> float:
+    """What the block's tensors occupy: device memory on a GPU, else anonymous memory."""
+    from gaq.memwatch import anon_mb
+
+    return torch.cuda.memory_allocated() / 2**20 if cuda else anon_mb() or 0.0
+
+
+def _measure(names: Sequence[tuple[str, float | None]], steps: Sequence[Callable[[], Any]],
+             cuda: bool) -> tuple[float, list[dict[str, Any]]]:
+    """Run ``steps`` in order; per step its peak during, what is held after, its time."""
+    from gaq.memwatch import PeakMemory
+
+    base = _now(cuda)
+    stages: list[dict[str, Any]] = []
+    for (name, holds), fn in zip(names, steps, strict=True):
+        before = _now(cuda)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         with PeakMemory() as peak:
             fn()
         seconds = time.perf_counter() - start
-        after = now()
+        after = _now(cuda)
         top = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                else peak.result()["peak_anon_mb"] or 0.0)
         stages.append({"stage": name, "before_mb": before, "after_mb": after,
                        # the sampled peak, never below the two readings around it
                        "peak_mb": max(top, before, after), "design_holds_copies": holds,
                        "seconds": seconds})
-    return {"recompute": recompute, "base_mb": base, "saved": saved, "stages": stages}
+    return base, stages
+
+
+#: GAQ's meta stage on the same block, and what its design holds after each step
+META_STAGES = (("the view: its own V and ⌊W/Δ⌋, the block's weights shared", 2.0),
+               ("θ = V, on the view's storage", 2.0),
+               ("the inner step's scale: one gradient of the training loss", 2.0),
+               ("one meta-gradient: inner step, per-group gradients, their gradient", 2.0),
+               ("a second meta-gradient", 2.0),
+               ("diagnostics: per-timestep gradients into their Gram matrix", 2.0),
+               ("the view released", 0.0))
+
+
+def _meta_walk(module: torch.nn.Module, data: Any, rec: dict, row_t: torch.Tensor,
+               cuda: bool) -> dict[str, Any]:
+    """GAQ's stage before the block's AdaRound (``gaq.methods.gaq.MetaWeighting``), step
+    by step: the rounding view, θ, the inner step's scale, two meta-gradients and the
+    diagnostics. ``rec`` stands in for the validation rows (this measurement records no
+    held-out rows; only their number matters to memory)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from gaq.meta import (
+        MetaConfig,
+        MetaProblem,
+        gradient_diagnostics,
+        inner_parameters,
+        rounding_view,
+        timestep_groups,
+    )
+
+    cfg = MetaConfig(iters=1, batch_size=len(rec["index"]))
+    held: dict[str, Any] = {}
+    train = rec
+
+    def view() -> None:
+        held["view"] = rounding_view(module)
+
+    def theta() -> None:
+        held["problem"] = MetaProblem(held["view"], inner_parameters(held["view"]), rec,
+                                      timestep_groups(rec["t"], cfg.groups), row_t, cfg)
+
+    def meta_gradient() -> None:
+        s = torch.zeros(held["problem"].num_logits, device=rec["t"].device)
+        held["problem"].meta_gradient(s, train)
+
+    def diagnostics() -> None:
+        rows = data.head(cfg.diagnostic_rows)
+        held["timesteps"] = len(gradient_diagnostics(
+            held["problem"], rows, torch.ones(len(row_t), device=rec["t"].device))["timesteps"])
+        held["diagnostic_rows"] = len(rows["index"])
+
+    def release() -> None:
+        del held["problem"], held["view"]
+
+    steps = (view, theta, lambda: held["problem"].set_inner_scale(train), meta_gradient,
+             meta_gradient, diagnostics, release)
+    with sdpa_kernel(SDPBackend.MATH):  # as GAQ's stage runs: no fused attention kernels
+        base, stages = _measure(META_STAGES, steps, cuda)
+    return {"base_mb": base, "stages": stages, "rows": len(rec["index"]),
+            "diagnostic_rows": held["diagnostic_rows"], "timesteps": held["timesteps"]}
 
 
 def itemise(arch: str, *, device: str, trajectories: int = 2, steps: int = 4,
@@ -184,13 +256,14 @@ def itemise(arch: str, *, device: str, trajectories: int = 2, steps: int = 4,
             # each on its own copy: the block stays as it was
             variants = [_walk(copy.deepcopy(module), rec, cfg, beta, recompute, cuda)
                         for recompute in (False, True)]
+            meta = _meta_walk(module, data, rec, setup["calib"].train().t, cuda)
         finally:
             data.close()
     return {"arch": arch, "block": chosen.name, "kind": chosen.kind,
             "memory": "max_memory_allocated" if cuda else "anonymous",
             "parameters": sum(p.numel() for p in module.parameters()),
             "weight_mb": weight_mb, "layers": len(layers), "rows": len(setup["calib"].train()),
-            "minibatch_rows": len(rec["index"]), "beta": beta, "variants": variants,
+            "minibatch_rows": len(rec["index"]), "beta": beta, "variants": variants, "meta": meta,
             "threads": torch.get_num_threads()}
 
 
@@ -262,6 +335,24 @@ def write_report(row: dict[str, Any], out_dir: str | Path, device: str) -> list[
     if None not in times:
         lines[-1] += (f" A whole iteration took {times[0]:.2f} s and {times[1]:.2f} s "
                       "(one timing each, on a machine that may have been busy).")
+    meta = row.get("meta")
+    if meta:
+        lines += ["", f"**GAQ's stage before this block's AdaRound** (`gaq/methods/gaq.py`: the "
+                  "rounding view, the sample-weight meta-gradients, the conflict diagnostics), "
+                  f"on the same block: {meta['rows']} training rows per meta-iteration and the "
+                  "same rows standing in for the validation rows; diagnostics over "
+                  f"{meta['diagnostic_rows']} rows and {meta['timesteps']} timesteps. Weight "
+                  "copies above the stage's start, peak during the step / held after it.", "",
+                  "| step | peak / held | the design holds |", "|---|---:|---:|"]
+        for st in meta["stages"]:
+            lines.append(f"| {st['stage']} | {(st['peak_mb'] - meta['base_mb']) / w:+.1f} / "
+                         f"{(st['after_mb'] - meta['base_mb']) / w:+.1f} | "
+                         f"{st['design_holds_copies']:+.0f} |")
+        top = max(st["peak_mb"] for st in meta["stages"]) - meta["base_mb"]
+        lines += ["", f"GAQ's stage peaks at {top:.0f} MB above its start "
+                  f"({top / w:.1f} copies); a meta-gradient took "
+                  f"{meta['stages'][4]['seconds']:.1f} s, the diagnostics "
+                  f"{meta['stages'][5]['seconds']:.1f} s."]
     md = out / f"block_memory_{row['arch']}.md"
     md.write_text("\n".join(lines) + "\n")
     return [js, md]

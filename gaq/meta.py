@@ -116,8 +116,18 @@ class MetaConfig(MethodConfig):
 def rounding_view(module: nn.Module) -> nn.Module:
     """A detached copy of ``module`` whose not-yet-frozen quantized layers use soft
     AdaRound (the state block reconstruction starts from), activations off. The meta
-    step runs on the copy, so the block itself is left exactly as it was."""
-    view = copy.deepcopy(module).requires_grad_(False)
+    step runs on the copy, so the block itself is left exactly as it was.
+
+    The copy's parameters and buffers are new tensor objects on the block's storage (so a
+    flag set on the view never reaches the block): the meta step only reads them, and a
+    second copy of the block's weights was the largest thing the view held
+    (``gaq perf --block-memory``). Only the rounding variables the view makes are its own.
+    """
+    memo: dict[int, Tensor] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        memo[id(t)] = (nn.Parameter(t.detach(), requires_grad=False)
+                       if isinstance(t, nn.Parameter) else t.detach())
+    view = copy.deepcopy(module, memo).requires_grad_(False)
     for lay in block_layers(view):
         if lay.frozen_weight is None:
             for q in lay.use_adaround():
@@ -128,13 +138,15 @@ def rounding_view(module: nn.Module) -> nn.Module:
 
 
 def inner_parameters(view: nn.Module, which: str = "rounding") -> Params:
-    """θ: the AdaRound variables V (and the weight step sizes for ``rounding+scale``)."""
+    """θ: the AdaRound variables V (and the weight step sizes for ``rounding+scale``), on
+    the view's storage: nothing writes to either (the inner step makes new tensors), so a
+    clone would only be one more weight-sized copy."""
     theta = {}
     for name, m in view.named_modules():
         if isinstance(m, AdaRoundQuantizer):
-            theta[f"{name}.alpha"] = m.alpha.detach().clone()
+            theta[f"{name}.alpha"] = m.alpha.detach()
             if which == "rounding+scale":
-                theta[f"{name}.scale"] = m.scale.detach().clone()
+                theta[f"{name}.scale"] = m.scale.detach()
     return theta
 
 
@@ -329,11 +341,6 @@ def _flat(grads: Params) -> Tensor:
     return torch.cat([g.flatten() for g in grads.values()])
 
 
-def _cosines(rows: Tensor) -> Tensor:
-    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return unit @ unit.T
-
-
 def _mean_offdiag(m: Tensor) -> float:
     n = len(m)
     return float((m.sum() - m.diagonal().sum()) / (n * (n - 1))) if n > 1 else float("nan")
@@ -349,36 +356,62 @@ def gradient_diagnostics(problem: MetaProblem, rows: dict, weights: Tensor) -> d
     is where per-sample weights change directions: within one timestep a per-timestep
     weight only rescales u_t); the learned weight mass per timestep; and each timestep's
     alignment cos(u_t, ∇_θ L(θ; X^V)) with the validation gradient.
+
+    Memory stays at a few θ-sized vectors whatever the number of timesteps T: with J the
+    Jacobian of the rows' errors and c_t a row-coefficient vector, u_t = Jᵀc_t (one
+    backward) and ⟨u_s, u_t⟩ = c_sᵀ(J u_t) (one forward-mode pass), so each u_t lives only
+    while its Gram column is taken. Keeping all 2T vectors instead costs 2T weight-sized
+    copies of the block: hundreds of copies at a paper protocol's timestep count.
     """
-    theta = problem.theta
+    theta, view = problem.theta, problem.view
+
+    def errors(th: Params) -> Tensor:
+        return sample_error(call(view, th, rows), rows["target"])
+
     with torch.enable_grad():
-        err, vjp_fn = torch.func.vjp(
-            lambda th: sample_error(call(problem.view, th, rows), rows["target"]), theta)
+        err, vjp_fn = torch.func.vjp(errors, theta)
         val_err, val_vjp = torch.func.vjp(
-            lambda th: sample_error(call(problem.view, th, problem.val),
-                                    problem.val["target"]), theta)
-        val_grad = _flat(val_vjp(torch.full_like(val_err, 1 / len(val_err)))[0])
-        t = rows["t"]
-        ts = torch.unique(t)
-        learned = weights[rows["index"]].to(err.dtype)
-        per_t = {"uniform": [], "learned": []}
-        for step in ts:
-            mask = (t == step).to(err.dtype)
-            for label, w in (("uniform", torch.ones_like(err)), ("learned", learned)):
-                per_t[label].append(_flat(vjp_fn(w * mask / len(err))[0]))
+            lambda th: sample_error(call(view, th, problem.val), problem.val["target"]), theta)
+        val_grad = val_vjp(torch.full_like(val_err, 1 / len(val_err)))[0]
+        del val_vjp
+    t = rows["t"]
+    ts = torch.unique(t)
+    masks = torch.stack([(t == step).to(err.dtype) for step in ts]) / len(err)  # (T, N)
+    coefs = {"uniform": masks, "learned": masks * weights[rows["index"]].to(err.dtype)}
+    val_norm = _flat(val_grad).norm()
     group_of_t = timestep_groups(ts, problem.cfg.groups)
+    to_groups = torch.nn.functional.one_hot(group_of_t).to(torch.float64)  # (T, groups)
     out: dict = {"timesteps": [int(v) for v in ts]}
-    for label, grads in per_t.items():
-        u = torch.stack(grads)
-        cos = _cosines(u)
-        groups = torch.stack([u[group_of_t == g].sum(0) for g in range(int(group_of_t.max()) + 1)])
+    for label, c in coefs.items():
+        gram = torch.empty(len(ts), len(ts), dtype=torch.float64, device=err.device)
+        dots = torch.empty(len(ts), dtype=torch.float64, device=err.device)
+        for k in range(len(ts)):
+            with torch.enable_grad():
+                u = vjp_fn(c[k])[0]
+            ju = torch.func.jvp(errors, (theta,), (u,))[1]  # J u_t, over the rows
+            gram[:, k] = (c @ ju).double()
+            flat = _flat(u)
+            gram[k, k] = flat.double().pow(2).sum()  # the diagonal exactly, from u_t itself
+            if label == "uniform":
+                dots[k] = (flat @ _flat(val_grad)).double()
+            del u, flat
+        gram = (gram + gram.T) / 2  # the two products of a pair agree up to rounding
+        cos = _gram_cosines(gram)
         out[f"cos_{label}"] = cos.tolist()
         out[f"mean_cos_{label}"] = _mean_offdiag(cos)
-        out[f"group_mean_cos_{label}"] = _mean_offdiag(_cosines(groups))
-    uniform = torch.stack(per_t["uniform"])
-    out["alignment"] = (_cosines(torch.cat([uniform, val_grad[None]]))[-1, :-1]).tolist()
+        out[f"group_mean_cos_{label}"] = _mean_offdiag(
+            _gram_cosines(to_groups.T @ gram @ to_groups))
+        if label == "uniform":
+            norms = gram.diagonal().sqrt().clamp_min(1e-30)
+            out["alignment"] = (dots / (norms * val_norm.double().clamp_min(1e-30))).tolist()
     mass = torch.zeros(len(problem.timesteps), dtype=torch.float64, device=weights.device)
     mass.index_add_(0, problem.row_slot, weights.double() / weights.double().sum())
     out["mass_timesteps"] = [int(v) for v in problem.timesteps]
     out["weight_mass"] = mass.tolist()
     return out
+
+
+def _gram_cosines(gram: Tensor) -> Tensor:
+    """Cosines from inner products: G_st / (|u_s| |u_t|)."""
+    norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-30)
+    return (gram / norms[:, None] / norms[None, :]).float()

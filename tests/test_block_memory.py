@@ -59,10 +59,16 @@ def test_every_stage_is_measured_and_the_report_round_trips(tiny, tmp_path):
     # keeping every intermediate saves several weight-shaped tensors per layer more
     assert keep["saved"]["weight_tensors"] >= loop["saved"]["weight_tensors"] + 3 * row["layers"]
     assert row["weight_mb"] > 0 and row["parameters"] > 0
+    # GAQ's stage: every step measured, in order (a tiny block's copies are within the
+    # allocator's noise, so only the paper-size report reads them)
+    meta = row["meta"]
+    assert [s["stage"] for s in meta["stages"]][-1] == "the view released"
+    assert meta["timesteps"] >= 1 and meta["diagnostic_rows"] >= meta["rows"] > 0
+    assert all(s["after_mb"] > 0 and s["seconds"] >= 0 for s in meta["stages"])
     saved = json.loads((tmp_path / "block_memory_tiny-unet.json").read_text())
     assert saved["block"] == row["block"] and len(saved["variants"]) == 2
     md = (tmp_path / "block_memory_tiny-unet.md").read_text()
-    assert row["block"] in md and "weight-shaped tensors" in md
+    assert row["block"] in md and "weight-shaped tensors" in md and "GAQ's stage" in md
 
 
 def test_a_named_block_must_exist_and_unknown_architectures_fail_first(tiny, tmp_path):

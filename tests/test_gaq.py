@@ -379,3 +379,97 @@ def test_heldout_check_measures_without_changing_the_result(make_tiny_model):
     only_val = cls(checked_cfg).quantize(model, adapter_for(model),
                                          calibration("unet", model), W4A8)
     assert {blk["heldout_rows"] for blk in only_val.state["gaq"]["blocks"]} == {"validation"}
+
+
+def _direct_diagnostics(problem, rows, weights):
+    """Figure 1/2's cosines the direct way, with torch.autograd on a parameter copy of θ:
+    every per-timestep gradient u_t kept, stacked, normalised and multiplied."""
+    theta = {k: v.detach().clone().requires_grad_(True) for k, v in problem.theta.items()}
+    from gaq.meta import call, timestep_groups
+    from gaq.reconstruction import sample_error
+
+    def flat_grad(loss):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(theta.values()),
+                                                                   retain_graph=True)])
+
+    err = sample_error(call(problem.view, theta, rows), rows["target"])
+    val = sample_error(call(problem.view, theta, problem.val), problem.val["target"]).mean()
+    t = rows["t"]
+    ts = torch.unique(t)
+    w = {"uniform": torch.ones_like(err), "learned": weights[rows["index"]]}
+    out = {}
+    for label, wl in w.items():
+        u = torch.stack([flat_grad((wl * (t == s) * err).sum()) for s in ts]).double()
+        unit = u / u.norm(dim=1, keepdim=True)
+        out[f"cos_{label}"] = unit @ unit.T
+        g = timestep_groups(ts, problem.cfg.groups)
+        sums = torch.stack([u[g == k].sum(0) for k in range(int(g.max()) + 1)])
+        sums = sums / sums.norm(dim=1, keepdim=True)
+        out[f"group_{label}"] = sums @ sums.T
+        if label == "uniform":
+            v = flat_grad(val).double()
+            out["alignment"] = unit @ (v / v.norm())
+    return out
+
+
+def _offdiag_mean(m):
+    n = len(m)
+    return float((m.sum() - m.diagonal().sum()) / (n * (n - 1)))
+
+
+def test_gradient_diagnostics_match_the_direct_per_timestep_gradients(make_tiny_model):
+    from gaq.meta import gradient_diagnostics
+
+    model = make_tiny_model("unet")
+    calib = calibration("unet", model, per_t=3)
+    cfg = MetaConfig(groups=2)
+    problem, data = _block_problem(model, calib, "down_blocks.0.resnets.0", cfg)
+    gen = torch.Generator().manual_seed(3)
+    # V away from its initial point; learned weights far from uniform
+    problem.theta = {k: v + 0.5 * torch.randn(v.shape, generator=gen)
+                     for k, v in problem.theta.items()}
+    weights = torch.rand(len(calib.train()), generator=gen) * 3 + 0.1
+    rows = data.record(0)
+    got = gradient_diagnostics(problem, rows, weights)
+    ref = _direct_diagnostics(problem, rows, weights)
+    assert len(got["timesteps"]) == len(TIMESTEPS)
+    for label in ("uniform", "learned"):
+        cos = torch.tensor(got[f"cos_{label}"], dtype=torch.float64)
+        assert torch.allclose(cos, ref[f"cos_{label}"], atol=1e-4), label
+        assert got[f"mean_cos_{label}"] == pytest.approx(_offdiag_mean(ref[f"cos_{label}"]),
+                                                         abs=1e-4)
+        assert got[f"group_mean_cos_{label}"] == pytest.approx(
+            _offdiag_mean(ref[f"group_{label}"]), abs=1e-4)
+    assert torch.allclose(torch.tensor(got["alignment"], dtype=torch.float64),
+                          ref["alignment"], atol=1e-4)
+    # the learned weights change the directions, so the two matrices differ
+    assert not torch.allclose(torch.tensor(got["cos_uniform"]), torch.tensor(got["cos_learned"]),
+                              atol=1e-3)
+
+
+def test_rounding_view_shares_the_blocks_storage_and_leaves_it_untouched(make_tiny_model):
+    model = make_tiny_model("unet")
+    qmodel, _ = quantize_model(model, adapter_for(model), QuantConfig.from_bits("W4A32"))
+    block = qmodel.get_submodule("down_blocks.0.resnets.0")
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in block.named_parameters()}
+    view = rounding_view(block)
+    pointers = {p.data_ptr() for p in (*block.parameters(), *block.buffers())}
+    shared = [t for t in (*view.parameters(), *view.buffers()) if t.data_ptr() in pointers]
+    assert shared  # the weights are not copied ...
+    assert not any(t is b for t in shared for b in (*block.parameters(), *block.buffers()))
+    assert not any(p.requires_grad for p in view.parameters())
+    cfg = MetaConfig(groups=2)
+    theta = inner_parameters(view, cfg.inner_params)
+    assert theta and all(v.data_ptr() not in pointers for v in theta.values())  # V is the view's
+    x = torch.randn(2, block.conv1.fp.in_channels, 8, 8)
+    temb = torch.randn(2, block.time_emb_proj.fp.in_features)
+    from torch.func import functional_call
+
+    out = functional_call(view, {k: v + 0.1 for k, v in theta.items()}, (x, temb))
+    out.sum()  # the view runs on the block's storage
+    # ... and the block is exactly as it was: values and flags
+    after = block.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == {k: p.requires_grad for k, p in block.named_parameters()}
