@@ -175,8 +175,9 @@ def _meta_walk(module: torch.nn.Module, data: Any, rec: dict, row_t: torch.Tenso
                cuda: bool) -> dict[str, Any]:
     """GAQ's stage before the block's AdaRound (``gaq.methods.gaq.MetaWeighting``), step
     by step: the rounding view, θ, the inner step's scale, two meta-gradients and the
-    diagnostics. ``rec`` stands in for the validation rows (this measurement records no
-    held-out rows; only their number matters to memory)."""
+    diagnostics. ``rec`` is the training minibatch; the first captured rows stand in for
+    the validation rows (this measurement records no held-out rows; what matters to memory
+    is their number and how many timestep groups they span: one per-group gradient each)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from gaq.meta import (
@@ -190,16 +191,19 @@ def _meta_walk(module: torch.nn.Module, data: Any, rec: dict, row_t: torch.Tenso
 
     cfg = MetaConfig(iters=1, batch_size=len(rec["index"]))
     held: dict[str, Any] = {}
-    train = rec
+    train, val = rec, data.head(2 * len(rec["index"]))
 
     def view() -> None:
         held["view"] = rounding_view(module)
 
     def theta() -> None:
-        held["problem"] = MetaProblem(held["view"], inner_parameters(held["view"]), rec,
-                                      timestep_groups(rec["t"], cfg.groups), row_t, cfg)
+        held["problem"] = MetaProblem(held["view"], inner_parameters(held["view"]), val,
+                                      timestep_groups(val["t"], cfg.groups), row_t, cfg)
+
+    groups: list[int] = [0]
 
     def meta_gradient() -> None:
+        groups[0] = held["problem"].n_groups
         s = torch.zeros(held["problem"].num_logits, device=rec["t"].device)
         held["problem"].meta_gradient(s, train)
 
@@ -217,6 +221,7 @@ def _meta_walk(module: torch.nn.Module, data: Any, rec: dict, row_t: torch.Tenso
     with sdpa_kernel(SDPBackend.MATH):  # as GAQ's stage runs: no fused attention kernels
         base, stages = _measure(META_STAGES, steps, cuda)
     return {"base_mb": base, "stages": stages, "rows": len(rec["index"]),
+            "validation_rows": len(val["index"]), "groups": groups[0],
             "diagnostic_rows": held["diagnostic_rows"], "timesteps": held["timesteps"]}
 
 
@@ -339,8 +344,10 @@ def write_report(row: dict[str, Any], out_dir: str | Path, device: str) -> list[
     if meta:
         lines += ["", f"**GAQ's stage before this block's AdaRound** (`gaq/methods/gaq.py`: the "
                   "rounding view, the sample-weight meta-gradients, the conflict diagnostics), "
-                  f"on the same block: {meta['rows']} training rows per meta-iteration and the "
-                  "same rows standing in for the validation rows; diagnostics over "
+                  f"on the same block: {meta['rows']} training rows per meta-iteration, "
+                  f"{meta['validation_rows']} captured rows standing in for the validation rows "
+                  f"({meta['groups']} timestep groups: one per-group gradient each); "
+                  "diagnostics over "
                   f"{meta['diagnostic_rows']} rows and {meta['timesteps']} timesteps. Weight "
                   "copies above the stage's start, peak during the step / held after it.", "",
                   "| step | peak / held | the design holds |", "|---|---:|---:|"]
