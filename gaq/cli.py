@@ -289,6 +289,19 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _perf(args: argparse.Namespace) -> None:
+    if args.attention_memory:
+        from gaq.attention_memory import run as attention_memory
+        from gaq.device import check_device
+
+        batches = tuple(_int_list("--attention-memory", args.attention_memory))
+        if min(batches) < 1:
+            raise GaqError(f"--attention-memory: batch sizes must be positive, got "
+                           f"{args.attention_memory!r}")
+        rows = attention_memory(batches, device=str(check_device(args.device)),
+                                out_dir=args.out)
+        print(json.dumps({f"{r['batch']}/{'sliced' if r['sliced'] else 'whole'}":
+                          round(r["quantize"]["peak_mb"]) for r in rows}))
+        return
     if args.block_memory:
         from gaq.block_memory import run as block_memory
         from gaq.device import check_device
@@ -984,6 +997,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: one block's AdaRound on this paper architecture, stage by "
                    "stage (rounding variables, forward, backward, Adam, freeze), its memory "
                    "in weight-sized copies (results/perf/block_memory_ARCH.md)")
+    f.add_argument("--attention-memory", metavar="BATCHES",
+                   help="instead: the quantized attention's peak memory at Stable Diffusion's "
+                   "64×64 latent, whole against query slices, at these batch sizes "
+                   "(comma-separated; results/perf/attention_memory.md)")
     f.add_argument("--block", help="with --block-memory: the block (default: the one with "
                    "the most parameters)")
     f.add_argument("--rows", default="2,4,8",

@@ -22,6 +22,15 @@ from gaq.quant.quantizer import FakeQuantizer
 
 OPERANDS = ("q", "k", "v", "probs")
 
+#: Largest attention-probability tensor (elements) taken in one piece. The quantized
+#: softmax output cannot use a fused kernel, so it is materialised: B·heads × N_q × N_k,
+#: which at Stable Diffusion's 64×64 latent (4,096 tokens, 8 heads) is 0.5 GB per row of
+#: the batch, several times over (scores, probabilities, their fake-quantized copy).
+#: Above this size the queries are taken in slices; each query's softmax and the
+#: elementwise quantizer see the same values either way. 2^26 float32 elements = 256 MB;
+#: no bundled model comes near it.
+CHUNK_ELEMENTS = 2**26
+
 
 class QuantAttnProcessor(nn.Module):
     """diffusers' ``AttnProcessor`` with optional fake quantizers on q, k, v and the softmax output.
@@ -159,9 +168,7 @@ class QuantAttnProcessor(nn.Module):
         key = self._maybe(self.k_quantizer, attn.head_to_batch_dim(key))
         value = self._maybe(self.v_quantizer, attn.head_to_batch_dim(value))
 
-        attention_probs = attn.get_attention_scores(query, key, attention_mask)
-        attention_probs = self._maybe(self.probs_quantizer, attention_probs)
-        hidden_states = torch.bmm(attention_probs, value)
+        hidden_states = self._attend(attn, query, key, value, attention_mask)
         hidden_states = attn.batch_to_head_dim(hidden_states)
 
         # linear proj
@@ -180,6 +187,36 @@ class QuantAttnProcessor(nn.Module):
         hidden_states = hidden_states / attn.rescale_output_factor
 
         return hidden_states
+
+
+    def _slices(self, query: Tensor, key: Tensor) -> int:
+        """Query rows per slice: all of them unless the probabilities exceed
+        :data:`CHUNK_ELEMENTS` and slicing changes nothing the quantizer computes (it is
+        quantizing, or observing the range; an EMA observer counts calls, so is not
+        sliced)."""
+        rows = query.shape[1]
+        per_row = query.shape[0] * key.shape[1]
+        if per_row * rows <= CHUNK_ELEMENTS:
+            return rows
+        q = self.probs_quantizer
+        if q is not None and q.observing and q.observer_name not in ("max", "mse"):
+            return rows
+        return max(1, CHUNK_ELEMENTS // per_row)
+
+    def _attend(self, attn: Attention, query: Tensor, key: Tensor, value: Tensor,
+                mask: Tensor | None) -> Tensor:
+        """softmax(QKᵀ·scale + mask), fake-quantized, times V; in query slices when large."""
+        step = self._slices(query, key)
+        out = []
+        for i in range(0, query.shape[1], step):
+            rows = slice(i, i + step)
+            piece = (mask[:, rows] if mask is not None and mask.shape[1] == query.shape[1]
+                     else mask)
+            probs = attn.get_attention_scores(query[:, rows], key, piece)
+            probs = self._maybe(self.probs_quantizer, probs)
+            out.append(torch.bmm(probs, value))
+            del probs
+        return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
 def set_quant_attention(

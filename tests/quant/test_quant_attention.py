@@ -158,3 +158,45 @@ def test_set_quant_attention_on_unet(tiny_unet) -> None:
     finally:
         for name, processor in originals.items():
             tiny_unet.get_submodule(name).set_processor(processor)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("observer", ["max", "ema"])
+def test_large_attention_is_taken_in_query_slices_with_the_same_result(case, observer,
+                                                                        monkeypatch) -> None:
+    import gaq.quant.attention as attention_module
+
+    def calibrated_output(limit: int) -> tuple[torch.Tensor, list, int]:
+        monkeypatch.setattr(attention_module, "CHUNK_ELEMENTS", limit)
+        attn = CASES[case][0]().double()
+        calls = []
+        scores = attn.get_attention_scores
+        monkeypatch.setattr(attn, "get_attention_scores",
+                            lambda q, k, m=None: calls.append(q.shape[1]) or scores(q, k, m))
+        processor = QuantAttnProcessor.build(bits=8, softmax_bits=8,
+                                             softmax_observer=observer).double()
+        attn.set_processor(processor)
+        for _, q in processor.quantizers():
+            q.observe()
+        torch.manual_seed(1)
+        _, make_input, extra = CASES[case]
+        (x,) = make_input()
+        ctx = torch.randn(*extra["ctx"]).double() if "ctx" in extra else None
+        with torch.no_grad():
+            attn(x.double(), encoder_hidden_states=ctx)
+            observing_calls = len(calls)
+            for _, q in processor.quantizers():
+                q.finalize()
+            out = attn(x.double(), encoder_hidden_states=ctx)
+        qp = [float(t) for t in processor.probs_quantizer.qparams(None)]
+        return out, qp, observing_calls, len(calls) - observing_calls
+
+    whole, qp_whole, obs_whole, quant_whole = calibrated_output(2**26)
+    sliced, qp_sliced, obs_sliced, quant_sliced = calibrated_output(8)
+    assert (obs_whole, quant_whole) == (1, 1)
+    assert quant_sliced > 1  # quantizing: sliced whatever the observer
+    # observing the range: the max observer sees every value either way; an EMA observer
+    # counts calls, so it is given the whole tensor
+    assert obs_sliced == (1 if observer == "ema" else quant_sliced)
+    assert qp_sliced == qp_whole
+    assert torch.allclose(sliced, whole, rtol=0, atol=1e-12)
