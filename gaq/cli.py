@@ -299,8 +299,8 @@ def _perf(args: argparse.Namespace) -> None:
                            f"{args.attention_memory!r}")
         rows = attention_memory(batches, device=str(check_device(args.device)),
                                 out_dir=args.out)
-        print(json.dumps({f"{r['batch']}/{'sliced' if r['sliced'] else 'whole'}":
-                          round(r["quantize"]["peak_mb"]) for r in rows}))
+        print(json.dumps({f"{r['batch']}/{way}": round(r[way]["quantize"]["peak_mb"])
+                          for r in rows for way in ("whole", "sliced")}))
         return
     if args.block_memory:
         from gaq.block_memory import run as block_memory
