@@ -44,3 +44,12 @@ def test_whole_and_sliced_agree_and_the_report_round_trips(tiny_layer, monkeypat
     assert len(saved["rows"]) == 2 and saved["layer"]["tokens"] == 64
     md = (tmp_path / "attention_memory.md").read_text()
     assert "| 1 |" in md and "| 2 |" in md
+
+
+def test_the_command_refuses_bad_batch_sizes_before_measuring(tmp_path, capsys):
+    from gaq.cli import main
+
+    for bad in ("0", "2,x"):
+        assert main(["perf", "--attention-memory", bad, "--out", str(tmp_path)]) == 2
+        assert "--attention-memory" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
