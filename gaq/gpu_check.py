@@ -1,6 +1,6 @@
 """``gaq gpu-check``: every measurement this suite needs a GPU for, in one command.
 
-Four sections and one on request, in this order (cheapest first, so a short lease still
+Five sections and one on request, in this order (cheapest first, so a short lease still
 brings something back), each written to ``results/gpu/`` as soon as it finishes:
 
 ``overhead``
@@ -14,8 +14,12 @@ brings something back), each written to ``results/gpu/`` as soon as it finishes:
 ``block-memory``
     one block's AdaRound on the LDM-4 LSUN architecture (274 M, random weights), stage by
     stage in weight-sized copies of ``max_memory_allocated``, autograd keeping every
-    intermediate against the loop's recomputation (``block_memory_ldm4-lsun.md``;
-    ``gaq/block_memory.py``);
+    intermediate against the loop's recomputation, then GAQ's stage on the same block
+    (``block_memory_ldm4-lsun.md``; ``gaq/block_memory.py``);
+``attention-memory``
+    the quantized attention at Stable Diffusion's 64×64 latent, probabilities whole
+    against query slices, at batch 2, 4 and 8 (``attention_memory.md``;
+    ``gaq/attention_memory.py``);
 ``smoke``
     ``benchmarks/gpu-smoke.toml``: every registered method on the three bundled families
     end to end on CUDA (runs under ``runs/gpu-smoke``; a per-cell summary in
@@ -47,9 +51,10 @@ from gaq.errors import GaqError, did_you_mean
 
 __all__ = ["SECTIONS", "preflight", "run"]
 
-SECTIONS = ("overhead", "paper-scale", "block-memory", "smoke", "paper-cells")
+SECTIONS = ("overhead", "paper-scale", "block-memory", "attention-memory", "smoke",
+            "paper-cells")
 #: run when no --only is given (about ten minutes on one H100); paper-cells is asked for
-DEFAULT_SECTIONS = ("overhead", "paper-scale", "block-memory", "smoke")
+DEFAULT_SECTIONS = ("overhead", "paper-scale", "block-memory", "attention-memory", "smoke")
 #: paper-cells: the methods the paper-size comparison needs, on the three largest models
 PAPER_CELL_ARCHS = ("ldm4-cin256", "dit-xl2-256", "sd-v1-4")
 PAPER_CELL_METHODS = ("rtn", "brecq", "tfmq", "gaq", "ptqd", "htg")
@@ -163,6 +168,14 @@ def _block_memory(device: str, out: Path) -> dict[str, Any]:
                                     for v in row["variants"]]}
 
 
+def _attention_memory(device: str, out: Path) -> dict[str, Any]:
+    from gaq.attention_memory import run as attention_memory
+
+    rows = attention_memory((2, 4, 8), device=device, out_dir=out)
+    return {"quantize_peak_mb": {f"{r['batch']}/{way}": r[way]["quantize"]["peak_mb"]
+                                 for r in rows for way in ("whole", "sliced")}}
+
+
 def _smoke(device: str, out: Path, smoke_file: Path, results: Path) -> dict[str, Any]:
     import pandas as pd
 
@@ -225,6 +238,7 @@ def run(device: str, out: str | Path = "results/gpu", sections: Sequence[str] | 
                                       overhead_steps, repeats),
         "paper-scale": lambda: _paper_scale(device, out, methods, paper_batch),
         "block-memory": lambda: _block_memory(device, out),
+        "attention-memory": lambda: _attention_memory(device, out),
         "smoke": lambda: _smoke(device, out, Path(smoke_file), Path(results)),
         "paper-cells": lambda: _paper_cells(device, out),
     }
