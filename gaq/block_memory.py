@@ -16,6 +16,10 @@ once) and split into those shaped like one of the block's weights and the rest (
 activations of the captured rows). What the design needs is written next to them: two
 weight-sized tensors per layer for the rounding (``V`` and ``⌊W/Δ⌋``), one for ``V``'s
 gradient, two for Adam's moments, and one for the frozen weight the block keeps.
+
+Then GAQ's stage on the same block, as ``gaq.methods.gaq.MetaWeighting`` takes it before
+the block's AdaRound: the soft-rounding view (its own V and ⌊W/Δ⌋, the block's weights
+shared), θ, the inner step's scale, two meta-gradients and the conflict diagnostics.
 """
 
 from __future__ import annotations
