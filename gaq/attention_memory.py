@@ -5,15 +5,14 @@
 processor (q, k, v and the softmax output at 8 bits) and runs it while the quantizers
 observe their ranges and then while they quantize, at several batch sizes, once with the
 probabilities taken whole and once in query slices
-(:data:`gaq.quant.attention.CHUNK_ELEMENTS`). It reads the peak anonymous memory above
-the start (sampled; :class:`gaq.memwatch.PeakMemory`) and how far apart the two outputs
+(:attr:`gaq.quant.attention.QuantAttnProcessor.chunk_elements`). It reads the peak memory
+above the start (:func:`gaq.memwatch.measure_steps`) and how far apart the two outputs
 are. Each batch size runs in a fresh process.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,44 +25,38 @@ LAYER = {"query_dim": 320, "heads": 8, "dim_head": 40, "tokens": 64 * 64}
 
 
 def _one(batch: int, sliced: bool, device: str) -> tuple[dict[str, Any], torch.Tensor]:
-    """One layer at ``batch`` rows, observe then quantize: peaks, times and the output."""
+    """One layer at ``batch`` rows, observe then quantize: peaks above the start, times
+    and the output."""
     from diffusers.models.attention_processor import Attention
 
-    import gaq.quant.attention as quant_attention
-    from gaq.memwatch import PeakMemory, anon_mb
+    from gaq.memwatch import measure_steps
+    from gaq.quant.attention import QuantAttnProcessor
 
-    default = quant_attention.CHUNK_ELEMENTS
-    if not sliced:  # nothing is large enough to be sliced
-        quant_attention.CHUNK_ELEMENTS = 2**62
-    try:
-        torch.manual_seed(0)
-        attn = Attention(query_dim=LAYER["query_dim"], heads=LAYER["heads"],
-                         dim_head=LAYER["dim_head"]).eval().to(device)
-        processor = quant_attention.QuantAttnProcessor.build(bits=8, softmax_bits=8,
-                                                             device=device)
-        attn.set_processor(processor)
-        x = torch.randn(batch, LAYER["tokens"], LAYER["query_dim"], device=device)
-        cuda = torch.device(device).type == "cuda"
-        out: dict[str, Any] = {}
-        base = torch.cuda.memory_allocated() if cuda else (anon_mb() or 0.0)
-        for phase in ("observe", "quantize"):
+    torch.manual_seed(0)
+    attn = Attention(query_dim=LAYER["query_dim"], heads=LAYER["heads"],
+                     dim_head=LAYER["dim_head"]).eval().to(device)
+    processor = QuantAttnProcessor.build(bits=8, softmax_bits=8, device=device)
+    if not sliced:
+        processor.chunk_elements = None
+    attn.set_processor(processor)
+    x = torch.randn(batch, LAYER["tokens"], LAYER["query_dim"], device=device)
+    held: dict[str, torch.Tensor] = {}
+
+    def forward(observe: bool) -> None:
+        for _, q in processor.quantizers():
+            q.observe(observe)
+        with torch.no_grad():
+            held["y"] = attn(x)
+        if observe:
             for _, q in processor.quantizers():
-                q.observe(phase == "observe")
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            with torch.no_grad(), PeakMemory() as peak:
-                y = attn(x)
-            seconds = time.perf_counter() - start
-            top = ((torch.cuda.max_memory_allocated() - base) / 2**20 if cuda
-                   else (peak.result()["peak_anon_mb"] or 0.0) - base)
-            out[phase] = {"peak_mb": top, "seconds": seconds}
-            if phase == "observe":
-                for _, q in processor.quantizers():
-                    q.finalize()
-        return out, y.cpu()
-    finally:
-        quant_attention.CHUNK_ELEMENTS = default
+                q.finalize()
+
+    base, stages = measure_steps((("observe", None), ("quantize", None)),
+                                 (lambda: forward(True), lambda: forward(False)),
+                                 torch.device(device).type == "cuda")
+    out = {s["stage"]: {"peak_mb": s["peak_mb"] - base, "seconds": s["seconds"]}
+           for s in stages}
+    return out, held["y"].cpu()
 
 
 def measure(batch: int, device: str) -> dict[str, Any]:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +75,7 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
     """The stages of :data:`STAGES` on ``module`` (changed in place), as the AdaRound loop
     takes them, with ``recompute`` set as that loop sets it or not; ``cuda``: read device
     memory instead of the process's."""
+    from gaq.memwatch import measure_steps
     from gaq.reconstruction import (
         block_forward,
         block_layers,
@@ -129,40 +128,8 @@ def _walk(module: torch.nn.Module, rec: dict, cfg: Any, beta: float | None,
         held.clear()
 
     steps = (variables, forward, backward, lambda: held["opt"].step(), iteration, freeze)
-    base, stages = _measure(STAGES, steps, cuda)
+    base, stages = measure_steps(STAGES, steps, cuda)
     return {"recompute": recompute, "base_mb": base, "saved": saved, "stages": stages}
-
-
-def _now(cuda: bool) -> float:
-    """What the block's tensors occupy: device memory on a GPU, else anonymous memory."""
-    from gaq.memwatch import anon_mb
-
-    return torch.cuda.memory_allocated() / 2**20 if cuda else anon_mb() or 0.0
-
-
-def _measure(names: Sequence[tuple[str, float | None]], steps: Sequence[Callable[[], Any]],
-             cuda: bool) -> tuple[float, list[dict[str, Any]]]:
-    """Run ``steps`` in order; per step its peak during, what is held after, its time."""
-    from gaq.memwatch import PeakMemory
-
-    base = _now(cuda)
-    stages: list[dict[str, Any]] = []
-    for (name, holds), fn in zip(names, steps, strict=True):
-        before = _now(cuda)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        with PeakMemory() as peak:
-            fn()
-        seconds = time.perf_counter() - start
-        after = _now(cuda)
-        top = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-               else peak.result()["peak_anon_mb"] or 0.0)
-        stages.append({"stage": name, "before_mb": before, "after_mb": after,
-                       # the sampled peak, never below the two readings around it
-                       "peak_mb": max(top, before, after), "design_holds_copies": holds,
-                       "seconds": seconds})
-    return base, stages
 
 
 #: GAQ's meta stage on the same block, and what its design holds after each step
@@ -184,6 +151,7 @@ def _meta_walk(module: torch.nn.Module, data: Any, rec: dict, row_t: torch.Tenso
     is their number and how many timestep groups they span: one per-group gradient each)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from gaq.memwatch import measure_steps
     from gaq.meta import (
         MetaConfig,
         MetaProblem,
@@ -196,18 +164,16 @@ def _meta_walk(module: torch.nn.Module, data: Any, rec: dict, row_t: torch.Tenso
     cfg = MetaConfig(iters=1, batch_size=len(rec["index"]))
     held: dict[str, Any] = {}
     train, val = rec, data.head(2 * len(rec["index"]))
+    val_groups = timestep_groups(val["t"], cfg.groups)
 
     def view() -> None:
         held["view"] = rounding_view(module)
 
     def theta() -> None:
         held["problem"] = MetaProblem(held["view"], inner_parameters(held["view"]), val,
-                                      timestep_groups(val["t"], cfg.groups), row_t, cfg)
-
-    groups: list[int] = [0]
+                                      val_groups, row_t, cfg)
 
     def meta_gradient() -> None:
-        groups[0] = held["problem"].n_groups
         s = torch.zeros(held["problem"].num_logits, device=rec["t"].device)
         held["problem"].meta_gradient(s, train)
 
@@ -223,9 +189,9 @@ def _meta_walk(module: torch.nn.Module, data: Any, rec: dict, row_t: torch.Tenso
     steps = (view, theta, lambda: held["problem"].set_inner_scale(train), meta_gradient,
              meta_gradient, diagnostics, release)
     with sdpa_kernel(SDPBackend.MATH):  # as GAQ's stage runs: no fused attention kernels
-        base, stages = _measure(META_STAGES, steps, cuda)
+        base, stages = measure_steps(META_STAGES, steps, cuda)
     return {"base_mb": base, "stages": stages, "rows": len(rec["index"]),
-            "validation_rows": len(val["index"]), "groups": groups[0],
+            "validation_rows": len(val["index"]), "groups": int(val_groups.max()) + 1,
             "diagnostic_rows": held["diagnostic_rows"], "timesteps": held["timesteps"]}
 
 

@@ -15,7 +15,9 @@ import ctypes
 import ctypes.util
 import resource
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 _STATUS = Path("/proc/self/status")
 
@@ -120,3 +122,41 @@ def bound_heap(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     _heap_bounded = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
         mallopt(_M_TRIM_THRESHOLD, threshold))
     return _heap_bounded
+
+
+def device_mb(cuda: bool) -> float:
+    """What tensors occupy now, in MB: allocated device memory on a GPU, else this
+    process's anonymous memory."""
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**20 if cuda else anon_mb() or 0.0
+
+
+def measure_steps(names: Sequence[tuple[str, float | None]], steps: Sequence[Callable[[], Any]],
+                  cuda: bool) -> tuple[float, list[dict[str, Any]]]:
+    """Run ``steps`` in order: the reading before the first (MB), and per step (named by
+    ``names``: the step and what the design holds after it, in whatever unit the caller
+    uses) its peak during it (``max_memory_allocated`` on a GPU, else sampled anonymous
+    memory, never below the readings around it), what is held after it, and its time."""
+    import time
+
+    import torch
+
+    base = device_mb(cuda)
+    stages: list[dict[str, Any]] = []
+    for (name, holds), fn in zip(names, steps, strict=True):
+        before = device_mb(cuda)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with PeakMemory() as peak:
+            fn()
+        seconds = time.perf_counter() - start
+        after = device_mb(cuda)
+        top = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+               else peak.result()["peak_anon_mb"] or 0.0)
+        stages.append({"stage": name, "before_mb": before, "after_mb": after,
+                       "peak_mb": max(top, before, after), "design_holds_copies": holds,
+                       "seconds": seconds})
+    return base, stages
+

@@ -372,13 +372,13 @@ def gradient_diagnostics(problem: MetaProblem, rows: dict, weights: Tensor) -> d
         err, vjp_fn = torch.func.vjp(errors, theta)
         val_err, val_vjp = torch.func.vjp(
             lambda th: sample_error(call(view, th, problem.val), problem.val["target"]), theta)
-        val_grad = val_vjp(torch.full_like(val_err, 1 / len(val_err)))[0]
+        val_grad = _flat(val_vjp(torch.full_like(val_err, 1 / len(val_err)))[0])
         del val_vjp
     t = rows["t"]
     ts = torch.unique(t)
     masks = torch.stack([(t == step).to(err.dtype) for step in ts]) / len(err)  # (T, N)
     coefs = {"uniform": masks, "learned": masks * weights[rows["index"]].to(err.dtype)}
-    val_norm = _flat(val_grad).norm()
+    val_norm = val_grad.norm()
     group_of_t = timestep_groups(ts, problem.cfg.groups)
     to_groups = torch.nn.functional.one_hot(group_of_t).to(torch.float64)  # (T, groups)
     out: dict = {"timesteps": [int(v) for v in ts]}
@@ -393,7 +393,7 @@ def gradient_diagnostics(problem: MetaProblem, rows: dict, weights: Tensor) -> d
             flat = _flat(u)
             gram[k, k] = flat.double().pow(2).sum()  # the diagonal exactly, from u_t itself
             if label == "uniform":
-                dots[k] = (flat @ _flat(val_grad)).double()
+                dots[k] = (flat @ val_grad).double()
             del u, flat
         gram = (gram + gram.T) / 2  # the two products of a pair agree up to rounding
         cos = _gram_cosines(gram)

@@ -28,7 +28,8 @@ OPERANDS = ("q", "k", "v", "probs")
 #: the batch, several times over (scores, probabilities, their fake-quantized copy).
 #: Above this size the queries are taken in slices; each query's softmax and the
 #: elementwise quantizer see the same values either way. 2^26 float32 elements = 256 MB;
-#: no bundled model comes near it.
+#: no bundled model comes near it. A processor reads it when built
+#: (:attr:`QuantAttnProcessor.chunk_elements`).
 CHUNK_ELEMENTS = 2**26
 
 
@@ -53,6 +54,8 @@ class QuantAttnProcessor(nn.Module):
         self.k_quantizer = k_quantizer
         self.v_quantizer = v_quantizer
         self.probs_quantizer = probs_quantizer
+        # the largest probability tensor taken in one piece (None: never sliced)
+        self.chunk_elements: int | None = CHUNK_ELEMENTS
 
     @classmethod
     def build(
@@ -188,20 +191,21 @@ class QuantAttnProcessor(nn.Module):
 
         return hidden_states
 
-
     def _slices(self, query: Tensor, key: Tensor) -> int:
         """Query rows per slice: all of them unless the probabilities exceed
-        :data:`CHUNK_ELEMENTS` and slicing changes nothing the quantizer computes (it is
-        quantizing, or observing the range; an EMA observer counts calls, so is not
-        sliced)."""
+        :attr:`chunk_elements` and the quantizer's result does not depend on the slicing:
+        it is quantizing (elementwise), or observing the range (``max``: the same extremes;
+        ``mse``: the same range and a uniform subsample of the same values). An EMA
+        observer counts calls, so it is given the whole tensor."""
         rows = query.shape[1]
         per_row = query.shape[0] * key.shape[1]
-        if per_row * rows <= CHUNK_ELEMENTS:
+        limit = self.chunk_elements
+        if limit is None or per_row * rows <= limit:
             return rows
         q = self.probs_quantizer
         if q is not None and q.observing and q.observer_name not in ("max", "mse"):
             return rows
-        return max(1, CHUNK_ELEMENTS // per_row)
+        return max(1, limit // per_row)
 
     def _attend(self, attn: Attention, query: Tensor, key: Tensor, value: Tensor,
                 mask: Tensor | None) -> Tensor:
